@@ -1,0 +1,1 @@
+"""Triton attention kernels and their plain-torch references (installed as minivllm.kernels)."""
