@@ -1,0 +1,243 @@
+"""Varlen causal flash attention of new query tokens over their paged context (prefix + new tokens).
+
+One kernel covers plain prefill, prefill after a prefix-cache hit and chunked prefill: query token i
+of sequence b sits at position seq_lens[b] - q_len_b + i and attends to keys 0..position, all read
+from the paged cache through the block table. The query heads of a GQA group are packed into the M
+dimension of the tile (row r = token r // GROUP, head r % GROUP), so each K/V tile is loaded once
+per group. Online softmax in base 2, O(N) memory. Key tiles that every row sees completely run
+without masks; only the tiles on the causal diagonal are masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_kv_tile(
+    cache_ptr,
+    bt_row,  # block-table row of this sequence
+    head_off,  # int64 offset of this KV head
+    tile_start,
+    offs_n,
+    offs_d,
+    n_mask,
+    stride_cache_block,
+    stride_cache_tok,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # -> [BLOCK_N, HEAD_DIM]
+    pos = tile_start + offs_n
+    if BLOCK_N <= BLOCK_SIZE:
+        # tile_start is a multiple of BLOCK_N, which divides BLOCK_SIZE: one block per tile.
+        block = tl.load(bt_row + tile_start // BLOCK_SIZE).to(tl.int64)
+        row_off = block * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_tok
+    else:
+        if MASKED:
+            block = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        else:
+            block = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64)
+        row_off = block * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_tok
+    ptrs = cache_ptr + head_off + row_off[:, None] + offs_d[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=n_mask[:, None], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _flash_prefill_kernel(
+    q_ptr,  # [T, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    out_ptr,  # [T, num_heads, head_dim]
+    cu_seqlens_q_ptr,  # [B+1] int32
+    seq_lens_ptr,  # [B] int32
+    block_tables_ptr,  # [B, max_blocks] int32
+    qk_scale,  # softmax scale * log2(e)
+    stride_q_t,
+    stride_q_h,
+    stride_out_t,
+    stride_out_h,
+    stride_cache_block,
+    stride_cache_tok,
+    stride_cache_head,
+    stride_bt_b,
+    GROUP: tl.constexpr,  # query heads per KV head, packed into the M dimension
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # KV cache block size
+    BLOCK_M: tl.constexpr,  # rows = tokens * GROUP
+    BLOCK_N: tl.constexpr,
+):
+    kv_head = tl.program_id(0)
+    b = tl.program_id(1)
+    # Heaviest (last, longest-context) query tiles first: the grid's slowest dimension is launched
+    # last, so reverse it to even out the causal triangle's tail.
+    tile = tl.num_programs(2) - 1 - tl.program_id(2)
+    TOKENS_PER_TILE: tl.constexpr = BLOCK_M // GROUP
+    q_start = tl.load(cu_seqlens_q_ptr + b)
+    q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
+    m0 = tile * TOKENS_PER_TILE
+    if m0 >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx_len = seq_len - q_len  # cached prefix before the new tokens
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tok = m0 + offs_m // GROUP  # [BLOCK_M] token index within the sequence's new tokens
+    head = kv_head * GROUP + offs_m % GROUP
+    row_mask = (offs_m < TOKENS_PER_TILE * GROUP) & (tok < q_len)
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )  # [BLOCK_M, HEAD_DIM]
+    q_pos = ctx_len + tok  # [BLOCK_M] position in the context
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt_b
+    head_off = kv_head.to(tl.int64) * stride_cache_head
+
+    # Keys below the tile's first position are visible to every row: no masks.
+    full_end = ((ctx_len + m0) // BLOCK_N) * BLOCK_N
+    for tile_start in range(0, full_end, BLOCK_N):
+        k = _load_kv_tile(k_cache_ptr, bt_row, head_off, tile_start, offs_n, offs_d, None,
+                          stride_cache_block, stride_cache_tok, BLOCK_SIZE, BLOCK_N, False)
+        v = _load_kv_tile(v_cache_ptr, bt_row, head_off, tile_start, offs_n, offs_d, None,
+                          stride_cache_block, stride_cache_tok, BLOCK_SIZE, BLOCK_N, False)
+        qk = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    # The causal diagonal: keys up to the tile's last position (or the context's end).
+    diag_end = tl.minimum(ctx_len + m0 + TOKENS_PER_TILE, seq_len)
+    for tile_start in range(full_end, diag_end, BLOCK_N):
+        key_pos = tile_start + offs_n
+        n_mask = key_pos < seq_len
+        k = _load_kv_tile(k_cache_ptr, bt_row, head_off, tile_start, offs_n, offs_d, n_mask,
+                          stride_cache_block, stride_cache_tok, BLOCK_SIZE, BLOCK_N, True)
+        v = _load_kv_tile(v_cache_ptr, bt_row, head_off, tile_start, offs_n, offs_d, n_mask,
+                          stride_cache_block, stride_cache_tok, BLOCK_SIZE, BLOCK_N, True)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = (key_pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        # Every row sees key full_end <= its position in the first diagonal tile, so m_new is
+        # finite from there on.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    out_rows = (q_start + tok).to(tl.int64)
+    tl.store(
+        out_ptr + out_rows[:, None] * stride_out_t + head[:, None] * stride_out_h + offs_d[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None],
+    )
+
+
+def _default_config(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages).
+
+    Hopper: a 128-row tile with 8 warps keeps two warpgroups on the wgmma units; BLOCK_N 64 with 3
+    stages keeps K/V prefetch (2 x 16 KB per stage at d=128) within shared memory next to Q.
+    """
+    if device.type != "cuda":
+        return 64, 32, 4, 1
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 3
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    cu_seqlens_q: torch.Tensor,  # [B+1] int32
+    seq_lens: torch.Tensor,  # [B] int32, whole context (cached prefix + new tokens)
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    scale: float,
+    max_seqlen_q: int,
+    out: torch.Tensor | None = None,  # [T, num_heads, head_dim]
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of the new tokens over their sequence's whole paged context.
+
+    The new tokens' K/V must already be in the cache. The keyword-only arguments override the tile
+    configuration (benchmarks and tests).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    assert q.stride(2) == 1 and num_heads % num_kv_heads == 0
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    batch = seq_lens.shape[0]
+    assert cu_seqlens_q.shape == (batch + 1,) and cu_seqlens_q.dtype == torch.int32
+    assert seq_lens.dtype == torch.int32
+    assert block_tables.dim() == 2 and block_tables.shape[0] == batch
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(2) == 1
+    if num_tokens == 0 or batch == 0 or max_seqlen_q == 0:
+        return out
+    group = num_heads // num_kv_heads
+    cfg = _default_config(head_dim, q.device)
+    block_m = block_m or cfg[0]
+    block_n = block_n or cfg[1]
+    num_warps = num_warps or cfg[2]
+    num_stages = num_stages or cfg[3]
+    assert block_m % group == 0, f"block_m {block_m} must hold whole GQA groups of {group}"
+    assert block_size % block_n == 0 or block_n % block_size == 0
+    tokens_per_tile = block_m // group
+    grid = (num_kv_heads, batch, triton.cdiv(max_seqlen_q, tokens_per_tile))
+    _flash_prefill_kernel[grid](
+        q_ptr=q,
+        k_cache_ptr=k_cache,
+        v_cache_ptr=v_cache,
+        out_ptr=out,
+        cu_seqlens_q_ptr=cu_seqlens_q,
+        seq_lens_ptr=seq_lens,
+        block_tables_ptr=block_tables,
+        qk_scale=scale * _LOG2E,
+        stride_q_t=q.stride(0),
+        stride_q_h=q.stride(1),
+        stride_out_t=out.stride(0),
+        stride_out_h=out.stride(1),
+        stride_cache_block=k_cache.stride(0),
+        stride_cache_tok=k_cache.stride(1),
+        stride_cache_head=k_cache.stride(2),
+        stride_bt_b=block_tables.stride(0),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out

@@ -1,0 +1,261 @@
+"""Split-K paged decode attention (flash-decoding) with GQA head packing, plus the LSE reduce.
+
+One query token per sequence. Program (b, kv_head, split) loads each K/V tile of its context
+partition once and scores it against all query heads of the GQA group at once: the group is packed
+into the M dimension of `tl.dot`, padded to 16 rows. The grid is (batch, kv_heads, max_num_splits)
+with max_num_splits fixed by the batch size and the block-table width, never by the data, so the
+launch can be captured in a CUDA graph; how many splits a sequence uses is decided on the GPU from
+its length, and programs without work exit at once. A second kernel merges the partial results with
+their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+# The reduce holds [splits, head_dim] float32 in registers; 64 splits already give a single
+# sequence 64 * num_kv_heads programs, enough to fill an H100.
+_SPLITS_CAP = 64
+
+
+@triton.jit
+def _num_splits_and_partition(seq_len, max_num_splits, MIN_PARTITION: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+    # Spread the context over at most max_num_splits splits of at least MIN_PARTITION tokens,
+    # each a multiple of BLOCK_N; the reduce kernel recomputes the same numbers.
+    num_splits = tl.minimum(tl.cdiv(seq_len, MIN_PARTITION), max_num_splits)
+    num_splits = tl.maximum(num_splits, 1)
+    partition = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), 1) * BLOCK_N
+    num_splits = tl.cdiv(seq_len, partition)  # 0 for an empty (padding) row
+    return num_splits, partition
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,  # [B, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    seq_lens_ptr,  # [B] int32
+    block_tables_ptr,  # [B, max_blocks] int32
+    part_out_ptr,  # [B, num_heads, max_num_splits, head_dim] float32
+    part_lse_ptr,  # [B, num_heads, max_num_splits] float32, log2 units
+    max_num_splits,  # runtime: a new batch size must not mean a new compile
+    qk_scale,  # softmax scale * log2(e)
+    stride_q_b,
+    stride_q_h,
+    stride_cache_block,
+    stride_cache_tok,
+    stride_cache_head,
+    stride_bt_b,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_PAD: tl.constexpr,  # >= 16 for tl.dot
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # KV cache block size
+    BLOCK_N: tl.constexpr,
+    MIN_PARTITION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    num_splits, partition = _num_splits_and_partition(seq_len, max_num_splits, MIN_PARTITION,
+                                                      BLOCK_N)
+    if split >= num_splits:  # also every split of a seq_len == 0 padding row
+        return
+    start = split * partition
+    end = tl.minimum(start + partition, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [GROUP_PAD, BLOCK_D]
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt_b
+    head_off = kv_head.to(tl.int64) * stride_cache_head
+    for tile_start in range(start, end, BLOCK_N):
+        pos = tile_start + offs_n
+        n_mask = pos < end
+        if BLOCK_N <= BLOCK_SIZE:
+            # The tile lies inside one cache block: one block-table lookup.
+            block = tl.load(bt_row + tile_start // BLOCK_SIZE).to(tl.int64)
+            row_off = block * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_tok
+        else:
+            block = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+            row_off = block * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_tok
+        kv_off = head_off + row_off[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # Every split holds >= 1 key, so l_i > 0 for the real rows.
+    part_row = (b * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * max_num_splits + split
+    tl.store(part_lse_ptr + part_row, m_i + tl.log2(l_i), mask=g_mask)
+    tl.store(
+        part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
+        acc / l_i[:, None],
+        mask=g_mask[:, None] & d_mask[None, :],
+    )
+
+
+@triton.jit
+def _paged_decode_reduce_kernel(
+    out_ptr,  # [B, num_heads, head_dim]
+    part_out_ptr,  # [B, num_heads, max_num_splits, head_dim] float32
+    part_lse_ptr,  # [B, num_heads, max_num_splits] float32, log2 units
+    seq_lens_ptr,  # [B] int32
+    max_num_splits,
+    stride_out_b,
+    stride_out_h,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # next power of two >= max_num_splits
+    MIN_PARTITION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    num_splits, _ = _num_splits_and_partition(seq_len, max_num_splits, MIN_PARTITION, BLOCK_N)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    row = (b * tl.num_programs(1) + head).to(tl.int64) * max_num_splits
+    # Finite fill, so an empty row computes exp2(-huge) = 0 instead of inf - inf.
+    lse = tl.load(part_lse_ptr + row + offs_s, mask=s_mask, other=-1e30)
+    weights = tl.where(s_mask, tl.exp2(lse - tl.max(lse, 0)), 0.0)
+    parts = tl.load(
+        part_out_ptr + (row + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )  # [SPLITS_PAD, BLOCK_D]
+    total = tl.sum(weights, 0)
+    o = tl.sum(parts * weights[:, None], 0) / tl.maximum(total, 1e-30)  # zeros when no split
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_out_b + head * stride_out_h + offs_d,
+        o.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+
+
+def _max_num_splits(batch: int, num_kv_heads: int, max_context: int, min_partition: int,
+                    device: torch.device) -> int:
+    # Enough (b, kv_head, split) programs to give every SM a few, never more splits than
+    # min_partition-sized pieces of the longest possible context (the block-table width).
+    if device.type == "cuda":
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        num_sms = 4
+    wanted = triton.cdiv(4 * num_sms, batch * num_kv_heads)
+    return max(1, min(wanted, _SPLITS_CAP, triton.cdiv(max_context, min_partition)))
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    seq_lens: torch.Tensor,  # [B] int32; 0 marks a padding row
+    block_tables: torch.Tensor,  # [B, max_blocks] int32, padded with -1
+    scale: float,
+    out: torch.Tensor | None = None,  # [B, num_heads, head_dim]
+    *,
+    max_num_splits: int | None = None,
+    min_partition: int = 256,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """Attention of one query per sequence (position seq_lens[b] - 1) over its paged context.
+
+    The keyword-only arguments tune the split: `max_num_splits` (default: from the batch size and
+    the block-table width, so a fixed-shape call has a fixed grid), `min_partition` (fewest tokens
+    per split), the key tile `block_n` and the launch's `num_warps` / `num_stages`.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    assert q.stride(2) == 1 and num_heads % num_kv_heads == 0
+    assert seq_lens.shape == (batch,) and seq_lens.dtype == torch.int32
+    assert block_tables.dim() == 2 and block_tables.shape[0] == batch
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+    assert min_partition % block_n == 0
+    assert block_size % block_n == 0 or block_n % block_size == 0
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(2) == 1
+    if batch == 0:
+        return out
+    group = num_heads // num_kv_heads
+    if max_num_splits is None:
+        max_num_splits = _max_num_splits(
+            batch, num_kv_heads, block_tables.shape[1] * block_size, min_partition, q.device
+        )
+    part_out = torch.empty(
+        (batch, num_heads, max_num_splits, head_dim), dtype=torch.float32, device=q.device
+    )
+    part_lse = torch.empty((batch, num_heads, max_num_splits), dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(head_dim)
+    _paged_decode_kernel[(batch, num_kv_heads, max_num_splits)](
+        q_ptr=q,
+        k_cache_ptr=k_cache,
+        v_cache_ptr=v_cache,
+        seq_lens_ptr=seq_lens,
+        block_tables_ptr=block_tables,
+        part_out_ptr=part_out,
+        part_lse_ptr=part_lse,
+        max_num_splits=max_num_splits,
+        qk_scale=scale * _LOG2E,
+        stride_q_b=q.stride(0),
+        stride_q_h=q.stride(1),
+        stride_cache_block=k_cache.stride(0),
+        stride_cache_tok=k_cache.stride(1),
+        stride_cache_head=k_cache.stride(2),
+        stride_bt_b=block_tables.stride(0),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        MIN_PARTITION=min_partition,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    _paged_decode_reduce_kernel[(batch, num_heads)](
+        out_ptr=out,
+        part_out_ptr=part_out,
+        part_lse_ptr=part_lse,
+        seq_lens_ptr=seq_lens,
+        max_num_splits=max_num_splits,
+        stride_out_b=out.stride(0),
+        stride_out_h=out.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        SPLITS_PAD=triton.next_power_of_2(max_num_splits),
+        MIN_PARTITION=min_partition,
+        num_warps=4,
+    )
+    return out
