@@ -1,0 +1,416 @@
+"""Unit tests for each scheduling rule, run against the C++ core and its Python twin."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from test_core_invariants import IMPLS, check_invariants
+
+pytestmark = pytest.mark.parametrize("Scheduler", IMPLS)
+
+I32, I64 = np.int32, np.int64
+
+
+def step(sched: Any, tokens: list[int] | None = None) -> tuple[Any, list]:
+    """schedule() + update() with the given tokens (default 100, 101, ...); checks invariants."""
+    batch = sched.schedule()
+    assert batch is not None
+    num_sampled = len(batch.sample_seq_ids)
+    if tokens is None:
+        tokens = list(range(100, 100 + num_sampled))
+    check_invariants(sched)
+    finished = sched.update(np.array(tokens, dtype=I64))
+    check_invariants(sched)
+    return batch, finished
+
+
+def run_to_end(sched: Any, token: int = 100, max_steps: int = 10_000) -> list:
+    finished = []
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            return finished
+        batch = sched.schedule()
+        finished += sched.update(np.full(len(batch.sample_seq_ids), token, dtype=I64))
+        check_invariants(sched)
+    raise AssertionError("did not finish")
+
+
+def assert_array(a: np.ndarray, expected: Any, dtype: Any) -> None:
+    assert isinstance(a, np.ndarray) and a.dtype == dtype, (type(a), getattr(a, "dtype", None))
+    np.testing.assert_array_equal(a, np.asarray(expected, dtype=dtype))
+    assert a.shape == np.asarray(expected).shape
+
+
+def test_prefill_then_decode_batches(Scheduler: Any) -> None:
+    sched = Scheduler(8, 4, 4, 64, 64)
+    sched.add_request(7, [1, 2, 3, 4, 5, 6], max_tokens=3, temperature=0.5, top_p=0.9, top_k=5,
+                      min_p=0.125)  # fmt: skip
+    batch, finished = step(sched, [11])
+    assert finished == []
+    assert_array(batch.seq_ids, [7], I64)
+    assert batch.num_decodes == 0
+    assert_array(batch.input_ids, [1, 2, 3, 4, 5, 6], I32)
+    assert_array(batch.positions, range(6), I32)
+    assert_array(batch.slot_mapping, range(6), I32)
+    assert_array(batch.query_start_loc, [0, 6], I32)
+    assert_array(batch.seq_lens, [6], I32)
+    assert_array(batch.block_tables, [[0, 1]], I32)
+    assert_array(batch.logits_indices, [5], I32)
+    assert_array(batch.sample_seq_ids, [7], I64)
+    assert_array(batch.temperature, [0.5], np.float32)
+    assert_array(batch.top_p, [0.9], np.float32)
+    assert_array(batch.top_k, [5], I32)
+    assert_array(batch.min_p, [0.125], np.float32)
+
+    batch, finished = step(sched, [12])
+    assert batch.num_decodes == 1
+    assert_array(batch.input_ids, [11], I32)
+    assert_array(batch.positions, [6], I32)
+    assert_array(batch.slot_mapping, [6], I32)
+    assert_array(batch.seq_lens, [7], I32)
+    assert_array(batch.logits_indices, [0], I32)
+    assert finished == []
+    batch, finished = step(sched, [13])
+    assert_array(batch.positions, [7], I32)
+    assert finished == [(7, "length", [11, 12, 13])]
+    assert not sched.has_unfinished()
+    assert sched.num_free_blocks == 8
+    assert sched.schedule() is None
+
+
+def test_decode_crossing_a_block_boundary_gets_a_new_block(Scheduler: Any) -> None:
+    sched = Scheduler(8, 4, 4, 64, 64, enable_prefix_caching=False)
+    sched.add_request(0, [1, 2, 3, 4], max_tokens=3)
+    step(sched)
+    batch, _ = step(sched)
+    assert_array(batch.slot_mapping, [4], I32)  # block 1, offset 0
+    assert_array(batch.block_tables, [[0, 1]], I32)
+    assert sched.num_free_blocks == 6
+
+
+def test_stop_reasons(Scheduler: Any) -> None:
+    sched = Scheduler(16, 4, 8, 64, 64)
+    sched.add_request(0, [1, 2], max_tokens=10, eos_token_ids=[2, 9])
+    sched.add_request(1, [1, 2], max_tokens=10, eos_token_ids=[9], ignore_eos=True)
+    sched.add_request(2, [1, 2], max_tokens=10, eos_token_ids=[9], stop_token_ids=[9],
+                      ignore_eos=True)  # fmt: skip
+    sched.add_request(3, [1, 2], max_tokens=2)
+    _, finished = step(sched, [5, 5, 5, 5])
+    assert finished == []
+    _, finished = step(sched, [9, 9, 9, 9])
+    assert sorted(finished) == [(0, "stop", [5, 9]), (2, "stop", [5, 9]), (3, "length", [5, 9])]
+    assert run_to_end(sched, token=9) == [(1, "length", [5, 9] + [9] * 8)]
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 7])
+def test_exactly_max_model_len(Scheduler: Any, prompt_len: int) -> None:
+    sched = Scheduler(16, 2, 4, 64, 8)
+    sched.add_request(0, list(range(1, prompt_len + 1)), max_tokens=100)
+    finished = run_to_end(sched)
+    assert finished == [(0, "length", [100] * (8 - prompt_len))]
+    with pytest.raises(ValueError, match="max_model_len"):
+        sched.add_request(1, list(range(8)), max_tokens=1)
+
+
+@pytest.mark.parametrize("prompt_len, num_hit_blocks", [(8, 1), (9, 2), (11, 2), (12, 2)])
+def test_full_prompt_cache_hit_computes_at_least_one_token(
+    Scheduler: Any, prompt_len: int, num_hit_blocks: int
+) -> None:
+    bs = 4
+    sched = Scheduler(16, bs, 4, 64, 64)
+    prompt = list(range(1, prompt_len + 1))
+    sched.add_request(0, prompt, max_tokens=1)
+    first, _ = step(sched)
+    assert not sched.has_unfinished()
+    table0 = first.block_tables[0].tolist()
+
+    sched.add_request(1, prompt, max_tokens=1)
+    batch, finished = step(sched)
+    num_cached = num_hit_blocks * bs
+    assert_array(batch.input_ids, prompt[num_cached:], I32)
+    assert_array(batch.positions, range(num_cached, prompt_len), I32)
+    assert_array(batch.seq_lens, [prompt_len], I32)
+    table = batch.block_tables[0].tolist()
+    assert table[:num_hit_blocks] == table0[:num_hit_blocks]
+    # The block the new tokens land in is never a shared cached block.
+    written = {int(s) // bs for s in batch.slot_mapping}
+    assert written.isdisjoint(table0[:num_hit_blocks])
+    assert all(table[int(p) // bs] * bs + int(p) % bs == s
+               for p, s in zip(batch.positions, batch.slot_mapping))  # fmt: skip
+    assert_array(batch.logits_indices, [prompt_len - num_cached - 1], I32)
+    assert finished == [(1, "length", [100])]
+    assert sched.stats["prefix_cache_hits"] == num_cached
+    assert sched.stats["prefix_cache_queries"] == 2 * prompt_len
+
+
+def test_running_sequences_share_cached_blocks(Scheduler: Any) -> None:
+    sched = Scheduler(16, 2, 4, 64, 64)
+    sched.add_request(0, [1, 2, 3, 4, 5], max_tokens=5)
+    step(sched)
+    sched.add_request(1, [1, 2, 3, 4, 6], max_tokens=5)
+    batch, _ = step(sched)
+    st = check_invariants(sched)
+    assert st["block_tables"][0][:2] == st["block_tables"][1][:2]
+    assert st["ref_counts"][st["block_tables"][0][0]] == 2
+    assert_array(batch.positions, [5, 4], I32)  # decode of 0, then 1 computes one token
+    assert sched.stats["prefix_cache_hits"] == 4
+    run_to_end(sched)
+
+
+def test_no_prefix_caching(Scheduler: Any) -> None:
+    sched = Scheduler(16, 2, 4, 64, 64, enable_prefix_caching=False)
+    for seq_id in range(2):
+        sched.add_request(seq_id, [1, 2, 3, 4, 5], max_tokens=2)
+        run_to_end(sched)
+    assert sched.stats == {"num_preemptions": 0, "prefix_cache_queries": 0,
+                           "prefix_cache_hits": 0}  # fmt: skip
+    assert check_invariants(sched)["cached_block_ids"] == []
+
+
+def test_chunked_prefill_several_prompts_in_one_step(Scheduler: Any) -> None:
+    sched = Scheduler(32, 4, 8, 8, 64)
+    sched.add_request(0, list(range(1, 6)), max_tokens=4)
+    sched.add_request(1, list(range(11, 16)), max_tokens=4)
+    sched.add_request(2, list(range(21, 24)), max_tokens=4)
+    batch, _ = step(sched, [50])
+    assert_array(batch.seq_ids, [0, 1], I64)
+    assert_array(batch.query_start_loc, [0, 5, 8], I32)
+    assert_array(batch.positions, [0, 1, 2, 3, 4, 0, 1, 2], I32)
+    assert_array(batch.logits_indices, [4], I32)  # seq 1's chunk does not end its prompt
+    assert_array(batch.sample_seq_ids, [0], I64)
+    # Decode of 0 first, then 1 continues (2 tokens), then 2 is admitted (3 of its 3 tokens).
+    batch, _ = step(sched, [51, 61, 71])
+    assert batch.num_decodes == 1
+    assert_array(batch.seq_ids, [0, 1, 2], I64)
+    assert_array(batch.input_ids, [50, 14, 15, 21, 22, 23], I32)
+    assert_array(batch.positions, [5, 3, 4, 0, 1, 2], I32)
+    assert_array(batch.query_start_loc, [0, 1, 3, 6], I32)
+    assert_array(batch.seq_lens, [6, 5, 3], I32)
+    assert_array(batch.logits_indices, [0, 2, 5], I32)
+    assert_array(batch.sample_seq_ids, [0, 1, 2], I64)
+    assert batch.block_tables.shape == (3, 2)
+    assert batch.block_tables[2, 1] == -1
+    run_to_end(sched)
+
+
+def test_token_budget_limits_chunk(Scheduler: Any) -> None:
+    sched = Scheduler(32, 4, 2, 3, 64)
+    sched.add_request(0, list(range(1, 8)), max_tokens=2)
+    sizes = []
+    while sched.has_unfinished():
+        batch, _ = step(sched)
+        sizes.append(len(batch.input_ids))
+    assert sizes == [3, 3, 1, 1]
+
+
+def test_max_num_seqs_caps_running(Scheduler: Any) -> None:
+    sched = Scheduler(32, 4, 2, 64, 64)
+    for seq_id in range(3):
+        sched.add_request(seq_id, [1, 2, 3], max_tokens=2)
+    batch, _ = step(sched)
+    assert_array(batch.seq_ids, [0, 1], I64)
+    batch, _ = step(sched)
+    assert_array(batch.seq_ids, [0, 1], I64)
+    batch, _ = step(sched)
+    assert_array(batch.seq_ids, [2], I64)
+
+
+def test_preempted_then_resumed_hits_its_own_cache(Scheduler: Any) -> None:
+    sched = Scheduler(5, 2, 4, 64, 64)
+    sched.add_request(0, [1, 2, 3], max_tokens=3)
+    sched.add_request(1, [4, 5, 6], max_tokens=3)
+    step(sched, [10, 20])  # blocks: 0 -> [0, 1], 1 -> [2, 3]
+    step(sched, [11, 21])
+    # Both decode at position 4 and need a block; one is free. Seq 1 (newest) preempts itself.
+    batch, finished = step(sched, [12])
+    assert_array(batch.seq_ids, [0], I64)
+    assert finished == [(0, "length", [10, 11, 12])]
+    assert sched.stats["num_preemptions"] == 1
+    # Seq 1 re-prefills prompt + outputs (5 tokens) and hits its two full cached blocks.
+    batch, _ = step(sched, [22])
+    assert_array(batch.seq_ids, [1], I64)
+    assert batch.num_decodes == 0
+    assert_array(batch.input_ids, [21], I32)
+    assert_array(batch.positions, [4], I32)
+    assert_array(batch.block_tables, [[2, 3, 4]], I32)
+    assert_array(batch.slot_mapping, [8], I32)
+    assert sched.stats["prefix_cache_hits"] == 4
+    assert sched.stats["prefix_cache_queries"] == 3 + 3 + 5
+    assert run_to_end(sched) == [] and not sched.has_unfinished()
+    assert sched.num_free_blocks == 5
+
+
+def test_preemption_takes_newest_first_and_requeues_at_front(Scheduler: Any) -> None:
+    sched = Scheduler(6, 2, 8, 64, 64, enable_prefix_caching=False)
+    for seq_id in range(3):
+        sched.add_request(seq_id, [1, 2, 3, 4], max_tokens=8)
+    sched.add_request(3, [1], max_tokens=1)
+    step(sched)  # 0, 1, 2 take blocks 0..5; 3 waits
+    st = check_invariants(sched)
+    assert st["running"] == [0, 1, 2] and st["waiting"] == [3]
+    # Each decode at position 4 needs a block and none is free: 2 (newest) is preempted.
+    batch, _ = step(sched)
+    st = check_invariants(sched)
+    assert sched.stats["num_preemptions"] == 1
+    assert_array(batch.seq_ids, [0, 1], I64)
+    assert st["running"] == [0, 1] and st["waiting"] == [2, 3]
+    run_to_end(sched)
+
+
+def test_lru_eviction_order(Scheduler: Any) -> None:
+    sched = Scheduler(4, 2, 4, 64, 64)
+    sched.add_request(0, [1, 2, 3, 4, 5], max_tokens=1)
+    step(sched)
+    st = check_invariants(sched)
+    # Freed in reverse table order: the partial block goes to the free stack, the full ones
+    # to the LRU list tail-first, so a sequence's tail is evicted before its head.
+    assert st["free_block_ids"] == [3, 2] and st["cached_block_ids"] == [1, 0]
+    sched.add_request(1, [7, 8, 9, 10, 11], max_tokens=1)
+    batch, _ = step(sched)
+    assert_array(batch.block_tables, [[2, 3, 1]], I32)  # free stack first, then evict 1
+    st = check_invariants(sched)
+    assert st["cached_block_ids"] == [0, 3, 2]
+    sched.add_request(2, [1, 2, 3, 4, 5], max_tokens=1)
+    batch, _ = step(sched)
+    assert_array(batch.block_tables, [[0, 1, 3]], I32)  # hit on 0; [3, 4] was evicted
+    assert_array(batch.positions, [2, 3, 4], I32)
+    assert sched.stats["prefix_cache_hits"] == 2
+
+
+def test_abort(Scheduler: Any) -> None:
+    sched = Scheduler(8, 2, 4, 64, 64)
+    sched.add_request(0, [1, 2, 3], max_tokens=5)
+    sched.add_request(1, [4, 5, 6], max_tokens=5)
+    sched.add_request(2, [7, 8, 9], max_tokens=5)
+    step(sched)
+    sched.abort(2)
+    check_invariants(sched)
+    batch = sched.schedule()
+    sched.abort(0)  # between schedule() and update(): its sampled row is ignored
+    assert sched.update(np.array([1, 2], dtype=I64)) == []
+    st = check_invariants(sched)
+    assert st["running"] == [1]
+    with pytest.raises(ValueError, match="7"):
+        sched.abort(7)
+    with pytest.raises(ValueError, match="0"):
+        sched.abort(0)
+    sched.add_request(0, [1, 2, 3], max_tokens=1)  # the id is free again
+    sched.abort(0)
+    sched.abort(1)
+    assert not sched.has_unfinished() and sched.num_free_blocks == 8
+    assert batch is not None
+
+
+def test_protocol_errors(Scheduler: Any) -> None:
+    sched = Scheduler(8, 2, 4, 64, 64)
+    with pytest.raises(RuntimeError):
+        sched.update(np.zeros(0, dtype=I64))
+    sched.add_request(0, [1, 2, 3], max_tokens=5)
+    sched.schedule()
+    with pytest.raises(RuntimeError):
+        sched.schedule()
+    sched.update(np.array([5], dtype=I64))
+    with pytest.raises(RuntimeError):
+        sched.update(np.array([5], dtype=I64))
+
+
+def test_batch_without_samples_needs_no_update(Scheduler: Any) -> None:
+    sched = Scheduler(8, 2, 4, 4, 64)
+    sched.add_request(0, list(range(1, 10)), max_tokens=1)
+    batch = sched.schedule()
+    assert len(batch.sample_seq_ids) == 0
+    batch = sched.schedule()  # no update needed
+    assert_array(batch.positions, [4, 5, 6, 7], I32)
+    assert sched.update(np.zeros(0, dtype=I64)) == []
+    batch = sched.schedule()
+    assert_array(batch.positions, [8], I32)
+    assert sched.update(np.array([3], dtype=I64)) == [(0, "length", [3])]
+
+
+BAD_REQUESTS = [
+    ({"prompt_token_ids": []}, "empty"),
+    ({"prompt_token_ids": [1, -2]}, "-2"),
+    ({"prompt_token_ids": [1, 50], "vocab_size": 50}, "50"),
+    ({"prompt_token_ids": [1, 2**31]}, str(2**31)),
+    ({"prompt_token_ids": list(range(16))}, "max_model_len"),
+    ({"prompt_token_ids": [1], "max_tokens": 100}, "num_blocks"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": math.nan}, "temperature"),
+    ({"temperature": math.inf}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"min_p": -0.5}, "min_p"),
+    ({"vocab_size": 0}, "vocab_size"),
+    ({"prompt_token_ids": np.array([1.0, 2.0])}, "prompt_token_ids"),
+    ({"prompt_token_ids": np.array([[1, 2]])}, "prompt_token_ids"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
+def test_bad_requests_are_rejected(Scheduler: Any, kwargs: dict, match: str) -> None:
+    sched = Scheduler(4, 2, 4, 64, 16)  # at most 8 KV slots per request
+    args = {"seq_id": 3, "prompt_token_ids": [1, 2], "max_tokens": 1, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        sched.add_request(**args)
+    assert not sched.has_unfinished()
+    check_invariants(sched)
+
+
+def test_largest_request_that_fits_is_accepted(Scheduler: Any) -> None:
+    sched = Scheduler(4, 2, 4, 64, 16)
+    sched.add_request(0, [1], max_tokens=8)  # 9 tokens, 8 of them need a KV slot
+    sched.add_request(1, np.arange(1, 8, dtype=np.int32), max_tokens=2)
+    with pytest.raises(ValueError, match="num_blocks"):
+        sched.add_request(2, [1], max_tokens=9)
+    assert len(run_to_end(sched)) == 2
+    sched = Scheduler(8, 2, 4, 64, 16)
+    sched.add_request(0, np.arange(1, 16, dtype=np.uint16), max_tokens=100)  # capped at 16
+    assert run_to_end(sched) == [(0, "length", [100])]
+
+
+def test_duplicate_seq_id(Scheduler: Any) -> None:
+    sched = Scheduler(8, 2, 4, 64, 16)
+    sched.add_request(5, [1, 2], max_tokens=1)
+    with pytest.raises(ValueError, match="5"):
+        sched.add_request(5, [3], max_tokens=1)
+    run_to_end(sched)
+    sched.add_request(5, [3], max_tokens=1)  # finished ids may be reused
+
+
+@pytest.mark.parametrize(
+    "tokens, match",
+    [
+        (np.array([1, 2], dtype=np.int64), "shape"),
+        (np.array([], dtype=np.int64), "shape"),
+        (np.array([[1]], dtype=np.int64), "shape"),
+        (np.array([1], dtype=np.int32), "int64"),
+        (np.array([1.0]), "int64"),
+        ([1], "int64"),
+        (np.array([-1], dtype=np.int64), "-1"),
+        (np.array([2**31], dtype=np.int64), str(2**31)),
+    ],
+)
+def test_bad_update_is_rejected_and_can_be_retried(Scheduler: Any, tokens: Any, match: str) -> None:
+    sched = Scheduler(8, 2, 4, 64, 16)
+    sched.add_request(0, [1, 2], max_tokens=1)
+    sched.schedule()
+    with pytest.raises(ValueError, match=match):
+        sched.update(tokens)
+    assert sched.update(np.array([4], dtype=np.int64)) == [(0, "length", [4])]
+    check_invariants(sched)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(0, 16, 4, 64, 64), (8, 0, 4, 64, 64), (8, 16, 0, 64, 64), (8, 16, 8, 4, 64),
+     (8, 16, 4, 64, 1), (2**20, 2**12, 4, 64, 64)],  # fmt: skip
+)
+def test_bad_constructor_arguments(Scheduler: Any, args: tuple) -> None:
+    with pytest.raises(ValueError):
+        Scheduler(*args)
