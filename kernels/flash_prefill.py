@@ -211,7 +211,7 @@ def prefill_attention(
     block_n = block_n or cfg[1]
     num_warps = num_warps or cfg[2]
     num_stages = num_stages or cfg[3]
-    assert block_m % group == 0, f"block_m {block_m} must hold whole GQA groups of {group}"
+    assert block_m >= group, f"block_m {block_m} must hold a whole GQA group of {group}"
     assert block_size % block_n == 0 or block_n % block_size == 0
     tokens_per_tile = block_m // group
     grid = (num_kv_heads, batch, triton.cdiv(max_seqlen_q, tokens_per_tile))

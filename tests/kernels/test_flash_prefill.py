@@ -1,0 +1,82 @@
+"""Triton paged flash prefill against the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_testing import DEVICE, make_paged_batch, poison_like, tolerances
+
+from minivllm.kernels import reference
+from minivllm.kernels.flash_prefill import prefill_attention
+
+
+def _check(prefix_new, num_heads, num_kv_heads, head_dim, block_size, dtype, q=None, **kwargs):
+    seq_lens = [p + n for p, n in prefix_new]
+    q_lens = [n for _, n in prefix_new]
+    k_cache, v_cache, block_tables = make_paged_batch(
+        seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=sum(seq_lens)
+    )
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32).to(DEVICE)
+    if q is None:
+        gen = torch.Generator().manual_seed(num_heads * head_dim)
+        q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = poison_like(q)
+    ret = prefill_attention(q, k_cache, v_cache, cu, lens, block_tables, scale, max(q_lens),
+                            out=out, **kwargs)
+    assert ret is out
+    expect = reference.prefill_attention(q, k_cache, v_cache, cu, lens, block_tables, scale,
+                                         max(q_lens))
+    torch.testing.assert_close(out, expect, **tolerances(dtype))
+
+
+def _prefix_cases(block_size):
+    # (cached prefix, new tokens): prefix 0 / 1 / block_size-1 / block_size / several blocks,
+    # ragged new-token counts (1 = a chunk of one token, longer than a query tile)
+    return [(0, 37), (1, 5), (block_size - 1, 20), (block_size, 1), (2 * block_size + 3, 40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 2), (16, 2)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size,block_n", [(16, 32), (32, 32), (256, 64)])
+def test_prefill(dtype, num_heads, num_kv_heads, head_dim, block_size, block_n):
+    _check(_prefix_cases(block_size), num_heads, num_kv_heads, head_dim, block_size, dtype,
+           block_m=32, block_n=block_n, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("block_m,block_n,block_size", [(16, 16, 16), (64, 16, 32), (128, 64, 16)])
+def test_prefill_tiles(block_m, block_n, block_size):
+    """Tile shapes: BLOCK_N equal to, smaller than and larger than the cache block."""
+    _check([(0, 70), (block_size + 7, 33), (5, 3)], 8, 2, 32, block_size, torch.float32,
+           block_m=block_m, block_n=block_n)
+
+
+def test_prefill_group_not_power_of_two():
+    """GQA 3: a tile holds block_m // 3 tokens and leaves its last rows empty."""
+    _check([(0, 20), (9, 11)], 6, 2, 32, 16, torch.float32, block_m=16, block_n=16)
+
+
+def test_prefill_strided_query_and_default_config():
+    prefix_new = [(3, 21), (40, 9)]
+    qkv = torch.randn(30, 12 * 32, device=DEVICE)
+    q = qkv[:, : 8 * 32].view(30, 8, 32)
+    _check(prefix_new, 8, 2, 32, 16, torch.float32, q=q)
+
+
+def test_chunked_prefill_matches_one_pass():
+    """Two chunks of one prompt (the second over the first as prefix) equal one full pass."""
+    k_cache, v_cache, block_tables = make_paged_batch([50], 2, 32, 16, torch.float32)
+    q = torch.randn(50, 4, 32, device=DEVICE)
+    lens_full = torch.tensor([50], dtype=torch.int32, device=DEVICE)
+    full = prefill_attention(q, k_cache, v_cache, torch.tensor([0, 50], dtype=torch.int32,
+                             device=DEVICE), lens_full, block_tables, 0.2, 50, block_m=16,
+                             block_n=16)
+    first = prefill_attention(q[:23], k_cache, v_cache, torch.tensor([0, 23], dtype=torch.int32,
+                              device=DEVICE), torch.tensor([23], dtype=torch.int32, device=DEVICE),
+                              block_tables, 0.2, 23, block_m=16, block_n=16)
+    second = prefill_attention(q[23:], k_cache, v_cache, torch.tensor([0, 27], dtype=torch.int32,
+                               device=DEVICE), lens_full, block_tables, 0.2, 27, block_m=16,
+                               block_n=16)
+    torch.testing.assert_close(torch.cat([first, second]), full, atol=1e-5, rtol=1e-5)
