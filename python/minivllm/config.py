@@ -1,0 +1,281 @@
+"""Engine arguments (EngineConfig) and the model architecture read from config.json (ModelConfig).
+
+Both are frozen and validated when built. Values measured at start-up (the number of KV blocks, the
+eos ids) live in `engine.model_runner.RuntimeInfo`, never here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Architectures minivllm can run, and whether their attention has a q/k RMSNorm and a qkv bias.
+SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2"}
+
+# max_model_len when neither the user nor a small checkpoint limit says otherwise.
+DEFAULT_MAX_MODEL_LEN = 4096
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float": torch.float32,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'float32' | 'float16' | 'bfloat16' (or a torch.dtype) -> torch.dtype, else ValueError."""
+    if isinstance(name, torch.dtype):
+        if name not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {name}; use float32, float16 or bfloat16")
+        return name
+    key = str(name).removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; use auto, float32, float16 or bfloat16")
+    return _DTYPES[key]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a Qwen3 (or Qwen2) checkpoint, read from its config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # bias on q/k/v (and o for Qwen3, whose flag covers all four)
+    mlp_bias: bool = False  # not in Qwen checkpoints; MinivLLM's ffn_bias
+    dtype: torch.dtype = torch.bfloat16
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"config.json: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple "
+                f"of num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"config.json: head_dim={self.head_dim} must be even for rotary")
+
+    @property
+    def model_type(self) -> str:
+        return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def has_o_bias(self) -> bool:
+        return self.model_type == "qwen3" and self.attention_bias
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        architectures = raw.get("architectures") or []
+        arch = architectures[0] if architectures else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            supported = ", ".join(SUPPORTED_ARCHITECTURES)
+            raise ValueError(
+                f"{source}: architecture {arch!r} is not supported; minivllm runs {supported}"
+            )
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only default)")
+        rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+        if raw.get("use_sliding_window"):
+            raise ValueError(f"{source}: sliding-window attention is not supported")
+        try:
+            hidden = int(raw["hidden_size"])
+            heads = int(raw["num_attention_heads"])
+            head_dim = raw.get("head_dim") or hidden // heads
+            eos = raw.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
+            return cls(
+                architecture=arch,
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_hidden_layers=int(raw["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(head_dim),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope_theta),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                attention_bias=bool(raw.get("attention_bias", False)),
+                mlp_bias=bool(raw.get("mlp_bias", False)),
+                dtype=parse_dtype(dtype_name),
+                eos_token_ids=tuple(int(i) for i in eos_ids),
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
+    @classmethod
+    def from_model_dir(cls, model: str | os.PathLike[str]) -> ModelConfig:
+        path = Path(model)
+        if not path.is_dir():
+            raise ValueError(
+                f"model folder {str(model)!r} does not exist (minivllm loads local "
+                "Hugging Face checkpoint folders only)"
+            )
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{path} has no config.json; is it a Hugging Face model folder?")
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+        return cls.from_dict(raw, source=str(config_file))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every engine argument of `LLM(...)`, validated. Build it with `EngineConfig.create`."""
+
+    model: str
+    model_config: ModelConfig
+    tokenizer: str | None = None  # tokenizer folder; default: the model folder
+    dtype: str = "auto"
+    device: str | None = None  # None: cuda if available, else cpu
+    max_model_len: int | None = None  # None: the checkpoint's limit, capped at 4096
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from memory at start-up
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    scheduler: str = "cpp"
+    attention_backend: str | None = None  # None: triton on CUDA, torch on CPU
+    load_format: str = "auto"
+    seed: int = 0
+
+    @classmethod
+    def create(cls, model: str | os.PathLike[str], **engine_args: Any) -> EngineConfig:
+        """Read `model`/config.json and validate engine_args (unknown argument: ValueError)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"model", "model_config"}
+        for name in engine_args:
+            if name not in known:
+                raise ValueError(
+                    f"unknown engine argument {name!r}; known: {', '.join(sorted(known))}"
+                )
+        model = os.fspath(model)
+        return cls(model=model, model_config=ModelConfig.from_model_dir(model), **engine_args)
+
+    def __post_init__(self) -> None:
+        mc = self.model_config
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device {self.device!r} is not a torch device") from None
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _check_int("block_size", self.block_size, 1)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs="
+                f"{self.max_num_seqs} (every running sequence's decode must fit in one step)"
+            )
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        _check_int("seed", self.seed, 0)
+        if self.num_kv_blocks is not None:
+            _check_int("num_kv_blocks", self.num_kv_blocks, 1)
+        if self.max_model_len is None:
+            # Resolving the default here keeps a single source of truth for the limit.
+            object.__setattr__(
+                self, "max_model_len", min(mc.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+            )
+        _check_int("max_model_len", self.max_model_len, 2)
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the checkpoint's "
+                f"max_position_embeddings={mc.max_position_embeddings}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.scheduler not in ("cpp", "python"):
+            raise ValueError(f"scheduler must be 'cpp' or 'python', got {self.scheduler!r}")
+        if self.attention_backend not in (None, "torch", "triton"):
+            raise ValueError(
+                f"attention_backend must be 'torch', 'triton' or None, got "
+                f"{self.attention_backend!r}"
+            )
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        for name in ("enable_prefix_caching", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """'auto' is the checkpoint's dtype."""
+        return self.model_config.dtype if self.dtype == "auto" else parse_dtype(self.dtype)
+
+    @property
+    def attention_backend_name(self) -> str:
+        if self.attention_backend is not None:
+            return self.attention_backend
+        return "triton" if self.torch_device.type == "cuda" else "torch"
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer if self.tokenizer is not None else self.model
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,410 @@
+"""ModelRunner: builds the model and its paged KV cache, and runs one scheduler Batch per call.
+
+Each step copies the Batch arrays into one persistent staging buffer (pinned on CUDA) and uploads
+it to one persistent device buffer with a single copy; the model and the sampler read fixed-address
+views of it, which is what lets a CUDA graph replay a decode step (issue 5 hooks in at
+`run_model`). Logits are computed only at the sampled rows and sampled on the device; the only
+sync per step is reading back the sampled ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from minivllm.config import EngineConfig
+from minivllm.layers.attention import AttentionMetadata, get_attention_backend
+from minivllm.layers.sampler import Sampler, SamplingTensors, sampling_uniforms
+from minivllm.models.qwen3 import MODEL_REGISTRY
+from minivllm.weights import init_dummy_weights, load_weights
+
+logger = logging.getLogger(__name__)
+
+# KV pool size on the CPU when num_kv_blocks is not given (there is no free-memory probe there).
+CPU_KV_CACHE_BYTES = 256 << 20
+
+
+class BatchLike(Protocol):
+    """The scheduler's Batch (docs/interfaces.md); only these fields are read."""
+
+    num_decodes: int
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    block_tables: np.ndarray
+    logits_indices: np.ndarray
+    temperature: np.ndarray
+    top_p: np.ndarray
+    top_k: np.ndarray
+    min_p: np.ndarray
+
+
+@dataclass(frozen=True)
+class KVCacheInfo:
+    """What start-up measured: the pool's size (kept out of EngineConfig on purpose)."""
+
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int  # all layers, K and V
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Only while the model's parameters are created; restored before anything else runs.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class _StepBuffers:
+    """Persistent per-step inputs: one int32 staging buffer and its device twin, with fixed
+    offsets per field (float fields are float32 views of the same bytes)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
+        self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
+        sizes = {
+            "input_ids": max_tokens,
+            "positions": max_tokens,
+            "slot_mapping": max_tokens,
+            "logits_indices": max_seqs,
+            "seq_lens": max_seqs,
+            "prefill_cu_seqlens": max_seqs + 1,
+            "block_tables": max_seqs * max_blocks,
+            "top_k": max_seqs,
+            "temperature": max_seqs,
+            "top_p": max_seqs,
+            "min_p": max_seqs,
+            "uniforms": max_seqs,
+        }
+        self.offsets: dict[str, tuple[int, int]] = {}
+        total = 0
+        for name, size in sizes.items():
+            self.offsets[name] = (total, size)
+            total += size
+        on_cuda = device.type == "cuda"
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=on_cuda)
+        self.device_buf = (
+            torch.zeros(total, dtype=torch.int32, device=device) if on_cuda else self.host
+        )
+        self.host_np = self.host.numpy()
+        self.copy_done: torch.cuda.Event | None = None
+
+    def host_view(self, name: str) -> np.ndarray:
+        start, size = self.offsets[name]
+        view = self.host_np[start : start + size]
+        return view.view(np.float32) if name in _FLOAT_FIELDS else view
+
+    def dev(self, name: str) -> torch.Tensor:
+        start, size = self.offsets[name]
+        view = self.device_buf[start : start + size]
+        return view.view(torch.float32) if name in _FLOAT_FIELDS else view
+
+    def dev_block_tables(self) -> torch.Tensor:  # [max_seqs, max_blocks]
+        return self.dev("block_tables").view(self.max_seqs, self.max_blocks)
+
+    def host_block_tables(self) -> np.ndarray:
+        return self.host_view("block_tables").reshape(self.max_seqs, self.max_blocks)
+
+    def wait_for_upload(self) -> None:
+        """The staging buffer may be rewritten only once the last upload has left it."""
+        if self.copy_done is not None:
+            self.copy_done.synchronize()
+            self.copy_done = None
+
+    def upload(self) -> None:
+        if self.device_buf is not self.host:
+            self.device_buf.copy_(self.host, non_blocking=True)
+            self.copy_done = torch.cuda.Event()
+            self.copy_done.record()
+
+
+_FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p", "uniforms"})
+
+
+@dataclass
+class StepInputs:
+    """Device views for one step, handed to the model and the sampler."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [S]
+    sampling: SamplingTensors
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        mc = config.model_config
+        if config.tensor_parallel_size > 1:
+            raise NotImplementedError("tensor_parallel_size > 1 is not implemented yet")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.backend = get_attention_backend(config.attention_backend_name)
+        model_cls = MODEL_REGISTRY[mc.architecture]
+        with _default_dtype(self.dtype), torch.device(self.device):
+            self.model = model_cls(mc, self.backend)
+        self.model.eval()
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, seed=config.seed)
+        else:
+            load_weights(self.model, config.model)
+        self.sampler = Sampler()
+        self.vocab_size = mc.vocab_size
+        max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+        self.buffers = _StepBuffers(
+            max_tokens, config.max_num_seqs, config.max_blocks_per_seq, self.device
+        )
+        self.kv_cache_info = self._allocate_kv_cache()
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB) on %s, attention backend %s",
+            self.kv_cache_info.num_blocks,
+            config.block_size,
+            self.kv_cache_info.num_tokens,
+            self.kv_cache_info.num_blocks * self.kv_cache_info.bytes_per_block / 2**20,
+            self.device,
+            self.backend.name,
+        )
+        # Issue 5: a CudaGraphRunner (engine/cuda_graphs.py) plugs in here for decode-only steps.
+        self.graph_runner: Any = None
+
+    # ---- KV cache --------------------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        mc = self.config.model_config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elem
+        return per_token * self.config.block_size
+
+    def _allocate_kv_cache(self) -> KVCacheInfo:
+        config, mc = self.config, self.config.model_config
+        bytes_per_block = self._bytes_per_block()
+        needed = config.max_blocks_per_seq  # one max_model_len sequence
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        elif self.device.type == "cuda":
+            num_blocks = self._profile_num_blocks(bytes_per_block)
+        else:
+            wanted = config.max_num_seqs * needed
+            num_blocks = max(needed, min(wanted, CPU_KV_CACHE_BYTES // bytes_per_block))
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens "
+                f"({num_blocks * config.block_size} tokens), less than one max_model_len="
+                f"{config.max_model_len} sequence needs ({needed} blocks); raise num_kv_blocks or "
+                "gpu_memory_utilization, or lower max_model_len"
+            )
+        shape = (
+            2,
+            mc.num_hidden_layers,
+            num_blocks,
+            config.block_size,
+            mc.num_key_value_heads,
+            mc.head_dim,
+        )
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache = self.kv_cache[0, i]
+            attn.v_cache = self.kv_cache[1, i]
+        return KVCacheInfo(num_blocks, config.block_size, bytes_per_block)
+
+    def _profile_num_blocks(self, bytes_per_block: int) -> int:
+        """Run a warm-up forward at max_num_batched_tokens (plus sampling of max_num_seqs rows)
+        with a throwaway cache, then give the KV pool what gpu_memory_utilization leaves."""
+        config = self.config
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_before = total - free
+        allocated_before = torch.cuda.memory_allocated(self.device)
+        batch = _warmup_batch(config)
+        num_tmp_blocks = int(batch.block_tables.max()) + 1
+        mc = config.model_config
+        tmp = torch.zeros(
+            (
+                2,
+                mc.num_hidden_layers,
+                num_tmp_blocks,
+                config.block_size,
+                mc.num_key_value_heads,
+                mc.head_dim,
+            ),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = tmp[0, i], tmp[1, i]
+        self.execute(batch, np.zeros(len(batch.logits_indices), dtype=np.uint64))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
+        del tmp
+        for attn in self.model.attention_layers():
+            attn.k_cache = attn.v_cache = torch.empty(0, device=self.device)
+        torch.cuda.empty_cache()
+        budget = total * config.gpu_memory_utilization - used_before - peak
+        num_blocks = int(budget // bytes_per_block)
+        logger.info(
+            "memory: %.2f GiB in use before the pool (weights and others), warm-up peak "
+            "%.2f GiB, pool budget %.2f GiB",
+            used_before / 2**30,
+            peak / 2**30,
+            max(budget, 0) / 2**30,
+        )
+        return max(num_blocks, 0)
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def prepare(self, batch: BatchLike, seeds: np.ndarray) -> StepInputs:
+        """Copy the Batch into the staging buffer, upload it once, and build device views."""
+        buf = self.buffers
+        buf.wait_for_upload()
+        num_tokens = len(batch.input_ids)
+        num_rows = len(batch.seq_lens)
+        num_sampled = len(batch.logits_indices)
+        nd = int(batch.num_decodes)
+        width = batch.block_tables.shape[1]
+        if num_tokens > buf.max_tokens or num_rows > buf.max_seqs or width > buf.max_blocks:
+            raise RuntimeError(
+                f"batch of {num_tokens} tokens / {num_rows} rows / {width} blocks exceeds the "
+                f"step buffers ({buf.max_tokens} / {buf.max_seqs} / {buf.max_blocks})"
+            )
+        buf.host_view("input_ids")[:num_tokens] = batch.input_ids
+        buf.host_view("positions")[:num_tokens] = batch.positions
+        buf.host_view("slot_mapping")[:num_tokens] = batch.slot_mapping
+        buf.host_view("seq_lens")[:num_rows] = batch.seq_lens
+        qsl = np.asarray(batch.query_start_loc)
+        prefill_qsl = qsl[nd:] - qsl[nd]
+        buf.host_view("prefill_cu_seqlens")[: num_rows - nd + 1] = prefill_qsl
+        buf.host_block_tables()[:num_rows, :width] = batch.block_tables
+        buf.host_view("logits_indices")[:num_sampled] = batch.logits_indices
+        # Sampling: one uniform per row from (seed, context length at the sampled row).
+        rows = np.searchsorted(qsl, batch.logits_indices, side="right") - 1
+        counters = np.asarray(batch.seq_lens)[rows]
+        uniforms = sampling_uniforms(seeds, counters).astype(np.float32)
+        np.minimum(uniforms, np.float32(1.0 - 2.0**-24), out=uniforms)
+        temperature = np.asarray(batch.temperature, dtype=np.float32)
+        top_k = np.asarray(batch.top_k, dtype=np.int32)
+        top_p = np.asarray(batch.top_p, dtype=np.float32)
+        min_p = np.asarray(batch.min_p, dtype=np.float32)
+        buf.host_view("temperature")[:num_sampled] = temperature
+        buf.host_view("top_k")[:num_sampled] = top_k
+        buf.host_view("top_p")[:num_sampled] = top_p
+        buf.host_view("min_p")[:num_sampled] = min_p
+        buf.host_view("uniforms")[:num_sampled] = uniforms
+        buf.upload()
+
+        sampling_rows = (temperature > 0) & (top_k != 1)
+        prefill_query_lens = np.diff(prefill_qsl)
+        bt = buf.dev_block_tables()
+        seq_lens = buf.dev("seq_lens")
+        meta = AttentionMetadata(
+            num_decodes=nd,
+            slot_mapping=buf.dev("slot_mapping")[:num_tokens],
+            decode_seq_lens=seq_lens[:nd],
+            decode_block_tables=bt[:nd, :width],
+            prefill_cu_seqlens_q=buf.dev("prefill_cu_seqlens")[: num_rows - nd + 1],
+            prefill_seq_lens=seq_lens[nd:num_rows],
+            prefill_block_tables=bt[nd:num_rows, :width],
+            max_prefill_query_len=int(prefill_query_lens.max()) if num_rows > nd else 0,
+        )
+        sampling = SamplingTensors(
+            temperature=buf.dev("temperature")[:num_sampled],
+            top_k=buf.dev("top_k")[:num_sampled],
+            top_p=buf.dev("top_p")[:num_sampled],
+            min_p=buf.dev("min_p")[:num_sampled],
+            uniforms=buf.dev("uniforms")[:num_sampled],
+            all_greedy=not bool(sampling_rows.any()),
+            any_top_k_or_p=bool(
+                (sampling_rows & (((top_k > 0) & (top_k < self.vocab_size)) | (top_p < 1))).any()
+            ),
+            any_min_p=bool((sampling_rows & (min_p > 0)).any()),
+        )
+        return StepInputs(
+            input_ids=buf.dev("input_ids")[:num_tokens],
+            positions=buf.dev("positions")[:num_tokens],
+            attn_metadata=meta,
+            logits_indices=buf.dev("logits_indices")[:num_sampled],
+            sampling=sampling,
+        )
+
+    def run_model(self, inputs: StepInputs) -> torch.Tensor:
+        """The forward pass: [T] tokens -> [T, hidden]. The CUDA-graph hook for decode steps."""
+        return self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+
+    @torch.inference_mode()
+    def execute(self, batch: BatchLike, seeds: np.ndarray) -> np.ndarray:
+        """Run one step; `seeds` [S] uint64 per sampled row. Returns sampled ids, int64 [S]."""
+        inputs = self.prepare(batch, seeds)
+        hidden = self.run_model(inputs)
+        if inputs.logits_indices.shape[0] == 0:
+            return np.zeros(0, dtype=np.int64)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        token_ids = self.sampler(logits, inputs.sampling)
+        return token_ids.cpu().numpy()
+
+
+@dataclass
+class _WarmupBatch:
+    num_decodes: int
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    block_tables: np.ndarray
+    logits_indices: np.ndarray
+    temperature: np.ndarray
+    top_p: np.ndarray
+    top_k: np.ndarray
+    min_p: np.ndarray
+
+
+def _warmup_batch(config: EngineConfig) -> _WarmupBatch:
+    """A prefill-only Batch of max_num_batched_tokens tokens in up to max_num_seqs sequences,
+    each sampling with top-p so the sampler's largest path is measured too."""
+    wanted = config.max_num_batched_tokens
+    seq_len = min(-(-wanted // config.max_num_seqs), config.max_model_len - 1)
+    num_seqs = min(config.max_num_seqs, -(-wanted // seq_len))
+    num_tokens = min(wanted, num_seqs * seq_len)
+    lens = np.full(num_seqs, seq_len, dtype=np.int32)
+    lens[-1] = num_tokens - seq_len * (num_seqs - 1)
+    bs = config.block_size
+    blocks_per_seq = -(-seq_len // bs)
+    qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    positions = np.concatenate([np.arange(n) for n in lens]).astype(np.int32)
+    seq_index = np.repeat(np.arange(num_seqs), lens)
+    block_tables = np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, -1)
+    slots = block_tables[seq_index, positions // bs] * bs + positions % bs
+    s = num_seqs
+    return _WarmupBatch(
+        num_decodes=0,
+        input_ids=np.zeros(num_tokens, dtype=np.int32),
+        positions=positions,
+        slot_mapping=slots.astype(np.int32),
+        query_start_loc=qsl,
+        seq_lens=lens,
+        block_tables=block_tables,
+        logits_indices=(qsl[1:] - 1).astype(np.int32),
+        temperature=np.ones(s, dtype=np.float32),
+        top_p=np.full(s, 0.9, dtype=np.float32),
+        top_k=np.full(s, 50, dtype=np.int32),
+        min_p=np.full(s, 0.05, dtype=np.float32),
+    )

@@ -1,0 +1,120 @@
+"""Paged attention layer: writes new K/V into the cache, then dispatches to a kernel backend.
+
+A step's tokens are decodes first (one token each), then prefill chunks; the layer runs
+`decode_attention` on the first part and `prefill_attention` on the rest, with the metadata the
+model runner built once for the step (passed explicitly, never through a global).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention inputs, shared by every layer. Tensors live on the model's device."""
+
+    num_decodes: int  # the first num_decodes tokens (and rows) are decodes
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    decode_seq_lens: torch.Tensor  # [num_decodes]
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
+    prefill_cu_seqlens_q: torch.Tensor  # [num_prefills + 1], starting at 0
+    prefill_seq_lens: torch.Tensor  # [num_prefills]
+    prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks]
+    max_prefill_query_len: int  # 0 when there is no prefill row
+
+    @property
+    def num_prefills(self) -> int:
+        return self.prefill_seq_lens.shape[0]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    store_kvcache: Callable[..., None]
+    prefill_attention: Callable[..., torch.Tensor]
+    decode_attention: Callable[..., torch.Tensor]
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    """'torch' (plain-torch reference, CPU default) or 'triton' (CUDA default), imported lazily."""
+    if name == "torch":
+        ref = importlib.import_module("minivllm.kernels.reference")
+        mods = SimpleNamespace(store=ref, prefill=ref, decode=ref)
+    elif name == "triton":
+        mods = SimpleNamespace(
+            store=importlib.import_module("minivllm.kernels.kv_store"),
+            prefill=importlib.import_module("minivllm.kernels.flash_prefill"),
+            decode=importlib.import_module("minivllm.kernels.paged_decode"),
+        )
+    else:
+        raise ValueError(f"unknown attention backend {name!r}; use 'torch' or 'triton'")
+    return AttentionBackend(
+        name=name,
+        store_kvcache=mods.store.store_kvcache,
+        prefill_attention=mods.prefill.prefill_attention,
+        decode_attention=mods.decode.decode_attention,
+    )
+
+
+class Attention(nn.Module):
+    """Attention over the paged KV cache. The model runner assigns `k_cache`/`v_cache` (this
+    layer's slices of the pool) once, after sizing the pool."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        backend: AttentionBackend,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.backend = backend
+        self.k_cache = torch.empty(0)  # [num_blocks, block_size, num_kv_heads, head_dim]
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        backend = self.backend
+        backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd > 0:
+            backend.decode_attention(
+                q[:nd],
+                self.k_cache,
+                self.v_cache,
+                meta.decode_seq_lens,
+                meta.decode_block_tables,
+                self.scale,
+                out=out[:nd],
+            )
+        if meta.max_prefill_query_len > 0:
+            backend.prefill_attention(
+                q[nd:],
+                self.k_cache,
+                self.v_cache,
+                meta.prefill_cu_seqlens_q,
+                meta.prefill_seq_lens,
+                meta.prefill_block_tables,
+                self.scale,
+                meta.max_prefill_query_len,
+                out=out[nd:],
+            )
+        return out

@@ -1,0 +1,156 @@
+"""Linear layers with tensor parallelism inside them (Megatron style).
+
+Column-parallel layers split the output features across ranks, row-parallel layers split the input
+features and all-reduce the result. Every parameter carries a `weight_loader(param, loaded
+[, shard])` that copies this rank's slice of a checkpoint tensor into it, so the model code stays
+plain.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minivllm.engine.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+
+
+def _divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(
+            f"{what}={numerator} is not divisible by tensor_parallel_size={denominator}"
+        )
+    return numerator // denominator
+
+
+def _check_shape(param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(
+            f"tensor {name or '?'} has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}"
+        )
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    """Whole-tensor copy (replicated parameters: norms, unsharded weights)."""
+    _check_shape(param, loaded)
+    param.data.copy_(loaded)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
+        super().__init__()
+        self.tp_rank = get_tp_rank()
+        self.tp_size = get_tp_size()
+        self.tp_dim = tp_dim  # which weight dim is sharded: 0 = output, 1 = input, None = neither
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def _shard(self, param: nn.Parameter, loaded: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a full checkpoint tensor along the sharded dim."""
+        if self.tp_dim is None or (self.tp_dim == 1 and loaded.dim() == 1):
+            return loaded  # the row-parallel bias is added once, after the all-reduce
+        size = param.shape[self.tp_dim]
+        return loaded.narrow(self.tp_dim, self.tp_rank * size, size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        shard = self._shard(param, loaded)
+        if tuple(shard.shape) != tuple(param.shape):
+            full = list(param.shape)
+            if self.tp_dim is not None and not (self.tp_dim == 1 and loaded.dim() == 1):
+                full[self.tp_dim] *= self.tp_size
+            raise ValueError(f"shape {tuple(loaded.shape)}, expected {tuple(full)}")
+        param.data.copy_(shard)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        super().__init__(input_size, output_size, bias, tp_dim=None)
+
+
+class ColumnParallelLinear(LinearBase):
+    """y = x W^T with W's output features split across ranks; the output stays sharded."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        tp_size = get_tp_size()
+        super().__init__(input_size, _divide(output_size, tp_size, "output_size"), bias, tp_dim=0)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one matmul (gate_up_proj).
+
+    The checkpoint stores them separately; `weight_loader(param, loaded, shard_id)` places shard
+    `shard_id` (0, 1, ...) at its offset.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = list(output_sizes)
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None
+    ) -> None:
+        if shard_id is None:  # already packed in the checkpoint
+            return super().weight_loader(param, loaded)
+        sizes = [s // self.tp_size for s in self.output_sizes]
+        offset, size = sum(sizes[:shard_id]), sizes[shard_id]
+        expected = (self.output_sizes[shard_id], *param.shape[1:])
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"shape {tuple(loaded.shape)}, expected {expected}")
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul; heads split across ranks (KV heads too).
+
+    `weight_loader(param, loaded, shard_id)` with shard_id "q", "k" or "v".
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+    ):
+        tp_size = get_tp_size()
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp_size, "num_attention_heads")
+        self.num_kv_heads = _divide(num_kv_heads, tp_size, "num_key_value_heads")
+        output_size = (num_heads + 2 * num_kv_heads) * head_dim
+        super().__init__(hidden_size, output_size, bias)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None
+    ) -> None:
+        if shard_id is None:
+            return super().weight_loader(param, loaded)
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[
+            shard_id
+        ]
+        expected = (size * self.tp_size, *param.shape[1:])
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"shape {tuple(loaded.shape)}, expected {expected}")
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    """y = x W^T with W's input features split across ranks; partial sums are all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        tp_size = get_tp_size()
+        super().__init__(_divide(input_size, tp_size, "input_size"), output_size, bias, tp_dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        return tp_all_reduce(y)
