@@ -1,0 +1,174 @@
+// minivllm/scheduler.h — continuous batching over a paged KV cache.
+//
+// The host side of one engine step, with the contract of docs/interfaces.md and the same rules,
+// decision for decision, as the pure-Python twin minivllm/engine/reference.py (its docstring is
+// the prose specification; tests/test_core_differential.py holds the two to identical output):
+//
+//  * add_request() validates everything and rejects a request that can never fit (prompt >=
+//    max_model_len, more KV blocks than the pool) instead of leaving it waiting forever.
+//  * schedule() builds one Batch under a token budget: decodes first (running order; a decode
+//    that cannot get a block preempts the newest running sequence, possibly itself, by
+//    recompute), then the chunks of partially prefilled sequences, then newly admitted waiting
+//    sequences (FCFS; none in a step that preempted). Admission takes prefix-cache hits on full
+//    blocks that do not hold the last token, and allocates blocks for all remaining tokens.
+//  * update() appends the sampled tokens and applies the stop checks: eos (unless ignore_eos)
+//    and stop_token_ids -> kStop (token kept); max_tokens and max_model_len -> kLength.
+//
+// The Batch arrays are written straight into caller-owned buffers: schedule() computes the
+// shape, asks the allocator callback for buffers of that shape, and fills them. Nothing here
+// allocates per step once its scratch vectors have grown.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+#include "minivllm/block_manager.h"
+#include "minivllm/errors.h"
+#include "minivllm/sequence.h"
+
+namespace minivllm {
+
+struct SchedulerConfig {
+  int64_t num_blocks = 0;
+  int64_t block_size = 0;
+  int64_t max_num_seqs = 0;
+  int64_t max_num_batched_tokens = 0;  // must be >= max_num_seqs
+  int64_t max_model_len = 0;           // prompt + outputs never exceed it
+  bool enable_prefix_caching = true;
+};
+
+struct Request {
+  int64_t seq_id = 0;
+  std::vector<int64_t> prompt_token_ids;
+  int64_t max_tokens = 0;
+  bool ignore_eos = false;
+  std::vector<int64_t> eos_token_ids;
+  std::vector<int64_t> stop_token_ids;
+  double temperature = 1.0;
+  double top_p = 1.0;
+  int64_t top_k = 0;
+  double min_p = 0.0;
+  std::optional<int64_t> vocab_size;  // when set, prompt ids must be < vocab_size
+};
+
+// Sizes of the Batch arrays: B = num_seqs rows, T = num_tokens new tokens, S = num_samples rows
+// that sample; block_tables is [B, max_blocks].
+struct BatchShape {
+  int64_t num_seqs = 0;
+  int64_t num_tokens = 0;
+  int64_t num_samples = 0;
+  int64_t max_blocks = 0;
+  int64_t num_decodes = 0;
+};
+
+// Where schedule() writes the Batch; every pointer must hold the size its comment gives.
+struct BatchBuffers {
+  int64_t* seq_ids;          // [B]
+  int32_t* input_ids;        // [T]
+  int32_t* positions;        // [T]
+  int32_t* slot_mapping;     // [T]
+  int32_t* query_start_loc;  // [B + 1]
+  int32_t* seq_lens;         // [B]
+  int32_t* block_tables;     // [B * max_blocks], row-major, padded with -1
+  int32_t* logits_indices;   // [S]
+  int64_t* sample_seq_ids;   // [S]
+  float* temperature;        // [S]
+  float* top_p;              // [S]
+  int32_t* top_k;            // [S]
+  float* min_p;              // [S]
+};
+
+using BatchAllocator = std::function<BatchBuffers(const BatchShape&)>;
+
+enum class FinishReason { kStop, kLength };
+const char* finish_reason_name(FinishReason reason);  // "stop" / "length"
+
+struct FinishedSequence {
+  int64_t seq_id;
+  FinishReason reason;
+  std::vector<int32_t> output_token_ids;
+};
+
+struct SchedulerStats {
+  int64_t num_preemptions = 0;
+  int64_t prefix_cache_queries = 0;  // tokens looked up at admission (prefix caching on)
+  int64_t prefix_cache_hits = 0;     // of those, tokens found in the cache
+};
+
+// A copy of the internal state, for tests (see Scheduler::debug_state()).
+struct DebugState {
+  std::vector<int32_t> ref_counts;
+  std::vector<std::optional<uint64_t>> block_hashes;
+  std::vector<int32_t> free_block_ids;    // stack, bottom first
+  std::vector<int32_t> cached_block_ids;  // LRU order, oldest first
+  std::unordered_map<uint64_t, int32_t> hash_to_block;
+  std::vector<int64_t> waiting;  // front first
+  std::vector<int64_t> running;  // admission order
+  std::unordered_map<int64_t, std::vector<int32_t>> block_tables;
+  std::unordered_map<int64_t, int64_t> num_computed_tokens;
+};
+
+class Scheduler {
+ public:
+  // Throws InvalidArgument on a config that cannot work.
+  explicit Scheduler(const SchedulerConfig& config);
+
+  // Queues a request at the back of the waiting queue; throws InvalidArgument (state unchanged).
+  void add_request(const Request& request);
+
+  // Plans the next step and writes its Batch into the buffers `allocate` returns. Returns the
+  // shape, or nullopt (without calling `allocate`) when nothing can run. Throws ProtocolError
+  // when the previous Batch had sampled rows and update() has not been called. The forward pass
+  // of a Batch must run before the next schedule(): the blocks it fills join the prefix cache.
+  std::optional<BatchShape> schedule(const BatchAllocator& allocate);
+
+  // Delivers one sampled token per sampled row of the last Batch, in row order. Returns the
+  // sequences that finished, in row order. Throws ProtocolError with no Batch outstanding and
+  // InvalidArgument on a wrong count or an id outside [0, 2^31); either way nothing changes.
+  std::vector<FinishedSequence> update(const int64_t* sampled_token_ids, int64_t num_sampled);
+
+  // Drops a waiting or running sequence and frees its blocks; if it has a row in the Batch
+  // awaiting update(), that row's token is ignored. Throws InvalidArgument for an unknown id.
+  void abort(int64_t seq_id);
+
+  bool has_unfinished() const { return !seqs_.empty(); }
+  int64_t num_free_blocks() const { return blocks_.num_free_blocks(); }
+  const SchedulerStats& stats() const { return stats_; }
+  const SchedulerConfig& config() const { return config_; }
+  DebugState debug_state() const;
+
+ private:
+  struct Row {
+    Sequence* seq;
+    int64_t start;  // position of the first new token
+    int64_t num_new_tokens;
+  };
+
+  bool admit(Sequence* seq);
+  void register_full_blocks(Sequence* seq);
+  void free_blocks(Sequence* seq);
+  void preempt(Sequence* seq);
+  std::optional<FinishReason> stop_reason(const Sequence& seq, int64_t token) const;
+  void add_row(Sequence* seq, int64_t num_new_tokens, BatchShape& shape);
+  void write_batch(const BatchShape& shape, const BatchBuffers& out) const;
+
+  SchedulerConfig config_;
+  BlockManager blocks_;
+  std::unordered_map<int64_t, std::unique_ptr<Sequence>> seqs_;  // unfinished, by id
+  std::deque<Sequence*> waiting_;
+  std::vector<Sequence*> running_;
+  // Sequences sampled by the last Batch, in row order (nullptr once aborted).
+  std::vector<Sequence*> pending_;
+  bool has_pending_batch_ = false;
+  SchedulerStats stats_;
+  // Scratch, reused every step.
+  std::vector<Row> rows_;
+  std::vector<int32_t> hits_;
+};
+
+}  // namespace minivllm

@@ -1,0 +1,52 @@
+// minivllm/sequence.h — one request as the scheduler sees it.
+//
+// A Sequence holds its token ids (prompt, then outputs), its stop conditions and sampling
+// parameters, and its place in the KV cache: the block table, how many of its tokens have been
+// scheduled for computation since it was last admitted (num_computed_tokens), and how many it must
+// compute before it samples again (num_prefill_tokens: the prompt, or prompt + outputs after a
+// preemption). Sequences are owned by the Scheduler; nothing here allocates per step.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace minivllm {
+
+// Per-request sampling parameters, copied into every Batch row that samples.
+struct SamplingParams {
+  float temperature = 1.0f;
+  float top_p = 1.0f;
+  int32_t top_k = 0;  // 0 = off
+  float min_p = 0.0f;
+};
+
+struct Sequence {
+  int64_t seq_id = 0;
+  std::vector<int32_t> token_ids;  // prompt + outputs
+  int64_t num_prompt_tokens = 0;
+  int64_t max_tokens = 0;
+  bool ignore_eos = false;
+  std::vector<int64_t> eos_token_ids;
+  std::vector<int64_t> stop_token_ids;
+  SamplingParams sampling;
+  bool is_finished = false;
+
+  // Place in the KV cache; all zero / empty while waiting.
+  int64_t num_computed_tokens = 0;
+  int64_t num_prefill_tokens = 0;
+  std::vector<int32_t> block_table;
+  int64_t num_registered_blocks = 0;  // leading blocks already offered to the prefix cache
+
+  // Memo: the prefix-cache hash of each full block of token_ids (kept across preemptions; the
+  // token ids of a full block never change).
+  std::vector<uint64_t> block_hashes;
+
+  int64_t num_tokens() const { return static_cast<int64_t>(token_ids.size()); }
+  int64_t num_output_tokens() const { return num_tokens() - num_prompt_tokens; }
+  bool is_prefilling() const { return num_computed_tokens < num_prefill_tokens; }
+
+  // The hash of full block `j` (requires (j + 1) * block_size <= num_tokens()).
+  uint64_t block_hash(int64_t j, int64_t block_size);
+};
+
+}  // namespace minivllm

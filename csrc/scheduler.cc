@@ -1,0 +1,400 @@
+#include "minivllm/scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <string>
+
+namespace minivllm {
+namespace {
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
+template <typename... Parts>
+std::string cat(const Parts&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  return os.str();
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool contains(const std::vector<int64_t>& ids, int64_t id) {
+  return std::find(ids.begin(), ids.end(), id) != ids.end();
+}
+
+const SchedulerConfig& validated(const SchedulerConfig& c) {
+  if (c.num_blocks < 1) throw InvalidArgument(cat("num_blocks must be >= 1, got ", c.num_blocks));
+  if (c.block_size < 1) throw InvalidArgument(cat("block_size must be >= 1, got ", c.block_size));
+  if (c.num_blocks > kInt32Max / c.block_size) {
+    throw InvalidArgument(cat("num_blocks * block_size = ", c.num_blocks, " * ", c.block_size,
+                              " does not fit int32 slots"));
+  }
+  if (c.max_num_seqs < 1) {
+    throw InvalidArgument(cat("max_num_seqs must be >= 1, got ", c.max_num_seqs));
+  }
+  if (c.max_num_batched_tokens < c.max_num_seqs) {
+    throw InvalidArgument(cat("max_num_batched_tokens (", c.max_num_batched_tokens,
+                              ") must be >= max_num_seqs (", c.max_num_seqs, ")"));
+  }
+  if (c.max_model_len < 2 || c.max_model_len > kInt32Max) {
+    throw InvalidArgument(cat("max_model_len must be in [2, 2**31 - 1], got ", c.max_model_len));
+  }
+  return c;
+}
+
+}  // namespace
+
+const char* finish_reason_name(FinishReason reason) {
+  return reason == FinishReason::kStop ? "stop" : "length";
+}
+
+Scheduler::Scheduler(const SchedulerConfig& config)
+    : config_(validated(config)),
+      blocks_(static_cast<int32_t>(config.num_blocks), static_cast<int32_t>(config.block_size)) {
+  running_.reserve(static_cast<size_t>(config_.max_num_seqs));
+  rows_.reserve(static_cast<size_t>(config_.max_num_seqs));
+  pending_.reserve(static_cast<size_t>(config_.max_num_seqs));
+}
+
+// --------------------------------------------------------------------------------------------
+// Requests
+// --------------------------------------------------------------------------------------------
+void Scheduler::add_request(const Request& r) {
+  if (seqs_.count(r.seq_id)) {
+    throw InvalidArgument(cat("seq_id ", r.seq_id, " is already in use by an unfinished request"));
+  }
+  if (r.max_tokens < 1) throw InvalidArgument(cat("max_tokens must be >= 1, got ", r.max_tokens));
+  if (!(std::isfinite(r.temperature) && r.temperature >= 0.0)) {
+    throw InvalidArgument(cat("temperature must be finite and >= 0, got ", r.temperature));
+  }
+  if (!(r.top_p > 0.0 && r.top_p <= 1.0)) {
+    throw InvalidArgument(cat("top_p must be in (0, 1], got ", r.top_p));
+  }
+  if (!(r.top_k >= 0 && r.top_k <= kInt32Max)) {
+    throw InvalidArgument(cat("top_k must be in [0, 2**31 - 1] (0 = off), got ", r.top_k));
+  }
+  if (!(r.min_p >= 0.0 && r.min_p <= 1.0)) {
+    throw InvalidArgument(cat("min_p must be in [0, 1], got ", r.min_p));
+  }
+  if (r.vocab_size && *r.vocab_size < 1) {
+    throw InvalidArgument(cat("vocab_size must be >= 1, got ", *r.vocab_size));
+  }
+  const auto& prompt = r.prompt_token_ids;
+  if (prompt.empty()) throw InvalidArgument("prompt_token_ids is empty");
+  const int64_t limit = r.vocab_size ? *r.vocab_size - 1 : kInt32Max;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    if (prompt[i] < 0 || prompt[i] > limit) {
+      throw InvalidArgument(cat("prompt token id ", prompt[i], " at index ", i,
+                                " is out of range [0, ",
+                                r.vocab_size ? cat("vocab_size ", *r.vocab_size) : "2**31 - 1",
+                                ")"));
+    }
+  }
+  const auto num_prompt = static_cast<int64_t>(prompt.size());
+  if (num_prompt >= config_.max_model_len) {
+    throw InvalidArgument(
+        cat("prompt length ", num_prompt, " >= max_model_len ", config_.max_model_len));
+  }
+  const int64_t max_total = r.max_tokens >= config_.max_model_len - num_prompt
+                                ? config_.max_model_len
+                                : num_prompt + r.max_tokens;
+  // The last token is never fed back, so max_total - 1 tokens ever need a KV slot.
+  const int64_t max_blocks = ceil_div(max_total - 1, config_.block_size);
+  if (max_blocks > config_.num_blocks) {
+    throw InvalidArgument(cat("request ", r.seq_id, " can grow to ", max_total, " tokens = ",
+                              max_blocks, " KV blocks, more than the pool's num_blocks ",
+                              config_.num_blocks));
+  }
+
+  auto seq = std::make_unique<Sequence>();
+  seq->seq_id = r.seq_id;
+  seq->token_ids.reserve(static_cast<size_t>(max_total));
+  seq->token_ids.assign(prompt.begin(), prompt.end());
+  seq->num_prompt_tokens = num_prompt;
+  seq->max_tokens = r.max_tokens;
+  seq->ignore_eos = r.ignore_eos;
+  seq->eos_token_ids = r.eos_token_ids;
+  seq->stop_token_ids = r.stop_token_ids;
+  seq->sampling = SamplingParams{static_cast<float>(r.temperature), static_cast<float>(r.top_p),
+                                 static_cast<int32_t>(r.top_k), static_cast<float>(r.min_p)};
+  seq->block_table.reserve(static_cast<size_t>(max_blocks));
+  waiting_.push_back(seq.get());
+  seqs_.emplace(r.seq_id, std::move(seq));
+}
+
+void Scheduler::abort(int64_t seq_id) {
+  const auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) throw InvalidArgument(cat("abort: unknown seq_id ", seq_id));
+  Sequence* seq = it->second.get();
+  const auto r = std::find(running_.begin(), running_.end(), seq);
+  if (r != running_.end()) {
+    running_.erase(r);
+    free_blocks(seq);
+  } else {
+    waiting_.erase(std::find(waiting_.begin(), waiting_.end(), seq));
+  }
+  std::replace(pending_.begin(), pending_.end(), seq, static_cast<Sequence*>(nullptr));
+  seqs_.erase(it);
+}
+
+// --------------------------------------------------------------------------------------------
+// schedule()
+// --------------------------------------------------------------------------------------------
+void Scheduler::add_row(Sequence* seq, int64_t num_new_tokens, BatchShape& shape) {
+  const int64_t end = seq->num_computed_tokens + num_new_tokens;
+  rows_.push_back(Row{seq, seq->num_computed_tokens, num_new_tokens});
+  shape.num_seqs += 1;
+  shape.num_tokens += num_new_tokens;
+  if (end == seq->num_tokens()) shape.num_samples += 1;
+  shape.max_blocks = std::max(shape.max_blocks, ceil_div(end, config_.block_size));
+}
+
+std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
+  if (!pending_.empty()) {
+    throw ProtocolError("schedule() called before update() for the previous Batch");
+  }
+  has_pending_batch_ = false;
+  rows_.clear();
+  BatchShape shape;
+  const int64_t bs = config_.block_size;
+  int64_t budget = config_.max_num_batched_tokens;
+  bool preempted = false;
+
+  // 1. Decodes, in running order. max_num_batched_tokens >= max_num_seqs: they all fit.
+  for (size_t i = 0; i < running_.size();) {
+    Sequence* seq = running_[i];
+    if (seq->is_prefilling()) {
+      ++i;
+      continue;
+    }
+    if (seq->num_computed_tokens / bs == static_cast<int64_t>(seq->block_table.size())) {
+      Sequence* victim = nullptr;
+      while (blocks_.num_free_blocks() == 0) {
+        victim = running_.back();
+        running_.pop_back();
+        preempt(victim);
+        preempted = true;
+        if (victim == seq) break;
+      }
+      if (victim == seq) break;  // it was the newest: nothing is left to schedule after it
+      seq->block_table.push_back(blocks_.allocate());
+    }
+    add_row(seq, 1, shape);
+    ++i;
+  }
+  shape.num_decodes = shape.num_seqs;
+  budget -= shape.num_decodes;
+
+  // 2. Running sequences that are still prefilling, in running order.
+  for (Sequence* seq : running_) {
+    if (budget == 0) break;
+    if (seq->is_prefilling()) {
+      const int64_t n = std::min(seq->num_prefill_tokens - seq->num_computed_tokens, budget);
+      add_row(seq, n, shape);
+      budget -= n;
+    }
+  }
+
+  // 3. Admit waiting sequences (FCFS), unless this step had to preempt.
+  while (!waiting_.empty() && budget > 0 &&
+         static_cast<int64_t>(running_.size()) < config_.max_num_seqs && !preempted) {
+    Sequence* seq = waiting_.front();
+    if (!admit(seq)) break;
+    waiting_.pop_front();
+    running_.push_back(seq);
+    const int64_t n = std::min(seq->num_prefill_tokens - seq->num_computed_tokens, budget);
+    add_row(seq, n, shape);
+    budget -= n;
+  }
+
+  if (rows_.empty()) return std::nullopt;
+  write_batch(shape, allocate(shape));
+  for (const Row& row : rows_) {
+    Sequence* seq = row.seq;
+    seq->num_computed_tokens = row.start + row.num_new_tokens;
+    if (config_.enable_prefix_caching) register_full_blocks(seq);
+    if (seq->num_computed_tokens == seq->num_tokens()) pending_.push_back(seq);
+  }
+  has_pending_batch_ = true;
+  return shape;
+}
+
+bool Scheduler::admit(Sequence* seq) {
+  const int64_t bs = config_.block_size;
+  const int64_t num_tokens = seq->num_tokens();
+  hits_.clear();
+  if (config_.enable_prefix_caching) {
+    uint64_t parent = 0;
+    const int64_t max_hits = (num_tokens - 1) / bs;  // never the block of the last token
+    for (int64_t j = 0; j < max_hits; ++j) {
+      const uint64_t h = seq->block_hash(j, bs);
+      const auto block_id = blocks_.lookup(h, parent, seq->token_ids.data() + j * bs);
+      if (!block_id) break;
+      hits_.push_back(*block_id);
+      parent = h;
+    }
+  }
+  const auto num_hits = static_cast<int64_t>(hits_.size());
+  const int64_t num_new = ceil_div(num_tokens, bs) - num_hits;
+  int64_t num_hits_free = 0;
+  for (const int32_t b : hits_) num_hits_free += blocks_.ref_count(b) == 0;
+  if (blocks_.num_free_blocks() - num_hits_free < num_new) return false;
+
+  seq->block_table.clear();
+  for (const int32_t b : hits_) {
+    blocks_.take(b);
+    seq->block_table.push_back(b);
+  }
+  for (int64_t k = 0; k < num_new; ++k) seq->block_table.push_back(blocks_.allocate());
+  seq->num_computed_tokens = num_hits * bs;
+  seq->num_prefill_tokens = num_tokens;
+  seq->num_registered_blocks = num_hits;
+  if (config_.enable_prefix_caching) {
+    stats_.prefix_cache_queries += num_tokens;
+    stats_.prefix_cache_hits += num_hits * bs;
+  }
+  return true;
+}
+
+void Scheduler::register_full_blocks(Sequence* seq) {
+  const int64_t bs = config_.block_size;
+  const int64_t num_full = seq->num_computed_tokens / bs;
+  for (int64_t j = seq->num_registered_blocks; j < num_full; ++j) {
+    const uint64_t parent = j == 0 ? 0 : seq->block_hash(j - 1, bs);
+    blocks_.register_block(seq->block_table[static_cast<size_t>(j)], seq->block_hash(j, bs),
+                           parent, seq->token_ids.data() + j * bs);
+  }
+  seq->num_registered_blocks = std::max(seq->num_registered_blocks, num_full);
+}
+
+void Scheduler::write_batch(const BatchShape& shape, const BatchBuffers& out) const {
+  const int64_t bs = config_.block_size;
+  int64_t t = 0;  // token row
+  int64_t s = 0;  // sampled row
+  out.query_start_loc[0] = 0;
+  for (size_t b = 0; b < rows_.size(); ++b) {
+    const Row& row = rows_[b];
+    const Sequence& seq = *row.seq;
+    const int64_t end = row.start + row.num_new_tokens;
+    const int32_t* table = seq.block_table.data();
+    out.seq_ids[b] = seq.seq_id;
+    std::copy_n(seq.token_ids.data() + row.start, row.num_new_tokens, out.input_ids + t);
+    for (int64_t p = row.start; p < end;) {
+      // One block at a time: the slots inside a block are consecutive.
+      const int64_t block_end = std::min(end, (p / bs + 1) * bs);
+      int32_t slot = static_cast<int32_t>(table[p / bs] * bs + p % bs);
+      for (; p < block_end; ++p, ++t) {
+        out.positions[t] = static_cast<int32_t>(p);
+        out.slot_mapping[t] = slot++;
+      }
+    }
+    out.query_start_loc[b + 1] = static_cast<int32_t>(t);
+    out.seq_lens[b] = static_cast<int32_t>(end);
+    const int64_t num_row_blocks = ceil_div(end, bs);
+    int32_t* table_row = out.block_tables + static_cast<int64_t>(b) * shape.max_blocks;
+    std::copy_n(table, num_row_blocks, table_row);
+    std::fill(table_row + num_row_blocks, table_row + shape.max_blocks, -1);
+    if (end == seq.num_tokens()) {
+      out.logits_indices[s] = static_cast<int32_t>(t - 1);
+      out.sample_seq_ids[s] = seq.seq_id;
+      out.temperature[s] = seq.sampling.temperature;
+      out.top_p[s] = seq.sampling.top_p;
+      out.top_k[s] = seq.sampling.top_k;
+      out.min_p[s] = seq.sampling.min_p;
+      ++s;
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------------------
+// update()
+// --------------------------------------------------------------------------------------------
+std::vector<FinishedSequence> Scheduler::update(const int64_t* sampled_token_ids,
+                                                int64_t num_sampled) {
+  if (!has_pending_batch_) throw ProtocolError("update() called without a scheduled Batch");
+  if (num_sampled != static_cast<int64_t>(pending_.size())) {
+    throw InvalidArgument(cat("sampled_token_ids has shape (", num_sampled, ",), expected (",
+                              pending_.size(), ",), one per Batch.sample_seq_ids row"));
+  }
+  for (int64_t i = 0; i < num_sampled; ++i) {
+    if (sampled_token_ids[i] < 0 || sampled_token_ids[i] > kInt32Max) {
+      throw InvalidArgument(
+          cat("sampled token id ", sampled_token_ids[i], " is out of range [0, 2**31 - 1]"));
+    }
+  }
+  has_pending_batch_ = false;
+
+  std::vector<FinishedSequence> finished;
+  for (int64_t i = 0; i < num_sampled; ++i) {
+    Sequence* seq = pending_[static_cast<size_t>(i)];
+    if (seq == nullptr) continue;  // aborted after schedule()
+    const int64_t token = sampled_token_ids[i];
+    seq->token_ids.push_back(static_cast<int32_t>(token));
+    if (const auto reason = stop_reason(*seq, token)) {
+      finished.push_back(FinishedSequence{
+          seq->seq_id, *reason,
+          std::vector<int32_t>(seq->token_ids.begin() + seq->num_prompt_tokens,
+                               seq->token_ids.end())});
+      free_blocks(seq);
+      seq->is_finished = true;
+    }
+  }
+  pending_.clear();
+  if (!finished.empty()) {
+    running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                  [](const Sequence* seq) { return seq->is_finished; }),
+                   running_.end());
+    for (const FinishedSequence& f : finished) seqs_.erase(f.seq_id);
+  }
+  return finished;
+}
+
+std::optional<FinishReason> Scheduler::stop_reason(const Sequence& seq, int64_t token) const {
+  if (!seq.ignore_eos && contains(seq.eos_token_ids, token)) return FinishReason::kStop;
+  if (contains(seq.stop_token_ids, token)) return FinishReason::kStop;
+  if (seq.num_output_tokens() >= seq.max_tokens) return FinishReason::kLength;
+  if (seq.num_tokens() >= config_.max_model_len) return FinishReason::kLength;
+  return std::nullopt;
+}
+
+// --------------------------------------------------------------------------------------------
+// Blocks
+// --------------------------------------------------------------------------------------------
+void Scheduler::free_blocks(Sequence* seq) {
+  blocks_.release(seq->block_table);
+  seq->block_table.clear();
+  seq->num_computed_tokens = 0;
+  seq->num_prefill_tokens = 0;
+  seq->num_registered_blocks = 0;
+}
+
+void Scheduler::preempt(Sequence* seq) {
+  free_blocks(seq);
+  waiting_.push_front(seq);
+  stats_.num_preemptions += 1;
+}
+
+DebugState Scheduler::debug_state() const {
+  DebugState st;
+  const int32_t n = blocks_.num_blocks();
+  st.ref_counts.reserve(static_cast<size_t>(n));
+  st.block_hashes.reserve(static_cast<size_t>(n));
+  for (int32_t b = 0; b < n; ++b) {
+    st.ref_counts.push_back(blocks_.ref_count(b));
+    st.block_hashes.push_back(blocks_.block_hash(b));
+  }
+  st.free_block_ids = blocks_.free_block_ids();
+  st.cached_block_ids = blocks_.cached_block_ids();
+  st.hash_to_block = blocks_.hash_to_block();
+  for (const Sequence* seq : waiting_) st.waiting.push_back(seq->seq_id);
+  for (const Sequence* seq : running_) st.running.push_back(seq->seq_id);
+  for (const auto& [seq_id, seq] : seqs_) {
+    st.block_tables[seq_id] = seq->block_table;
+    st.num_computed_tokens[seq_id] = seq->num_computed_tokens;
+  }
+  return st;
+}
+
+}  // namespace minivllm

@@ -1,0 +1,79 @@
+"""Type stubs for the C++ host core `minivllm._core` (csrc/). See docs/interfaces.md."""
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+def version() -> str: ...
+def xxh64(data: bytes, seed: int = 0) -> int:
+    """XXH64 of `data` with a 64-bit seed (unsigned result)."""
+
+def hash_block_tokens(parent_hash: int, token_ids: Sequence[int] | npt.NDArray[np.integer]) -> int:
+    """Prefix-cache hash of one full block: XXH64(int32 LE token ids, seed=parent_hash)."""
+
+class Batch:
+    """One step's flat input arrays; decodes first, then prefill chunks."""
+
+    @property
+    def seq_ids(self) -> npt.NDArray[np.int64]: ...  # [B]
+    @property
+    def num_decodes(self) -> int: ...
+    @property
+    def input_ids(self) -> npt.NDArray[np.int32]: ...  # [T]
+    @property
+    def positions(self) -> npt.NDArray[np.int32]: ...  # [T]
+    @property
+    def slot_mapping(self) -> npt.NDArray[np.int32]: ...  # [T]
+    @property
+    def query_start_loc(self) -> npt.NDArray[np.int32]: ...  # [B + 1]
+    @property
+    def seq_lens(self) -> npt.NDArray[np.int32]: ...  # [B]
+    @property
+    def block_tables(self) -> npt.NDArray[np.int32]: ...  # [B, max_blocks], -1 padded
+    @property
+    def logits_indices(self) -> npt.NDArray[np.int32]: ...  # [S]
+    @property
+    def sample_seq_ids(self) -> npt.NDArray[np.int64]: ...  # [S]
+    @property
+    def temperature(self) -> npt.NDArray[np.float32]: ...  # [S]
+    @property
+    def top_p(self) -> npt.NDArray[np.float32]: ...  # [S]
+    @property
+    def top_k(self) -> npt.NDArray[np.int32]: ...  # [S]
+    @property
+    def min_p(self) -> npt.NDArray[np.float32]: ...  # [S]
+
+class Scheduler:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_prefix_caching: bool = True,
+    ) -> None: ...
+    def add_request(
+        self,
+        seq_id: int,
+        prompt_token_ids: Sequence[int] | npt.NDArray[np.integer],
+        max_tokens: int,
+        ignore_eos: bool = False,
+        eos_token_ids: Iterable[int] = (),
+        stop_token_ids: Iterable[int] = (),
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        vocab_size: int | None = None,
+    ) -> None: ...
+    def schedule(self) -> Batch | None: ...
+    def update(self, sampled_token_ids: npt.NDArray[np.int64]) -> list[tuple[int, str, list[int]]]: ...
+    def abort(self, seq_id: int) -> None: ...
+    def has_unfinished(self) -> bool: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    @property
+    def stats(self) -> dict[str, int]: ...
+    def debug_state(self) -> dict[str, object]: ...
