@@ -355,6 +355,8 @@ class Scheduler:
             vocab_size = _check_int("vocab_size", vocab_size)
         prompt = self._prompt_list(prompt_token_ids)
 
+        if not (-(2**63) <= seq_id < 2**63):
+            raise ValueError(f"seq_id {seq_id} does not fit int64")
         if seq_id in self.seqs:
             raise ValueError(f"seq_id {seq_id} is already in use by an unfinished request")
         if max_tokens < 1:
@@ -363,8 +365,8 @@ class Scheduler:
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
         if not (0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        if not (0 <= top_k <= INT32_MAX):
+            raise ValueError(f"top_k must be in [0, 2**31 - 1] (0 = off), got {top_k}")
         if not (0.0 <= min_p <= 1.0):
             raise ValueError(f"min_p must be in [0, 1], got {min_p}")
         if vocab_size is not None and vocab_size < 1:
@@ -422,13 +424,14 @@ class Scheduler:
                 i += 1
                 continue
             if seq.num_computed_tokens // self.block_size == len(seq.block_table):
+                victim = None
                 while self.block_manager.num_free_blocks == 0:
                     victim = self.running.pop()
                     self._preempt(victim)
                     preempted = True
                     if victim is seq:
                         break
-                if seq.num_computed_tokens == 0:  # preempted itself; it was the last one
+                if victim is seq:  # it was the newest: nothing is left to schedule after it
                     break
                 seq.block_table.append(self.block_manager.allocate())
             rows.append((seq, seq.num_computed_tokens, 1))
@@ -468,17 +471,19 @@ class Scheduler:
         return batch
 
     def update(self, sampled_token_ids: np.ndarray) -> list[tuple[int, str, list[int]]]:
-        if self._pending is None:
-            raise RuntimeError("update() called without a scheduled Batch")
         if not isinstance(sampled_token_ids, np.ndarray) or sampled_token_ids.dtype != np.int64:
             raise ValueError(
                 "sampled_token_ids must be a numpy int64 array, got "
                 f"{getattr(sampled_token_ids, 'dtype', type(sampled_token_ids).__name__)}"
             )
-        if sampled_token_ids.ndim != 1 or len(sampled_token_ids) != len(self._pending):
+        if sampled_token_ids.ndim != 1:
+            raise ValueError(f"sampled_token_ids must be 1-D, got shape {sampled_token_ids.shape}")
+        if self._pending is None:
+            raise RuntimeError("update() called without a scheduled Batch")
+        if len(sampled_token_ids) != len(self._pending):
             raise ValueError(
-                f"sampled_token_ids has shape {sampled_token_ids.shape}, expected "
-                f"({len(self._pending)},)"
+                f"sampled_token_ids has shape ({len(sampled_token_ids)},), expected "
+                f"({len(self._pending)},), one per Batch.sample_seq_ids row"
             )
         tokens = sampled_token_ids.tolist()
         for t in tokens:
