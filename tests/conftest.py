@@ -11,3 +11,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# Engine test fixtures (tiny random Qwen3 checkpoints, a shared engine); see engine_fixtures.py.
+from engine_fixtures import tiny_llm, tiny_qwen3, tiny_qwen3_sharded  # noqa: E402, F401

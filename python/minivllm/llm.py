@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 PromptType = str | Sequence[int] | dict
 _SEED_LIMIT = 2**63
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @dataclass
@@ -49,6 +51,11 @@ def load_tokenizer(path: str) -> Any:
     """The checkpoint folder's tokenizer through transformers, local files only; None if absent."""
     from transformers import AutoTokenizer
 
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from config.json's model type.
+        logger.warning("no tokenizer files in %s; only token-id prompts will work", path)
+        return None
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
@@ -157,7 +164,6 @@ class LLM:
 
     def _find_eos_token_ids(self) -> tuple[int, ...]:
         import json
-        from pathlib import Path
 
         ids: list[int] = list(self.config.model_config.eos_token_ids)
         gen_file = Path(self.config.model) / "generation_config.json"
