@@ -142,13 +142,36 @@ void Scheduler::abort(int64_t seq_id) {
 // --------------------------------------------------------------------------------------------
 // schedule()
 // --------------------------------------------------------------------------------------------
-void Scheduler::add_row(Sequence* seq, int64_t num_new_tokens, BatchShape& shape) {
+// The decode path avoids integer division (it dominated the per-sequence cost): a decode row's
+// block table always covers exactly ceil((position + 1) / block_size) blocks.
+void Scheduler::add_decode_row(Sequence* seq, BatchShape& shape) {
+  const auto num_blocks = static_cast<int64_t>(seq->block_table.size());
+  Row& row = rows_.emplace_back();
+  row.seq = seq;
+  row.start = seq->num_computed_tokens;
+  row.num_new_tokens = 1;
+  row.num_blocks = num_blocks;
+  row.is_sampled = true;
+  shape.num_seqs += 1;
+  shape.num_tokens += 1;
+  shape.num_samples += 1;
+  shape.max_blocks = std::max(shape.max_blocks, num_blocks);
+}
+
+void Scheduler::add_prefill_row(Sequence* seq, int64_t num_new_tokens, BatchShape& shape) {
   const int64_t end = seq->num_computed_tokens + num_new_tokens;
-  rows_.push_back(Row{seq, seq->num_computed_tokens, num_new_tokens});
+  const int64_t num_blocks = ceil_div(end, config_.block_size);
+  const bool is_sampled = end == seq->num_tokens();
+  Row& row = rows_.emplace_back();
+  row.seq = seq;
+  row.start = seq->num_computed_tokens;
+  row.num_new_tokens = num_new_tokens;
+  row.num_blocks = num_blocks;
+  row.is_sampled = is_sampled;
   shape.num_seqs += 1;
   shape.num_tokens += num_new_tokens;
-  if (end == seq->num_tokens()) shape.num_samples += 1;
-  shape.max_blocks = std::max(shape.max_blocks, ceil_div(end, config_.block_size));
+  shape.num_samples += is_sampled;
+  shape.max_blocks = std::max(shape.max_blocks, num_blocks);
 }
 
 std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
@@ -169,7 +192,7 @@ std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
       ++i;
       continue;
     }
-    if (seq->num_computed_tokens / bs == static_cast<int64_t>(seq->block_table.size())) {
+    if (seq->num_computed_tokens >= static_cast<int64_t>(seq->block_table.size()) * bs) {
       Sequence* victim = nullptr;
       while (blocks_.num_free_blocks() == 0) {
         victim = running_.back();
@@ -181,7 +204,7 @@ std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
       if (victim == seq) break;  // it was the newest: nothing is left to schedule after it
       seq->block_table.push_back(blocks_.allocate());
     }
-    add_row(seq, 1, shape);
+    add_decode_row(seq, shape);
     ++i;
   }
   shape.num_decodes = shape.num_seqs;
@@ -192,7 +215,7 @@ std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
     if (budget == 0) break;
     if (seq->is_prefilling()) {
       const int64_t n = std::min(seq->num_prefill_tokens - seq->num_computed_tokens, budget);
-      add_row(seq, n, shape);
+      add_prefill_row(seq, n, shape);
       budget -= n;
     }
   }
@@ -205,7 +228,7 @@ std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
     waiting_.pop_front();
     running_.push_back(seq);
     const int64_t n = std::min(seq->num_prefill_tokens - seq->num_computed_tokens, budget);
-    add_row(seq, n, shape);
+    add_prefill_row(seq, n, shape);
     budget -= n;
   }
 
@@ -214,8 +237,12 @@ std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
   for (const Row& row : rows_) {
     Sequence* seq = row.seq;
     seq->num_computed_tokens = row.start + row.num_new_tokens;
-    if (config_.enable_prefix_caching) register_full_blocks(seq);
-    if (seq->num_computed_tokens == seq->num_tokens()) pending_.push_back(seq);
+    // A block joins the prefix cache once all its tokens are scheduled.
+    if (config_.enable_prefix_caching &&
+        seq->num_computed_tokens >= (seq->num_registered_blocks + 1) * bs) {
+      register_full_blocks(seq);
+    }
+    if (row.is_sampled) pending_.push_back(seq);
   }
   has_pending_batch_ = true;
   return shape;
@@ -280,23 +307,32 @@ void Scheduler::write_batch(const BatchShape& shape, const BatchBuffers& out) co
     const int64_t end = row.start + row.num_new_tokens;
     const int32_t* table = seq.block_table.data();
     out.seq_ids[b] = seq.seq_id;
-    std::copy_n(seq.token_ids.data() + row.start, row.num_new_tokens, out.input_ids + t);
-    for (int64_t p = row.start; p < end;) {
-      // One block at a time: the slots inside a block are consecutive.
-      const int64_t block_end = std::min(end, (p / bs + 1) * bs);
-      int32_t slot = static_cast<int32_t>(table[p / bs] * bs + p % bs);
-      for (; p < block_end; ++p, ++t) {
-        out.positions[t] = static_cast<int32_t>(p);
-        out.slot_mapping[t] = slot++;
+    if (row.num_new_tokens == 1 && row.num_blocks * bs >= end) {
+      // One token in the row's last block (always the case for a decode).
+      const int64_t last = row.num_blocks - 1;
+      out.input_ids[t] = seq.token_ids[static_cast<size_t>(row.start)];
+      out.positions[t] = static_cast<int32_t>(row.start);
+      out.slot_mapping[t] = static_cast<int32_t>(table[last] * bs + (row.start - last * bs));
+      ++t;
+    } else {
+      std::copy_n(seq.token_ids.data() + row.start, row.num_new_tokens, out.input_ids + t);
+      for (int64_t p = row.start; p < end;) {
+        // One block at a time: the slots inside a block are consecutive.
+        const int64_t block = p / bs;
+        const int64_t block_end = std::min(end, (block + 1) * bs);
+        auto slot = static_cast<int32_t>(table[block] * bs + (p - block * bs));
+        for (; p < block_end; ++p, ++t) {
+          out.positions[t] = static_cast<int32_t>(p);
+          out.slot_mapping[t] = slot++;
+        }
       }
     }
     out.query_start_loc[b + 1] = static_cast<int32_t>(t);
     out.seq_lens[b] = static_cast<int32_t>(end);
-    const int64_t num_row_blocks = ceil_div(end, bs);
     int32_t* table_row = out.block_tables + static_cast<int64_t>(b) * shape.max_blocks;
-    std::copy_n(table, num_row_blocks, table_row);
-    std::fill(table_row + num_row_blocks, table_row + shape.max_blocks, -1);
-    if (end == seq.num_tokens()) {
+    std::copy_n(table, row.num_blocks, table_row);
+    std::fill(table_row + row.num_blocks, table_row + shape.max_blocks, -1);
+    if (row.is_sampled) {
       out.logits_indices[s] = static_cast<int32_t>(t - 1);
       out.sample_seq_ids[s] = seq.seq_id;
       out.temperature[s] = seq.sampling.temperature;

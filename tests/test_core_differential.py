@@ -233,8 +233,9 @@ SOAK_CONFIGS = [
 
 @pytest.mark.parametrize("cfg", SOAK_CONFIGS, ids=[f"bs{c.block_size}-nb{c.num_blocks}" for c in SOAK_CONFIGS])
 def test_cpp_matches_twin_soak(cfg: Config) -> None:
-    steps = sum(Trace(cfg, seed).run(num_steps=150) for seed in range(4))
-    assert steps >= 600, steps  # a few thousand steps over the configs
+    num_seeds = 2 if cfg.block_size >= 256 else 4  # long prompts make the twin slow
+    steps = sum(Trace(cfg, seed).run(num_steps=150) for seed in range(num_seeds))
+    assert steps >= 300 * num_seeds, steps  # thousands of steps over all the configs
 
 
 def test_traces_exercise_preemption_prefix_hits_and_chunking() -> None:

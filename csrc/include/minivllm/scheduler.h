@@ -147,6 +147,8 @@ class Scheduler {
     Sequence* seq;
     int64_t start;  // position of the first new token
     int64_t num_new_tokens;
+    int64_t num_blocks;  // ceil((start + num_new_tokens) / block_size)
+    bool is_sampled;
   };
 
   bool admit(Sequence* seq);
@@ -154,7 +156,8 @@ class Scheduler {
   void free_blocks(Sequence* seq);
   void preempt(Sequence* seq);
   std::optional<FinishReason> stop_reason(const Sequence& seq, int64_t token) const;
-  void add_row(Sequence* seq, int64_t num_new_tokens, BatchShape& shape);
+  void add_decode_row(Sequence* seq, BatchShape& shape);
+  void add_prefill_row(Sequence* seq, int64_t num_new_tokens, BatchShape& shape);
   void write_batch(const BatchShape& shape, const BatchBuffers& out) const;
 
   SchedulerConfig config_;

@@ -20,22 +20,21 @@ struct SamplingParams {
   float min_p = 0.0f;
 };
 
-struct Sequence {
+struct alignas(64) Sequence {
+  // Fields read every step come first, so a decode touches as few cache lines as possible.
   int64_t seq_id = 0;
-  std::vector<int32_t> token_ids;  // prompt + outputs
+  int64_t num_computed_tokens = 0;  // scheduled for computation since the last admission
+  int64_t num_prefill_tokens = 0;   // to compute before sampling again; 0 while waiting
+  std::vector<int32_t> token_ids;   // prompt + outputs
+  std::vector<int32_t> block_table;
+  SamplingParams sampling;
   int64_t num_prompt_tokens = 0;
   int64_t max_tokens = 0;
+  int64_t num_registered_blocks = 0;  // leading blocks already offered to the prefix cache
   bool ignore_eos = false;
+  bool is_finished = false;
   std::vector<int64_t> eos_token_ids;
   std::vector<int64_t> stop_token_ids;
-  SamplingParams sampling;
-  bool is_finished = false;
-
-  // Place in the KV cache; all zero / empty while waiting.
-  int64_t num_computed_tokens = 0;
-  int64_t num_prefill_tokens = 0;
-  std::vector<int32_t> block_table;
-  int64_t num_registered_blocks = 0;  // leading blocks already offered to the prefix cache
 
   // Memo: the prefix-cache hash of each full block of token_ids (kept across preemptions; the
   // token ids of a full block never change).
