@@ -71,15 +71,15 @@ def _flash_prefill_kernel(
     GROUP: tl.constexpr,  # query heads per KV head, packed into the M dimension
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # KV cache block size
-    BLOCK_M: tl.constexpr,  # rows = tokens * GROUP
+    BLOCK_M: tl.constexpr,  # rows = tokens * GROUP (+ unused rows when GROUP doesn't divide it)
     BLOCK_N: tl.constexpr,
+    TOKENS_PER_TILE: tl.constexpr,  # BLOCK_M // GROUP
 ):
     kv_head = tl.program_id(0)
     b = tl.program_id(1)
     # Heaviest (last, longest-context) query tiles first: the grid's slowest dimension is launched
     # last, so reverse it to even out the causal triangle's tail.
     tile = tl.num_programs(2) - 1 - tl.program_id(2)
-    TOKENS_PER_TILE: tl.constexpr = BLOCK_M // GROUP
     q_start = tl.load(cu_seqlens_q_ptr + b)
     q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
     m0 = tile * TOKENS_PER_TILE
@@ -237,6 +237,7 @@ def prefill_attention(
         BLOCK_SIZE=block_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        TOKENS_PER_TILE=tokens_per_tile,
         num_warps=num_warps,
         num_stages=num_stages,
     )

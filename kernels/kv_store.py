@@ -53,8 +53,14 @@ def store_kvcache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [T] int32/int64, slots < 0 skipped
+    *,
+    block_t: int = 4,
+    num_warps: int = 4,
 ) -> None:
-    """Write each token's K/V into cache slot `slot_mapping[t]` (block_id * block_size + offset)."""
+    """Write each token's K/V into cache slot `slot_mapping[t]` (block_id * block_size + offset).
+
+    `block_t` (tokens per program) and `num_warps` tune the launch (benchmarks).
+    """
     num_tokens, num_kv_heads, head_dim = key.shape
     assert value.shape == key.shape, (value.shape, key.shape)
     assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim)
@@ -64,8 +70,8 @@ def store_kvcache(
     assert slot_mapping.dtype in (torch.int32, torch.int64)
     if num_tokens == 0:
         return
-    # 4 tokens x 8 heads x 128 dims = 8 KB per tensor per program: enough bytes in flight per warp.
-    block_t = 4
+    # Default 4 tokens x 8 heads x 128 dims = 8 KB per tensor per program: 16-byte accesses with
+    # several in flight per thread, and still thousands of programs for a prefill chunk.
     grid = (triton.cdiv(num_tokens, block_t),)
     _store_kvcache_kernel[grid](
         key_ptr=key,
@@ -83,5 +89,5 @@ def store_kvcache(
         BLOCK_T=block_t,
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4,
+        num_warps=num_warps,
     )

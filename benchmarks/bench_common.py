@@ -1,0 +1,129 @@
+"""Shared helpers for the kernel benchmarks: timing, the card's copy bandwidth, peak memory, output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# The benchmarks target a CUDA GPU; on a machine without one they still run end to end (Triton
+# under TRITON_INTERPRET=1, tiny sizes, wall-clock timing) so the scripts can be checked locally.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def time_ms(fn: Callable[[], Any], warmup_ms: float = 10, rep_ms: float = 60) -> float:
+    """Median milliseconds of fn() on the GPU.
+
+    triton's do_bench times each call with CUDA events and zeroes a 256 MB buffer before every
+    call, so the 50 MB L2 holds none of the inputs when a call starts.
+    """
+    if DEVICE != "cuda":
+        import time
+
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy of `nbytes`, counting bytes read plus bytes written (GB/s)."""
+    if DEVICE != "cuda":
+        nbytes = 1 << 24
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup_ms=20, rep_ms=200)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def peak_memory_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes allocated by one call of fn above what was allocated before it (0 on the CPU)."""
+    if DEVICE != "cuda":
+        fn()
+        return 0
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def device_info() -> dict[str, Any]:
+    import triton
+
+    if DEVICE == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        name, num_sms = props.name, props.multi_processor_count
+    else:
+        name, num_sms = "cpu (TRITON_INTERPRET dry run)", 0
+    return {
+        "device": name,
+        "num_sms": num_sms,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "host": platform.node(),
+    }
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def maybe_pyplot():
+    """matplotlib.pyplot with a headless backend, or None (and a message) when it is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot")
+        return None
+    return plt
+
+
+def check_close(name: str, got: torch.Tensor, expect: torch.Tensor, tol: float = 2e-2) -> float:
+    """Relative L2 error against the first implementation; loudly flags a mismatch (the timing of
+    an implementation that computes something else means nothing)."""
+    err = ((got.float() - expect.float()).norm() / expect.float().norm()).item()
+    if not err < tol:  # also catches NaN
+        print(f"MISMATCH {name}: relative error {err:.3g} >= {tol}")
+    return err
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
