@@ -414,3 +414,33 @@ def test_bad_update_is_rejected_and_can_be_retried(Scheduler: Any, tokens: Any, 
 def test_bad_constructor_arguments(Scheduler: Any, args: tuple) -> None:
     with pytest.raises(ValueError):
         Scheduler(*args)
+
+
+def test_accepted_input_forms(Scheduler: Any) -> None:
+    sched = Scheduler(16, 4, 4, 64, 64)
+    sched.add_request(np.int64(0), np.array([1, 2, 3], dtype=np.uint8), max_tokens=np.int32(2),
+                      eos_token_ids={7}, stop_token_ids=np.array([8]))  # fmt: skip
+    sched.add_request(1, (np.int64(4), 5), max_tokens=2, eos_token_ids=iter([7]))
+    batch = sched.schedule()
+    tokens = np.array([[7, 0], [9, 0]], dtype=np.int64)[:, 0]  # non-contiguous int64 view
+    assert not tokens.flags.c_contiguous
+    assert sched.update(tokens) == [(0, "stop", [7])]
+    assert_array(batch.input_ids, [1, 2, 3, 4, 5], I32)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"prompt_token_ids": [1.5]},
+        {"prompt_token_ids": ["a"]},
+        {"prompt_token_ids": 3},
+        {"seq_id": 1.0},
+        {"max_tokens": "1"},
+        {"eos_token_ids": [0.5]},
+    ],
+)
+def test_wrong_types_raise_type_error(Scheduler: Any, kwargs: dict) -> None:
+    sched = Scheduler(16, 4, 4, 64, 64)
+    with pytest.raises(TypeError):
+        sched.add_request(**{"seq_id": 0, "prompt_token_ids": [1], "max_tokens": 1, **kwargs})
+    assert not sched.has_unfinished()
