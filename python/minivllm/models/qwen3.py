@@ -15,7 +15,7 @@ from minivllm.layers.attention import Attention, AttentionBackend, AttentionMeta
 from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from minivllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from minivllm.layers.rmsnorm import RMSNorm
-from minivllm.layers.rotary import RotaryEmbedding
+from minivllm.layers.rotary import get_rotary_embedding
 
 
 class Qwen3Attention(nn.Module):
@@ -42,8 +42,12 @@ class Qwen3Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.rotary_emb = RotaryEmbedding(
-            head_dim, config.max_position_embeddings, config.rope_theta
+        self.rotary_emb = get_rotary_embedding(
+            head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            torch.get_default_dtype(),
+            torch.empty(0).device,  # the device the model is being built on
         )
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, backend)
 
