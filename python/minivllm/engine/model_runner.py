@@ -13,12 +13,13 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from minivllm.config import EngineConfig
+from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
 from minivllm.layers.attention import AttentionMetadata, get_attention_backend
 from minivllm.layers.sampler import Sampler, SamplingTensors, sampling_uniforms
 from minivllm.models.qwen3 import MODEL_REGISTRY
@@ -182,8 +183,10 @@ class ModelRunner:
             self.device,
             self.backend.name,
         )
-        # Issue 5: a CudaGraphRunner (engine/cuda_graphs.py) plugs in here for decode-only steps.
-        self.graph_runner: Any = None
+        self.graph_runner: CudaGraphRunner | None = None
+        # The torch reference backend syncs on sequence lengths, so only Triton is captured.
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton":
+            self.graph_runner = self._capture_cuda_graphs()
 
     # ---- KV cache --------------------------------------------------------------------------
 
@@ -309,6 +312,13 @@ class ModelRunner:
         buf.host_view("top_p")[:num_sampled] = top_p
         buf.host_view("min_p")[:num_sampled] = min_p
         buf.host_view("uniforms")[:num_sampled] = uniforms
+        if self._graph_bucket(num_tokens, nd, num_rows) is not None:
+            # Padded graph rows: seq_len 0 and slot -1 read no KV and write nowhere.
+            bs = self.graph_runner.bucket(nd)
+            buf.host_view("input_ids")[nd:bs] = 0
+            buf.host_view("positions")[nd:bs] = 0
+            buf.host_view("slot_mapping")[nd:bs] = -1
+            buf.host_view("seq_lens")[nd:bs] = 0
         buf.upload()
 
         sampling_rows = (temperature > 0) & (top_k != 1)
@@ -346,8 +356,38 @@ class ModelRunner:
         )
 
     def run_model(self, inputs: StepInputs) -> torch.Tensor:
-        """The forward pass: [T] tokens -> [T, hidden]. The CUDA-graph hook for decode steps."""
-        return self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        """The forward pass: [T] tokens -> [T, hidden]; decode-only steps replay a CUDA graph."""
+        meta = inputs.attn_metadata
+        num_tokens = inputs.input_ids.shape[0]
+        if self._graph_bucket(num_tokens, meta.num_decodes, meta.num_decodes + meta.num_prefills):
+            return self.graph_runner.replay(meta.num_decodes)
+        return self.model(inputs.input_ids, inputs.positions, meta)
+
+    def _graph_bucket(self, num_tokens: int, num_decodes: int, num_rows: int) -> int | None:
+        """The captured batch size for a decode-only step, or None when it runs eagerly."""
+        runner = self.graph_runner
+        if runner is None or num_decodes != num_rows or num_tokens != num_decodes:
+            return None
+        if num_decodes == 0 or num_decodes > runner.max_batch_size:
+            return None
+        return runner.bucket(num_decodes)
+
+    def _capture_cuda_graphs(self) -> CudaGraphRunner:
+        buf = self.buffers
+        max_bs = self.config.max_num_seqs
+        inputs = GraphInputs(
+            input_ids=buf.dev("input_ids")[:max_bs],
+            positions=buf.dev("positions")[:max_bs],
+            slot_mapping=buf.dev("slot_mapping")[:max_bs],
+            seq_lens=buf.dev("seq_lens")[:max_bs],
+            block_tables=buf.dev_block_tables()[:max_bs],
+            empty_cu_seqlens=torch.zeros(1, dtype=torch.int32, device=self.device),
+        )
+        runner = CudaGraphRunner(self.model, inputs, max_bs)
+        runner.capture()
+        # Capture wrote harmless values into the device buffers; the staging buffer is the
+        # source of truth for the next upload.
+        return runner
 
     @torch.inference_mode()
     def execute(self, batch: BatchLike, seeds: np.ndarray) -> np.ndarray:

@@ -1,0 +1,328 @@
+"""End-to-end offline throughput on the nano-vllm bench workload, against the card's roofline.
+
+Workload (nano-vllm's bench.py): seed 0; 256 requests; prompt ids uniform 0..10000 with lengths
+uniform 100..1024; per request temperature 0.6, ignore_eos, max_tokens uniform 100..1024
+(133,966 output tokens). Model: Qwen3-0.6B's architecture, random weights (load_format="dummy"),
+bf16, max_model_len 4096. A warm-up generate runs first.
+
+In the same run:
+  * minivllm with the C++ scheduler (the default) and with scheduler="python" (host overhead);
+  * the peer: transformers' own continuous batching (`generate_batch`) on the same architecture
+    and prompts (--no-peer skips it; --peer-requests N runs it on the first N requests);
+  * the roofline: each decode step reads the weights once plus every running sequence's KV, over
+    the copy bandwidth measured here, plus prefill FLOPs over the bf16 matmul rate measured here;
+  * GPU busy fraction and host time per decode step at 256 and at 8 running sequences.
+
+Prints a table last; writes JSON to --out.
+
+    python benchmarks/bench_throughput.py --out bench_out/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from minivllm import LLM, SamplingParams
+from minivllm.demo import make_demo_checkpoint
+
+NUM_SEQS, MAX_INPUT_LEN, MAX_OUTPUT_LEN = 256, 1024, 1024
+
+
+def nano_vllm_workload(num_seqs: int = NUM_SEQS) -> tuple[list[list[int]], list[int]]:
+    """Exactly nano-vllm's bench.py draws: all prompts first, then all max_tokens."""
+    random.seed(0)
+    prompts = [
+        [random.randint(0, 10000) for _ in range(random.randint(100, MAX_INPUT_LEN))]
+        for _ in range(num_seqs)
+    ]
+    max_tokens = [random.randint(100, MAX_OUTPUT_LEN) for _ in range(num_seqs)]
+    return prompts, max_tokens
+
+
+# ---- ceilings measured on this card ----------------------------------------------------------
+
+
+def measure_copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB; bytes read + written per second."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * n / float(np.median(times))
+
+
+def measure_matmul_rate() -> float:
+    """bf16 8192^3 matmul on random data; FLOP/s."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / float(np.median(times))
+
+
+def roofline_seconds(
+    cfg: dict[str, Any], prompts: list[list[int]], max_tokens: list[int], bw: float, flops: float
+) -> dict[str, float]:
+    """The fastest any engine could run the workload on this card.
+
+    Decode step t (t >= 1; token 0 comes from the prefill) reads every weight once and the KV of
+    every request still running (context prompt + t); prefill costs its matmul + attention FLOPs.
+    """
+    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv_heads, hd, vocab = (
+        cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["vocab_size"]
+    )
+    per_layer = hidden * (heads + 2 * kv_heads) * hd + heads * hd * hidden + 3 * hidden * inter
+    weight_bytes = 2 * (layers * per_layer + vocab * hidden)  # LM head (tied) read every step
+    kv_bytes_per_token = 2 * layers * 2 * kv_heads * hd
+    p = np.array([len(x) for x in prompts], dtype=np.float64)
+    m = np.array(max_tokens, dtype=np.float64)
+    decode_bytes = 0.0
+    for t in range(1, int(m.max())):
+        running = m > t
+        decode_bytes += weight_bytes + kv_bytes_per_token * float((p[running] + t).sum())
+    matmul_flops = 2 * layers * per_layer * p.sum() + 2 * vocab * hidden * len(prompts)
+    attn_flops = 4 * layers * heads * hd * float((p * (p + 1) / 2).sum())
+    decode_s = decode_bytes / bw
+    prefill_s = (matmul_flops + attn_flops) / flops
+    return {"decode_s": decode_s, "prefill_s": prefill_s, "total_s": decode_s + prefill_s,
+            "weight_bytes": weight_bytes, "decode_bytes": decode_bytes}
+
+
+# ---- minivllm ---------------------------------------------------------------------------------
+
+
+def run_minivllm(
+    model_dir: str, prompts: list[list[int]], max_tokens: list[int], **engine_args: Any
+) -> dict[str, Any]:
+    llm = LLM(model_dir, dtype="bfloat16", load_format="dummy", max_model_len=4096, seed=0,
+              **engine_args)
+    warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=16)] * 8
+    llm.generate([p[:128] for p in prompts[:8]], warm, use_tqdm=False)
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in max_tokens]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    num_in = sum(len(p) for p in prompts)
+    assert num_out == sum(max_tokens), (num_out, sum(max_tokens))
+    assert llm.num_free_blocks == llm.runtime.num_kv_blocks
+    result = {
+        "seconds": elapsed,
+        "output_tokens": num_out,
+        "output_tok_s": num_out / elapsed,
+        "total_tok_s": (num_out + num_in) / elapsed,
+        "num_kv_blocks": llm.runtime.num_kv_blocks,
+        "stats": llm.stats,
+    }
+    result["decode_profile"] = {
+        str(n): profile_decode_steps(llm, prompts, n) for n in (256, 8)
+    }
+    del llm
+    torch.cuda.empty_cache()
+    return result
+
+
+def profile_decode_steps(llm: LLM, prompts: list[list[int]], num_running: int,
+                         num_steps: int = 24) -> dict[str, float]:
+    """Drive the engine's own step loop with `num_running` sequences decoding, and measure per
+    step: wall time, GPU kernel time (profiler, union of kernel intervals), host time in
+    schedule + update, and the GPU busy fraction (kernel time / wall time between steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sched, runner = llm.scheduler, llm.model_runner
+    base = 10**9 + num_running * 1000
+    for i in range(num_running):
+        sched.add_request(base + i, prompts[i % len(prompts)][:256], 10**6 // 1000,
+                          ignore_eos=True, temperature=0.6)
+    seeds = np.arange(num_running, dtype=np.uint64)
+
+    def step() -> tuple[float, float, int]:
+        t0 = time.perf_counter()
+        batch = sched.schedule()
+        t1 = time.perf_counter()
+        tokens = runner.execute(batch, seeds[: len(batch.sample_seq_ids)])
+        t2 = time.perf_counter()
+        sched.update(tokens)
+        t3 = time.perf_counter()
+        return (t1 - t0) + (t3 - t2), t3 - t0, int(batch.num_decodes) == len(batch.seq_ids)
+
+    while True:  # prefill everything, then a few decode steps to settle
+        _, _, is_decode = step()
+        if is_decode:
+            break
+    for _ in range(5):
+        step()
+    host, walls = [], []
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        w0 = time.perf_counter()
+        for _ in range(num_steps):
+            h, w, _ = step()
+            host.append(h)
+            walls.append(w)
+        torch.cuda.synchronize()
+        window = time.perf_counter() - w0
+    intervals = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy_us, cur_s, cur_e = 0.0, None, None
+    for s, e in intervals:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                busy_us += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        busy_us += cur_e - cur_s
+    for i in range(num_running):
+        sched.abort(base + i)
+    wall_step = window / num_steps
+    gpu_step = busy_us * 1e-6 / num_steps
+    return {
+        "running": num_running,
+        "wall_us_per_step": wall_step * 1e6,
+        "gpu_us_per_step": gpu_step * 1e6,
+        "gpu_busy": gpu_step / wall_step,
+        "host_idle_us_per_step": (wall_step - gpu_step) * 1e6,
+        "schedule_update_us_median": float(np.median(host)) * 1e6,
+    }
+
+
+# ---- the peer: transformers continuous batching ------------------------------------------------
+
+
+def run_peer(model_dir: str, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).to("cuda").eval()
+    # generate_batch takes one max_new_tokens for all requests: the mean of theirs.
+    new_tokens = round(float(np.mean(max_tokens)))
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=True, temperature=0.6, top_k=0,
+                           top_p=1.0, eos_token_id=None, pad_token_id=0)
+    model.generate_batch(inputs=[p[:128] for p in prompts[:8]],
+                         generation_config=GenerationConfig(
+                             max_new_tokens=16, do_sample=True, temperature=0.6,
+                             eos_token_id=None, pad_token_id=0))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=gen)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    num_out = sum(len(r.generated_tokens) for r in results.values())
+    num_in = sum(len(p) for p in prompts)
+    del model
+    torch.cuda.empty_cache()
+    return {"seconds": elapsed, "requests": len(prompts), "max_new_tokens": new_tokens,
+            "output_tokens": num_out, "output_tok_s": num_out / elapsed,
+            "total_tok_s": (num_out + num_in) / elapsed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/out/throughput.json")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers' generate_batch")
+    ap.add_argument("--peer-requests", type=int, default=64,
+                    help="run the peer on the first N requests (it is slow)")
+    ap.add_argument("--no-python", action="store_true", help="skip the scheduler='python' run")
+    ap.add_argument("--num-seqs", type=int, default=NUM_SEQS)
+    ap.add_argument("--enforce-eager", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_throughput needs a CUDA GPU")
+
+    prompts, max_tokens = nano_vllm_workload(args.num_seqs)
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "card": torch.cuda.get_device_name(),
+        "workload": {"requests": len(prompts), "prompt_tokens": sum(map(len, prompts)),
+                     "output_tokens": sum(max_tokens)},
+    }
+    bw, rate = measure_copy_bandwidth(), measure_matmul_rate()
+    results["copy_bandwidth_GBps"], results["matmul_TFLOPs"] = bw / 1e9, rate / 1e12
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(make_demo_checkpoint(Path(tmp) / "qwen3-0.6b", "qwen3-0.6b",
+                                             write_weights=False))
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        roof = roofline_seconds(cfg, prompts, max_tokens, bw, rate)
+        results["roofline"] = roof
+        results["cpp"] = run_minivllm(model_dir, prompts, max_tokens,
+                                      enforce_eager=args.enforce_eager)
+        if not args.no_python:
+            results["python"] = run_minivllm(model_dir, prompts, max_tokens, scheduler="python",
+                                             enforce_eager=args.enforce_eager)
+        if not args.no_peer:
+            n = min(args.peer_requests, len(prompts))
+            try:
+                results["peer"] = run_peer(model_dir, prompts[:n], max_tokens[:n])
+            except Exception as e:  # noqa: BLE001 -- the peer's API moves between transformers releases
+                results["peer"] = {"error": f"{type(e).__name__}: {e}"}
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+    roof_tok_s = results["workload"]["output_tokens"] / roof["total_s"]
+    print(f"\ncard: {results['card']}; copy {bw / 1e9:,.0f} GB/s; bf16 matmul {rate / 1e12:,.0f} "
+          f"TFLOP/s; roofline {roof['total_s']:.2f} s (decode {roof['decode_s']:.2f} s, prefill "
+          f"{roof['prefill_s']:.2f} s) = {roof_tok_s:,.0f} output tok/s")
+    print(f"{'run':<28}{'seconds':>9}{'out tok/s':>12}{'total tok/s':>13}{'of roofline':>13}")
+    for key, label in (("cpp", "minivllm (cpp scheduler)"), ("python", "minivllm (python sched.)"),
+                       ("peer", "transformers generate_batch")):
+        r = results.get(key)
+        if r is None:
+            continue
+        if "error" in r:
+            print(f"{label:<28} failed: {r['error'][:120]}")
+            continue
+        frac = r["output_tok_s"] / roof_tok_s
+        note = f"  ({r['requests']} requests, {r['max_new_tokens']} new each)" if key == "peer" else ""
+        print(f"{label:<28}{r['seconds']:>9.2f}{r['output_tok_s']:>12,.0f}{r['total_tok_s']:>13,.0f}"
+              f"{frac:>12.1%}{note}")
+    print(f"\n{'decode steps':<28}{'wall us':>9}{'gpu us':>9}{'busy':>7}{'idle us':>9}{'sched+upd us':>14}")
+    for key in ("cpp", "python"):
+        for n, d in results.get(key, {}).get("decode_profile", {}).items():
+            print(f"{key + ' @ ' + n + ' running':<28}{d['wall_us_per_step']:>9.0f}"
+                  f"{d['gpu_us_per_step']:>9.0f}{d['gpu_busy']:>7.1%}"
+                  f"{d['host_idle_us_per_step']:>9.0f}{d['schedule_update_us_median']:>14.1f}")
+
+
+if __name__ == "__main__":
+    main()
