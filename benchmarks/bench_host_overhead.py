@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from minivllm._core import Scheduler as CppScheduler
 from minivllm.engine.reference import Scheduler as PyScheduler
 
@@ -35,14 +34,20 @@ def make_workload(num_seqs: int = 256, seed: int = 0) -> list[tuple[list[int], i
     """nano-vllm's bench.py, draw for draw."""
     random.seed(seed)
     max_input_len = max_output_len = 1024
-    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, max_input_len))]
-               for _ in range(num_seqs)]  # fmt: skip
+    prompts = [
+        [random.randint(0, 10000) for _ in range(random.randint(100, max_input_len))]
+        for _ in range(num_seqs)
+    ]
     max_tokens = [random.randint(100, max_output_len) for _ in range(num_seqs)]
     return list(zip(prompts, max_tokens))
 
 
-def run(scheduler_cls: Any, workload: list[tuple[list[int], int]], block_size: int,
-        max_num_batched_tokens: int) -> dict[str, Any]:  # fmt: skip
+def run(
+    scheduler_cls: Any,
+    workload: list[tuple[list[int], int]],
+    block_size: int,
+    max_num_batched_tokens: int,
+) -> dict[str, Any]:
     max_model_len = 4096
     num_blocks = sum(-(-(len(p) + m) // block_size) for p, m in workload)  # holds everything
     sched = scheduler_cls(num_blocks, block_size, 256, max_num_batched_tokens, max_model_len)
@@ -106,8 +111,10 @@ def main() -> None:
         f"Python {platform.python_version()}",
         "block_sizes": {},
     }
-    header = (f"{'block':>5} {'phase':<11} {'steps':>5} {'C++ med':>9} {'C++ p99':>9} "
-              f"{'twin med':>9} {'twin p99':>9} {'speedup':>8}")  # fmt: skip
+    header = (
+        f"{'block':>5} {'phase':<11} {'steps':>5} {'C++ med':>9} {'C++ p99':>9} "
+        f"{'twin med':>9} {'twin p99':>9} {'speedup':>8}"
+    )
     print(header + "\n" + "-" * len(header))
     for block_size in args.block_sizes:
         cpp_runs, twin_runs = [], []
@@ -125,9 +132,11 @@ def main() -> None:
             c, t = s_cpp[label], s_twin[label]
             speedup = t["median_us"] / c["median_us"]
             entry["phases"][label] = {"cpp": c, "twin": t, "speedup_median": speedup}
-            print(f"{block_size:>5} {label:<11} {c['num_steps']:>5} {c['median_us']:>9.1f} "
-                  f"{c['p99_us']:>9.1f} {t['median_us']:>9.1f} {t['p99_us']:>9.1f} "
-                  f"{speedup:>7.1f}x")  # fmt: skip
+            print(
+                f"{block_size:>5} {label:<11} {c['num_steps']:>5} {c['median_us']:>9.1f} "
+                f"{c['p99_us']:>9.1f} {t['median_us']:>9.1f} {t['p99_us']:>9.1f} "
+                f"{speedup:>7.1f}x"
+            )
         entry["total_s_per_run"] = {
             "cpp": sum(x for *_, x in cpp["steps"]) / 1e6 / args.repeats,
             "twin": sum(x for *_, x in twin["steps"]) / 1e6 / args.repeats,

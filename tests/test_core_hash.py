@@ -7,7 +7,6 @@ import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from minivllm import _core
 from minivllm.engine import reference
 

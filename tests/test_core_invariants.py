@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from minivllm.engine.reference import Scheduler as PyScheduler
 
 

@@ -46,8 +46,9 @@ def assert_array(a: np.ndarray, expected: Any, dtype: Any) -> None:
 
 def test_prefill_then_decode_batches(Scheduler: Any) -> None:
     sched = Scheduler(8, 4, 4, 64, 64)
-    sched.add_request(7, [1, 2, 3, 4, 5, 6], max_tokens=3, temperature=0.5, top_p=0.9, top_k=5,
-                      min_p=0.125)  # fmt: skip
+    sched.add_request(
+        7, [1, 2, 3, 4, 5, 6], max_tokens=3, temperature=0.5, top_p=0.9, top_k=5, min_p=0.125
+    )
     batch, finished = step(sched, [11])
     assert finished == []
     assert_array(batch.seq_ids, [7], I64)
@@ -95,8 +96,9 @@ def test_stop_reasons(Scheduler: Any) -> None:
     sched = Scheduler(16, 4, 8, 64, 64)
     sched.add_request(0, [1, 2], max_tokens=10, eos_token_ids=[2, 9])
     sched.add_request(1, [1, 2], max_tokens=10, eos_token_ids=[9], ignore_eos=True)
-    sched.add_request(2, [1, 2], max_tokens=10, eos_token_ids=[9], stop_token_ids=[9],
-                      ignore_eos=True)  # fmt: skip
+    sched.add_request(
+        2, [1, 2], max_tokens=10, eos_token_ids=[9], stop_token_ids=[9], ignore_eos=True
+    )
     sched.add_request(3, [1, 2], max_tokens=2)
     _, finished = step(sched, [5, 5, 5, 5])
     assert finished == []
@@ -138,8 +140,10 @@ def test_full_prompt_cache_hit_computes_at_least_one_token(
     # The block the new tokens land in is never a shared cached block.
     written = {int(s) // bs for s in batch.slot_mapping}
     assert written.isdisjoint(table0[:num_hit_blocks])
-    assert all(table[int(p) // bs] * bs + int(p) % bs == s
-               for p, s in zip(batch.positions, batch.slot_mapping))  # fmt: skip
+    assert all(
+        table[int(p) // bs] * bs + int(p) % bs == s
+        for p, s in zip(batch.positions, batch.slot_mapping)
+    )
     assert_array(batch.logits_indices, [prompt_len - num_cached - 1], I32)
     assert finished == [(1, "length", [100])]
     assert sched.stats["prefix_cache_hits"] == num_cached
@@ -165,8 +169,7 @@ def test_no_prefix_caching(Scheduler: Any) -> None:
     for seq_id in range(2):
         sched.add_request(seq_id, [1, 2, 3, 4, 5], max_tokens=2)
         run_to_end(sched)
-    assert sched.stats == {"num_preemptions": 0, "prefix_cache_queries": 0,
-                           "prefix_cache_hits": 0}  # fmt: skip
+    assert sched.stats == {"num_preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
     assert check_invariants(sched)["cached_block_ids"] == []
 
 
@@ -408,8 +411,14 @@ def test_bad_update_is_rejected_and_can_be_retried(Scheduler: Any, tokens: Any, 
 
 @pytest.mark.parametrize(
     "args",
-    [(0, 16, 4, 64, 64), (8, 0, 4, 64, 64), (8, 16, 0, 64, 64), (8, 16, 8, 4, 64),
-     (8, 16, 4, 64, 1), (2**20, 2**12, 4, 64, 64)],  # fmt: skip
+    [
+        (0, 16, 4, 64, 64),
+        (8, 0, 4, 64, 64),
+        (8, 16, 0, 64, 64),
+        (8, 16, 8, 4, 64),
+        (8, 16, 4, 64, 1),
+        (2**20, 2**12, 4, 64, 64),
+    ],
 )
 def test_bad_constructor_arguments(Scheduler: Any, args: tuple) -> None:
     with pytest.raises(ValueError):
@@ -418,8 +427,13 @@ def test_bad_constructor_arguments(Scheduler: Any, args: tuple) -> None:
 
 def test_accepted_input_forms(Scheduler: Any) -> None:
     sched = Scheduler(16, 4, 4, 64, 64)
-    sched.add_request(np.int64(0), np.array([1, 2, 3], dtype=np.uint8), max_tokens=np.int32(2),
-                      eos_token_ids={7}, stop_token_ids=np.array([8]))  # fmt: skip
+    sched.add_request(
+        np.int64(0),
+        np.array([1, 2, 3], dtype=np.uint8),
+        max_tokens=np.int32(2),
+        eos_token_ids={7},
+        stop_token_ids=np.array([8]),
+    )
     sched.add_request(1, (np.int64(4), 5), max_tokens=2, eos_token_ids=iter([7]))
     batch = sched.schedule()
     tokens = np.array([[7, 0], [9, 0]], dtype=np.int64)[:, 0]  # non-contiguous int64 view

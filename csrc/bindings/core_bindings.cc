@@ -64,7 +64,8 @@ std::vector<int64_t> to_int_vector(const py::handle& obj, const char* name) {
   return out;
 }
 
-PyBatch* new_batch_buffers(PyBatch& batch, const BatchShape& s, BatchBuffers& out) {
+// Allocates the numpy arrays of a Batch of shape `s` and points the core at them.
+BatchBuffers new_batch_buffers(PyBatch& batch, const BatchShape& s) {
   batch.seq_ids = py::array_t<int64_t>(s.num_seqs);
   batch.num_decodes = s.num_decodes;
   batch.input_ids = py::array_t<int32_t>(s.num_tokens);
@@ -79,23 +80,19 @@ PyBatch* new_batch_buffers(PyBatch& batch, const BatchShape& s, BatchBuffers& ou
   batch.top_p = py::array_t<float>(s.num_samples);
   batch.top_k = py::array_t<int32_t>(s.num_samples);
   batch.min_p = py::array_t<float>(s.num_samples);
-  out = BatchBuffers{batch.seq_ids.mutable_data(),        batch.input_ids.mutable_data(),
+  return BatchBuffers{batch.seq_ids.mutable_data(),        batch.input_ids.mutable_data(),
                      batch.positions.mutable_data(),      batch.slot_mapping.mutable_data(),
                      batch.query_start_loc.mutable_data(), batch.seq_lens.mutable_data(),
                      batch.block_tables.mutable_data(),   batch.logits_indices.mutable_data(),
                      batch.sample_seq_ids.mutable_data(), batch.temperature.mutable_data(),
                      batch.top_p.mutable_data(),          batch.top_k.mutable_data(),
                      batch.min_p.mutable_data()};
-  return &batch;
 }
 
 py::object schedule(Scheduler& sched) {
   PyBatch batch;
-  const auto shape = sched.schedule([&batch](const BatchShape& s) {
-    BatchBuffers out;
-    new_batch_buffers(batch, s, out);
-    return out;
-  });
+  const auto shape =
+      sched.schedule([&batch](const BatchShape& s) { return new_batch_buffers(batch, s); });
   if (!shape) return py::none();
   return py::cast(std::move(batch));
 }

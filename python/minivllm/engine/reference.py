@@ -164,15 +164,37 @@ class Batch:
 # ---------------------------------------------------------------------------------------------
 class _Sequence:
     __slots__ = (
-        "seq_id", "token_ids", "num_prompt_tokens", "max_tokens", "ignore_eos", "eos_token_ids",
-        "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "num_computed_tokens",
-        "num_prefill_tokens", "block_table", "block_hashes", "num_registered_blocks",
-    )  # fmt: skip
+        "block_hashes",
+        "block_table",
+        "eos_token_ids",
+        "ignore_eos",
+        "max_tokens",
+        "min_p",
+        "num_computed_tokens",
+        "num_prefill_tokens",
+        "num_prompt_tokens",
+        "num_registered_blocks",
+        "seq_id",
+        "stop_token_ids",
+        "temperature",
+        "token_ids",
+        "top_k",
+        "top_p",
+    )
 
-    def __init__(self, seq_id: int, prompt_token_ids: list[int], max_tokens: int,
-                 ignore_eos: bool, eos_token_ids: tuple[int, ...],
-                 stop_token_ids: tuple[int, ...], temperature: float, top_p: float, top_k: int,
-                 min_p: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        seq_id: int,
+        prompt_token_ids: list[int],
+        max_tokens: int,
+        ignore_eos: bool,
+        eos_token_ids: tuple[int, ...],
+        stop_token_ids: tuple[int, ...],
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        min_p: float,
+    ) -> None:
         self.seq_id = seq_id
         self.token_ids = prompt_token_ids  # prompt + outputs
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -265,8 +287,9 @@ class BlockManager:
             return None
         return block_id
 
-    def register(self, block_id: int, block_hash: int, parent_hash: int,
-                 token_ids: list[int]) -> None:  # fmt: skip
+    def register(
+        self, block_id: int, block_hash: int, parent_hash: int, token_ids: list[int]
+    ) -> None:
         if self.block_hash[block_id] is not None or block_hash in self.hash_to_block:
             return
         self.block_hash[block_id] = block_hash
@@ -288,9 +311,15 @@ def _check_int(name: str, value: Any) -> int:
 class Scheduler:
     """Continuous batching with chunked prefill, prefix caching and preemption by recompute."""
 
-    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int,
-                 enable_prefix_caching: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_prefix_caching: bool = True,
+    ) -> None:
         num_blocks = _check_int("num_blocks", num_blocks)
         block_size = _check_int("block_size", block_size)
         max_num_seqs = _check_int("max_num_seqs", max_num_seqs)
@@ -340,11 +369,20 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 
-    def add_request(self, seq_id: int, prompt_token_ids: Any, max_tokens: int,
-                    ignore_eos: bool = False, eos_token_ids: Iterable[int] = (),
-                    stop_token_ids: Iterable[int] = (), temperature: float = 1.0,
-                    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                    vocab_size: int | None = None) -> None:  # fmt: skip
+    def add_request(
+        self,
+        seq_id: int,
+        prompt_token_ids: Any,
+        max_tokens: int,
+        ignore_eos: bool = False,
+        eos_token_ids: Iterable[int] = (),
+        stop_token_ids: Iterable[int] = (),
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        vocab_size: int | None = None,
+    ) -> None:
         seq_id = _check_int("seq_id", seq_id)
         max_tokens = _check_int("max_tokens", max_tokens)
         top_k = _check_int("top_k", top_k)
@@ -379,9 +417,7 @@ class Scheduler:
                 bound = "2**31 - 1" if vocab_size is None else f"vocab_size {vocab_size}"
                 raise ValueError(f"prompt token id {t} at index {i} is out of range [0, {bound})")
         if len(prompt) >= self.max_model_len:
-            raise ValueError(
-                f"prompt length {len(prompt)} >= max_model_len {self.max_model_len}"
-            )
+            raise ValueError(f"prompt length {len(prompt)} >= max_model_len {self.max_model_len}")
         max_total = min(len(prompt) + max_tokens, self.max_model_len)
         # The last token is never fed back, so max_total - 1 tokens ever need a KV slot.
         max_blocks = -(-(max_total - 1) // self.block_size)
@@ -390,8 +426,18 @@ class Scheduler:
                 f"request {seq_id} can grow to {max_total} tokens = {max_blocks} KV blocks, "
                 f"more than the pool's num_blocks {self.num_blocks}"
             )
-        seq = _Sequence(seq_id, prompt, max_tokens, bool(ignore_eos), eos, stop, temperature,
-                        top_p, top_k, min_p)  # fmt: skip
+        seq = _Sequence(
+            seq_id,
+            prompt,
+            max_tokens,
+            bool(ignore_eos),
+            eos,
+            stop,
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+        )
         self.seqs[seq_id] = seq
         self.waiting.append(seq)
 
@@ -449,8 +495,9 @@ class Scheduler:
                 budget -= n
 
         # 3. Admit waiting sequences (FCFS), unless this step had to preempt.
-        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
-               and not preempted):  # fmt: skip
+        while (
+            self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted
+        ):
             seq = self.waiting[0]
             if not self._admit(seq):
                 break
@@ -578,9 +625,11 @@ class Scheduler:
         for j in range(seq.num_registered_blocks, num_full):
             parent = seq.block_hash(j - 1, bs) if j else 0
             self.block_manager.register(
-                seq.block_table[j], seq.block_hash(j, bs), parent,
+                seq.block_table[j],
+                seq.block_hash(j, bs),
+                parent,
                 seq.token_ids[j * bs : (j + 1) * bs],
-            )  # fmt: skip
+            )
         seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
 
     def _free(self, seq: _Sequence) -> None:
@@ -610,7 +659,9 @@ class Scheduler:
         for b, (seq, start, n) in enumerate(rows):
             input_ids += seq.token_ids[start : start + n]
             positions += range(start, start + n)
-            slot_mapping += (seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n))
+            slot_mapping += (
+                seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)
+            )
             block_tables[b, : blocks_per_row[b]] = seq.block_table[: blocks_per_row[b]]
             if start + n == seq.num_tokens:
                 sampled.append((int(query_start_loc[b + 1]) - 1, seq))
