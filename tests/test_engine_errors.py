@@ -71,6 +71,7 @@ def test_no_weights_needs_dummy(tiny_qwen3, tmp_path):
     [
         ({"max_num_seq": 4}, "unknown engine argument 'max_num_seq'"),
         ({"dtype": "float64"}, "dtype"),
+        ({"device": "tpu"}, "device"),
         ({"block_size": 0}, "block_size"),
         ({"max_model_len": 100000}, "max_model_len"),
         ({"scheduler": "rust"}, "scheduler"),

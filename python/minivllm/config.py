@@ -207,9 +207,13 @@ class EngineConfig:
             parse_dtype(self.dtype)
         if self.device is not None:
             try:
-                torch.device(self.device)
+                dev = torch.device(self.device)
             except (RuntimeError, TypeError):
                 raise ValueError(f"device {self.device!r} is not a torch device") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} requested, but CUDA is not available")
+            if dev.type not in ("cpu", "cuda"):
+                raise ValueError(f"device {self.device!r}: minivllm runs on cpu or cuda")
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("block_size", self.block_size, 1)

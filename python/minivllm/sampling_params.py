@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -27,18 +27,11 @@ class SamplingParams:
     seed: int | None = None
     max_model_length: int | None = None
     skip_special_tokens: bool = True
-    stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
-        if self.stop is None:
-            self.stop_strings = ()
-        elif isinstance(self.stop, str):
-            self.stop_strings = (self.stop,)
-        else:
-            self.stop_strings = tuple(self.stop)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (called again by LLM.generate)."""
@@ -72,6 +65,12 @@ class SamplingParams:
         for tid in self.stop_token_ids or []:
             if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {tid!r}")
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
     def is_greedy(self) -> bool:
