@@ -224,3 +224,45 @@ def test_minivllm_llm_engine_local_tokenizer_and_errors(tiny_qwen3):
 def test_llm_rejects_tensor_parallel_for_now(tiny_qwen3):
     with pytest.raises(NotImplementedError, match="tensor_parallel_size"):
         LLM(str(tiny_qwen3), device="cpu", scheduler="python", tensor_parallel_size=2)
+
+
+def test_padded_decode_step_matches_unpadded(tiny_qwen3):
+    """The CUDA-graph hook: a decode-only step padded to a larger batch (rows with seq_len 0 and
+    slot -1) gives the same hidden states for the real rows and writes no KV."""
+    import numpy as np
+    import torch
+
+    llm = make_llm(tiny_qwen3, block_size=4)
+    runner, sched = llm.model_runner, llm.scheduler
+    for i, p in enumerate(mixed_prompts(3, seed=71, min_len=5, max_len=12)):
+        sched.add_request(i, p, 8, ignore_eos=True, temperature=0.0)
+    seeds = np.zeros(3, dtype=np.uint64)
+    sched.update(runner.execute(sched.schedule(), seeds))  # prefill all three
+    batch = sched.schedule()
+    assert batch.num_decodes == len(batch.seq_ids) == 3
+    views = runner.graph_input_views()
+    with torch.inference_mode():
+        plain = runner.run_model(runner.prepare(batch, seeds)).clone()
+        cache_before = runner.kv_cache.clone()
+        inputs = runner.prepare(batch, seeds, pad_decodes_to=8)
+        assert views["seq_lens"][3:8].tolist() == [0] * 5
+        assert views["slot_mapping"][3:8].tolist() == [-1] * 5
+        meta = inputs.attn_metadata
+        padded_meta = type(meta)(
+            num_decodes=8,
+            slot_mapping=views["slot_mapping"][:8],
+            decode_seq_lens=views["seq_lens"][:8],
+            decode_block_tables=views["block_tables"][:8],
+            prefill_cu_seqlens_q=meta.prefill_cu_seqlens_q,
+            prefill_seq_lens=meta.prefill_seq_lens,
+            prefill_block_tables=meta.prefill_block_tables,
+            max_prefill_query_len=0,
+        )
+        padded = runner.model(views["input_ids"][:8], views["positions"][:8], padded_meta)
+    torch.testing.assert_close(padded[:3], plain, rtol=1e-5, atol=1e-5)
+    # The real rows' K/V rewritten (equal up to matmul rounding), nothing written elsewhere.
+    torch.testing.assert_close(runner.kv_cache, cache_before, rtol=1e-5, atol=1e-6)
+    for i in range(3):
+        sched.abort(i)
+    sched.update(np.zeros(len(batch.logits_indices), dtype=np.int64))
+    assert_all_blocks_free(llm)
