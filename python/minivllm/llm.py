@@ -376,13 +376,22 @@ class LLM:
                 continue
             r = requests[i]
             r.output_token_ids.append(int(token_ids[k]))
-            if self._check_stop_strings(r):
+            if self._check_stop_strings(r, only_tail=True):
                 self.scheduler.abort(r.seq_id)
                 newly_done.append(i)
         return newly_done
 
-    def _check_stop_strings(self, r: _Request) -> bool:
-        text = self._decode(r.output_token_ids, r.params.skip_special_tokens)
+    def _check_stop_strings(self, r: _Request, only_tail: bool = False) -> bool:
+        """End `r` at the first stop string in its text. With only_tail, look only at the last
+        tokens (enough for the longest stop string even at 4 byte tokens per character): earlier
+        text was already checked in earlier steps, so each step costs O(stop length)."""
+        skip = r.params.skip_special_tokens
+        if only_tail:
+            window = 4 * max(len(s) for s in r.params.stop_strings) + 4
+            tail = self._decode(r.output_token_ids[-window:], skip)
+            if not any(s in tail for s in r.params.stop_strings):
+                return False
+        text = self._decode(r.output_token_ids, skip)
         hits = [(text.find(s), s) for s in r.params.stop_strings if s in text]
         if not hits:
             return False
