@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_core_invariants import IMPLS, check_invariants
 
 pytestmark = pytest.mark.parametrize("Scheduler", IMPLS)
@@ -457,4 +459,54 @@ def test_wrong_types_raise_type_error(Scheduler: Any, kwargs: dict) -> None:
     sched = Scheduler(16, 4, 4, 64, 64)
     with pytest.raises(TypeError):
         sched.add_request(**{"seq_id": 0, "prompt_token_ids": [1], "max_tokens": 1, **kwargs})
+    assert not sched.has_unfinished()
+
+
+_INT64 = st.integers(-(2**63), 2**63 - 1)
+_ANY_INT = st.one_of(st.integers(-3, 40), _INT64)
+_ANY_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.5, 1.0]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seq_id=_ANY_INT,
+    prompt=st.lists(_ANY_INT, max_size=20),
+    max_tokens=_ANY_INT,
+    temperature=_ANY_FLOAT,
+    top_p=_ANY_FLOAT,
+    top_k=_ANY_INT,
+    min_p=_ANY_FLOAT,
+    vocab_size=st.one_of(st.none(), _ANY_INT),
+    tokens=st.lists(_INT64, min_size=1, max_size=3),
+)
+def test_arbitrary_arguments_never_break_the_core(
+    Scheduler: Any,
+    seq_id: int,
+    prompt: list[int],
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    vocab_size: int | None,
+    tokens: list[int],
+) -> None:
+    sched = Scheduler(8, 4, 2, 8, 32)
+    kwargs = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
+    try:
+        sched.add_request(seq_id, prompt, max_tokens, vocab_size=vocab_size, **kwargs)
+    except (ValueError, TypeError):
+        assert not sched.has_unfinished()
+    check_invariants(sched)
+    for _ in range(100):
+        batch = sched.schedule()
+        if batch is None:
+            break
+        n = len(batch.sample_seq_ids)
+        for bad in (np.array(tokens, dtype=np.int64), np.array(tokens[:1] * (n + 1), np.int64)):
+            if len(bad) != n or bad.min() < 0 or bad.max() >= 2**31:
+                with pytest.raises(ValueError):
+                    sched.update(bad)
+        sched.update(np.full(n, 3, dtype=np.int64))
+        check_invariants(sched)
     assert not sched.has_unfinished()
