@@ -256,9 +256,15 @@ class EngineConfig:
 
     @property
     def torch_device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(
+            self.device if self.device is not None
+            else "cuda" if torch.cuda.is_available() else "cpu"
+        )
+        if device.type == "cuda" and device.index is None:
+            # A bare "cuda" means the current GPU; give it an index so set_device and
+            # mem_get_info accept it.
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     @property
     def torch_dtype(self) -> torch.dtype:

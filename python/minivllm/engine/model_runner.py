@@ -173,6 +173,7 @@ class ModelRunner:
         self.buffers = _StepBuffers(
             max_tokens, config.max_num_seqs, config.max_blocks_per_seq, self.device
         )
+        self.graph_runner: CudaGraphRunner | None = None  # captured after the pool is sized
         self.kv_cache_info = self._allocate_kv_cache()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB) on %s, attention backend %s",
@@ -183,7 +184,6 @@ class ModelRunner:
             self.device,
             self.backend.name,
         )
-        self.graph_runner: CudaGraphRunner | None = None
         # The torch reference backend syncs on sequence lengths, so only Triton is captured.
         if (
             self.device.type == "cuda"
@@ -279,29 +279,9 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------
 
-    def graph_input_views(self) -> dict[str, torch.Tensor]:
-        """Fixed-address device views a captured decode graph reads (rows [0, max_num_seqs)):
-        input_ids, positions, slot_mapping, seq_lens [max_num_seqs] and block_tables
-        [max_num_seqs, max_blocks_per_seq]. `prepare(..., pad_decodes_to=bs)` fills them."""
-        buf = self.buffers
-        n = buf.max_seqs
-        return {
-            "input_ids": buf.dev("input_ids")[:n],
-            "positions": buf.dev("positions")[:n],
-            "slot_mapping": buf.dev("slot_mapping")[:n],
-            "seq_lens": buf.dev("seq_lens"),
-            "block_tables": buf.dev_block_tables(),
-        }
-
-    def prepare(
-        self, batch: BatchLike, seeds: np.ndarray, pad_decodes_to: int | None = None
-    ) -> StepInputs:
+    def prepare(self, batch: BatchLike, seeds: np.ndarray) -> StepInputs:
         """Copy the Batch into the staging buffer, upload it once, and build device views.
-
-        pad_decodes_to: for a decode-only Batch replayed by a CUDA graph captured for that many
-        rows; rows past the Batch get seq_len 0 and slot -1, so they read and write no KV.
-        The returned views still cover the Batch's own rows only.
-        """
+        A decode-only step that replays a CUDA graph also gets its padding rows neutralised."""
         buf = self.buffers
         buf.wait_for_upload()
         num_tokens = len(batch.input_ids)
@@ -323,17 +303,6 @@ class ModelRunner:
         buf.host_view("prefill_cu_seqlens")[: num_rows - nd + 1] = prefill_qsl
         buf.host_block_tables()[:num_rows, :width] = batch.block_tables
         buf.host_view("logits_indices")[:num_sampled] = batch.logits_indices
-        if pad_decodes_to is not None:
-            if not (nd == num_rows == num_tokens and num_rows <= pad_decodes_to <= buf.max_seqs):
-                raise ValueError(
-                    f"pad_decodes_to={pad_decodes_to} needs a decode-only batch of at most that "
-                    f"many rows (got {num_rows} rows, {nd} decodes)"
-                )
-            pad = slice(num_rows, pad_decodes_to)
-            buf.host_view("input_ids")[pad] = 0
-            buf.host_view("positions")[pad] = 0
-            buf.host_view("slot_mapping")[pad] = -1
-            buf.host_view("seq_lens")[pad] = 0
         # Sampling: one uniform per row from (seed, context length at the sampled row).
         rows = np.searchsorted(qsl, batch.logits_indices, side="right") - 1
         counters = np.asarray(batch.seq_lens)[rows]
