@@ -267,3 +267,10 @@ def test_graph_padding_path_on_cpu(tiny_qwen3):
     assert {bs for _, bs in EagerReplay.replayed} >= {8, 4}  # shrinking batch, padded buckets
     assert any(nd < bs for nd, bs in EagerReplay.replayed)
     assert_all_blocks_free(llm)
+
+
+def test_cli_bench(capsys):
+    args = ["bench", "--num-prompts", "4", "--min-input", "5", "--max-input", "12",
+            "--min-output", "3", "--max-output", "6", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert "4 requests" in capsys.readouterr().out
