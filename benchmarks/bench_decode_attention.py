@@ -38,10 +38,17 @@ from minivllm.kernels.kv_store import store_kvcache  # noqa: E402
 from minivllm.kernels.paged_decode import decode_attention  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
-# (block_n, num_warps, num_stages, min_partition) tried by --sweep; the first is the default.
-SWEEP = [(64, 4, 3, 256), (64, 4, 4, 512), (128, 4, 3, 512), (32, 4, 4, 256), (64, 8, 4, 256),
-         (128, 8, 3, 256)]
-STORE_SWEEP = [(4, 4), (1, 4), (2, 4), (8, 4), (8, 8), (16, 8)]  # (block_t, num_warps)
+# (block_n, num_warps, num_stages, min_partition, max_num_splits, select_lookup) tried by --sweep;
+# None = the launcher's default. Each is timed as a CUDA-graph replay (GPU time only).
+SWEEP = [None, (64, 4, 3, 256, None, False), (32, 4, 4, 256, None, False),
+         (128, 4, 3, 512, None, False), (64, 4, 3, 256, None, True), (128, 4, 3, 256, None, True),
+         (64, 4, 2, 256, None, True), (128, 4, 2, 256, None, True), (32, 4, 4, 256, None, True)]
+# extra split counts, for batches with fewer (sequence, kv head) pairs than SMs
+SPLIT_SWEEP = [(128, 4, 3, 128, 128, True), (64, 4, 3, 128, 128, True),
+               (64, 4, 2, 64, 256, True), (128, 4, 2, 128, 128, True),
+               (64, 4, 4, 128, 128, True), (128, 8, 3, 128, 128, True),
+               (128, 4, 3, 256, 64, True), (64, 4, 3, 256, 128, True)]
+STORE_SWEEP = [None, (8, 4), (16, 8), (32, 8), (16, 4), (32, 16), (64, 16)]  # (block_t, warps)
 
 
 def naive_loop(q, k_cache, v_cache, seq_lens_host, block_tables, scale):
@@ -126,13 +133,21 @@ def bench_decode(batch, ctx, args, dtype, copy_gbs, sweep):
     out = torch.empty_like(q)
     best = None
     expect = reference.decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
+    if batch * NUM_KV_HEADS < 132 and len(sweep) > 1:
+        sweep = sweep + SPLIT_SWEEP
     for cfg in sweep:
         kw = {} if cfg is None else dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2],
-                                         min_partition=cfg[3])
+                                         min_partition=cfg[3], max_num_splits=cfg[4],
+                                         select_lookup=cfg[5])
         fn = (lambda kw=kw: decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale,
                                              out=out, **kw))
         try:
-            record(f"ours {cfg}", fn, expect, rows=sweep_rows)
+            if DEVICE == "cuda":
+                replay = graph_of(fn)
+                timed = lambda replay=replay: (replay(), out)[1]  # noqa: E731
+            else:
+                timed = fn
+            record(f"ours {cfg} graph", timed, expect, rows=sweep_rows)
         except Exception as e:
             print(f"{case} {cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
             continue
@@ -194,8 +209,9 @@ def bench_store(num_tokens, args, dtype, copy_gbs, sweep):
     for cfg in sweep:
         kw = {} if cfg is None else dict(block_t=cfg[0], num_warps=cfg[1])
         k_cache.zero_()
+        v_cache.zero_()
         store_kvcache(key, value, k_cache, v_cache, slots, **kw)
-        if not torch.equal(k_cache, k_ref):
+        if not (torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)):
             print(f"MISMATCH kv store {cfg}")
         record(f"ours {cfg}", lambda kw=kw: store_kvcache(key, value, k_cache, v_cache, slots,
                                                           **kw))
@@ -207,6 +223,9 @@ def bench_store(num_tokens, args, dtype, copy_gbs, sweep):
     flat_k = k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)
     flat_v = v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)
     long_slots = slots.long()
+    k_dst, v_dst = torch.empty_like(key), torch.empty_like(value)
+    record("torch copy_ of the same bytes (contiguous)",
+           lambda: (k_dst.copy_(key), v_dst.copy_(value)))
     record("torch index_copy_ (no skip)", lambda: (flat_k.index_copy_(0, long_slots, key),
                                                    flat_v.index_copy_(0, long_slots, value)))
     print_table(rows, ["case", "impl", "us", "gbs", "frac_copy"])
@@ -243,7 +262,7 @@ def main() -> None:
         sweep_rows += s
     for spec in filter(None, args.curve.split(",")):
         b, c = (int(x) for x in spec.split("x"))
-        r, s = bench_decode(b, c, args, dtype, copy_gbs, SWEEP[:3] if args.sweep else [None])
+        r, s = bench_decode(b, c, args, dtype, copy_gbs, SWEEP if args.sweep else [None])
         rows += [x for x in r if "ours" in x["impl"] or "sdpa" in x["impl"]]
         sweep_rows += s
     store_rows = bench_store(args.store_tokens, args, dtype, copy_gbs,

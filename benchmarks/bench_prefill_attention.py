@@ -42,9 +42,13 @@ from minivllm.kernels.flash_prefill import prefill_attention  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 DTYPE = torch.bfloat16
-# Tile configurations tried by --sweep: (block_m, block_n, num_warps, num_stages).
-SWEEP = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)]
-
+# Tile configurations tried by --sweep: (block_m, block_n, num_warps, num_stages, select_lookup).
+SWEEP = [(128, 64, 8, 2, False), (128, 64, 4, 3, False), (128, 64, 8, 2, True),
+         (128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 2, True), (64, 64, 4, 3, True),
+         (128, 64, 4, 4, True), (128, 32, 4, 3, True), (128, 128, 4, 2, True)]
+# block_size >= block_n: one block-table lookup per tile either way
+SWEEP_LARGE_BLOCKS = [(128, 64, 4, 3, True), (128, 128, 8, 2, True), (128, 64, 4, 4, True),
+                      (128, 128, 4, 2, True), (128, 64, 8, 2, True)]
 
 # ---- naive Triton attention: S and P materialized in device memory (O(N^2)) ---------------------
 @triton.jit
@@ -193,7 +197,8 @@ def ours(q, k_cache, v_cache, q_lens, seq_lens, block_tables, scale, cfg=None):
     out = torch.empty_like(q)
     kw = {}
     if cfg is not None:
-        kw = dict(block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+        kw = dict(block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3],
+                  select_lookup=cfg[4])
     return lambda: prefill_attention(q, k_cache, v_cache, cu, lens, block_tables, scale,
                                      max(q_lens), out=out, **kw)
 
@@ -250,8 +255,9 @@ def main() -> None:
     best_by_bs = {}
     for block_size in sorted({bs, 256}):
         kc, vc, bt = paged_cache(k, v, [n], block_size)
+        this_sweep = sweep if block_size < 128 or not args.sweep else SWEEP_LARGE_BLOCKS
         cfg, rows = best_config(lambda c: ours(q, kc, vc, [n], [n], bt, scale, c), flops,
-                                f"{n} bs{block_size}", sweep)
+                                f"{n} bs{block_size}", this_sweep)
         best_by_bs[block_size] = cfg
         sweep_rows += rows
     cfg = best_by_bs[bs]
@@ -268,6 +274,9 @@ def main() -> None:
         k4 = k.repeat_interleave(h // kvh, dim=1).transpose(0, 1)[None].contiguous()
         v4 = v.repeat_interleave(h // kvh, dim=1).transpose(0, 1)[None].contiguous()
         impls = {"flash_prefill (ours, paged)": ours(q, kc, vc, [n], [n], bt, scale, cfg)}
+        if n == args.headline and cfg is not None:
+            impls["flash_prefill (ours, paged, launcher default)"] = ours(q, kc, vc, [n], [n], bt,
+                                                                         scale)
         for backend in ("flash", "cudnn"):
             fn = sdpa(q4, k4, v4, backend, is_causal=True, scale=scale)
             if fn is not None:

@@ -14,40 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_table import tile_row_offsets
+
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _load_kv_tile(
-    cache_ptr,
-    bt_row,  # block-table row of this sequence
-    head_off,  # int64 offset of this KV head
-    tile_start,
-    offs_n,
-    offs_d,
-    n_mask,
-    stride_cache_block,
-    stride_cache_tok,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-):  # -> [BLOCK_N, HEAD_DIM]
-    pos = tile_start + offs_n
-    if BLOCK_N <= BLOCK_SIZE:
-        # tile_start is a multiple of BLOCK_N, which divides BLOCK_SIZE: one block per tile.
-        block = tl.load(bt_row + tile_start // BLOCK_SIZE).to(tl.int64)
-        row_off = block * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_tok
-    else:
-        if MASKED:
-            block = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        else:
-            block = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64)
-        row_off = block * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_tok
-    ptrs = cache_ptr + head_off + row_off[:, None] + offs_d[None, :]
-    if MASKED:
-        return tl.load(ptrs, mask=n_mask[:, None], other=0.0)
-    else:
-        return tl.load(ptrs)
 
 
 @triton.jit
@@ -74,6 +43,7 @@ def _flash_prefill_kernel(
     BLOCK_M: tl.constexpr,  # rows = tokens * GROUP (+ unused rows when GROUP doesn't divide it)
     BLOCK_N: tl.constexpr,
     TOKENS_PER_TILE: tl.constexpr,  # BLOCK_M // GROUP
+    SELECT_LOOKUP: tl.constexpr,  # see block_table.tile_row_offsets (BLOCK_N > BLOCK_SIZE only)
 ):
     kv_head = tl.program_id(0)
     b = tl.program_id(1)
@@ -111,10 +81,11 @@ def _flash_prefill_kernel(
     # Keys below the tile's first position are visible to every row: no masks.
     full_end = ((ctx_len + m0) // BLOCK_N) * BLOCK_N
     for tile_start in range(0, full_end, BLOCK_N):
-        k = _load_kv_tile(k_cache_ptr, bt_row, head_off, tile_start, offs_n, offs_d, None,
-                          stride_cache_block, stride_cache_tok, BLOCK_SIZE, BLOCK_N, False)
-        v = _load_kv_tile(v_cache_ptr, bt_row, head_off, tile_start, offs_n, offs_d, None,
-                          stride_cache_block, stride_cache_tok, BLOCK_SIZE, BLOCK_N, False)
+        rows = tile_row_offsets(bt_row, tile_start, seq_len, stride_cache_block, stride_cache_tok,
+                                BLOCK_SIZE, BLOCK_N, False, SELECT_LOOKUP)
+        kv_off = head_off + rows[:, None] + offs_d[None, :]  # [BLOCK_N, HEAD_DIM]
+        k = tl.load(k_cache_ptr + kv_off)
+        v = tl.load(v_cache_ptr + kv_off)
         qk = tl.dot(q, tl.trans(k))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.exp2(qk * qk_scale - m_new[:, None])
@@ -129,10 +100,11 @@ def _flash_prefill_kernel(
     for tile_start in range(full_end, diag_end, BLOCK_N):
         key_pos = tile_start + offs_n
         n_mask = key_pos < seq_len
-        k = _load_kv_tile(k_cache_ptr, bt_row, head_off, tile_start, offs_n, offs_d, n_mask,
-                          stride_cache_block, stride_cache_tok, BLOCK_SIZE, BLOCK_N, True)
-        v = _load_kv_tile(v_cache_ptr, bt_row, head_off, tile_start, offs_n, offs_d, n_mask,
-                          stride_cache_block, stride_cache_tok, BLOCK_SIZE, BLOCK_N, True)
+        rows = tile_row_offsets(bt_row, tile_start, seq_len, stride_cache_block, stride_cache_tok,
+                                BLOCK_SIZE, BLOCK_N, True, SELECT_LOOKUP)
+        kv_off = head_off + rows[:, None] + offs_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         visible = (key_pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
         qk = tl.where(visible, qk, float("-inf"))
@@ -183,6 +155,7 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    select_lookup: bool = True,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequence's whole paged context.
 
@@ -238,6 +211,7 @@ def prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         TOKENS_PER_TILE=tokens_per_tile,
+        SELECT_LOOKUP=select_lookup,
         num_warps=num_warps,
         num_stages=num_stages,
     )

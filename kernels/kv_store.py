@@ -24,23 +24,28 @@ def _store_kvcache_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,  # next power of two >= NUM_KV_HEADS
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
+    FLAT: tl.constexpr,  # heads of a token are contiguous in key/value: copy [BLOCK_T, H * D]
 ):
-    # One program moves BLOCK_T tokens x all KV heads, so each program copies whole 16-byte-aligned
-    # rows and there are still thousands of programs for a prefill chunk.
+    # One program moves BLOCK_T tokens x all KV heads: whole 16-byte-aligned rows, thousands of
+    # programs for a prefill chunk.
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slots = tl.load(slot_mapping_ptr + offs_t, mask=offs_t < num_tokens, other=-1).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    hd_mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
-    mask = (slots[:, None, None] >= 0) & hd_mask[None, :, :]
-    tok = offs_t.to(tl.int64)[:, None, None]
-    src_k = key_ptr + tok * stride_key_t + offs_h[None, :, None] * stride_key_h + offs_d[None, None, :]
-    src_v = (
-        value_ptr + tok * stride_value_t + offs_h[None, :, None] * stride_value_h + offs_d[None, None, :]
-    )
-    # Cache slot stride is NUM_KV_HEADS * HEAD_DIM; int64 since slot * stride can pass 2^31.
-    dst = slots[:, None, None] * (NUM_KV_HEADS * HEAD_DIM) + offs_h[None, :, None] * HEAD_DIM
-    dst = dst + offs_d[None, None, :]
+    tok = offs_t.to(tl.int64)
+    ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM  # cache slot stride
+    if FLAT:
+        offs = tl.arange(0, BLOCK_H * BLOCK_D)  # == ROW, a power of two
+        mask = (slots >= 0)[:, None]
+        src_k = key_ptr + tok[:, None] * stride_key_t + offs[None, :]
+        src_v = value_ptr + tok[:, None] * stride_value_t + offs[None, :]
+        dst = slots[:, None] * ROW + offs[None, :]  # int64: slot * ROW can pass 2^31
+    else:
+        offs_h = tl.arange(0, BLOCK_H)[None, :, None]
+        offs_d = tl.arange(0, BLOCK_D)[None, None, :]
+        mask = (slots[:, None, None] >= 0) & (offs_h < NUM_KV_HEADS) & (offs_d < HEAD_DIM)
+        tok3 = tok[:, None, None]
+        src_k = key_ptr + tok3 * stride_key_t + offs_h * stride_key_h + offs_d
+        src_v = value_ptr + tok3 * stride_value_t + offs_h * stride_value_h + offs_d
+        dst = slots[:, None, None] * ROW + offs_h * HEAD_DIM + offs_d
     k = tl.load(src_k, mask=mask)
     v = tl.load(src_v, mask=mask)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -72,6 +77,13 @@ def store_kvcache(
         return
     # Default 4 tokens x 8 heads x 128 dims = 8 KB per tensor per program: 16-byte accesses with
     # several in flight per thread, and still thousands of programs for a prefill chunk.
+    block_h, block_d = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_dim)
+    flat = (
+        block_h == num_kv_heads
+        and block_d == head_dim
+        and key.stride(1) == head_dim
+        and value.stride(1) == head_dim
+    )
     grid = (triton.cdiv(num_tokens, block_t),)
     _store_kvcache_kernel[grid](
         key_ptr=key,
@@ -87,7 +99,8 @@ def store_kvcache(
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_T=block_t,
-        BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        FLAT=flat,
         num_warps=num_warps,
     )

@@ -15,10 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_table import tile_row_offsets
+
 _LOG2E = 1.4426950408889634
-# The reduce holds [splits, head_dim] float32 in registers; 64 splits already give a single
-# sequence 64 * num_kv_heads programs, enough to fill an H100.
-_SPLITS_CAP = 64
+# Upper bound of the default split count (a single sequence then has _SPLITS_CAP * num_kv_heads
+# programs).
+_SPLITS_CAP = 128
 
 
 @triton.jit
@@ -57,6 +59,7 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,  # KV cache block size
     BLOCK_N: tl.constexpr,
     MIN_PARTITION: tl.constexpr,
+    SELECT_LOOKUP: tl.constexpr,  # see block_table.tile_row_offsets (BLOCK_N > BLOCK_SIZE only)
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -87,16 +90,10 @@ def _paged_decode_kernel(
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt_b
     head_off = kv_head.to(tl.int64) * stride_cache_head
     for tile_start in range(start, end, BLOCK_N):
-        pos = tile_start + offs_n
-        n_mask = pos < end
-        if BLOCK_N <= BLOCK_SIZE:
-            # The tile lies inside one cache block: one block-table lookup.
-            block = tl.load(bt_row + tile_start // BLOCK_SIZE).to(tl.int64)
-            row_off = block * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_tok
-        else:
-            block = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            row_off = block * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_tok
-        kv_off = head_off + row_off[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        n_mask = tile_start + offs_n < end
+        rows = tile_row_offsets(bt_row, tile_start, end, stride_cache_block, stride_cache_tok,
+                                BLOCK_SIZE, BLOCK_N, True, SELECT_LOOKUP)
+        kv_off = head_off + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
@@ -131,27 +128,37 @@ def _paged_decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,  # next power of two >= max_num_splits
+    SPLIT_CHUNK: tl.constexpr,  # splits merged per step: [SPLIT_CHUNK, BLOCK_D] in registers
     MIN_PARTITION: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
     num_splits, _ = _num_splits_and_partition(seq_len, max_num_splits, MIN_PARTITION, BLOCK_N)
-    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_s = tl.arange(0, SPLIT_CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
     row = (b * tl.num_programs(1) + head).to(tl.int64) * max_num_splits
-    # Finite fill, so an empty row computes exp2(-huge) = 0 instead of inf - inf.
-    lse = tl.load(part_lse_ptr + row + offs_s, mask=s_mask, other=-1e30)
-    weights = tl.where(s_mask, tl.exp2(lse - tl.max(lse, 0)), 0.0)
-    parts = tl.load(
-        part_out_ptr + (row + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )  # [SPLITS_PAD, BLOCK_D]
-    total = tl.sum(weights, 0)
-    o = tl.sum(parts * weights[:, None], 0) / tl.maximum(total, 1e-30)  # zeros when no split
+    # Finite fills, so an empty row computes exp2(-huge) = 0 instead of inf - inf.
+    lse_max = tl.full([SPLIT_CHUNK], -1e30, dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        s_mask = s0 + offs_s < num_splits
+        lse = tl.load(part_lse_ptr + row + s0 + offs_s, mask=s_mask, other=-1e30)
+        lse_max = tl.maximum(lse_max, lse)
+    m = tl.max(lse_max, 0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    total = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        s_mask = s0 + offs_s < num_splits
+        lse = tl.load(part_lse_ptr + row + s0 + offs_s, mask=s_mask, other=-1e30)
+        weights = tl.where(s_mask, tl.exp2(lse - m), 0.0)
+        parts = tl.load(
+            part_out_ptr + (row + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+            other=0.0,
+        )  # [SPLIT_CHUNK, BLOCK_D]
+        acc += tl.sum(parts * weights[:, None], 0)
+        total += weights
+    o = acc / tl.maximum(tl.sum(total, 0), 1e-30)  # zeros when there is no split (empty row)
     tl.store(
         out_ptr + b.to(tl.int64) * stride_out_b + head * stride_out_h + offs_d,
         o.to(out_ptr.dtype.element_ty),
@@ -185,6 +192,7 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
+    select_lookup: bool = True,
 ) -> torch.Tensor:
     """Attention of one query per sequence (position seq_lens[b] - 1) over its paged context.
 
@@ -240,6 +248,7 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         MIN_PARTITION=min_partition,
+        SELECT_LOOKUP=select_lookup,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -254,7 +263,7 @@ def decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
-        SPLITS_PAD=triton.next_power_of_2(max_num_splits),
+        SPLIT_CHUNK=min(64, triton.next_power_of_2(max_num_splits)),
         MIN_PARTITION=min_partition,
         num_warps=4,
     )

@@ -46,11 +46,16 @@ def test_prefill(dtype, num_heads, num_kv_heads, head_dim, block_size, block_n):
            block_m=32, block_n=block_n, num_warps=4, num_stages=1)
 
 
-@pytest.mark.parametrize("block_m,block_n,block_size", [(16, 16, 16), (64, 16, 32), (128, 64, 16)])
-def test_prefill_tiles(block_m, block_n, block_size):
-    """Tile shapes: BLOCK_N equal to, smaller than and larger than the cache block."""
+@pytest.mark.parametrize(
+    "block_m,block_n,block_size,select_lookup",
+    [(16, 16, 16, True), (64, 16, 32, True), (128, 64, 16, True), (128, 64, 16, False),
+     (32, 128, 16, False)],
+)
+def test_prefill_tiles(block_m, block_n, block_size, select_lookup):
+    """Tile shapes: BLOCK_N equal to, smaller than and larger than the cache block (block ids by
+    per-block selects or by a per-row gather)."""
     _check([(0, 70), (block_size + 7, 33), (5, 3)], 8, 2, 32, block_size, torch.float32,
-           block_m=block_m, block_n=block_n)
+           block_m=block_m, block_n=block_n, select_lookup=select_lookup)
 
 
 def test_prefill_group_not_power_of_two():

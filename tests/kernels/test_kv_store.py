@@ -36,6 +36,19 @@ def test_store_kvcache(dtype, num_kv_heads, head_dim, block_size):
         assert torch.equal(v_cache, v_expect)
 
 
+def test_store_kvcache_padded_head_stride():
+    """Heads not adjacent in memory (head stride > head_dim): the per-head path."""
+    wide = torch.randn(9, 2, 2 * 64, device=DEVICE)
+    key, value = wide[:, :, :64], wide[:, :, 64:]
+    k_cache = torch.randn(3, 16, 2, 64, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    k_expect, v_expect = k_cache.clone(), v_cache.clone()
+    slots = torch.tensor([3, 40, -1, 0, 17, 33, 47, -1, 5], dtype=torch.int64, device=DEVICE)
+    store_kvcache(key, value, k_cache, v_cache, slots, block_t=2)
+    reference.store_kvcache(key, value, k_expect, v_expect, slots)
+    assert torch.equal(k_cache, k_expect) and torch.equal(v_cache, v_expect)
+
+
 def test_store_kvcache_empty():
     k_cache = torch.zeros(2, 16, 2, 64, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)

@@ -47,6 +47,13 @@ def test_decode_split_counts(max_num_splits):
            min_partition=32, block_n=16)
 
 
+@pytest.mark.parametrize("select_lookup", [True, False])
+def test_decode_many_splits(select_lookup):
+    """More splits (66) than the reduce merges in one step (64), and both block-id lookups."""
+    _check([2100, 5, 0], 4, 2, 32, 16, torch.float32, max_num_splits=128, min_partition=32,
+           block_n=16 if select_lookup else 32, select_lookup=select_lookup)
+
+
 def test_decode_block_tables_wider_than_needed():
     """CUDA-graph buffers: block tables padded with -1 far past every sequence."""
     k_cache, v_cache, block_tables = make_paged_batch([40, 9], 2, 32, 16, torch.float32)
