@@ -18,11 +18,19 @@ logger = logging.getLogger(__name__)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def time_ms(fn: Callable[[], Any], warmup_ms: float = 10, rep_ms: float = 60) -> float:
-    """Median milliseconds of fn() on the GPU.
+_FLUSH_BYTES = 256 << 20
+_flush_buffer: torch.Tensor | None = None
 
-    triton's do_bench times each call with CUDA events and zeroes a 256 MB buffer before every
-    call, so the 50 MB L2 holds none of the inputs when a call starts.
+
+def time_ms(fn: Callable[[], Any], warmup_ms: float = 10, rep_ms: float = 60,
+            flush: str = "read") -> float:
+    """Median milliseconds of fn() on the GPU, each call timed with CUDA events after the L2 was
+    flushed so that it holds none of fn's inputs.
+
+    flush="read" (default) sums a 256 MB buffer before each call: the 50 MB L2 then holds only
+    clean lines of that buffer. flush="write" is triton's do_bench, which zeroes the buffer
+    instead: the L2 is then full of dirty lines whose write-back the timed call pays for (up to
+    ~17 us at 3 TB/s), a handicap that weighs on short kernels.
     """
     if DEVICE != "cuda":
         import time
@@ -31,9 +39,37 @@ def time_ms(fn: Callable[[], Any], warmup_ms: float = 10, rep_ms: float = 60) ->
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
-    import triton.testing
+    if flush == "write":
+        import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
+                                             return_mode="median"))
+    global _flush_buffer
+    if _flush_buffer is None:
+        _flush_buffer = torch.ones(_FLUSH_BYTES // 4, dtype=torch.float32, device=DEVICE)
+    sink = torch.empty((), dtype=torch.float32, device=DEVICE)
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    n = max(5, min(1000, int(rep_ms / estimate)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        torch.sum(_flush_buffer, dim=0, out=sink)
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return float(times[len(times) // 2])
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
@@ -42,7 +78,7 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
         nbytes = 1 << 24
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), warmup_ms=20, rep_ms=200)
+    ms = time_ms(lambda: dst.copy_(src), warmup_ms=20, rep_ms=200, flush="write")
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

@@ -10,6 +10,8 @@ without masks; only the tiles on the causal diagonal are masked.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -127,17 +129,29 @@ def _flash_prefill_kernel(
     )
 
 
-def _default_config(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(block_m, block_n, num_warps, num_stages).
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
-    Hopper: a 128-row tile with 8 warps keeps two warpgroups on the wgmma units; BLOCK_N 64 with 3
-    stages keeps K/V prefetch (2 x 16 KB per stage at d=128) within shared memory next to Q.
+
+def _default_config(
+    block_size: int, num_tiles_at_128: int, device: torch.device
+) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages), from tile sweeps on an H100 (bf16, d=128; see
+    benchmarks/NOTES_kernels.md).
+
+    128 packed rows with a narrow key tile (32) and 4 warps won for paged caches with 16-token
+    blocks (lowest register pressure, 3-stage cp.async prefetch); with blocks >= 64 tokens a
+    64-wide key tile is one block lookup. When 128-row tiles would leave SMs idle (a chunk of a few
+    hundred new tokens over a long prefix), 64-row tiles double the programs.
     """
     if device.type != "cuda":
         return 64, 32, 4, 1
-    if head_dim <= 64:
+    if num_tiles_at_128 < 2 * _num_sms(device):
+        return 64, 64, 4, 3
+    if block_size >= 64:
         return 128, 64, 4, 3
-    return 128, 64, 8, 3
+    return 128, 32, 4, 3
 
 
 def prefill_attention(
@@ -179,7 +193,8 @@ def prefill_attention(
     if num_tokens == 0 or batch == 0 or max_seqlen_q == 0:
         return out
     group = num_heads // num_kv_heads
-    cfg = _default_config(head_dim, q.device)
+    num_tiles_at_128 = num_kv_heads * batch * triton.cdiv(max_seqlen_q * group, 128)
+    cfg = _default_config(block_size, num_tiles_at_128, q.device)
     block_m = block_m or cfg[0]
     block_n = block_n or cfg[1]
     num_warps = num_warps or cfg[2]

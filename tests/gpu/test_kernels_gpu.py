@@ -90,6 +90,12 @@ def test_prefill_bf16(num_heads, num_kv_heads, block_size):
                   torch.bfloat16, TOL)
 
 
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_prefill_chunk_over_long_prefix(block_size):
+    """Few query tiles (the launcher picks 64-row tiles): chunks over long cached prefixes."""
+    _prefill_case([(4096, 512), (1000, 7), (4095, 1)], 16, 8, 128, block_size, torch.bfloat16, TOL)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, TOL), (torch.float16, FP16_TOL)])
 def test_prefill_head_dim_64(dtype, tol):
     _prefill_case(_prefix_cases(16), 16, 8, 64, 16, dtype, tol)
