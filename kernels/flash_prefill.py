@@ -140,18 +140,16 @@ def _default_config(
     """(block_m, block_n, num_warps, num_stages), from tile sweeps on an H100 (bf16, d=128; see
     benchmarks/NOTES_kernels.md).
 
-    128 packed rows with a narrow key tile (32) and 4 warps won for paged caches with 16-token
-    blocks (lowest register pressure, 3-stage cp.async prefetch); with blocks >= 64 tokens a
-    64-wide key tile is one block lookup. When 128-row tiles would leave SMs idle (a chunk of a few
-    hundred new tokens over a long prefix), 64-row tiles double the programs.
+    16-token cache blocks: 128 packed rows with a narrow key tile (32) and 8 warps won (lowest
+    register pressure per warp, 3-stage cp.async prefetch of K/V). Blocks >= 64 tokens: 64 rows x
+    64 keys, one block lookup per key tile. When 128-row tiles would leave SMs idle (a chunk of a
+    few hundred new tokens over a long prefix, short prompts), 64-row tiles double the programs.
     """
     if device.type != "cuda":
         return 64, 32, 4, 1
-    if num_tiles_at_128 < 2 * _num_sms(device):
+    if num_tiles_at_128 < 2 * _num_sms(device) or block_size >= 64:
         return 64, 64, 4, 3
-    if block_size >= 64:
-        return 128, 64, 4, 3
-    return 128, 32, 4, 3
+    return 128, 32, 8, 3
 
 
 def prefill_attention(
