@@ -1,13 +1,13 @@
 """Kernel tests run the Triton kernels through the interpreter when no GPU is present.
 
-TRITON_INTERPRET must be set before `@triton.jit` decorates the kernels, so it is set here at import
-time, and kernel modules that another test module imported earlier are reloaded. Torch-only tests
-are unaffected: the variable is read by Triton alone.
+TRITON_INTERPRET must be set before `@triton.jit` decorates a kernel, so it is set here at import
+time; kernel modules that a test module elsewhere imported earlier (compiled mode) are dropped so
+that the next import decorates them again. Torch-only tests are unaffected: only Triton reads the
+variable.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -15,7 +15,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("kv_store", "flash_prefill", "paged_decode"):
-        _module = sys.modules.get(f"minivllm.kernels.{_name}")
-        if _module is not None:
-            importlib.reload(_module)
+    _package = sys.modules.get("minivllm.kernels")
+    for _name in [n for n in sys.modules if n.startswith("minivllm.kernels.")]:
+        if _name != "minivllm.kernels.reference":
+            del sys.modules[_name]
+            if _package is not None and hasattr(_package, _name.rsplit(".", 1)[1]):
+                delattr(_package, _name.rsplit(".", 1)[1])
