@@ -1,11 +1,19 @@
-"""Rotary position embedding (rotate-half / neox layout, as in Qwen)."""
+"""Rotary position embedding (rotate-half / neox layout, as in Qwen).
+
+On CUDA one Triton kernel (`kernels/qk_norm_rope.py`) applies the optional per-head q/k RMSNorm and
+the rotation to q and k together; the torch code below is the CPU path and the kernel's oracle.
+"""
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from minivllm.layers.rmsnorm import RMSNorm
 
 
 class RotaryEmbedding(nn.Module):
@@ -33,7 +41,32 @@ class RotaryEmbedding(nn.Module):
         positions: torch.Tensor,  # [T]
         q: torch.Tensor,  # [T, num_heads, head_dim]
         k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rope(q), rope(k); with q_norm / k_norm (Qwen3), rope(q_norm(q)), rope(k_norm(k))."""
+        assert (q_norm is None) == (k_norm is None)
+        if (
+            q.is_cuda
+            and q.dtype == self.cos_cache.dtype
+            and (q_norm is None or q_norm.weight.dtype == k_norm.weight.dtype == q.dtype)
+        ):
+            from minivllm.kernels.qk_norm_rope import qk_norm_rope
+
+            return qk_norm_rope(
+                q,
+                k,
+                positions,
+                self.cos_cache,
+                self.sin_cache,
+                q_weight=q_norm.weight if q_norm is not None else None,
+                k_weight=k_norm.weight if k_norm is not None else None,
+                q_eps=q_norm.eps if q_norm is not None else 0.0,
+                k_eps=k_norm.eps if k_norm is not None else 0.0,
+            )
+        if q_norm is not None:
+            q = q_norm(q)
+            k = k_norm(k)
         cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, head_dim]
         sin = self.sin_cache[positions].unsqueeze(1)
         return _apply(q, cos, sin), _apply(k, cos, sin)

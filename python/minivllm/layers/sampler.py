@@ -49,23 +49,40 @@ class SamplingTensors:
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         """logits [S, V] -> sampled token ids [S] (int64)."""
-        logits = logits.float()
-        greedy = logits.argmax(dim=-1)
-        if st.all_greedy:
-            return greedy
-        is_greedy = (st.temperature == 0) | (st.top_k == 1)
-        temperature = torch.where(is_greedy, torch.ones_like(st.temperature), st.temperature)
-        logits = logits / temperature.unsqueeze(1)
-        u = st.uniforms.unsqueeze(1)  # [S, 1]
-        if st.any_top_k_or_p:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = _filtered_probs(sorted_logits, st, is_sorted=True)
-            picked = _invert_cdf(probs, u)
-            sampled = order.gather(1, picked.unsqueeze(1)).squeeze(1)
-        else:
-            probs = _filtered_probs(logits, st, is_sorted=False)
-            sampled = _invert_cdf(probs, u)
-        return torch.where(is_greedy, greedy, sampled)
+        if logits.is_cuda and not (st.any_top_k_or_p or st.any_min_p):
+            return _sample_cuda(logits, st)
+        return sample_torch(logits, st)
+
+
+def sample_torch(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """The plain-torch sampler: every filter, any device (the CPU path and the kernel's oracle)."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    if st.all_greedy:
+        return greedy
+    is_greedy = (st.temperature == 0) | (st.top_k == 1)
+    temperature = torch.where(is_greedy, torch.ones_like(st.temperature), st.temperature)
+    logits = logits / temperature.unsqueeze(1)
+    u = st.uniforms.unsqueeze(1)  # [S, 1]
+    if st.any_top_k_or_p:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = _filtered_probs(sorted_logits, st, is_sorted=True)
+        picked = _invert_cdf(probs, u)
+        sampled = order.gather(1, picked.unsqueeze(1)).squeeze(1)
+    else:
+        probs = _filtered_probs(logits, st, is_sorted=False)
+        sampled = _invert_cdf(probs, u)
+    return torch.where(is_greedy, greedy, sampled)
+
+
+def _sample_cuda(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """No row filters: argmax, or one fused Triton pass per row (softmax + inverse CDF)."""
+    if st.all_greedy:
+        return logits.argmax(dim=-1)  # exact in the logits' dtype: no float copy needed
+    from minivllm.kernels.sampling import sample_from_logits
+
+    # top_k == 1 rows are greedy; any other top_k reaching here keeps the whole vocabulary.
+    return sample_from_logits(logits, st.temperature, st.uniforms, st.top_k.to(torch.int32))
 
 
 def _filtered_probs(logits: torch.Tensor, st: SamplingTensors, is_sorted: bool) -> torch.Tensor:

@@ -59,10 +59,8 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        # q/k norm (Qwen3 only) and rotary: one fused kernel on CUDA.
+        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
         o = self.attn(q, k, v, meta)
         return self.o_proj(o.flatten(1))
 

@@ -1,0 +1,200 @@
+"""Fused elementwise and sampling kernels on the GPU at Qwen3-0.6B sizes (hidden 1024, 16 query
+heads, 8 KV heads, head_dim 128, intermediate 3072, vocab 151936, 256 rows) in bf16, against the
+torch code of the layers they replace, and captured into a CUDA graph and replayed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from minivllm.layers.rmsnorm import RMSNorm
+from minivllm.layers.rotary import RotaryEmbedding, _apply
+from minivllm.layers.sampler import Sampler, SamplingTensors, sample_torch
+
+pytestmark = pytest.mark.gpu
+
+T, HIDDEN, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, INTER, VOCAB = 256, 1024, 16, 8, 128, 3072, 151936
+DT = torch.bfloat16
+# The kernels repeat torch's roundings; rsqrt / exp may still differ in the last bit before a
+# bf16 rounding, i.e. one bf16 ulp (2^-8 relative) on a few elements.
+TOL = {"atol": 1e-2, "rtol": 1e-2}
+
+
+def _close_and_mostly_equal(got: torch.Tensor, expect: torch.Tensor) -> None:
+    torch.testing.assert_close(got, expect, **TOL)
+    assert (got == expect).float().mean().item() > 0.99
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def _norm(hidden: int, seed: int) -> RMSNorm:
+    norm = RMSNorm(hidden, eps=1e-6).to(device="cuda", dtype=DT)
+    norm.weight.copy_(torch.rand(hidden, generator=_gen(seed), device="cuda") + 0.5)
+    return norm
+
+
+def test_rmsnorm_bf16() -> None:
+    from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
+
+    norm = _norm(HIDDEN, 0)
+    x = (3 * torch.randn(T, HIDDEN, generator=_gen(1), device="cuda")).to(DT)
+    residual = torch.randn(T, HIDDEN, generator=_gen(2), device="cuda").to(DT)
+    _close_and_mostly_equal(rmsnorm(x, norm.weight, norm.eps), norm._norm(x))
+    out, new_residual = fused_add_rmsnorm(x, residual, norm.weight, norm.eps)
+    assert torch.equal(new_residual, x + residual)
+    _close_and_mostly_equal(out, norm._norm(x + residual))
+    # The layer routes CUDA tensors to the kernel.
+    layer_out, layer_residual = norm(x, residual)
+    assert torch.equal(layer_out, out) and torch.equal(layer_residual, new_residual)
+
+
+def _qkv() -> torch.Tensor:
+    size = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
+    return (2 * torch.randn(T, size, generator=_gen(3), device="cuda")).to(DT)
+
+
+def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q_size, kv_size = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
+    q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    return q.view(T, NUM_HEADS, HEAD_DIM), k.view(T, NUM_KV_HEADS, HEAD_DIM)
+
+
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_qk_norm_rope_bf16(with_norm: bool) -> None:
+    rope = RotaryEmbedding(HEAD_DIM, 40960, 1_000_000.0).to(device="cuda", dtype=DT)
+    q_norm, k_norm = (_norm(HEAD_DIM, 4), _norm(HEAD_DIM, 5)) if with_norm else (None, None)
+    q, k = _split(_qkv())
+    positions = torch.randint(0, 40960, (T,), generator=_gen(6), device="cuda", dtype=torch.int32)
+    got_q, got_k = rope(positions, q, k, q_norm, k_norm)  # the layer's CUDA path: the kernel
+    if with_norm:
+        q, k = q_norm._norm(q), k_norm._norm(k)
+    cos = rope.cos_cache[positions].unsqueeze(1)
+    sin = rope.sin_cache[positions].unsqueeze(1)
+    _close_and_mostly_equal(got_q, _apply(q, cos, sin))
+    _close_and_mostly_equal(got_k, _apply(k, cos, sin))
+
+
+def test_silu_and_mul_bf16() -> None:
+    from minivllm.kernels.activation import silu_and_mul
+
+    x = (4 * torch.randn(T, 2 * INTER, generator=_gen(7), device="cuda")).to(DT)
+    gate, up = x.chunk(2, dim=-1)
+    _close_and_mostly_equal(silu_and_mul(x), F.silu(gate) * up)
+
+
+def _sampling(temperature: torch.Tensor, u: torch.Tensor) -> SamplingTensors:
+    s = temperature.shape[0]
+    return SamplingTensors(
+        temperature=temperature,
+        top_k=torch.zeros(s, dtype=torch.int32, device="cuda"),
+        top_p=torch.ones(s, device="cuda"),
+        min_p=torch.zeros(s, device="cuda"),
+        uniforms=u,
+        all_greedy=False,
+        any_top_k_or_p=False,
+        any_min_p=False,
+    )
+
+
+def _vocab_logits() -> torch.Tensor:
+    logits = 3 * torch.randn(T, VOCAB, generator=_gen(8), device="cuda")
+    logits[:, ::9973] += 12  # a few peaks over a long tail
+    return logits.to(DT)
+
+
+def test_sampling_bf16_full_vocab() -> None:
+    logits = _vocab_logits()
+    temperature = torch.rand(T, generator=_gen(9), device="cuda") * 1.5 + 0.2
+    temperature[::8] = 0.0
+    u = torch.rand(T, generator=_gen(10), device="cuda")
+    st = _sampling(temperature, u)
+    got = Sampler()(logits, st)  # CUDA, no filters: the fused kernel
+    expect = sample_torch(logits, st)
+    greedy = temperature == 0
+    assert torch.equal(got[greedy], logits.float().argmax(dim=-1)[greedy])
+    # Against float64: the drawn token's CDF interval holds u, up to 1e-5 of mass.
+    z = logits.double() / torch.where(greedy, 1.0, temperature).double().unsqueeze(1)
+    cdf = z.softmax(dim=-1).cumsum(dim=-1)
+    rows = torch.arange(T, device="cuda")
+    below = torch.where(got > 0, cdf[rows, (got - 1).clamp_min(0)], 0.0)
+    ok = (below - 1e-5 <= u.double()) & (u.double() < cdf[rows, got] + 1e-5)
+    assert ok[~greedy].all()
+    assert (got != expect).sum().item() <= 3
+
+
+def test_sampling_exact_inside_intervals() -> None:
+    logits = _vocab_logits()
+    temperature = torch.full((T,), 0.9, device="cuda")
+    probs = (logits.double() / 0.9).softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    wanted = torch.multinomial((probs > 1e-3).float(), 1, generator=_gen(11)).squeeze(1)
+    rows = torch.arange(T, device="cuda")
+    u = (cdf[rows, wanted] - probs[rows, wanted] / 2).float()
+    st = _sampling(temperature, u)
+    assert torch.equal(Sampler()(logits, st), wanted)
+    assert torch.equal(sample_torch(logits, st), wanted)
+
+
+def test_graph_capture_and_replay() -> None:
+    """The decode-step kernels inside one CUDA graph: replays on new inputs equal eager calls."""
+    from minivllm.kernels.activation import silu_and_mul
+    from minivllm.kernels.fused_norm import fused_add_rmsnorm
+    from minivllm.kernels.qk_norm_rope import qk_norm_rope
+    from minivllm.kernels.sampling import sample_from_logits
+
+    norm, q_norm, k_norm = _norm(HIDDEN, 12), _norm(HEAD_DIM, 13), _norm(HEAD_DIM, 14)
+    rope = RotaryEmbedding(HEAD_DIM, 40960, 1_000_000.0).to(device="cuda", dtype=DT)
+    x = torch.empty(T, HIDDEN, device="cuda", dtype=DT)
+    residual = torch.empty_like(x)
+    qkv = torch.empty_like(_qkv())
+    positions = torch.empty(T, device="cuda", dtype=torch.int32)
+    gate_up = torch.empty(T, 2 * INTER, device="cuda", dtype=DT)
+    logits = torch.empty(T, VOCAB, device="cuda", dtype=DT)
+    temperature = torch.empty(T, device="cuda")
+    u = torch.empty(T, device="cuda")
+
+    def fill(seed: int) -> None:
+        g = _gen(seed)
+        x.copy_(torch.randn(x.shape, generator=g, device="cuda"))
+        residual.copy_(torch.randn(x.shape, generator=g, device="cuda"))
+        qkv.copy_(torch.randn(qkv.shape, generator=g, device="cuda"))
+        positions.copy_(torch.randint(0, 40960, (T,), generator=g, device="cuda"))
+        gate_up.copy_(torch.randn(gate_up.shape, generator=g, device="cuda"))
+        logits.copy_(3 * torch.randn(logits.shape, generator=g, device="cuda"))
+        temperature.copy_(torch.rand(T, generator=g, device="cuda") + 0.1)
+        temperature[::4] = 0.0
+        u.copy_(torch.rand(T, generator=g, device="cuda"))
+
+    def step() -> list[torch.Tensor]:
+        h, r = fused_add_rmsnorm(x, residual, norm.weight, norm.eps)
+        q, k = _split(qkv)
+        q, k = qk_norm_rope(
+            q,
+            k,
+            positions,
+            rope.cos_cache,
+            rope.sin_cache,
+            q_norm.weight,
+            k_norm.weight,
+            q_norm.eps,
+            k_norm.eps,
+        )
+        return [h, r, q, k, silu_and_mul(gate_up), sample_from_logits(logits, temperature, u)]
+
+    fill(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm up outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for seed in (1, 2):
+        fill(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, expect in zip(static_out, step()):
+            assert torch.equal(got, expect)

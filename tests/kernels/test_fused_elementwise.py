@@ -1,0 +1,148 @@
+"""Fused elementwise kernels (RMSNorm with residual add, q/k norm + rotary, SiLU-and-mul) against
+the torch code of the layers they replace (interpreter on the CPU).
+
+The kernels repeat the torch ops' roundings, so float32 agrees to summation order and float16 to
+one rounding of the last op. bfloat16 runs on the GPU only (tests/gpu): the interpreter's bf16
+conversion does not round to nearest.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_testing import DEVICE, poison_like
+from minivllm.layers.rmsnorm import RMSNorm
+from minivllm.layers.rotary import RotaryEmbedding
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def _tol(dtype: torch.dtype) -> dict[str, float]:
+    # float16: one ulp of the final rounding (rsqrt / exp differ from torch's in the last bit).
+    return {"atol": 2e-5, "rtol": 2e-5} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2e-3}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 1000])
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rmsnorm(num_tokens: int, hidden: int, dtype: torch.dtype, with_residual: bool) -> None:
+    from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
+
+    gen = _gen(num_tokens * hidden)
+    norm = RMSNorm(hidden, eps=1e-6).to(dtype)
+    norm.weight.copy_(torch.rand(hidden, generator=gen) + 0.5)
+    # x is a column slice of a wider buffer: a row stride != hidden.
+    wide = (3 * torch.randn(num_tokens, hidden + 16, generator=gen)).to(dtype)
+    x = wide[:, 8 : 8 + hidden]
+    residual = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
+    out = poison_like(torch.empty(num_tokens, hidden, dtype=dtype))
+    if with_residual:
+        residual_out = poison_like(residual)
+        expect, expect_residual = norm(x, residual)
+        got, got_residual = fused_add_rmsnorm(
+            x.to(DEVICE),
+            residual.to(DEVICE),
+            norm.weight.to(DEVICE),
+            norm.eps,
+            out=out.to(DEVICE),
+            residual_out=residual_out.to(DEVICE),
+        )
+        torch.testing.assert_close(got_residual.cpu(), expect_residual, atol=0, rtol=0)
+    else:
+        expect = norm(x)
+        got = rmsnorm(x.to(DEVICE), norm.weight.to(DEVICE), norm.eps, out=out.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), expect, **_tol(dtype))
+
+
+def test_fused_add_rmsnorm_in_place() -> None:
+    """residual_out may be the residual buffer itself (each row is read before it is written)."""
+    from minivllm.kernels.fused_norm import fused_add_rmsnorm
+
+    gen = _gen(1)
+    norm = RMSNorm(128, eps=1e-5)
+    norm.weight.copy_(torch.rand(128, generator=gen))
+    x, residual = torch.randn(5, 128, generator=gen), torch.randn(5, 128, generator=gen)
+    expect, expect_residual = norm(x, residual)
+    residual = residual.to(DEVICE)
+    got, got_residual = fused_add_rmsnorm(
+        x.to(DEVICE), residual, norm.weight.to(DEVICE), norm.eps, residual_out=residual
+    )
+    assert got_residual.data_ptr() == residual.data_ptr()
+    torch.testing.assert_close(got_residual.cpu(), expect_residual, atol=0, rtol=0)
+    torch.testing.assert_close(got.cpu(), expect, **_tol(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("num_tokens", [1, 5, 17])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_qk_norm_rope(
+    num_tokens: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    with_norm: bool,
+) -> None:
+    from minivllm.kernels.qk_norm_rope import qk_norm_rope
+
+    gen = _gen(num_tokens * 131 + num_heads * 7 + head_dim)
+    max_position = 300
+    rope = RotaryEmbedding(head_dim, max_position, base=10000.0).to(dtype)
+    q_norm = k_norm = None
+    if with_norm:
+        q_norm, k_norm = (
+            RMSNorm(head_dim, eps=1e-6).to(dtype),
+            RMSNorm(head_dim, eps=1e-5).to(dtype),
+        )
+        q_norm.weight.copy_(torch.rand(head_dim, generator=gen) + 0.5)
+        k_norm.weight.copy_(torch.rand(head_dim, generator=gen) + 0.5)
+    # q and k are strided views into the packed qkv projection output, as in the model.
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = (2 * torch.randn(num_tokens, q_size + 2 * kv_size, generator=gen)).to(dtype)
+    q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(num_tokens, num_heads, head_dim)
+    k = k.view(num_tokens, num_kv_heads, head_dim)
+    positions = torch.randint(0, max_position, (num_tokens,), generator=gen, dtype=torch.int32)
+    positions[0] = max_position - 1  # the table's last row
+    expect_q, expect_k = rope(positions.long(), q, k, q_norm, k_norm)
+
+    qkv_dev = qkv.to(DEVICE)
+    q_dev, k_dev, _ = qkv_dev.split([q_size, kv_size, kv_size], dim=-1)
+    got_q, got_k = qk_norm_rope(
+        q_dev.view(num_tokens, num_heads, head_dim),
+        k_dev.view(num_tokens, num_kv_heads, head_dim),
+        positions.to(DEVICE),
+        rope.cos_cache.to(DEVICE),
+        rope.sin_cache.to(DEVICE),
+        q_weight=q_norm.weight.to(DEVICE) if with_norm else None,
+        k_weight=k_norm.weight.to(DEVICE) if with_norm else None,
+        q_eps=q_norm.eps if with_norm else 0.0,
+        k_eps=k_norm.eps if with_norm else 0.0,
+        q_out=poison_like(expect_q).to(DEVICE),
+        k_out=poison_like(expect_k).to(DEVICE),
+    )
+    tol = _tol(dtype) if with_norm else {"atol": 0.0, "rtol": 0.0}  # rope alone: same roundings
+    torch.testing.assert_close(got_q.cpu(), expect_q, **tol)
+    torch.testing.assert_close(got_k.cpu(), expect_k, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 1500])
+@pytest.mark.parametrize("num_tokens", [1, 9])
+def test_silu_and_mul(num_tokens: int, d: int, dtype: torch.dtype) -> None:
+    from minivllm.kernels.activation import silu_and_mul
+
+    gen = _gen(num_tokens + d)
+    x = (4 * torch.randn(num_tokens, 2 * d, generator=gen)).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    expect = F.silu(gate) * up
+    got = silu_and_mul(x.to(DEVICE), out=poison_like(expect).to(DEVICE))
+    torch.testing.assert_close(got.cpu(), expect, **_tol(dtype))
