@@ -1,4 +1,4 @@
-"""Shared helpers for the kernel benchmarks: timing, the card's copy bandwidth, peak memory, output."""
+"""Helpers shared by the kernel benchmarks: timing, copy bandwidth, peak memory, output."""
 
 from __future__ import annotations
 

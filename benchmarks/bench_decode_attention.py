@@ -153,8 +153,8 @@ def bench_decode(batch, ctx, args, dtype, copy_gbs, sweep):
         if best is None or sweep_rows[-1]["us"] < best[1]["us"]:
             best = (kw, sweep_rows[-1])
     kw = best[0]
-    ours = lambda: decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale,  # noqa: E731
-                                    out=out, **kw)
+    def ours():
+        return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, out=out, **kw)
     record("triton paged decode (ours)", ours, expect)
     if DEVICE == "cuda":
         replay = graph_of(ours)

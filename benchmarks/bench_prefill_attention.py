@@ -410,7 +410,8 @@ def plot(rows, path, info):
     if all(r["peak_mib"] > 0 for r in causal):
         ax2.set_yscale("log")
     ax1.legend(fontsize=8)
-    fig.suptitle(f"prefill attention, {str(DTYPE).split('.')[-1]}, 16q/8kv heads, d=128 — {info['device']}")
+    dtype = str(DTYPE).split(".")[-1]
+    fig.suptitle(f"prefill attention, {dtype}, 16q/8kv heads, d=128 — {info['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")

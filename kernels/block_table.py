@@ -1,4 +1,4 @@
-"""Triton helper shared by the attention kernels: cache row offsets of a key tile via the block table."""
+"""Triton helper shared by the attention kernels: cache row offsets of a key tile (block table)."""
 
 from __future__ import annotations
 

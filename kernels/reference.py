@@ -1,7 +1,7 @@
 """Plain-torch attention over the paged KV cache: the test oracle and the CPU attention backend.
 
-Same signatures as the Triton kernels (docs/interfaces.md). Scores and softmax run in float32 and the
-result is cast back to the query dtype. Vectorized over tokens; prefill loops over sequences (and
+Same signatures as the Triton kernels (docs/interfaces.md). Scores and softmax run in float32 and
+the result is cast back to the query dtype. Vectorized over tokens; prefill loops over sequences (and
 over query chunks of long sequences, to bound the [heads, q, k] score tensor).
 
 KV cache per layer: `k_cache`, `v_cache`: [num_blocks, block_size, num_kv_heads, head_dim].
@@ -92,7 +92,8 @@ def prefill_attention(
             scores.masked_fill_(future, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             oc = torch.matmul(probs, v)  # [kvh, group, c_len, head_dim]
-            out[c_start:c_end] = oc.permute(2, 0, 1, 3).reshape(-1, num_heads, head_dim).to(out.dtype)
+            oc = oc.permute(2, 0, 1, 3).reshape(-1, num_heads, head_dim)
+            out[c_start:c_end] = oc.to(out.dtype)
     return out
 
 
@@ -107,8 +108,8 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query per sequence at position seq_lens[b] - 1 over its paged context.
 
-    Vectorized gather of every block-table entry, no host sync (so it is graph capturable); rows with
-    seq_lens[b] == 0 produce zeros.
+    Vectorized gather of every block-table entry, no host sync (so it is graph capturable); rows
+    with seq_lens[b] == 0 produce zeros.
     """
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]

@@ -68,7 +68,8 @@ def test_decode_reference(block_size, num_heads, num_kv_heads):
         if seq_len == 0:
             assert torch.equal(out[b], torch.zeros_like(out[b]))
             continue
-        expect = naive_attention(q[b : b + 1], k_cache, v_cache, block_tables[b].tolist(), seq_len, 0.25)
+        table = block_tables[b].tolist()
+        expect = naive_attention(q[b : b + 1], k_cache, v_cache, table, seq_len, 0.25)
         torch.testing.assert_close(out[b], expect[0], **TOL)
 
 
