@@ -6,10 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minivllm.layers import use_fused_kernels
+
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, 2 * d] -> [T, d]
-        if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:
+        if use_fused_kernels(x) and x.dim() == 2 and x.stride(-1) == 1:
             from minivllm.kernels.activation import silu_and_mul
 
             return silu_and_mul(x)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minivllm.layers import use_fused_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -27,7 +29,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
-        if x.is_cuda:
+        if use_fused_kernels(x):
             return self._forward_cuda(x, residual)
         if residual is None:
             return self._norm(x)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from minivllm.layers import use_fused_kernels
+
 if TYPE_CHECKING:
     from minivllm.layers.rmsnorm import RMSNorm
 
@@ -47,7 +49,7 @@ class RotaryEmbedding(nn.Module):
         """rope(q), rope(k); with q_norm / k_norm (Qwen3), rope(q_norm(q)), rope(k_norm(k))."""
         assert (q_norm is None) == (k_norm is None)
         if (
-            q.is_cuda
+            use_fused_kernels(q)
             and q.dtype == self.cos_cache.dtype
             and (q_norm is None or q_norm.weight.dtype == k_norm.weight.dtype == q.dtype)
         ):

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from minivllm.layers import use_fused_kernels
+
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -49,7 +51,7 @@ class SamplingTensors:
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         """logits [S, V] -> sampled token ids [S] (int64)."""
-        if logits.is_cuda and not (st.any_top_k_or_p or st.any_min_p):
+        if use_fused_kernels(logits) and not (st.any_top_k_or_p or st.any_min_p):
             return _sample_cuda(logits, st)
         return sample_torch(logits, st)
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call for everything GPU: install, all GPU tests, the end-to-end throughput benchmark
+# (with the Python scheduler and the transformers peer), and the decode-step profile.
+# Logs and JSON go to $OUT (default benchmarks/out/); the throughput table is printed last.
+#   OUT=... bash benchmarks/run_all_device.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -m pip install --no-build-isolation --no-deps -e . -q >"$OUT/pip.log" 2>&1 || tail -20 "$OUT/pip.log"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu >"$OUT/gpu_tests.log" 2>&1
+grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -12
+if ! timeout 230 python3 benchmarks/bench_throughput.py --out "$OUT/throughput.json" \
+     --peer-requests "${PEER_REQUESTS:-32}" >"$OUT/throughput.log" 2>&1; then
+  tail -15 "$OUT/throughput.log"
+  echo "== retry with MINIVLLM_FUSED_KERNELS=0"
+  MINIVLLM_FUSED_KERNELS=0 timeout 150 python3 benchmarks/bench_throughput.py --no-peer \
+    --no-python --out "$OUT/throughput_unfused.json" >"$OUT/throughput_unfused.log" 2>&1
+  tail -12 "$OUT/throughput_unfused.log"
+fi
+timeout 90 python3 benchmarks/profile_decode_step.py --out "$OUT/profile.json" \
+  >"$OUT/profile.log" 2>&1
+grep -A3 "^ running" "$OUT/profile.log"; grep "extras" "$OUT/profile.log"
+grep -vE "^\s*$|Warning|_warn_once|eos_token_id" "$OUT/throughput.log" | tail -14
