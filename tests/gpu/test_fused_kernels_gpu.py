@@ -61,19 +61,33 @@ def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(T, NUM_HEADS, HEAD_DIM), k.view(T, NUM_KV_HEADS, HEAD_DIM)
 
 
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.float() - ref).norm() / ref.norm()).item()
+
+
 @pytest.mark.parametrize("with_norm", [True, False])
 def test_qk_norm_rope_bf16(with_norm: bool) -> None:
+    """Against a float32 oracle on the same bf16 inputs: the kernel rounds once where the torch
+    path rounds after every op (and the compiler may contract a*b+c into an FMA), so the two
+    bf16 results differ by an ulp here and there; the kernel must be at least as accurate."""
     rope = RotaryEmbedding(HEAD_DIM, 40960, 1_000_000.0).to(device="cuda", dtype=DT)
     q_norm, k_norm = (_norm(HEAD_DIM, 4), _norm(HEAD_DIM, 5)) if with_norm else (None, None)
     q, k = _split(_qkv())
     positions = torch.randint(0, 40960, (T,), generator=_gen(6), device="cuda", dtype=torch.int32)
     got_q, got_k = rope(positions, q, k, q_norm, k_norm)  # the layer's CUDA path: the kernel
-    if with_norm:
-        q, k = q_norm._norm(q), k_norm._norm(k)
     cos = rope.cos_cache[positions].unsqueeze(1)
     sin = rope.sin_cache[positions].unsqueeze(1)
-    _close_and_mostly_equal(got_q, _apply(q, cos, sin))
-    _close_and_mostly_equal(got_k, _apply(k, cos, sin))
+    for got, x, norm in ((got_q, q, q_norm), (got_k, k, k_norm)):
+        torch_path = _apply(norm._norm(x) if norm is not None else x, cos, sin)
+        x32 = x.float()
+        if norm is not None:
+            x32 = norm.weight.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True)
+                                                           + norm.eps))
+        ref = _apply(x32, cos.float(), sin.float())
+        torch.testing.assert_close(got.float(), torch_path.float(), atol=3e-2, rtol=2e-2)
+        kernel_err, torch_err = _rel_err(got, ref), _rel_err(torch_path, ref)
+        assert kernel_err < 1e-2, kernel_err
+        assert kernel_err <= 1.25 * torch_err + 1e-4, (kernel_err, torch_err)
 
 
 def test_silu_and_mul_bf16() -> None:

@@ -143,9 +143,11 @@ class StepInputs:
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    attn_metadata: AttentionMetadata
+    attn_metadata: AttentionMetadata | None  # None when a CUDA graph replays the step
     logits_indices: torch.Tensor  # [S]
     sampling: SamplingTensors
+    graph_batch_size: int | None = None  # the captured bucket this decode-only step replays
+    samples_every_token: bool = False  # S == T, so logits_indices is arange(T)
 
 
 class ModelRunner:
@@ -317,9 +319,10 @@ class ModelRunner:
         buf.host_view("top_p")[:num_sampled] = top_p
         buf.host_view("min_p")[:num_sampled] = min_p
         buf.host_view("uniforms")[:num_sampled] = uniforms
-        if self._graph_bucket(num_tokens, nd, num_rows) is not None:
+        graph_bs = self._graph_bucket(num_tokens, nd, num_rows)
+        if graph_bs is not None:
             # Padded graph rows: seq_len 0 and slot -1 read no KV and write nowhere.
-            bs = self.graph_runner.bucket(nd)
+            bs = graph_bs
             buf.host_view("input_ids")[nd:bs] = 0
             buf.host_view("positions")[nd:bs] = 0
             buf.host_view("slot_mapping")[nd:bs] = -1
@@ -327,19 +330,21 @@ class ModelRunner:
         buf.upload()
 
         sampling_rows = (temperature > 0) & (top_k != 1)
-        prefill_query_lens = np.diff(prefill_qsl)
-        bt = buf.dev_block_tables()
-        seq_lens = buf.dev("seq_lens")
-        meta = AttentionMetadata(
-            num_decodes=nd,
-            slot_mapping=buf.dev("slot_mapping")[:num_tokens],
-            decode_seq_lens=seq_lens[:nd],
-            decode_block_tables=bt[:nd, :width],
-            prefill_cu_seqlens_q=buf.dev("prefill_cu_seqlens")[: num_rows - nd + 1],
-            prefill_seq_lens=seq_lens[nd:num_rows],
-            prefill_block_tables=bt[nd:num_rows, :width],
-            max_prefill_query_len=int(prefill_query_lens.max()) if num_rows > nd else 0,
-        )
+        meta = None
+        if graph_bs is None:  # a replayed graph reads its own fixed views
+            prefill_query_lens = np.diff(prefill_qsl)
+            bt = buf.dev_block_tables()
+            seq_lens = buf.dev("seq_lens")
+            meta = AttentionMetadata(
+                num_decodes=nd,
+                slot_mapping=buf.dev("slot_mapping")[:num_tokens],
+                decode_seq_lens=seq_lens[:nd],
+                decode_block_tables=bt[:nd, :width],
+                prefill_cu_seqlens_q=buf.dev("prefill_cu_seqlens")[: num_rows - nd + 1],
+                prefill_seq_lens=seq_lens[nd:num_rows],
+                prefill_block_tables=bt[nd:num_rows, :width],
+                max_prefill_query_len=int(prefill_query_lens.max()) if num_rows > nd else 0,
+            )
         sampling = SamplingTensors(
             temperature=buf.dev("temperature")[:num_sampled],
             top_k=buf.dev("top_k")[:num_sampled],
@@ -358,15 +363,15 @@ class ModelRunner:
             attn_metadata=meta,
             logits_indices=buf.dev("logits_indices")[:num_sampled],
             sampling=sampling,
+            graph_batch_size=graph_bs,
+            samples_every_token=num_sampled == num_tokens,
         )
 
     def run_model(self, inputs: StepInputs) -> torch.Tensor:
         """The forward pass: [T] tokens -> [T, hidden]; decode-only steps replay a CUDA graph."""
-        meta = inputs.attn_metadata
-        num_tokens = inputs.input_ids.shape[0]
-        if self._graph_bucket(num_tokens, meta.num_decodes, meta.num_decodes + meta.num_prefills):
-            return self.graph_runner.replay(meta.num_decodes)
-        return self.model(inputs.input_ids, inputs.positions, meta)
+        if inputs.graph_batch_size is not None:
+            return self.graph_runner.replay(inputs.input_ids.shape[0])
+        return self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
 
     def _graph_bucket(self, num_tokens: int, num_decodes: int, num_rows: int) -> int | None:
         """The captured batch size for a decode-only step, or None when it runs eagerly."""
@@ -401,7 +406,9 @@ class ModelRunner:
         hidden = self.run_model(inputs)
         if inputs.logits_indices.shape[0] == 0:
             return np.zeros(0, dtype=np.int64)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        # logits_indices is strictly increasing, so S == T means every row: skip the gather.
+        sampled_hidden = hidden if inputs.samples_every_token else hidden[inputs.logits_indices]
+        logits = self.model.compute_logits(sampled_hidden)
         token_ids = self.sampler(logits, inputs.sampling)
         return token_ids.cpu().numpy()
 
