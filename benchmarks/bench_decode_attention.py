@@ -234,7 +234,7 @@ def bench_store(num_tokens, args, dtype, copy_gbs, sweep):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="64x2048,16x8192,1x32768",
+    parser.add_argument("--cases", default="64x2048,16x8192,1x32768,256x512",
                         help="BATCHxCTX cases with targets")
     parser.add_argument("--curve", default="16x1024,16x2048,16x4096,16x16384,16x32768",
                         help="extra cases for the GB/s-vs-context plot")

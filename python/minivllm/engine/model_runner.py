@@ -104,22 +104,28 @@ class _StepBuffers:
         )
         self.host_np = self.host.numpy()
         self.copy_done: torch.cuda.Event | None = None
+        # Whole-field views, made once: a step then costs one slice per field, not three ops.
+        self._host_views: dict[str, np.ndarray] = {}
+        self._dev_views: dict[str, torch.Tensor] = {}
+        for name, (start, size) in self.offsets.items():
+            host, dev = self.host_np[start : start + size], self.device_buf[start : start + size]
+            if name in _FLOAT_FIELDS:
+                host, dev = host.view(np.float32), dev.view(torch.float32)
+            self._host_views[name], self._dev_views[name] = host, dev
+        self._host_block_tables = self._host_views["block_tables"].reshape(max_seqs, max_blocks)
+        self._dev_block_tables = self._dev_views["block_tables"].view(max_seqs, max_blocks)
 
     def host_view(self, name: str) -> np.ndarray:
-        start, size = self.offsets[name]
-        view = self.host_np[start : start + size]
-        return view.view(np.float32) if name in _FLOAT_FIELDS else view
+        return self._host_views[name]
 
     def dev(self, name: str) -> torch.Tensor:
-        start, size = self.offsets[name]
-        view = self.device_buf[start : start + size]
-        return view.view(torch.float32) if name in _FLOAT_FIELDS else view
+        return self._dev_views[name]
 
     def dev_block_tables(self) -> torch.Tensor:  # [max_seqs, max_blocks]
-        return self.dev("block_tables").view(self.max_seqs, self.max_blocks)
+        return self._dev_block_tables
 
     def host_block_tables(self) -> np.ndarray:
-        return self.host_view("block_tables").reshape(self.max_seqs, self.max_blocks)
+        return self._host_block_tables
 
     def wait_for_upload(self) -> None:
         """The staging buffer may be rewritten only once the last upload has left it."""
