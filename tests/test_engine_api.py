@@ -223,11 +223,6 @@ def test_minivllm_llm_engine_local_tokenizer_and_errors(tiny_qwen3):
         LLMEngine(config={k: v for k, v in config.items() if k != "hidden_size"})
 
 
-def test_llm_rejects_tensor_parallel_for_now(tiny_qwen3):
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size"):
-        LLM(str(tiny_qwen3), device="cpu", scheduler="python", tensor_parallel_size=2)
-
-
 def test_graph_padding_path_on_cpu(tiny_qwen3):
     """The decode-graph path without CUDA: a stand-in graph runner replays eagerly on the fixed
     views, so bucketing, padded rows (seq_len 0, slot -1) and the metadata the graphs read are

@@ -223,6 +223,7 @@ class EngineConfig:
                 f"{self.max_num_seqs} (every running sequence's decode must fit in one step)"
             )
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        self._check_tensor_parallel()
         _check_int("seed", self.seed, 0)
         if self.num_kv_blocks is not None:
             _check_int("num_kv_blocks", self.num_kv_blocks, 1)
@@ -253,6 +254,38 @@ class EngineConfig:
         for name in ("enable_prefix_caching", "enforce_eager"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def _check_tensor_parallel(self) -> None:
+        """Every rank holds whole heads and an equal slice of the MLP (the vocabulary is
+        padded instead); on CUDA rank i runs on cuda:i, so there must be that many GPUs."""
+        n, mc = self.tensor_parallel_size, self.model_config
+        if n == 1:
+            return
+        if self.torch_device.type == "cuda":
+            if self.device is not None and torch.device(self.device).index not in (None, 0):
+                raise ValueError(
+                    f"device={self.device!r} with tensor_parallel_size={n}: rank i runs on "
+                    "cuda:i, so pass device='cuda'"
+                )
+            available = torch.cuda.device_count()
+            if n > available:
+                raise ValueError(
+                    f"tensor_parallel_size={n} needs {n} GPUs, but only {available} are visible"
+                )
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            value = getattr(mc, name)
+            if value % n:
+                raise ValueError(
+                    f"tensor_parallel_size={n} must divide the checkpoint's {name}={value}"
+                )
+
+    def rank_device(self, rank: int) -> torch.device:
+        """Where tensor-parallel rank `rank` runs: cuda:rank on GPUs (one GPU: torch_device),
+        the CPU on the CPU."""
+        device = self.torch_device
+        if device.type == "cuda" and self.tensor_parallel_size > 1:
+            return torch.device("cuda", rank)
+        return device
 
     @property
     def torch_device(self) -> torch.device:

@@ -70,6 +70,9 @@ class LLM:
     max_num_batched_tokens, block_size, num_kv_blocks, gpu_memory_utilization,
     enable_prefix_caching, enforce_eager, tensor_parallel_size, scheduler, attention_backend,
     load_format, seed, tokenizer.
+
+    With tensor_parallel_size > 1 the engine owns worker processes: `close()` ends them (also a
+    context manager, on garbage collection, and at interpreter exit).
     """
 
     def __init__(self, model: str, **engine_args: Any):
@@ -77,13 +80,17 @@ class LLM:
         scheduler_class(self.config.scheduler)  # fail before loading weights if it is missing
         self.tokenizer = load_tokenizer(self.config.tokenizer_path)
         self.model_runner = ModelRunner(self.config)
-        num_blocks = self.model_runner.kv_cache_info.num_blocks
-        self.runtime = RuntimeInfo(
-            num_kv_blocks=num_blocks,
-            eos_token_ids=self._find_eos_token_ids(),
-            vocab_size=self.config.model_config.vocab_size,
-        )
-        self.scheduler = make_scheduler(self.config, num_blocks)
+        try:
+            num_blocks = self.model_runner.kv_cache_info.num_blocks
+            self.runtime = RuntimeInfo(
+                num_kv_blocks=num_blocks,
+                eos_token_ids=self._find_eos_token_ids(),
+                vocab_size=self.config.model_config.vocab_size,
+            )
+            self.scheduler = make_scheduler(self.config, num_blocks)
+        except BaseException:
+            self.model_runner.close()
+            raise
         self._next_seq_id = 0
         self._seed_rng = np.random.default_rng(self.config.seed)
         logger.info(
@@ -97,6 +104,24 @@ class LLM:
         )
 
     # ---- public API ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End the tensor-parallel workers; the engine cannot generate afterwards. Idempotent."""
+        runner = self.__dict__.get("model_runner")
+        if runner is not None:
+            runner.close()
+
+    def __enter__(self) -> LLM:  # noqa: PYI034 - py310 has no typing.Self
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - nothing useful to do during collection
+            pass
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer

@@ -123,6 +123,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
     """Random weights for load_format='dummy': normal(0, std) matrices, ones for norms, zero biases.
 
     Drawn on the parameters' own device (a generator per device), so no host-sized copy is needed.
+    A tensor-parallel shard draws its parameter's full shape and keeps its slice through the
+    weight_loader, so every tensor_parallel_size gives the same model for the same seed.
     """
     generators: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
@@ -135,5 +137,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
                 param.fill_(1.0)
             elif name.endswith(".bias"):
                 param.zero_()
-            else:
+            elif getattr(param, "full_shape", tuple(param.shape)) == tuple(param.shape):
                 param.normal_(0.0, std, generator=gen)
+            else:
+                full = torch.empty(param.full_shape, dtype=param.dtype, device=param.device)
+                param.weight_loader(param, full.normal_(0.0, std, generator=gen))

@@ -5,6 +5,12 @@ it to one persistent device buffer with a single copy; the model and the sampler
 views of it, which is what lets a CUDA graph replay a decode step (issue 5 hooks in at
 `run_model`). Logits are computed only at the sampled rows and sampled on the device; the only
 sync per step is reading back the sampled ids.
+
+With tensor_parallel_size=N, rank 0's runner starts N-1 workers (engine/workers.py), each running
+this same class on its own rank. A step is staged on rank 0 only (`_stage`: Batch -> staging
+buffer + a small header); rank 0 sends the header and the used part of the buffer to the workers,
+and every rank then runs `_step` on its own copy: same views, same forward (the layers' collectives
+line up), same logits; only rank 0 samples.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import numpy as np
@@ -20,6 +26,8 @@ import torch
 
 from minivllm.config import EngineConfig
 from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
+from minivllm.engine.distributed import SINGLE_DEVICE, TPGroup, building_model
+from minivllm.engine.workers import CMD_STEP, SHUTDOWN_TIMEOUT_S, TPWorkers, WorkerError
 from minivllm.layers.attention import AttentionMetadata, get_attention_backend
 from minivllm.layers.sampler import Sampler, SamplingTensors, sampling_uniforms
 from minivllm.models.qwen3 import MODEL_REGISTRY
@@ -54,7 +62,7 @@ class KVCacheInfo:
 
     num_blocks: int
     block_size: int
-    bytes_per_block: int  # all layers, K and V
+    bytes_per_block: int  # all layers, K and V, this rank's KV heads
 
     @property
     def num_tokens(self) -> int:
@@ -127,6 +135,31 @@ class _StepBuffers:
     def host_block_tables(self) -> np.ndarray:
         return self._host_block_tables
 
+    def pack(self, header: _StepHeader) -> np.ndarray:
+        """The header and the used part of every field the forward reads, in one int32 array
+        (what rank 0 sends its workers; they do not sample, so sampling fields stay behind)."""
+        parts = [header.to_array()]
+        for name, length in _payload_spans(header):
+            start = self.offsets[name][0]
+            parts.append(self.host_np[start : start + length])
+        parts.append(self._host_block_tables[: header.num_rows, : header.width].ravel())
+        return np.concatenate(parts)
+
+    def unpack(self, message: np.ndarray) -> _StepHeader:
+        """A worker's side of `pack`: fill the staging buffer, return the header."""
+        self.wait_for_upload()
+        header = _StepHeader.from_array(message)
+        pos = _StepHeader.LENGTH
+        for name, length in _payload_spans(header):
+            start = self.offsets[name][0]
+            self.host_np[start : start + length] = message[pos : pos + length]
+            pos += length
+        rows, width = header.num_rows, header.width
+        self._host_block_tables[:rows, :width] = message[pos : pos + rows * width].reshape(
+            rows, width
+        )
+        return header
+
     def wait_for_upload(self) -> None:
         """The staging buffer may be rewritten only once the last upload has left it."""
         if self.copy_done is not None:
@@ -143,6 +176,50 @@ class _StepBuffers:
 _FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p", "uniforms"})
 
 
+@dataclass(frozen=True)
+class _StepHeader:
+    """The host ints of one step that are not in the staging buffer; every rank builds the
+    same StepInputs from these and its buffer."""
+
+    num_tokens: int
+    num_decodes: int
+    num_rows: int
+    num_sampled: int
+    width: int  # block-table columns in use
+    max_prefill_query_len: int
+    graph_batch_size: int  # the captured bucket a decode-only step replays; 0: eager
+    all_greedy: bool
+    any_top_k_or_p: bool
+    any_min_p: bool
+
+    LENGTH = 11  # the command word, then the fields above
+
+    def to_array(self) -> np.ndarray:
+        return np.array(
+            [CMD_STEP, *(int(getattr(self, f.name)) for f in fields(self))], dtype=np.int32
+        )
+
+    @classmethod
+    def from_array(cls, a: np.ndarray) -> _StepHeader:
+        v = [int(x) for x in a[1 : cls.LENGTH]]
+        return cls(*v[:7], bool(v[7]), bool(v[8]), bool(v[9]))
+
+
+def _payload_spans(h: _StepHeader) -> list[tuple[str, int]]:
+    """(field, used length) of the fields the forward reads; a replayed graph also reads its
+    padding rows, which `_stage` neutralised."""
+    tokens = max(h.num_tokens, h.graph_batch_size)
+    rows = max(h.num_rows, h.graph_batch_size)
+    return [
+        ("input_ids", tokens),
+        ("positions", tokens),
+        ("slot_mapping", tokens),
+        ("seq_lens", rows),
+        ("prefill_cu_seqlens", h.num_rows - h.num_decodes + 1),
+        ("logits_indices", h.num_sampled),
+    ]
+
+
 @dataclass
 class StepInputs:
     """Device views for one step, handed to the model and the sampler."""
@@ -157,20 +234,42 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    """Rank 0's runner (`tp_group` None) starts the tensor-parallel workers when
+    tensor_parallel_size > 1; a worker builds its own with the group it joined."""
+
+    def __init__(self, config: EngineConfig, tp_group: TPGroup | None = None):
         self.config = config
-        self.device = config.torch_device
+        self.workers: TPWorkers | None = None
+        self.is_closed = False
+        self.tp = tp_group if tp_group is not None else SINGLE_DEVICE
+        self.device = config.rank_device(self.tp.rank)
         self.dtype = config.torch_dtype
-        mc = config.model_config
-        if config.tensor_parallel_size > 1:
-            raise NotImplementedError("tensor_parallel_size > 1 is not implemented yet")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if tp_group is None and config.tensor_parallel_size > 1:
+            self.workers = TPWorkers(config)
+            self.tp = self.workers.group
+        try:
+            self._build()
+        except BaseException as e:
+            try:
+                if self.workers is not None and isinstance(e, RuntimeError):
+                    # A collective failed: if a worker died first, raise its traceback.
+                    self.workers.check_alive(wait_s=2.0)
+            finally:
+                self.close(timeout_s=0.0)
+            raise
+
+    def _build(self) -> None:
+        config, mc = self.config, self.config.model_config
         self.backend = get_attention_backend(config.attention_backend_name)
         model_cls = MODEL_REGISTRY[mc.architecture]
-        with _default_dtype(self.dtype), torch.device(self.device):
+        with _default_dtype(self.dtype), torch.device(self.device), building_model(self.tp):
             self.model = model_cls(mc, self.backend)
         self.model.eval()
+        if self.tp.size > 1:
+            # Set the communicator up now, so the memory profile below sees it in use.
+            self.tp.all_reduce(torch.zeros(1, device=self.device))
         if config.load_format == "dummy":
             init_dummy_weights(self.model, seed=config.seed)
         else:
@@ -183,29 +282,52 @@ class ModelRunner:
         )
         self.graph_runner: CudaGraphRunner | None = None  # captured after the pool is sized
         self.kv_cache_info = self._allocate_kv_cache()
-        logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB) on %s, attention backend %s",
-            self.kv_cache_info.num_blocks,
-            config.block_size,
-            self.kv_cache_info.num_tokens,
-            self.kv_cache_info.num_blocks * self.kv_cache_info.bytes_per_block / 2**20,
-            self.device,
-            self.backend.name,
-        )
+        if self.tp.rank == 0:
+            logger.info(
+                "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per rank) on %s, "
+                "attention backend %s, tensor_parallel_size %d",
+                self.kv_cache_info.num_blocks,
+                config.block_size,
+                self.kv_cache_info.num_tokens,
+                self.kv_cache_info.num_blocks * self.kv_cache_info.bytes_per_block / 2**20,
+                self.device,
+                self.backend.name,
+                self.tp.size,
+            )
         # The torch reference backend syncs on sequence lengths, so only Triton is captured.
         if (
             self.device.type == "cuda"
             and not config.enforce_eager
             and self.backend.name == "triton"
         ):
-            self.graph_runner = self._capture_cuda_graphs()
+            if self.tp.size > 1:
+                if self.tp.rank == 0:
+                    logger.info(
+                        "CUDA graphs off: tensor_parallel_size=%d runs every step eagerly "
+                        "(graph capture with NCCL collectives is not implemented)",
+                        self.tp.size,
+                    )
+            else:
+                self.graph_runner = self._capture_cuda_graphs()
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """End the tensor-parallel workers (rank 0; nothing to do on one device). Idempotent."""
+        self.is_closed = True
+        if self.workers is not None:
+            workers, self.workers = self.workers, None
+            workers.close(SHUTDOWN_TIMEOUT_S if timeout_s is None else timeout_s)
 
     # ---- KV cache --------------------------------------------------------------------------
+
+    @property
+    def _num_kv_heads(self) -> int:
+        """KV heads on this rank (EngineConfig checked that tensor_parallel_size divides them)."""
+        return self.config.model_config.num_key_value_heads // self.tp.size
 
     def _bytes_per_block(self) -> int:
         mc = self.config.model_config
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elem
+        per_token = 2 * mc.num_hidden_layers * self._num_kv_heads * mc.head_dim * elem
         return per_token * self.config.block_size
 
     def _allocate_kv_cache(self) -> KVCacheInfo:
@@ -219,6 +341,8 @@ class ModelRunner:
         else:
             wanted = config.max_num_seqs * needed
             num_blocks = max(needed, min(wanted, CPU_KV_CACHE_BYTES // bytes_per_block))
+        # Every rank holds the same block ids: the pool is what the tightest rank affords.
+        num_blocks = self.tp.min_int(num_blocks, self.device)
         if num_blocks < needed:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens "
@@ -231,7 +355,7 @@ class ModelRunner:
             mc.num_hidden_layers,
             num_blocks,
             config.block_size,
-            mc.num_key_value_heads,
+            self._num_kv_heads,
             mc.head_dim,
         )
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -259,7 +383,7 @@ class ModelRunner:
                 mc.num_hidden_layers,
                 num_tmp_blocks,
                 config.block_size,
-                mc.num_key_value_heads,
+                self._num_kv_heads,
                 mc.head_dim,
             ),
             dtype=self.dtype,
@@ -267,7 +391,8 @@ class ModelRunner:
         )
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = tmp[0, i], tmp[1, i]
-        self.execute(batch, np.zeros(len(batch.logits_indices), dtype=np.uint64))
+        # Every rank runs the same warm-up step itself, so the collectives line up.
+        self._step(self._stage(batch, np.zeros(len(batch.logits_indices), dtype=np.uint64)))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
         del tmp
@@ -288,7 +413,11 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------------
 
     def prepare(self, batch: BatchLike, seeds: np.ndarray) -> StepInputs:
-        """Copy the Batch into the staging buffer, upload it once, and build device views.
+        """Stage the Batch and build its device views (one device; benchmarks use it)."""
+        return self._build_inputs(self._stage(batch, seeds))
+
+    def _stage(self, batch: BatchLike, seeds: np.ndarray) -> _StepHeader:
+        """Copy the Batch into the staging buffer (rank 0) and sum up the step in a header.
         A decode-only step that replays a CUDA graph also gets its padding rows neutralised."""
         buf = self.buffers
         buf.wait_for_upload()
@@ -333,23 +462,41 @@ class ModelRunner:
             buf.host_view("positions")[nd:bs] = 0
             buf.host_view("slot_mapping")[nd:bs] = -1
             buf.host_view("seq_lens")[nd:bs] = 0
-        buf.upload()
-
         sampling_rows = (temperature > 0) & (top_k != 1)
+        return _StepHeader(
+            num_tokens=num_tokens,
+            num_decodes=nd,
+            num_rows=num_rows,
+            num_sampled=num_sampled,
+            width=width,
+            max_prefill_query_len=int(np.diff(prefill_qsl).max()) if num_rows > nd else 0,
+            graph_batch_size=graph_bs or 0,
+            all_greedy=not bool(sampling_rows.any()),
+            any_top_k_or_p=bool(
+                (sampling_rows & (((top_k > 0) & (top_k < self.vocab_size)) | (top_p < 1))).any()
+            ),
+            any_min_p=bool((sampling_rows & (min_p > 0)).any()),
+        )
+
+    def _build_inputs(self, h: _StepHeader) -> StepInputs:
+        """Upload the staging buffer once and build the step's device views (every rank)."""
+        buf = self.buffers
+        buf.upload()
+        nd, num_rows = h.num_decodes, h.num_rows
+        num_tokens, num_sampled = h.num_tokens, h.num_sampled
         meta = None
-        if graph_bs is None:  # a replayed graph reads its own fixed views
-            prefill_query_lens = np.diff(prefill_qsl)
+        if not h.graph_batch_size:  # a replayed graph reads its own fixed views
             bt = buf.dev_block_tables()
             seq_lens = buf.dev("seq_lens")
             meta = AttentionMetadata(
                 num_decodes=nd,
                 slot_mapping=buf.dev("slot_mapping")[:num_tokens],
                 decode_seq_lens=seq_lens[:nd],
-                decode_block_tables=bt[:nd, :width],
+                decode_block_tables=bt[:nd, : h.width],
                 prefill_cu_seqlens_q=buf.dev("prefill_cu_seqlens")[: num_rows - nd + 1],
                 prefill_seq_lens=seq_lens[nd:num_rows],
-                prefill_block_tables=bt[nd:num_rows, :width],
-                max_prefill_query_len=int(prefill_query_lens.max()) if num_rows > nd else 0,
+                prefill_block_tables=bt[nd:num_rows, : h.width],
+                max_prefill_query_len=h.max_prefill_query_len,
             )
         sampling = SamplingTensors(
             temperature=buf.dev("temperature")[:num_sampled],
@@ -357,11 +504,9 @@ class ModelRunner:
             top_p=buf.dev("top_p")[:num_sampled],
             min_p=buf.dev("min_p")[:num_sampled],
             uniforms=buf.dev("uniforms")[:num_sampled],
-            all_greedy=not bool(sampling_rows.any()),
-            any_top_k_or_p=bool(
-                (sampling_rows & (((top_k > 0) & (top_k < self.vocab_size)) | (top_p < 1))).any()
-            ),
-            any_min_p=bool((sampling_rows & (min_p > 0)).any()),
+            all_greedy=h.all_greedy,
+            any_top_k_or_p=h.any_top_k_or_p,
+            any_min_p=h.any_min_p,
         )
         return StepInputs(
             input_ids=buf.dev("input_ids")[:num_tokens],
@@ -369,7 +514,7 @@ class ModelRunner:
             attn_metadata=meta,
             logits_indices=buf.dev("logits_indices")[:num_sampled],
             sampling=sampling,
-            graph_batch_size=graph_bs,
+            graph_batch_size=h.graph_batch_size or None,
             samples_every_token=num_sampled == num_tokens,
         )
 
@@ -407,14 +552,35 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: BatchLike, seeds: np.ndarray) -> np.ndarray:
-        """Run one step; `seeds` [S] uint64 per sampled row. Returns sampled ids, int64 [S]."""
-        inputs = self.prepare(batch, seeds)
+        """Run one step; `seeds` [S] uint64 per sampled row. Returns sampled ids, int64 [S].
+        With tensor parallelism this is rank 0's call: it also drives the workers."""
+        if self.is_closed:
+            raise RuntimeError("this engine was closed")
+        header = self._stage(batch, seeds)
+        if self.workers is None:
+            return self._step(header)
+        self.workers.send(self.buffers.pack(header))
+        try:
+            return self._step(header)
+        except RuntimeError as e:  # a collective failed: name the worker behind it
+            self.workers.check_alive(wait_s=2.0)
+            raise WorkerError(f"tensor-parallel step failed: {e}") from e
+
+    @torch.inference_mode()
+    def execute_worker_step(self, message: np.ndarray) -> None:
+        """A worker's side of `execute`: the step rank 0 packed, run on this rank's shards."""
+        self._step(self.buffers.unpack(message))
+
+    def _step(self, header: _StepHeader) -> np.ndarray:
+        inputs = self._build_inputs(header)
         hidden = self.run_model(inputs)
-        if inputs.logits_indices.shape[0] == 0:
+        if header.num_sampled == 0:
             return np.zeros(0, dtype=np.int64)
         # logits_indices is strictly increasing, so S == T means every row: skip the gather.
         sampled_hidden = hidden if inputs.samples_every_token else hidden[inputs.logits_indices]
-        logits = self.model.compute_logits(sampled_hidden)
+        logits = self.model.compute_logits(sampled_hidden)  # every rank: the LM head gathers
+        if self.tp.rank != 0:
+            return np.zeros(0, dtype=np.int64)  # only rank 0 samples
         token_ids = self.sampler(logits, inputs.sampling)
         return token_ids.cpu().numpy()
 

@@ -6,12 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minivllm.engine.distributed import (
-    get_tp_rank,
-    get_tp_size,
-    tp_all_gather_last_dim,
-    tp_all_reduce,
-)
+from minivllm.engine.distributed import get_tp_group
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -20,14 +15,16 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
-        self.tp_rank = get_tp_rank()
-        self.tp_size = get_tp_size()
+        self.tp_group = get_tp_group()  # the group of the model being built
+        self.tp_rank = self.tp_group.rank
+        self.tp_size = self.tp_group.size
         self.num_embeddings = num_embeddings
         self.shard_size = -(-num_embeddings // self.tp_size)
         self.vocab_start = self.tp_rank * self.shard_size
         self.vocab_end = min(self.vocab_start + self.shard_size, num_embeddings)
         self.weight = nn.Parameter(torch.empty(self.shard_size, embedding_dim), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.weight.full_shape = (num_embeddings, embedding_dim)  # what weight_loader takes
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         expected = (self.num_embeddings, param.shape[1])
@@ -43,7 +40,7 @@ class VocabParallelEmbedding(nn.Module):
         in_shard = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local_ids = torch.where(in_shard, input_ids - self.vocab_start, 0)
         y = F.embedding(local_ids, self.weight) * in_shard.unsqueeze(-1).to(self.weight.dtype)
-        return tp_all_reduce(y)
+        return self.tp_group.all_reduce(y)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -55,5 +52,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, vocab]
         logits = F.linear(hidden_states, self.weight)
         if self.tp_size > 1:
-            logits = tp_all_gather_last_dim(logits)[:, : self.num_embeddings]
+            logits = self.tp_group.all_gather_last_dim(logits)[:, : self.num_embeddings]
         return logits

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minivllm.engine.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+from minivllm.engine.distributed import get_tp_group, get_tp_size
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -39,14 +39,21 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
         super().__init__()
-        self.tp_rank = get_tp_rank()
-        self.tp_size = get_tp_size()
+        self.tp_group = get_tp_group()  # the group of the model being built
+        self.tp_rank = self.tp_group.rank
+        self.tp_size = self.tp_group.size
         self.tp_dim = tp_dim  # which weight dim is sharded: 0 = output, 1 = input, None = neither
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        # The unsharded shape, which weight_loader accepts (dummy weights draw it).
+        full = [output_size, input_size]
+        if tp_dim is not None:
+            full[tp_dim] *= self.tp_size
+        self.weight.full_shape = tuple(full)
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
+            self.bias.full_shape = (full[0],)
         else:
             self.register_parameter("bias", None)
 
@@ -97,8 +104,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None
     ) -> None:
-        if shard_id is None:  # already packed in the checkpoint
-            return super().weight_loader(param, loaded)
+        if shard_id is None:  # packed: load each projection at its own offset
+            pieces = loaded.split(self.output_sizes, dim=0)
+            for i, piece in enumerate(pieces):
+                self.weight_loader(param, piece, i)
+            return
         sizes = [s // self.tp_size for s in self.output_sizes]
         offset, size = sum(sizes[:shard_id]), sizes[shard_id]
         expected = (self.output_sizes[shard_id], *param.shape[1:])
@@ -131,8 +141,14 @@ class QKVParallelLinear(ColumnParallelLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None
     ) -> None:
-        if shard_id is None:
-            return super().weight_loader(param, loaded)
+        if shard_id is None:  # packed: load each projection at its own offset
+            full = self.tp_size * self.head_dim
+            sizes = [self.num_heads * full, self.num_kv_heads * full, self.num_kv_heads * full]
+            if loaded.shape[0] != sum(sizes):
+                raise ValueError(f"shape {tuple(loaded.shape)}, expected {sum(sizes)} rows")
+            for shard, piece in zip("qkv", loaded.split(sizes, dim=0)):
+                self.weight_loader(param, piece, shard)
+            return
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[
@@ -153,4 +169,4 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        return tp_all_reduce(y)
+        return self.tp_group.all_reduce(y)

@@ -1,0 +1,209 @@
+"""Tensor-parallel worker processes: rank 0's handle on them (`TPWorkers`) and their loop.
+
+`tensor_parallel_size=N` spawns N-1 workers. Rank 0 keeps the scheduler; each step it sends the
+step header and the used parts of its staging buffer down one pipe per worker, and every rank then
+builds the step from its own copy with the same code and runs the forward (the model's collectives
+go through the engine's TPGroup). Steps travel over pipes rather than a torch.distributed
+broadcast because a worker waits for the next step as long as the engine sits idle, and a
+collective would time out; a pipe waits forever and ends with EOF if rank 0 goes away.
+
+A worker that fails sends its traceback up its pipe and exits; rank 0 checks the workers before
+every step, and a collective with a dead peer raises at once (gloo) or after the group's timeout.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import sys
+import time
+import traceback
+import weakref
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from minivllm.config import EngineConfig
+from minivllm.engine.distributed import TPGroup, connect_store, create_group, create_store
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+logger = logging.getLogger(__name__)
+
+# How long start-up waits for a spawned worker to reach the store (it imports torch first).
+STARTUP_TIMEOUT_S = 300.0
+# How long close() waits for a worker to leave its loop before terminating it.
+SHUTDOWN_TIMEOUT_S = 10.0
+
+CMD_STEP, CMD_SHUTDOWN = 1, 2
+
+_live: weakref.WeakSet[TPWorkers] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Runs before multiprocessing's own exit hook (registered earlier), so workers get a clean
+    # shutdown instead of a terminate.
+    for workers in list(_live):
+        workers.close()
+
+
+class WorkerError(RuntimeError):
+    """A tensor-parallel worker died or failed."""
+
+
+class TPWorkers:
+    """Rank 0's side: the N-1 spawned workers, their pipes, and the group they joined."""
+
+    def __init__(self, config: EngineConfig):
+        size = config.tensor_parallel_size
+        ctx = mp.get_context("spawn")
+        store = create_store(size)
+        self.procs: list[BaseProcess] = []
+        self.conns: list[Connection] = []
+        self.group: TPGroup | None = None
+        self.failed: str | None = None
+        _live.add(self)
+        try:
+            for rank in range(1, size):
+                parent, child = ctx.Pipe(duplex=True)
+                proc = ctx.Process(
+                    target=_worker_main,
+                    args=(config, rank, store.port, child),
+                    name=f"minivllm-tp{rank}",
+                    daemon=True,  # never outlive rank 0, even if close() is never reached
+                )
+                proc.start()
+                child.close()
+                self.procs.append(proc)
+                self.conns.append(parent)
+            self._wait_for_store(store, size)
+            self.group = create_group(store, 0, size, config.rank_device(0))
+        except BaseException:
+            self.close(timeout_s=0.0)
+            raise
+        logger.info(
+            "tensor parallel: %d ranks, workers %s, store 127.0.0.1:%d",
+            size,
+            [p.pid for p in self.procs],
+            store.port,
+        )
+
+    def _wait_for_store(self, store: object, size: int) -> None:
+        """Wait until every worker has reached the store, failing fast if one died first."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        keys = [f"joined/{rank}" for rank in range(1, size)]
+        while not store.check(keys):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise WorkerError(
+                    f"tensor-parallel workers did not start within {STARTUP_TIMEOUT_S:.0f} s"
+                )
+            time.sleep(0.02)
+
+    def check_alive(self, wait_s: float = 0.0) -> None:
+        """Raise WorkerError naming the first worker that has exited (with its traceback).
+        `wait_s`: give a worker that is on its way out that long to finish exiting."""
+        if self.failed is not None:
+            raise WorkerError(self.failed)
+        if wait_s > 0:
+            mp.connection.wait([p.sentinel for p in self.procs], timeout=wait_s)
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
+            if proc.exitcode is None:
+                continue
+            detail = ""
+            try:
+                if conn.poll():
+                    detail = ":\n" + conn.recv_bytes().decode(errors="replace")
+            except (EOFError, OSError):
+                pass
+            self.failed = (
+                f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code "
+                f"{proc.exitcode}{detail}"
+            )
+            raise WorkerError(self.failed)
+
+    def send(self, message: np.ndarray) -> None:
+        """Hand one int32 message (header + payload) to every worker."""
+        self.check_alive()
+        data = memoryview(message).cast("B")
+        for conn in self.conns:
+            try:
+                conn.send_bytes(data)
+            except OSError:
+                self.check_alive()
+                raise
+
+    def close(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Ask every worker to leave its loop, then reap it (terminate stragglers); a timeout
+        of 0 terminates at once (start-up failed, workers may be inside a collective)."""
+        _live.discard(self)
+        if not self.conns:
+            return  # already closed
+        shutdown = np.array([CMD_SHUTDOWN], dtype=np.int32)
+        for proc, conn in zip(self.procs, self.conns):
+            if proc.exitcode is None:
+                try:
+                    conn.send_bytes(shutdown.tobytes())
+                except OSError:
+                    pass
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs:
+            proc.join(max(deadline - time.monotonic(), 0.0))
+            if proc.exitcode is None:
+                if timeout_s > 0:
+                    logger.warning(
+                        "tensor-parallel worker pid %d did not exit; terminating", proc.pid
+                    )
+                proc.terminate()
+                proc.join(SHUTDOWN_TIMEOUT_S)
+        for conn in self.conns:
+            conn.close()
+        self.conns = []
+        self.group = None
+
+
+def _worker_main(config: EngineConfig, rank: int, port: int, conn: Connection) -> None:
+    """A worker process: join the group, build the same runner as rank 0, serve steps."""
+    # Imported here: model_runner imports this module for rank 0's side.
+    from minivllm.engine.model_runner import ModelRunner
+
+    try:
+        store = connect_store(port, config.tensor_parallel_size)
+        store.set(f"joined/{rank}", "1")
+        device = config.rank_device(rank)
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+        group = create_group(store, rank, config.tensor_parallel_size, device)
+        runner = ModelRunner(config, tp_group=group)
+        while True:
+            try:
+                message = np.frombuffer(conn.recv_bytes(), dtype=np.int32)
+            except EOFError:  # rank 0 went away without a shutdown
+                break
+            if message[0] == CMD_SHUTDOWN:
+                break
+            runner.execute_worker_step(message)
+    except BaseException:  # noqa: BLE001 - any failure goes up the pipe, then exit 1
+        try:
+            conn.send_bytes(traceback.format_exc().encode())
+        except OSError:
+            pass
+        _exit(1)
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Leave without running destructors: tearing down the c10d backend and store at
+    interpreter exit can abort the process (a joinable thread destroyed), and there is
+    nothing left to save."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
