@@ -1,5 +1,10 @@
-"""Host cost of ModelRunner.prepare (fill the staging buffer, upload, build device views) for one
-decode step of N sequences, on whatever device is given (the CPU works: no model is run).
+"""Host cost of one decode step outside the forward pass, on whatever device is given (the CPU
+works: no model is run): schedule + stage + upload + build the device views + update, for
+
+  * copy:   the scheduler builds its Batch arrays, the runner copies them into the staging buffer
+            (`scheduler.schedule()` + `runner.prepare(batch)`), and
+  * staged: the scheduler writes straight into the staging buffer
+            (`runner.schedule(scheduler)` + `runner.prepare(batch, staged=True)`), the engine's path.
 
     python benchmarks/bench_prepare.py --running 256 --device cpu
 """
@@ -22,32 +27,46 @@ def main() -> None:
     ap.add_argument("--running", type=int, default=256)
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--calls", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--scheduler", default="cpp", choices=["cpp", "python"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_demo_checkpoint(Path(tmp) / "m", "tiny")
         llm = LLM(str(model_dir), device=args.device, max_model_len=4096,
-                  max_num_seqs=max(args.running, 1), num_kv_blocks=20000,
-                  max_num_batched_tokens=8192)
+                  max_num_seqs=max(args.running, 1), num_kv_blocks=40000,
+                  max_num_batched_tokens=8192, scheduler=args.scheduler)
     sched, runner = llm.scheduler, llm.model_runner
     prompt = list(range(3, 3 + args.context))
     for i in range(args.running):
-        sched.add_request(i, prompt, 1000, ignore_eos=True, temperature=0.6)
-    seeds = np.arange(args.running, dtype=np.uint64)
-    while True:  # run the prefill so the next Batch is decode-only
-        batch = sched.schedule()
-        sched.update(runner.execute(batch, seeds[: len(batch.sample_seq_ids)]))
-        if batch.num_decodes == len(batch.seq_ids):
+        sched.add_request(i, prompt, 3000, ignore_eos=True, temperature=0.6, seed=i)
+    while True:  # run the prefill so the next Batches are decode-only
+        batch = runner.schedule(sched)
+        sched.update(runner.execute(batch, staged=True))
+        if batch.num_decodes == batch.num_seqs:
             break
-    batch = sched.schedule()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(args.calls):
-            runner.prepare(batch, seeds)
-        times.append((time.perf_counter() - t0) / args.calls)
-    print(f"prepare, {args.running} decodes on {args.device}: median {np.median(times) * 1e6:.1f} us"
-          f" per call (5 x {args.calls} calls)")
+    tokens = np.full(args.running, 5, dtype=np.int64)
+
+    def copy_step() -> None:
+        batch = sched.schedule()
+        runner.prepare(batch)
+        sched.update(tokens)
+
+    def staged_step() -> None:
+        batch = runner.schedule(sched)
+        runner.prepare(batch, staged=True)
+        sched.update(tokens)
+
+    results = {}
+    for name, step in (("copy", copy_step), ("staged", staged_step)) * 2:
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        results[name] = float(np.median(times)) * 1e6  # the second round, warm, is kept
+    print(f"host per decode step outside the forward, {args.running} running, {args.scheduler} "
+          f"scheduler, {args.device}: copy {results['copy']:.1f} us, staged "
+          f"{results['staged']:.1f} us (median of {args.steps} steps)")
 
 
 if __name__ == "__main__":

@@ -165,18 +165,17 @@ def profile_decode_steps(llm: LLM, prompts: list[list[int]], num_running: int,
     base = 10**9 + num_running * 1000
     for i in range(num_running):
         sched.add_request(base + i, prompts[i % len(prompts)][:256], 10**6 // 1000,
-                          ignore_eos=True, temperature=0.6)
-    seeds = np.arange(num_running, dtype=np.uint64)
+                          ignore_eos=True, temperature=0.6, seed=i)
 
     def step() -> tuple[float, float, int]:
         t0 = time.perf_counter()
-        batch = sched.schedule()
+        batch = runner.schedule(sched)
         t1 = time.perf_counter()
-        tokens = runner.execute(batch, seeds[: len(batch.sample_seq_ids)])
+        tokens = runner.execute(batch, staged=True)
         t2 = time.perf_counter()
         sched.update(tokens)
         t3 = time.perf_counter()
-        return (t1 - t0) + (t3 - t2), t3 - t0, int(batch.num_decodes) == len(batch.seq_ids)
+        return (t1 - t0) + (t3 - t2), t3 - t0, batch.num_decodes == batch.num_seqs
 
     while True:  # prefill everything, then a few decode steps to settle
         _, _, is_decode = step()

@@ -2,17 +2,19 @@
 # One device call for everything GPU: install, all GPU tests, the end-to-end throughput benchmark
 # (with the Python scheduler and the transformers peer), and the decode-step profile.
 # Logs and JSON go to $OUT (default benchmarks/out/); the throughput table is printed last.
-#   OUT=... bash benchmarks/run_all_device.sh
+#   OUT=... [PEER_REQUESTS=0 (skip the peer)] bash benchmarks/run_all_device.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -m pip install --no-build-isolation --no-deps -e . -q >"$OUT/pip.log" 2>&1 || tail -20 "$OUT/pip.log"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu >"$OUT/gpu_tests.log" 2>&1
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu >"$OUT/gpu_tests.log" 2>&1
 grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -12
+PEER_ARGS=(--peer-requests "${PEER_REQUESTS:-32}")
+[ "${PEER_REQUESTS:-32}" = 0 ] && PEER_ARGS=(--no-peer)
 if ! timeout 230 python3 benchmarks/bench_throughput.py --out "$OUT/throughput.json" \
-     --peer-requests "${PEER_REQUESTS:-32}" >"$OUT/throughput.log" 2>&1; then
+     "${PEER_ARGS[@]}" >"$OUT/throughput.log" 2>&1; then
   tail -15 "$OUT/throughput.log"
   echo "== retry with MINIVLLM_FUSED_KERNELS=0"
   MINIVLLM_FUSED_KERNELS=0 timeout 150 python3 benchmarks/bench_throughput.py --no-peer \

@@ -1,5 +1,7 @@
 #include "minivllm/scheduler.h"
 
+#include "minivllm/hash.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -117,8 +119,16 @@ void Scheduler::add_request(const Request& r) {
   seq->ignore_eos = r.ignore_eos;
   seq->eos_token_ids = r.eos_token_ids;
   seq->stop_token_ids = r.stop_token_ids;
-  seq->sampling = SamplingParams{static_cast<float>(r.temperature), static_cast<float>(r.top_p),
-                                 static_cast<int32_t>(r.top_k), static_cast<float>(r.min_p)};
+  SamplingParams& sp = seq->sampling;
+  sp.temperature = static_cast<float>(r.temperature);
+  sp.top_p = static_cast<float>(r.top_p);
+  sp.top_k = static_cast<int32_t>(r.top_k);
+  sp.min_p = static_cast<float>(r.min_p);
+  sp.seed_hash = splitmix64(r.seed);
+  sp.is_greedy = sp.temperature == 0.0f || sp.top_k == 1;
+  const bool cuts_vocab = sp.top_k > 0 && (!r.vocab_size || sp.top_k < *r.vocab_size);
+  sp.uses_top_k_or_p = !sp.is_greedy && (cuts_vocab || sp.top_p < 1.0f);
+  sp.uses_min_p = !sp.is_greedy && sp.min_p > 0.0f;
   seq->block_table.reserve(static_cast<size_t>(max_blocks));
   waiting_.push_back(seq.get());
   seqs_.emplace(r.seq_id, std::move(seq));
@@ -233,6 +243,13 @@ std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
   }
 
   if (rows_.empty()) return std::nullopt;
+  for (const Row& row : rows_) {
+    if (!row.is_sampled) continue;
+    const SamplingParams& sp = row.seq->sampling;
+    shape.all_greedy = shape.all_greedy && sp.is_greedy;
+    shape.any_top_k_or_p = shape.any_top_k_or_p || sp.uses_top_k_or_p;
+    shape.any_min_p = shape.any_min_p || sp.uses_min_p;
+  }
   write_batch(shape, allocate(shape));
   for (const Row& row : rows_) {
     Sequence* seq = row.seq;
@@ -298,6 +315,7 @@ void Scheduler::register_full_blocks(Sequence* seq) {
 
 void Scheduler::write_batch(const BatchShape& shape, const BatchBuffers& out) const {
   const int64_t bs = config_.block_size;
+  const int64_t bt_stride = out.block_tables_stride > 0 ? out.block_tables_stride : shape.max_blocks;
   int64_t t = 0;  // token row
   int64_t s = 0;  // sampled row
   out.query_start_loc[0] = 0;
@@ -329,7 +347,7 @@ void Scheduler::write_batch(const BatchShape& shape, const BatchBuffers& out) co
     }
     out.query_start_loc[b + 1] = static_cast<int32_t>(t);
     out.seq_lens[b] = static_cast<int32_t>(end);
-    int32_t* table_row = out.block_tables + static_cast<int64_t>(b) * shape.max_blocks;
+    int32_t* table_row = out.block_tables + static_cast<int64_t>(b) * bt_stride;
     std::copy_n(table, row.num_blocks, table_row);
     std::fill(table_row + row.num_blocks, table_row + shape.max_blocks, -1);
     if (row.is_sampled) {
@@ -339,6 +357,7 @@ void Scheduler::write_batch(const BatchShape& shape, const BatchBuffers& out) co
       out.top_p[s] = seq.sampling.top_p;
       out.top_k[s] = seq.sampling.top_k;
       out.min_p[s] = seq.sampling.min_p;
+      out.uniforms[s] = sampling_uniform(seq.sampling.seed_hash, static_cast<uint64_t>(end));
       ++s;
     }
   }

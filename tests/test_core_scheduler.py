@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from minivllm.engine.reference import STAGING_LAYOUT
 from test_core_invariants import IMPLS, check_invariants
 
 pytestmark = pytest.mark.parametrize("Scheduler", IMPLS)
@@ -510,3 +511,148 @@ def test_arbitrary_arguments_never_break_the_core(
         sched.update(np.full(n, 3, dtype=np.int64))
         check_invariants(sched)
     assert not sched.has_unfinished()
+
+
+# ---- sampling fields and schedule_into ------------------------------------------------------
+
+
+def test_uniforms_follow_seed_and_length_only(Scheduler: Any) -> None:
+    """Each sampled row's uniform is sampling_uniforms(seed, seq_len): the numpy formula the
+    sampler documents, whatever else is in the batch."""
+    from minivllm.layers.sampler import sampling_uniforms
+
+    sched = Scheduler(64, 4, 4, 64, 64)
+    seeds = [0, 12345, 2**63 + 5, 2**64 - 1]
+    for i, seed in enumerate(seeds):
+        sched.add_request(i, list(range(1, 3 + 3 * i)), 5, seed=seed, temperature=0.8)
+    for _ in range(3):
+        batch = sched.schedule()
+        rows = np.searchsorted(batch.query_start_loc, batch.logits_indices, side="right") - 1
+        want = sampling_uniforms(
+            np.array([seeds[i] for i in batch.sample_seq_ids], dtype=np.uint64),
+            batch.seq_lens[rows].astype(np.int64),
+        ).astype(np.float32)
+        assert_array(batch.uniforms, np.minimum(want, np.float32(1 - 2**-24)), np.float32)
+        assert ((batch.uniforms >= 0) & (batch.uniforms < 1)).all()
+        sched.update(np.full(batch.num_samples, 7, dtype=np.int64))
+
+
+@pytest.mark.parametrize(
+    ("params", "flags"),
+    [
+        ({"temperature": 0.0}, (True, False, False)),
+        ({"temperature": 0.7, "top_k": 1, "top_p": 0.5}, (True, False, False)),  # top_k 1: greedy
+        ({"temperature": 0.7}, (False, False, False)),
+        ({"temperature": 0.7, "top_p": 0.9}, (False, True, False)),
+        ({"temperature": 0.7, "top_k": 5}, (False, True, False)),
+        ({"temperature": 0.7, "top_k": 50, "vocab_size": 50}, (False, False, False)),
+        ({"temperature": 0.7, "top_k": 50, "vocab_size": 51}, (False, True, False)),
+        ({"temperature": 0.7, "min_p": 0.1}, (False, False, True)),
+        ({"temperature": 0.0, "top_p": 0.5, "min_p": 0.1}, (True, False, False)),
+    ],
+)
+def test_batch_sampling_flags(Scheduler: Any, params: dict, flags: tuple) -> None:
+    sched = Scheduler(16, 4, 4, 64, 32)
+    sched.add_request(0, [1, 2, 3], 2, **params)
+    sched.add_request(1, [1, 2, 3, 4], 2, temperature=0.0)  # a greedy neighbour changes nothing
+    batch = sched.schedule()
+    assert (batch.all_greedy, batch.any_top_k_or_p, batch.any_min_p) == flags
+
+
+def _layout(sched_args: tuple, host_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    _, block_size, max_seqs, max_tokens, max_model_len = sched_args
+    stride = -(-max_model_len // block_size)
+    offsets, pos = {}, 0
+    for name, n in [
+        ("input_ids", max_tokens),
+        ("positions", max_tokens),
+        ("slot_mapping", max_tokens),
+        ("seq_lens", max_seqs),
+        ("block_tables", max_seqs * stride),
+        ("logits_indices", max_seqs),
+        ("temperature", max_seqs),
+        ("top_p", max_seqs),
+        ("top_k", max_seqs),
+        ("min_p", max_seqs),
+        ("uniforms", max_seqs),
+    ]:
+        offsets[name] = pos
+        pos += n
+    values = {**offsets, "block_tables_stride": stride, "max_tokens": max_tokens}
+    values["max_seqs"] = max_seqs
+    layout = np.array([values[f] for f in STAGING_LAYOUT], dtype=np.int64)
+    return layout, np.full(max(pos, host_size), -9, dtype=np.int32)
+
+
+def test_schedule_into_writes_the_batch_at_the_layout(Scheduler: Any) -> None:
+    args = (32, 4, 4, 16, 24)
+    layout, host = _layout(args)
+    twin = Scheduler(*args)
+    sched = Scheduler(*args)
+    for s in (sched, twin):
+        s.add_request(0, [1, 2, 3, 4, 5, 6], 3, temperature=0.5, top_p=0.9, seed=3)
+        s.add_request(1, [7, 8], 3, temperature=0.0, top_k=4, min_p=0.2)
+    for step_index in range(3):
+        ref = twin.schedule()
+        staged = sched.schedule_into(host, layout)
+        at = dict(zip(STAGING_LAYOUT, layout.tolist()))
+        t, b, s = ref.num_tokens, ref.num_seqs, ref.num_samples
+        floats = host.view(np.float32)
+        for name in ("input_ids", "positions", "slot_mapping"):
+            assert np.array_equal(host[at[name] : at[name] + t], getattr(ref, name)), name
+        if step_index == 0:
+            assert host[at["input_ids"] + t] == -9  # nothing past the used part
+        assert np.array_equal(host[at["seq_lens"] : at["seq_lens"] + b], ref.seq_lens)
+        assert np.array_equal(
+            host[at["logits_indices"] : at["logits_indices"] + s], ref.logits_indices
+        )
+        assert np.array_equal(host[at["top_k"] : at["top_k"] + s], ref.top_k)
+        for name in ("temperature", "top_p", "min_p", "uniforms"):
+            assert np.array_equal(floats[at[name] : at[name] + s], getattr(ref, name)), name
+        stride = at["block_tables_stride"]
+        tables = host[at["block_tables"] :][: 4 * stride].reshape(4, stride)
+        assert np.array_equal(tables[:b, : ref.max_blocks], ref.block_tables)
+        for name in ("seq_ids", "sample_seq_ids", "query_start_loc"):
+            assert np.array_equal(getattr(staged, name), getattr(ref, name)), name
+        assert (staged.num_decodes, staged.all_greedy, staged.any_top_k_or_p) == (
+            ref.num_decodes,
+            ref.all_greedy,
+            ref.any_top_k_or_p,
+        )
+        tokens = np.full(s, 9, dtype=np.int64)
+        sched.update(tokens)
+        twin.update(tokens)
+
+
+def test_schedule_into_rejects_bad_buffers_and_changes_nothing(Scheduler: Any) -> None:
+    args = (32, 4, 4, 16, 24)
+    layout, host = _layout(args)
+    sched = Scheduler(*args)
+    sched.add_request(0, [1, 2, 3], 3)
+    small = layout.copy()
+    small[-1] = 3  # fewer rows than max_num_seqs
+    outside = layout.copy()
+    outside[0] = len(host) - 2
+    cases = [
+        (host.astype(np.int64), layout, "host must be a numpy int32 array"),
+        (host, layout.astype(np.int32), "layout must be a numpy int64 array"),
+        (host[::2], layout, "contiguous"),
+        (host, layout[:-1], "entries"),
+        (host, small, "below the scheduler's"),
+        (host, outside, "outside the host buffer"),
+    ]
+    for h, lay, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sched.schedule_into(h, lay)
+    assert sched.debug_state()["waiting"] == [0]  # nothing was scheduled
+    assert sched.schedule_into(host, layout).num_tokens == 3
+
+
+def test_bad_seed(Scheduler: Any) -> None:
+    sched = Scheduler(16, 4, 4, 16, 32)
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match="seed must be in"):
+            sched.add_request(0, [1, 2], 2, seed=seed)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        sched.add_request(0, [1, 2], 2, seed=1.5)
+    sched.add_request(0, [1, 2], 2, seed=np.uint64(2**64 - 1))

@@ -151,11 +151,11 @@ def test_interrupted_generate_leaves_engine_clean(tiny_qwen3, monkeypatch):
     calls = {"n": 0}
     real_execute = llm.model_runner.execute
 
-    def flaky(batch, seeds):
+    def flaky(batch, staged=False):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_execute(batch, seeds)
+        return real_execute(batch, staged)
 
     monkeypatch.setattr(llm.model_runner, "execute", flaky)
     with pytest.raises(KeyboardInterrupt):

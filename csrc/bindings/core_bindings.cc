@@ -33,6 +33,25 @@ struct PyBatch {
   py::array_t<float> temperature, top_p;
   py::array_t<int32_t> top_k;
   py::array_t<float> min_p;
+  py::array_t<float> uniforms;
+  bool all_greedy = true, any_top_k_or_p = false, any_min_p = false;
+};
+
+// What schedule_into() returns: the Batch's arrays went into the caller's staging buffer; these
+// are the rest (the shape, the flags, and the small arrays the step loop reads).
+struct StagedBatch {
+  int64_t num_seqs = 0, num_tokens = 0, num_samples = 0, max_blocks = 0, num_decodes = 0;
+  bool all_greedy = true, any_top_k_or_p = false, any_min_p = false;
+  py::array_t<int64_t> seq_ids, sample_seq_ids;
+  py::array_t<int32_t> query_start_loc;
+};
+
+// The order of schedule_into()'s `layout`: int32-element offsets into the staging buffer, the
+// block-table row stride, then the capacities (tokens, rows) the fields were sized for.
+enum Layout : int {
+  kInputIds, kPositions, kSlotMapping, kSeqLens, kBlockTables, kBlockTablesStride,
+  kLogitsIndices, kTemperature, kTopP, kTopK, kMinP, kUniforms, kMaxTokens, kMaxSeqs,
+  kLayoutSize
 };
 
 std::string describe(const py::handle& obj) {
@@ -80,13 +99,17 @@ BatchBuffers new_batch_buffers(PyBatch& batch, const BatchShape& s) {
   batch.top_p = py::array_t<float>(s.num_samples);
   batch.top_k = py::array_t<int32_t>(s.num_samples);
   batch.min_p = py::array_t<float>(s.num_samples);
+  batch.uniforms = py::array_t<float>(s.num_samples);
+  batch.all_greedy = s.all_greedy;
+  batch.any_top_k_or_p = s.any_top_k_or_p;
+  batch.any_min_p = s.any_min_p;
   return BatchBuffers{batch.seq_ids.mutable_data(),        batch.input_ids.mutable_data(),
                      batch.positions.mutable_data(),      batch.slot_mapping.mutable_data(),
                      batch.query_start_loc.mutable_data(), batch.seq_lens.mutable_data(),
                      batch.block_tables.mutable_data(),   batch.logits_indices.mutable_data(),
                      batch.sample_seq_ids.mutable_data(), batch.temperature.mutable_data(),
                      batch.top_p.mutable_data(),          batch.top_k.mutable_data(),
-                     batch.min_p.mutable_data()};
+                     batch.min_p.mutable_data(),          batch.uniforms.mutable_data()};
 }
 
 py::object schedule(Scheduler& sched) {
@@ -95,6 +118,71 @@ py::object schedule(Scheduler& sched) {
       sched.schedule([&batch](const BatchShape& s) { return new_batch_buffers(batch, s); });
   if (!shape) return py::none();
   return py::cast(std::move(batch));
+}
+
+// schedule() with the big arrays written straight into `host` (an int32 staging buffer; float
+// fields are float32 bit patterns) at the offsets of `layout`. Everything is checked before the
+// scheduler runs: a bad layout raises ValueError and changes nothing.
+py::object schedule_into(Scheduler& sched, const py::object& host_obj, const py::object& layout_obj) {
+  if (!py::isinstance<py::array_t<int32_t>>(host_obj)) {
+    throw py::value_error("host must be a numpy int32 array, got " + describe(host_obj));
+  }
+  if (!py::isinstance<py::array_t<int64_t>>(layout_obj)) {
+    throw py::value_error("layout must be a numpy int64 array, got " + describe(layout_obj));
+  }
+  auto host = py::reinterpret_borrow<py::array_t<int32_t>>(host_obj);
+  const auto layout = py::reinterpret_borrow<py::array_t<int64_t>>(layout_obj);
+  if (host.ndim() != 1 || !(host.flags() & py::array::c_style) || !host.writeable()) {
+    throw py::value_error("host must be a writeable, contiguous 1-D int32 array");
+  }
+  if (layout.ndim() != 1 || layout.shape(0) != kLayoutSize) {
+    throw py::value_error("layout must have " + std::to_string(kLayoutSize) + " entries");
+  }
+  const auto L = [&layout](int i) { return layout.at(i); };
+  const auto& cfg = sched.config();
+  const int64_t width = (cfg.max_model_len + cfg.block_size - 1) / cfg.block_size;
+  const int64_t stride = L(kBlockTablesStride), max_tokens = L(kMaxTokens), max_seqs = L(kMaxSeqs);
+  if (max_tokens < cfg.max_num_batched_tokens || max_seqs < cfg.max_num_seqs || stride < width) {
+    throw py::value_error(
+        "layout capacities (tokens " + std::to_string(max_tokens) + ", rows " +
+        std::to_string(max_seqs) + ", block-table stride " + std::to_string(stride) +
+        ") are below the scheduler's (" + std::to_string(cfg.max_num_batched_tokens) + ", " +
+        std::to_string(cfg.max_num_seqs) + ", " + std::to_string(width) + ")");
+  }
+  const int64_t size = host.shape(0);
+  const auto fits = [size](int64_t offset, int64_t n) { return offset >= 0 && offset + n <= size; };
+  bool ok = fits(L(kBlockTables), max_seqs * stride);
+  for (const int f : {kInputIds, kPositions, kSlotMapping}) ok = ok && fits(L(f), max_tokens);
+  for (const int f : {kSeqLens, kLogitsIndices, kTemperature, kTopP, kTopK, kMinP, kUniforms}) {
+    ok = ok && fits(L(f), max_seqs);
+  }
+  if (!ok) throw py::value_error("layout places a field outside the host buffer");
+
+  int32_t* base = host.mutable_data();
+  const auto as_float = [base, &L](int f) { return reinterpret_cast<float*>(base + L(f)); };
+  StagedBatch staged;
+  const auto shape = sched.schedule([&](const BatchShape& s) {
+    staged.seq_ids = py::array_t<int64_t>(s.num_seqs);
+    staged.sample_seq_ids = py::array_t<int64_t>(s.num_samples);
+    staged.query_start_loc = py::array_t<int32_t>(s.num_seqs + 1);
+    BatchBuffers out{staged.seq_ids.mutable_data(), base + L(kInputIds), base + L(kPositions),
+                     base + L(kSlotMapping), staged.query_start_loc.mutable_data(),
+                     base + L(kSeqLens), base + L(kBlockTables), base + L(kLogitsIndices),
+                     staged.sample_seq_ids.mutable_data(), as_float(kTemperature),
+                     as_float(kTopP), base + L(kTopK), as_float(kMinP), as_float(kUniforms)};
+    out.block_tables_stride = stride;
+    return out;
+  });
+  if (!shape) return py::none();
+  staged.num_seqs = shape->num_seqs;
+  staged.num_tokens = shape->num_tokens;
+  staged.num_samples = shape->num_samples;
+  staged.max_blocks = shape->max_blocks;
+  staged.num_decodes = shape->num_decodes;
+  staged.all_greedy = shape->all_greedy;
+  staged.any_top_k_or_p = shape->any_top_k_or_p;
+  staged.any_min_p = shape->any_min_p;
+  return py::cast(std::move(staged));
 }
 
 py::list update(Scheduler& sched, const py::object& sampled_token_ids) {
@@ -119,7 +207,8 @@ py::list update(Scheduler& sched, const py::object& sampled_token_ids) {
 void add_request(Scheduler& sched, int64_t seq_id, const py::object& prompt_token_ids,
                  int64_t max_tokens, bool ignore_eos, const py::object& eos_token_ids,
                  const py::object& stop_token_ids, double temperature, double top_p,
-                 int64_t top_k, double min_p, std::optional<int64_t> vocab_size) {
+                 int64_t top_k, double min_p, std::optional<int64_t> vocab_size,
+                 const py::object& seed) {
   minivllm::Request r;
   r.seq_id = seq_id;
   r.eos_token_ids = to_int_vector(eos_token_ids, "eos_token_ids");
@@ -131,6 +220,16 @@ void add_request(Scheduler& sched, int64_t seq_id, const py::object& prompt_toke
   r.top_p = top_p;
   r.top_k = top_k;
   r.min_p = min_p;
+  PyObject* index = PyNumber_Index(seed.ptr());  // what operator.index accepts, as the twin
+  if (index == nullptr) {
+    PyErr_Clear();
+    throw py::type_error("seed must be an int, got " + std::string(py::repr(seed)));
+  }
+  const auto seed_int = py::reinterpret_steal<py::int_>(index);
+  if (seed_int < py::int_(0) || seed_int >= py::int_(1).attr("__lshift__")(64)) {
+    throw py::value_error("seed must be in [0, 2**64), got " + std::string(py::str(seed_int)));
+  }
+  r.seed = seed_int.cast<uint64_t>();
   r.vocab_size = vocab_size;
   sched.add_request(r);
 }
@@ -201,10 +300,37 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("top_p", &PyBatch::top_p)
       .def_readonly("top_k", &PyBatch::top_k)
       .def_readonly("min_p", &PyBatch::min_p)
+      .def_readonly("uniforms", &PyBatch::uniforms)
+      .def_readonly("all_greedy", &PyBatch::all_greedy)
+      .def_readonly("any_top_k_or_p", &PyBatch::any_top_k_or_p)
+      .def_readonly("any_min_p", &PyBatch::any_min_p)
+      .def_property_readonly("num_seqs", [](const PyBatch& b) { return b.seq_ids.size(); })
+      .def_property_readonly("num_tokens", [](const PyBatch& b) { return b.input_ids.size(); })
+      .def_property_readonly("num_samples",
+                             [](const PyBatch& b) { return b.logits_indices.size(); })
+      .def_property_readonly("max_blocks", [](const PyBatch& b) { return b.block_tables.shape(1); })
       .def("__repr__", [](const PyBatch& b) {
         return "Batch(num_seqs=" + std::to_string(b.seq_ids.size()) +
                ", num_decodes=" + std::to_string(b.num_decodes) +
                ", num_tokens=" + std::to_string(b.input_ids.size()) + ")";
+      });
+
+  py::class_<StagedBatch>(m, "StagedBatch")
+      .def_readonly("num_seqs", &StagedBatch::num_seqs)
+      .def_readonly("num_tokens", &StagedBatch::num_tokens)
+      .def_readonly("num_samples", &StagedBatch::num_samples)
+      .def_readonly("max_blocks", &StagedBatch::max_blocks)
+      .def_readonly("num_decodes", &StagedBatch::num_decodes)
+      .def_readonly("all_greedy", &StagedBatch::all_greedy)
+      .def_readonly("any_top_k_or_p", &StagedBatch::any_top_k_or_p)
+      .def_readonly("any_min_p", &StagedBatch::any_min_p)
+      .def_readonly("seq_ids", &StagedBatch::seq_ids)
+      .def_readonly("sample_seq_ids", &StagedBatch::sample_seq_ids)
+      .def_readonly("query_start_loc", &StagedBatch::query_start_loc)
+      .def("__repr__", [](const StagedBatch& b) {
+        return "StagedBatch(num_seqs=" + std::to_string(b.num_seqs) +
+               ", num_decodes=" + std::to_string(b.num_decodes) +
+               ", num_tokens=" + std::to_string(b.num_tokens) + ")";
       });
 
   py::class_<Scheduler>(m, "Scheduler")
@@ -222,8 +348,9 @@ PYBIND11_MODULE(_core, m) {
            py::arg("max_tokens"), py::arg("ignore_eos") = false,
            py::arg("eos_token_ids") = py::tuple(), py::arg("stop_token_ids") = py::tuple(),
            py::arg("temperature") = 1.0, py::arg("top_p") = 1.0, py::arg("top_k") = 0,
-           py::arg("min_p") = 0.0, py::arg("vocab_size") = py::none())
+           py::arg("min_p") = 0.0, py::arg("vocab_size") = py::none(), py::arg("seed") = 0)
       .def("schedule", &schedule)
+      .def("schedule_into", &schedule_into, py::arg("host"), py::arg("layout"))
       .def("update", &update, py::arg("sampled_token_ids"))
       .def("abort", &Scheduler::abort, py::arg("seq_id"))
       .def("has_unfinished", &Scheduler::has_unfinished)

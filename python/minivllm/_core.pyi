@@ -43,6 +43,38 @@ class Batch:
     def top_k(self) -> npt.NDArray[np.int32]: ...  # [S]
     @property
     def min_p(self) -> npt.NDArray[np.float32]: ...  # [S]
+    @property
+    def uniforms(self) -> npt.NDArray[np.float32]: ...  # [S] from (seed, seq_len)
+    @property
+    def all_greedy(self) -> bool: ...
+    @property
+    def any_top_k_or_p(self) -> bool: ...
+    @property
+    def any_min_p(self) -> bool: ...
+    @property
+    def num_seqs(self) -> int: ...  # B
+    @property
+    def num_tokens(self) -> int: ...  # T
+    @property
+    def num_samples(self) -> int: ...  # S
+    @property
+    def max_blocks(self) -> int: ...
+
+class StagedBatch:
+    """What schedule_into returns: the Batch's scalars and small arrays; the rest went into the
+    caller's staging buffer."""
+
+    num_seqs: int
+    num_tokens: int
+    num_samples: int
+    max_blocks: int
+    num_decodes: int
+    all_greedy: bool
+    any_top_k_or_p: bool
+    any_min_p: bool
+    seq_ids: npt.NDArray[np.int64]  # [B]
+    sample_seq_ids: npt.NDArray[np.int64]  # [S]
+    query_start_loc: npt.NDArray[np.int32]  # [B + 1]
 
 class Scheduler:
     def __init__(
@@ -67,8 +99,12 @@ class Scheduler:
         top_k: int = 0,
         min_p: float = 0.0,
         vocab_size: int | None = None,
+        seed: int = 0,
     ) -> None: ...
     def schedule(self) -> Batch | None: ...
+    def schedule_into(
+        self, host: npt.NDArray[np.int32], layout: npt.NDArray[np.int64]
+    ) -> StagedBatch | None: ...
     def update(
         self, sampled_token_ids: npt.NDArray[np.int64]
     ) -> list[tuple[int, str, list[int]]]: ...

@@ -298,7 +298,6 @@ class LLM:
         base = self._next_seq_id
         self._next_seq_id += n
         arrival = time.perf_counter()
-        seeds = np.array([r.seed for r in requests], dtype=np.uint64)
         has_stop = np.array([bool(r.params.stop_strings) for r in requests])
         first_scheduled = np.full(n, math.nan)
         first_token = np.full(n, math.nan)
@@ -324,18 +323,20 @@ class LLM:
                     top_k=int(sp.top_k),
                     min_p=float(sp.min_p),
                     vocab_size=vocab,
+                    seed=r.seed,
                 )
             num_done = 0
             while num_done < n:
-                batch = self.scheduler.schedule()
+                # The core writes the step's arrays straight into the runner's staging buffer.
+                batch = self.model_runner.schedule(self.scheduler)
                 if batch is None:
                     raise RuntimeError("the scheduler has unfinished requests but scheduled none")
-                pending = len(batch.logits_indices)
+                pending = batch.num_samples
                 now = time.perf_counter()
-                rows = np.asarray(batch.seq_ids) - base
+                rows = batch.seq_ids - base
                 first_scheduled[rows[np.isnan(first_scheduled[rows])]] = now
-                sampled_rows = np.asarray(batch.sample_seq_ids) - base
-                token_ids = self.model_runner.execute(batch, seeds[sampled_rows])
+                sampled_rows = batch.sample_seq_ids - base
+                token_ids = self.model_runner.execute(batch, staged=True)
                 finished = self.scheduler.update(token_ids)
                 pending = None
                 now = time.perf_counter()
@@ -347,7 +348,7 @@ class LLM:
                     done[i] = True
                     finished_time[i] = now
                 num_done += len(newly_done)
-                num_prefill = len(batch.input_ids) - int(batch.num_decodes)
+                num_prefill = batch.num_tokens - batch.num_decodes
                 pbar.step(num_prefill, len(token_ids), len(newly_done))
         except BaseException:
             # Leave the engine usable: drop every request of this call that is still running.

@@ -91,7 +91,7 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
         for i, p in enumerate(prompts):
             llm.scheduler.add_request(i, p, 1, ignore_eos=True, temperature=0.0)
         batch = llm.scheduler.schedule()
-        inputs = runner.prepare(batch, llm_seeds(len(batch.logits_indices)))
+        inputs = runner.prepare(batch)
         with torch.inference_mode():
             hidden = runner.run_model(inputs)
             logits[backend] = runner.model.compute_logits(hidden[inputs.logits_indices]).float()
@@ -100,12 +100,6 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
     a, b = logits["triton"], logits["torch"]
     rel = ((a - b).norm() / b.norm()).item()
     assert rel < 2e-2, rel
-
-
-def llm_seeds(n: int):
-    import numpy as np
-
-    return np.arange(n, dtype=np.uint64)
 
 
 def test_prefix_caching_on_off_identical(gpu_qwen3):

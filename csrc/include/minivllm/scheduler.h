@@ -53,6 +53,7 @@ struct Request {
   double top_p = 1.0;
   int64_t top_k = 0;
   double min_p = 0.0;
+  uint64_t seed = 0;                  // the sampling seed (see sampling_uniform in hash.h)
   std::optional<int64_t> vocab_size;  // when set, prompt ids must be < vocab_size
 };
 
@@ -64,6 +65,11 @@ struct BatchShape {
   int64_t num_samples = 0;
   int64_t max_blocks = 0;
   int64_t num_decodes = 0;
+  // Over the sampled rows: whether none samples (all greedy), and whether any uses top-k /
+  // top-p, or min-p (the sampler picks its path from these without reading the arrays).
+  bool all_greedy = true;
+  bool any_top_k_or_p = false;
+  bool any_min_p = false;
 };
 
 // Where schedule() writes the Batch; every pointer must hold the size its comment gives.
@@ -81,6 +87,8 @@ struct BatchBuffers {
   float* top_p;              // [S]
   int32_t* top_k;            // [S]
   float* min_p;              // [S]
+  float* uniforms;           // [S] sampling_uniform(seed, seq_len of the row)
+  int64_t block_tables_stride = 0;  // row stride of block_tables; 0 means max_blocks
 };
 
 using BatchAllocator = std::function<BatchBuffers(const BatchShape&)>;

@@ -12,12 +12,17 @@
 
 namespace minivllm {
 
-// Per-request sampling parameters, copied into every Batch row that samples.
+// Per-request sampling parameters, copied into every Batch row that samples, plus what the
+// Batch's summary flags and uniforms need (derived once, at add_request).
 struct SamplingParams {
   float temperature = 1.0f;
   float top_p = 1.0f;
   int32_t top_k = 0;  // 0 = off
   float min_p = 0.0f;
+  uint64_t seed_hash = 0;      // splitmix64(seed): a row's uniform is u(seed_hash, seq_len)
+  bool is_greedy = true;       // temperature 0 or top_k 1
+  bool uses_top_k_or_p = false;  // samples, and top_k cuts the vocabulary or top_p < 1
+  bool uses_min_p = false;     // samples, and min_p > 0
 };
 
 struct alignas(64) Sequence {

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,9 +27,11 @@ import torch
 from minivllm.config import EngineConfig
 from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
 from minivllm.engine.distributed import SINGLE_DEVICE, TPGroup, building_model
+from minivllm.engine.reference import STAGING_LAYOUT
+from minivllm.engine.reference import Scheduler as TwinScheduler
 from minivllm.engine.workers import CMD_STEP, SHUTDOWN_TIMEOUT_S, TPWorkers, WorkerError
 from minivllm.layers.attention import AttentionMetadata, get_attention_backend
-from minivllm.layers.sampler import Sampler, SamplingTensors, sampling_uniforms
+from minivllm.layers.sampler import Sampler, SamplingTensors
 from minivllm.models.qwen3 import MODEL_REGISTRY
 from minivllm.weights import init_dummy_weights, load_weights
 
@@ -40,13 +42,27 @@ CPU_KV_CACHE_BYTES = 256 << 20
 
 
 class BatchLike(Protocol):
-    """The scheduler's Batch (docs/interfaces.md); only these fields are read."""
+    """The scheduler's Batch (docs/interfaces.md); only these fields are read. A Batch from
+    `schedule_into` (the core's StagedBatch) has only the first group: its arrays are already in
+    the staging buffer."""
 
     num_decodes: int
+    num_seqs: int
+    num_tokens: int
+    num_samples: int
+    max_blocks: int
+    query_start_loc: np.ndarray
+    all_greedy: bool
+    any_top_k_or_p: bool
+    any_min_p: bool
+
+
+class FullBatchLike(BatchLike, Protocol):
+    """A Batch with its arrays, which `execute` copies into the staging buffer."""
+
     input_ids: np.ndarray
     positions: np.ndarray
     slot_mapping: np.ndarray
-    query_start_loc: np.ndarray
     seq_lens: np.ndarray
     block_tables: np.ndarray
     logits_indices: np.ndarray
@@ -54,6 +70,7 @@ class BatchLike(Protocol):
     top_p: np.ndarray
     top_k: np.ndarray
     min_p: np.ndarray
+    uniforms: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -120,14 +137,34 @@ class _StepBuffers:
             if name in _FLOAT_FIELDS:
                 host, dev = host.view(np.float32), dev.view(torch.float32)
             self._host_views[name], self._dev_views[name] = host, dev
+        self._step_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._host_block_tables = self._host_views["block_tables"].reshape(max_seqs, max_blocks)
         self._dev_block_tables = self._dev_views["block_tables"].view(max_seqs, max_blocks)
+        # Where a scheduler's schedule_into writes (the order is reference.STAGING_LAYOUT).
+        extra = {"block_tables_stride": max_blocks, "max_tokens": max_tokens, "max_seqs": max_seqs}
+        self.layout = np.array(
+            [extra[f] if f in extra else self.offsets[f][0] for f in STAGING_LAYOUT],
+            dtype=np.int64,
+        )
 
     def host_view(self, name: str) -> np.ndarray:
         return self._host_views[name]
 
     def dev(self, name: str) -> torch.Tensor:
         return self._dev_views[name]
+
+    def step_views(self, num_tokens: int, num_sampled: int) -> dict[str, torch.Tensor]:
+        """The device views a step of this shape reads, made once per shape (slicing a tensor
+        costs microseconds of host time; decode steps repeat a few hundred shapes)."""
+        key = (num_tokens, num_sampled)
+        views = self._step_views.get(key)
+        if views is None:
+            if len(self._step_views) >= 4096:
+                self._step_views.clear()
+            views = {name: self._dev_views[name][:num_tokens] for name in _TOKEN_FIELDS}
+            views.update((name, self._dev_views[name][:num_sampled]) for name in _SAMPLED_FIELDS)
+            self._step_views[key] = views
+        return views
 
     def dev_block_tables(self) -> torch.Tensor:  # [max_seqs, max_blocks]
         return self._dev_block_tables
@@ -174,6 +211,8 @@ class _StepBuffers:
 
 
 _FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p", "uniforms"})
+_TOKEN_FIELDS = ("input_ids", "positions")
+_SAMPLED_FIELDS = ("logits_indices", "temperature", "top_k", "top_p", "min_p", "uniforms")
 
 
 @dataclass(frozen=True)
@@ -392,7 +431,7 @@ class ModelRunner:
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = tmp[0, i], tmp[1, i]
         # Every rank runs the same warm-up step itself, so the collectives line up.
-        self._step(self._stage(batch, np.zeros(len(batch.logits_indices), dtype=np.uint64)))
+        self._step(self._stage(batch))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
         del tmp
@@ -412,70 +451,69 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------
 
-    def prepare(self, batch: BatchLike, seeds: np.ndarray) -> StepInputs:
+    def prepare(self, batch: BatchLike, staged: bool = False) -> StepInputs:
         """Stage the Batch and build its device views (one device; benchmarks use it)."""
-        return self._build_inputs(self._stage(batch, seeds))
+        return self._build_inputs(self._stage(batch, staged))
 
-    def _stage(self, batch: BatchLike, seeds: np.ndarray) -> _StepHeader:
-        """Copy the Batch into the staging buffer (rank 0) and sum up the step in a header.
-        A decode-only step that replays a CUDA graph also gets its padding rows neutralised."""
+    def schedule(self, scheduler: Any) -> BatchLike | None:
+        """The scheduler's next Batch, written straight into the staging buffer (once the last
+        upload has left it); run it with `execute(batch, staged=True)`."""
         buf = self.buffers
         buf.wait_for_upload()
-        num_tokens = len(batch.input_ids)
-        num_rows = len(batch.seq_lens)
-        num_sampled = len(batch.logits_indices)
-        nd = int(batch.num_decodes)
-        width = batch.block_tables.shape[1]
+        return scheduler.schedule_into(buf.host_np, buf.layout)
+
+    def _copy_batch(self, batch: FullBatchLike) -> None:
+        """A Batch's arrays into the staging buffer, where schedule_into would have put them."""
+        buf = self.buffers
+        buf.wait_for_upload()
+        num_tokens, num_rows, width = batch.num_tokens, batch.num_seqs, batch.max_blocks
         if num_tokens > buf.max_tokens or num_rows > buf.max_seqs or width > buf.max_blocks:
             raise RuntimeError(
                 f"batch of {num_tokens} tokens / {num_rows} rows / {width} blocks exceeds the "
                 f"step buffers ({buf.max_tokens} / {buf.max_seqs} / {buf.max_blocks})"
             )
-        buf.host_view("input_ids")[:num_tokens] = batch.input_ids
-        buf.host_view("positions")[:num_tokens] = batch.positions
-        buf.host_view("slot_mapping")[:num_tokens] = batch.slot_mapping
+        for name in ("input_ids", "positions", "slot_mapping"):
+            buf.host_view(name)[:num_tokens] = getattr(batch, name)
         buf.host_view("seq_lens")[:num_rows] = batch.seq_lens
-        qsl = np.asarray(batch.query_start_loc)
-        prefill_qsl = qsl[nd:] - qsl[nd]
-        buf.host_view("prefill_cu_seqlens")[: num_rows - nd + 1] = prefill_qsl
         buf.host_block_tables()[:num_rows, :width] = batch.block_tables
-        buf.host_view("logits_indices")[:num_sampled] = batch.logits_indices
-        # Sampling: one uniform per row from (seed, context length at the sampled row).
-        rows = np.searchsorted(qsl, batch.logits_indices, side="right") - 1
-        counters = np.asarray(batch.seq_lens)[rows]
-        uniforms = sampling_uniforms(seeds, counters).astype(np.float32)
-        np.minimum(uniforms, np.float32(1.0 - 2.0**-24), out=uniforms)
-        temperature = np.asarray(batch.temperature, dtype=np.float32)
-        top_k = np.asarray(batch.top_k, dtype=np.int32)
-        top_p = np.asarray(batch.top_p, dtype=np.float32)
-        min_p = np.asarray(batch.min_p, dtype=np.float32)
-        buf.host_view("temperature")[:num_sampled] = temperature
-        buf.host_view("top_k")[:num_sampled] = top_k
-        buf.host_view("top_p")[:num_sampled] = top_p
-        buf.host_view("min_p")[:num_sampled] = min_p
-        buf.host_view("uniforms")[:num_sampled] = uniforms
+        num_sampled = batch.num_samples
+        for name in ("logits_indices", "temperature", "top_k", "top_p", "min_p", "uniforms"):
+            buf.host_view(name)[:num_sampled] = getattr(batch, name)
+
+    def _stage(self, batch: BatchLike, staged: bool = False) -> _StepHeader:
+        """Put the Batch in the staging buffer (copied unless `staged`: schedule_into wrote it)
+        and sum up the step in a header (rank 0). A decode-only step that replays a CUDA graph
+        also gets its padding rows neutralised."""
+        if not staged:
+            self._copy_batch(batch)
+        buf = self.buffers
+        num_tokens, num_rows, nd = batch.num_tokens, batch.num_seqs, batch.num_decodes
+        max_prefill_query_len = 0
+        if num_rows > nd:
+            qsl = batch.query_start_loc
+            prefill_qsl = qsl[nd:] - qsl[nd]
+            buf.host_view("prefill_cu_seqlens")[: num_rows - nd + 1] = prefill_qsl
+            max_prefill_query_len = int(np.diff(prefill_qsl).max())
+        else:
+            buf.host_view("prefill_cu_seqlens")[0] = 0
         graph_bs = self._graph_bucket(num_tokens, nd, num_rows)
-        if graph_bs is not None:
+        if graph_bs is not None and graph_bs > nd:
             # Padded graph rows: seq_len 0 and slot -1 read no KV and write nowhere.
-            bs = graph_bs
-            buf.host_view("input_ids")[nd:bs] = 0
-            buf.host_view("positions")[nd:bs] = 0
-            buf.host_view("slot_mapping")[nd:bs] = -1
-            buf.host_view("seq_lens")[nd:bs] = 0
-        sampling_rows = (temperature > 0) & (top_k != 1)
+            buf.host_view("input_ids")[nd:graph_bs] = 0
+            buf.host_view("positions")[nd:graph_bs] = 0
+            buf.host_view("slot_mapping")[nd:graph_bs] = -1
+            buf.host_view("seq_lens")[nd:graph_bs] = 0
         return _StepHeader(
             num_tokens=num_tokens,
             num_decodes=nd,
             num_rows=num_rows,
-            num_sampled=num_sampled,
-            width=width,
-            max_prefill_query_len=int(np.diff(prefill_qsl).max()) if num_rows > nd else 0,
+            num_sampled=batch.num_samples,
+            width=batch.max_blocks,
+            max_prefill_query_len=max_prefill_query_len,
             graph_batch_size=graph_bs or 0,
-            all_greedy=not bool(sampling_rows.any()),
-            any_top_k_or_p=bool(
-                (sampling_rows & (((top_k > 0) & (top_k < self.vocab_size)) | (top_p < 1))).any()
-            ),
-            any_min_p=bool((sampling_rows & (min_p > 0)).any()),
+            all_greedy=bool(batch.all_greedy),
+            any_top_k_or_p=bool(batch.any_top_k_or_p),
+            any_min_p=bool(batch.any_min_p),
         )
 
     def _build_inputs(self, h: _StepHeader) -> StepInputs:
@@ -498,21 +536,22 @@ class ModelRunner:
                 prefill_block_tables=bt[nd:num_rows, : h.width],
                 max_prefill_query_len=h.max_prefill_query_len,
             )
+        views = buf.step_views(num_tokens, num_sampled)
         sampling = SamplingTensors(
-            temperature=buf.dev("temperature")[:num_sampled],
-            top_k=buf.dev("top_k")[:num_sampled],
-            top_p=buf.dev("top_p")[:num_sampled],
-            min_p=buf.dev("min_p")[:num_sampled],
-            uniforms=buf.dev("uniforms")[:num_sampled],
+            temperature=views["temperature"],
+            top_k=views["top_k"],
+            top_p=views["top_p"],
+            min_p=views["min_p"],
+            uniforms=views["uniforms"],
             all_greedy=h.all_greedy,
             any_top_k_or_p=h.any_top_k_or_p,
             any_min_p=h.any_min_p,
         )
         return StepInputs(
-            input_ids=buf.dev("input_ids")[:num_tokens],
-            positions=buf.dev("positions")[:num_tokens],
+            input_ids=views["input_ids"],
+            positions=views["positions"],
             attn_metadata=meta,
-            logits_indices=buf.dev("logits_indices")[:num_sampled],
+            logits_indices=views["logits_indices"],
             sampling=sampling,
             graph_batch_size=h.graph_batch_size or None,
             samples_every_token=num_sampled == num_tokens,
@@ -551,12 +590,13 @@ class ModelRunner:
         return runner
 
     @torch.inference_mode()
-    def execute(self, batch: BatchLike, seeds: np.ndarray) -> np.ndarray:
-        """Run one step; `seeds` [S] uint64 per sampled row. Returns sampled ids, int64 [S].
-        With tensor parallelism this is rank 0's call: it also drives the workers."""
+    def execute(self, batch: BatchLike, staged: bool = False) -> np.ndarray:
+        """Run one step: a Batch from `schedule` (staged=True) or any full Batch (copied in).
+        Returns the sampled ids, int64 [S]. With tensor parallelism this is rank 0's call: it
+        also drives the workers."""
         if self.is_closed:
             raise RuntimeError("this engine was closed")
-        header = self._stage(batch, seeds)
+        header = self._stage(batch, staged)
         if self.workers is None:
             return self._step(header)
         self.workers.send(self.buffers.pack(header))
@@ -585,50 +625,26 @@ class ModelRunner:
         return token_ids.cpu().numpy()
 
 
-@dataclass
-class _WarmupBatch:
-    num_decodes: int
-    input_ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    query_start_loc: np.ndarray
-    seq_lens: np.ndarray
-    block_tables: np.ndarray
-    logits_indices: np.ndarray
-    temperature: np.ndarray
-    top_p: np.ndarray
-    top_k: np.ndarray
-    min_p: np.ndarray
-
-
-def _warmup_batch(config: EngineConfig) -> _WarmupBatch:
+def _warmup_batch(config: EngineConfig) -> FullBatchLike:
     """A prefill-only Batch of max_num_batched_tokens tokens in up to max_num_seqs sequences,
-    each sampling with top-p so the sampler's largest path is measured too."""
+    each sampling with top-k, top-p and min-p so the sampler's largest path is measured too;
+    planned by a throwaway twin scheduler on a pool of its own."""
     wanted = config.max_num_batched_tokens
     seq_len = min(-(-wanted // config.max_num_seqs), config.max_model_len - 1)
     num_seqs = min(config.max_num_seqs, -(-wanted // seq_len))
     num_tokens = min(wanted, num_seqs * seq_len)
-    lens = np.full(num_seqs, seq_len, dtype=np.int32)
-    lens[-1] = num_tokens - seq_len * (num_seqs - 1)
+    lens = [seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)]
     bs = config.block_size
-    blocks_per_seq = -(-seq_len // bs)
-    qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-    positions = np.concatenate([np.arange(n) for n in lens]).astype(np.int32)
-    seq_index = np.repeat(np.arange(num_seqs), lens)
-    block_tables = np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, -1)
-    slots = block_tables[seq_index, positions // bs] * bs + positions % bs
-    s = num_seqs
-    return _WarmupBatch(
-        num_decodes=0,
-        input_ids=np.zeros(num_tokens, dtype=np.int32),
-        positions=positions,
-        slot_mapping=slots.astype(np.int32),
-        query_start_loc=qsl,
-        seq_lens=lens,
-        block_tables=block_tables,
-        logits_indices=(qsl[1:] - 1).astype(np.int32),
-        temperature=np.ones(s, dtype=np.float32),
-        top_p=np.full(s, 0.9, dtype=np.float32),
-        top_k=np.full(s, 50, dtype=np.int32),
-        min_p=np.full(s, 0.05, dtype=np.float32),
+    sched = TwinScheduler(
+        num_blocks=num_seqs * -(-seq_len // bs),
+        block_size=bs,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=config.max_model_len,
+        enable_prefix_caching=False,
     )
+    for i, n in enumerate(lens):
+        sched.add_request(i, [0] * n, 1, temperature=1.0, top_p=0.9, top_k=50, min_p=0.05)
+    batch = sched.schedule()
+    assert batch is not None and batch.num_tokens == num_tokens, (batch, num_tokens)
+    return batch

@@ -39,6 +39,17 @@ run before the next schedule(). After a Batch with sampled rows, update() must b
 next schedule(); after a Batch with none it may be called with an empty array or skipped.
 abort() between schedule() and update() is allowed: that sequence's sampled row is ignored.
 
+Sampling. Every sampled row carries its request's temperature, top_p, top_k, min_p and one
+uniform u = sampling_uniform(seed, seq_len of the row) (SplitMix64 of SplitMix64(seed) ^ seq_len,
+top 53 bits as a float64 in [0, 1), rounded to float32 and kept <= 1 - 2**-24), so a request's
+draws depend only on its seed and its own length. The Batch also says whether every sampled row
+is greedy (temperature 0 or top_k 1) and whether any sampling row uses top-k (0 < top_k <
+vocab_size, any top_k > 0 when vocab_size is unknown) or top-p < 1, or min-p > 0; the comparisons
+use the float32 values the Batch carries.
+
+schedule_into(host, layout) is schedule() with the large arrays written into a caller's int32
+staging buffer at the offsets of `layout` (see STAGING_LAYOUT below); it returns the same Batch.
+
 Stop checks in update(), in order: eos (unless ignore_eos), stop_token_ids -> "stop" (the token is
 kept); max_tokens outputs, prompt + outputs >= max_model_len -> "length".
 """
@@ -56,6 +67,42 @@ from typing import Any
 import numpy as np
 
 INT32_MAX = 2**31 - 1
+_MASK64 = 2**64 - 1
+_BELOW_ONE = np.float32(1.0 - 2.0**-24)
+
+# schedule_into's layout, in this order: int32-element offsets of the fields in the staging
+# buffer, the block-table row stride, then the capacities (tokens, rows) the fields hold.
+STAGING_LAYOUT = (
+    "input_ids",
+    "positions",
+    "slot_mapping",
+    "seq_lens",
+    "block_tables",
+    "block_tables_stride",
+    "logits_indices",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "uniforms",
+    "max_tokens",
+    "max_seqs",
+)
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's finalizer on a Python int in [0, 2**64)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sampling_uniform(seed: int, counter: int) -> np.float32:
+    """The uniform a sampled row draws with (the module docstring gives the rule)."""
+    h = splitmix64(splitmix64(seed) ^ counter)
+    return min(np.float32((h >> 11) * (1.0 / 2**53)), _BELOW_ONE)
+
 
 # ---------------------------------------------------------------------------------------------
 # XXH64, from the public specification (github.com/Cyan4973/xxHash/blob/dev/doc/xxhash_spec.md)
@@ -157,6 +204,26 @@ class Batch:
     top_p: np.ndarray  # float32 [S]
     top_k: np.ndarray  # int32 [S]
     min_p: np.ndarray  # float32 [S]
+    uniforms: np.ndarray  # float32 [S]
+    all_greedy: bool  # no sampled row samples
+    any_top_k_or_p: bool  # some sampling row uses top-k or top-p
+    any_min_p: bool  # some sampling row uses min-p
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.logits_indices)
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_tables.shape[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,18 +235,22 @@ class _Sequence:
         "block_table",
         "eos_token_ids",
         "ignore_eos",
+        "is_greedy",
         "max_tokens",
         "min_p",
         "num_computed_tokens",
         "num_prefill_tokens",
         "num_prompt_tokens",
         "num_registered_blocks",
+        "seed",
         "seq_id",
         "stop_token_ids",
         "temperature",
         "token_ids",
         "top_k",
         "top_p",
+        "uses_min_p",
+        "uses_top_k_or_p",
     )
 
     def __init__(
@@ -194,6 +265,8 @@ class _Sequence:
         top_p: float,
         top_k: int,
         min_p: float,
+        seed: int,
+        vocab_size: int | None,
     ) -> None:
         self.seq_id = seq_id
         self.token_ids = prompt_token_ids  # prompt + outputs
@@ -206,6 +279,13 @@ class _Sequence:
         self.top_p = top_p
         self.top_k = top_k
         self.min_p = min_p
+        self.seed = seed
+        # The Batch flags, from the float32 values the Batch carries.
+        t32, p32, m32 = np.float32(temperature), np.float32(top_p), np.float32(min_p)
+        self.is_greedy = bool(t32 == 0 or top_k == 1)
+        cuts_vocab = top_k > 0 and (vocab_size is None or top_k < vocab_size)
+        self.uses_top_k_or_p = not self.is_greedy and (cuts_vocab or bool(p32 < 1))
+        self.uses_min_p = not self.is_greedy and bool(m32 > 0)
         self.num_computed_tokens = 0  # tokens whose K/V are (being) written this admission
         self.num_prefill_tokens = 0  # tokens to compute before the first sample this admission
         self.block_table: list[int] = []
@@ -301,6 +381,10 @@ class BlockManager:
 # ---------------------------------------------------------------------------------------------
 # Scheduler
 # ---------------------------------------------------------------------------------------------
+def _describe(value: Any) -> str:
+    return str(value.dtype) if isinstance(value, np.ndarray) else type(value).__name__
+
+
 def _check_int(name: str, value: Any) -> int:
     try:
         return operator.index(value)
@@ -382,8 +466,10 @@ class Scheduler:
         top_k: int = 0,
         min_p: float = 0.0,
         vocab_size: int | None = None,
+        seed: int = 0,
     ) -> None:
         seq_id = _check_int("seq_id", seq_id)
+        seed = _check_int("seed", seed)
         max_tokens = _check_int("max_tokens", max_tokens)
         top_k = _check_int("top_k", top_k)
         temperature, top_p, min_p = float(temperature), float(top_p), float(min_p)
@@ -409,6 +495,8 @@ class Scheduler:
             raise ValueError(f"min_p must be in [0, 1], got {min_p}")
         if vocab_size is not None and vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        if not (0 <= seed <= _MASK64):
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
         if not prompt:
             raise ValueError("prompt_token_ids is empty")
         limit = INT32_MAX if vocab_size is None else vocab_size - 1
@@ -437,6 +525,8 @@ class Scheduler:
             top_p,
             top_k,
             min_p,
+            seed,
+            vocab_size,
         )
         self.seqs[seq_id] = seq
         self.waiting.append(seq)
@@ -515,6 +605,54 @@ class Scheduler:
                 self._register_full_blocks(seq)
         batch = self._build_batch(rows, num_decodes)
         self._pending = [seq for seq, start, n in rows if start + n == seq.num_tokens]
+        return batch
+
+    def schedule_into(self, host: np.ndarray, layout: np.ndarray) -> Batch | None:
+        """schedule(), then its arrays copied into `host` at the offsets of `layout`."""
+        if not isinstance(host, np.ndarray) or host.dtype != np.int32:
+            raise ValueError(f"host must be a numpy int32 array, got {_describe(host)}")
+        if not isinstance(layout, np.ndarray) or layout.dtype != np.int64:
+            raise ValueError(f"layout must be a numpy int64 array, got {_describe(layout)}")
+        if host.ndim != 1 or not host.flags.c_contiguous or not host.flags.writeable:
+            raise ValueError("host must be a writeable, contiguous 1-D int32 array")
+        if layout.shape != (len(STAGING_LAYOUT),):
+            raise ValueError(f"layout must have {len(STAGING_LAYOUT)} entries")
+        at = dict(zip(STAGING_LAYOUT, layout.tolist()))
+        width = -(-self.max_model_len // self.block_size)
+        stride, max_tokens, max_seqs = at["block_tables_stride"], at["max_tokens"], at["max_seqs"]
+        if (
+            max_tokens < self.max_num_batched_tokens
+            or max_seqs < self.max_num_seqs
+            or stride < width
+        ):
+            raise ValueError(
+                f"layout capacities (tokens {max_tokens}, rows {max_seqs}, block-table stride "
+                f"{stride}) are below the scheduler's ({self.max_num_batched_tokens}, "
+                f"{self.max_num_seqs}, {width})"
+            )
+        spans = [("block_tables", max_seqs * stride)]
+        spans += [(f, max_tokens) for f in ("input_ids", "positions", "slot_mapping")]
+        spans += [
+            (f, max_seqs)
+            for f in ("seq_lens", "logits_indices", "temperature", "top_p", "top_k", "min_p")
+        ]
+        spans.append(("uniforms", max_seqs))
+        if any(at[f] < 0 or at[f] + n > len(host) for f, n in spans):
+            raise ValueError("layout places a field outside the host buffer")
+        batch = self.schedule()
+        if batch is None:
+            return None
+        floats = host.view(np.float32)
+        t, s = batch.num_tokens, batch.num_samples
+        for name in ("input_ids", "positions", "slot_mapping"):
+            host[at[name] : at[name] + t] = getattr(batch, name)
+        host[at["seq_lens"] : at["seq_lens"] + batch.num_seqs] = batch.seq_lens
+        host[at["logits_indices"] : at["logits_indices"] + s] = batch.logits_indices
+        host[at["top_k"] : at["top_k"] + s] = batch.top_k
+        for name in ("temperature", "top_p", "min_p", "uniforms"):
+            floats[at[name] : at[name] + s] = getattr(batch, name)
+        tables = host[at["block_tables"] : at["block_tables"] + max_seqs * stride]
+        tables.reshape(max_seqs, stride)[: batch.num_seqs, : batch.max_blocks] = batch.block_tables
         return batch
 
     def update(self, sampled_token_ids: np.ndarray) -> list[tuple[int, str, list[int]]]:
@@ -680,4 +818,11 @@ class Scheduler:
             top_p=np.array([s.top_p for _, s in sampled], dtype=np.float32),
             top_k=np.array([s.top_k for _, s in sampled], dtype=np.int32),
             min_p=np.array([s.min_p for _, s in sampled], dtype=np.float32),
+            uniforms=np.array(
+                [sampling_uniform(s.seed, s.num_computed_tokens) for _, s in sampled],
+                dtype=np.float32,
+            ),
+            all_greedy=all(s.is_greedy for _, s in sampled),
+            any_top_k_or_p=any(s.uses_top_k_or_p for _, s in sampled),
+            any_min_p=any(s.uses_min_p for _, s in sampled),
         )
