@@ -56,7 +56,7 @@ int main(int argc, char** argv) {
   const int num_traces = argc > 1 ? std::atoi(argv[1]) : 300;
   std::vector<int64_t> i64(1 << 16);
   std::vector<int32_t> i32[8];
-  std::vector<float> f32[3];
+  std::vector<float> f32[4];
   for (auto& v : i32) v.resize(1 << 16);
   for (auto& v : f32) v.resize(1 << 16);
   const BatchAllocator allocate = [&](const BatchShape& shape) {
@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
     return BatchBuffers{i64.data(),       i32[0].data(), i32[1].data(), i32[2].data(),
                         i32[3].data(),    i32[4].data(), i32[5].data(), i32[6].data(),
                         i64.data() + 512, f32[0].data(), f32[1].data(), i32[7].data(),
-                        f32[2].data()};
+                        f32[2].data(),    f32[3].data()};
   };
   int64_t total_steps = 0;
   for (int trace = 0; trace < num_traces; ++trace) {
