@@ -83,7 +83,8 @@ def sample_torch(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 
 def _sample_cuda(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """No row filters: argmax, or one fused Triton pass per row (softmax + inverse CDF)."""
+    """No row filters: argmax, or the fused Triton sampler (softmax + inverse CDF, split over
+    vocabulary chunks)."""
     if st.all_greedy:
         return logits.argmax(dim=-1)  # exact in the logits' dtype: no float copy needed
     from minivllm.kernels.sampling import sample_from_logits
