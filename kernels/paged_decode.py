@@ -6,7 +6,8 @@ into the M dimension of `tl.dot`, padded to 16 rows. The grid is (batch, kv_head
 with max_num_splits fixed by the batch size and the block-table width, never by the data, so the
 launch can be captured in a CUDA graph; how many splits a sequence uses is decided on the GPU from
 its length, and programs without work exit at once. A second kernel merges the partial results with
-their log-sum-exp.
+their log-sum-exp. When max_num_splits is 1 (large batches already fill the GPU) the main kernel
+normalizes and writes the output itself: no reduce launch, no partial buffers.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ _SPLITS_CAP = 128
 
 
 @triton.jit
-def _num_splits_and_partition(seq_len, max_num_splits, MIN_PARTITION: tl.constexpr,
-                              BLOCK_N: tl.constexpr):
+def _num_splits_and_partition(
+    seq_len, max_num_splits, MIN_PARTITION: tl.constexpr, BLOCK_N: tl.constexpr
+):
     # Spread the context over at most max_num_splits splits of at least MIN_PARTITION tokens,
     # each a multiple of BLOCK_N; the reduce kernel recomputes the same numbers.
     num_splits = tl.minimum(tl.cdiv(seq_len, MIN_PARTITION), max_num_splits)
@@ -42,12 +44,15 @@ def _paged_decode_kernel(
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     seq_lens_ptr,  # [B] int32
     block_tables_ptr,  # [B, max_blocks] int32
-    part_out_ptr,  # [B, num_heads, max_num_splits, head_dim] float32
-    part_lse_ptr,  # [B, num_heads, max_num_splits] float32, log2 units
+    part_out_ptr,  # [B, num_heads, max_num_splits, head_dim] float32; unused if SINGLE_SPLIT
+    part_lse_ptr,  # [B, num_heads, max_num_splits] float32, log2 units; unused if SINGLE_SPLIT
+    out_ptr,  # [B, num_heads, head_dim]; written only if SINGLE_SPLIT
     max_num_splits,  # runtime: a new batch size must not mean a new compile
     qk_scale,  # softmax scale * log2(e)
     stride_q_b,
     stride_q_h,
+    stride_out_b,
+    stride_out_h,
     stride_cache_block,
     stride_cache_tok,
     stride_cache_head,
@@ -60,17 +65,24 @@ def _paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     MIN_PARTITION: tl.constexpr,
     SELECT_LOOKUP: tl.constexpr,  # see block_table.tile_row_offsets (BLOCK_N > BLOCK_SIZE only)
+    SINGLE_SPLIT: tl.constexpr,  # max_num_splits == 1: write the final output, no reduce
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    num_splits, partition = _num_splits_and_partition(seq_len, max_num_splits, MIN_PARTITION,
-                                                      BLOCK_N)
-    if split >= num_splits:  # also every split of a seq_len == 0 padding row
-        return
-    start = split * partition
-    end = tl.minimum(start + partition, seq_len)
+    if SINGLE_SPLIT:
+        # The whole context; a seq_len == 0 padding row runs no tile and writes zeros below.
+        start = 0
+        end = seq_len
+    else:
+        num_splits, partition = _num_splits_and_partition(
+            seq_len, max_num_splits, MIN_PARTITION, BLOCK_N
+        )
+        if split >= num_splits:  # also every split of a seq_len == 0 padding row
+            return
+        start = split * partition
+        end = tl.minimum(start + partition, seq_len)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, BLOCK_D)
@@ -91,8 +103,17 @@ def _paged_decode_kernel(
     head_off = kv_head.to(tl.int64) * stride_cache_head
     for tile_start in range(start, end, BLOCK_N):
         n_mask = tile_start + offs_n < end
-        rows = tile_row_offsets(bt_row, tile_start, end, stride_cache_block, stride_cache_tok,
-                                BLOCK_SIZE, BLOCK_N, True, SELECT_LOOKUP)
+        rows = tile_row_offsets(
+            bt_row,
+            tile_start,
+            end,
+            stride_cache_block,
+            stride_cache_tok,
+            BLOCK_SIZE,
+            BLOCK_N,
+            True,
+            SELECT_LOOKUP,
+        )
         kv_off = head_off + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
@@ -106,14 +127,23 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    # Every split holds >= 1 key, so l_i > 0 for the real rows.
-    part_row = (b * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * max_num_splits + split
-    tl.store(part_lse_ptr + part_row, m_i + tl.log2(l_i), mask=g_mask)
-    tl.store(
-        part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
-        acc / l_i[:, None],
-        mask=g_mask[:, None] & d_mask[None, :],
-    )
+    if SINGLE_SPLIT:
+        # l_i > 0 for a real row; an empty row has acc == 0 and l_i == 0, so it writes zeros.
+        out_off = b.to(tl.int64) * stride_out_b + heads[:, None] * stride_out_h + offs_d[None, :]
+        tl.store(
+            out_ptr + out_off,
+            (acc / tl.maximum(l_i, 1e-30)[:, None]).to(out_ptr.dtype.element_ty),
+            mask=g_mask[:, None] & d_mask[None, :],
+        )
+    else:
+        # Every split holds >= 1 key, so l_i > 0 for the real rows.
+        part_row = (b * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * max_num_splits + split
+        tl.store(part_lse_ptr + part_row, m_i + tl.log2(l_i), mask=g_mask)
+        tl.store(
+            part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
+            acc / l_i[:, None],
+            mask=g_mask[:, None] & d_mask[None, :],
+        )
 
 
 @triton.jit
@@ -166,8 +196,9 @@ def _paged_decode_reduce_kernel(
     )
 
 
-def _max_num_splits(batch: int, num_kv_heads: int, max_context: int, min_partition: int,
-                    device: torch.device) -> int:
+def _max_num_splits(
+    batch: int, num_kv_heads: int, max_context: int, min_partition: int, device: torch.device
+) -> int:
     # Enough (b, kv_head, split) programs to give every SM a few, never more splits than
     # min_partition-sized pieces of the longest possible context (the block-table width).
     if device.type == "cuda":
@@ -201,7 +232,7 @@ def decode_attention(
     per split), the key tile `block_n` and the launch's `num_warps` / `num_stages`.
     """
     batch, num_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     assert q.stride(2) == 1 and num_heads % num_kv_heads == 0
@@ -220,10 +251,16 @@ def decode_attention(
         max_num_splits = _max_num_splits(
             batch, num_kv_heads, block_tables.shape[1] * block_size, min_partition, q.device
         )
-    part_out = torch.empty(
-        (batch, num_heads, max_num_splits, head_dim), dtype=torch.float32, device=q.device
-    )
-    part_lse = torch.empty((batch, num_heads, max_num_splits), dtype=torch.float32, device=q.device)
+    single_split = max_num_splits == 1
+    if single_split:  # the kernel writes `out` itself; the partial pointers are never read
+        part_out = part_lse = out
+    else:
+        part_out = torch.empty(
+            (batch, num_heads, max_num_splits, head_dim), dtype=torch.float32, device=q.device
+        )
+        part_lse = torch.empty(
+            (batch, num_heads, max_num_splits), dtype=torch.float32, device=q.device
+        )
     block_d = triton.next_power_of_2(head_dim)
     _paged_decode_kernel[(batch, num_kv_heads, max_num_splits)](
         q_ptr=q,
@@ -233,10 +270,13 @@ def decode_attention(
         block_tables_ptr=block_tables,
         part_out_ptr=part_out,
         part_lse_ptr=part_lse,
+        out_ptr=out,
         max_num_splits=max_num_splits,
         qk_scale=scale * _LOG2E,
         stride_q_b=q.stride(0),
         stride_q_h=q.stride(1),
+        stride_out_b=out.stride(0),
+        stride_out_h=out.stride(1),
         stride_cache_block=k_cache.stride(0),
         stride_cache_tok=k_cache.stride(1),
         stride_cache_head=k_cache.stride(2),
@@ -249,9 +289,12 @@ def decode_attention(
         BLOCK_N=block_n,
         MIN_PARTITION=min_partition,
         SELECT_LOOKUP=select_lookup,
+        SINGLE_SPLIT=single_split,
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if single_split:
+        return out
     _paged_decode_reduce_kernel[(batch, num_heads)](
         out_ptr=out,
         part_out_ptr=part_out,

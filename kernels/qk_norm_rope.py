@@ -1,9 +1,14 @@
-"""Triton: per-head RMSNorm of q and k (Qwen3) fused with rotary embedding (rotate-half layout).
+"""Triton: per-head RMSNorm of q and k (Qwen3) fused with rotary embedding (rotate-half layout),
+optionally also writing the token's K and V into the paged KV cache.
 
 Same op order as `layers/rmsnorm.py` followed by `layers/rotary.py`, with the activation-dtype
 roundings in between: norm in float32 -> dtype, times the weight -> dtype, then
 `x * cos + rotate_half(x) * sin` with each product and the sum rounded to the dtype. Without the
-norm (Qwen2) only the rotary part runs. q and k may be strided views into the packed qkv output.
+norm (Qwen2) only the rotary part runs. q, k and v may be strided views into the packed qkv output.
+
+`qk_norm_rope_store_kv` writes rope(k_norm(k)) and v straight into their cache slots, exactly what
+`qk_norm_rope` followed by `kv_store.store_kvcache` writes, one kernel launch instead of two per
+layer (the attention kernels read K/V from the cache only, so k itself is not returned).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import triton.language as tl
 def _norm_rope_heads(
     x_ptr,  # [T, H, D] strided
     weight_ptr,  # [D]
-    out_ptr,  # [T, H, D], contiguous
+    out_ptr,  # rows of H * D contiguous elements: [T, H, D] or a KV cache [.., H, D]
+    out_row,  # int64 element offset of this token's row in out_ptr; < 0 (slot -1): no write
     cos1,  # [HALF] float32: the token's cos row, first half
     cos2,  # [HALF] float32: second half
     sin1,
@@ -33,10 +39,12 @@ def _norm_rope_heads(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    dtype = out_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (offs_h < num_heads) & (offs_d < HALF)
+    # A negative row (cache slot -1) has no head in range: nothing is loaded or written. (Folded
+    # into the head bound: the interpreter cannot AND a scalar condition into a tensor mask.)
+    mask = (offs_h < tl.where(out_row >= 0, num_heads, 0)) & (offs_d < HALF)
     src = x_ptr + tok * stride_t + offs_h * stride_h + offs_d
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
@@ -58,7 +66,7 @@ def _norm_rope_heads(
     o2 = (f2 * cos2[None, :]).to(dtype).to(tl.float32) + (f1 * sin2[None, :]).to(dtype).to(
         tl.float32
     )
-    dst = out_ptr + tok * (num_heads * HEAD_DIM) + offs_h * HEAD_DIM + offs_d
+    dst = out_ptr + out_row + offs_h * HEAD_DIM + offs_d  # out_ptr is in the same dtype
     tl.store(dst, o1.to(dtype), mask=mask)
     tl.store(dst + HALF, o2.to(dtype), mask=mask)
 
@@ -67,27 +75,35 @@ def _norm_rope_heads(
 def _qk_norm_rope_kernel(
     q_ptr,  # [T, num_q_heads, head_dim], head_dim contiguous
     k_ptr,  # [T, num_kv_heads, head_dim], head_dim contiguous
+    v_ptr,  # [T, num_kv_heads, head_dim], head_dim contiguous; read only when STORE_KV
     q_weight_ptr,  # [head_dim], read only when HAS_NORM
     k_weight_ptr,  # [head_dim], read only when HAS_NORM
     cos_ptr,  # [max_position, head_dim], contiguous
     sin_ptr,  # [max_position, head_dim], contiguous
     positions_ptr,  # [T] int32/int64
+    slot_mapping_ptr,  # [T] int32/int64, slots < 0 skipped; read only when STORE_KV
     q_out_ptr,  # [T, num_q_heads, head_dim], contiguous
-    k_out_ptr,  # [T, num_kv_heads, head_dim], contiguous
+    k_out_ptr,  # [T, num_kv_heads, head_dim], contiguous; written only without STORE_KV
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous; STORE_KV only
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous; STORE_KV only
     stride_q_t,
     stride_q_h,
     stride_k_t,
     stride_k_h,
+    stride_v_t,
+    stride_v_h,
     num_q_heads,
     num_kv_heads,
     q_eps,
     k_eps,
     HAS_NORM: tl.constexpr,
+    STORE_KV: tl.constexpr,  # rope(k) and v go to their cache slots instead of k_out
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,  # HEAD_DIM // 2
     BLOCK_HQ: tl.constexpr,  # next power of two >= num_q_heads
     BLOCK_HK: tl.constexpr,  # next power of two >= num_kv_heads
     BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
 ):
     # One program per token: every q and k head of it, so the cos/sin row is read once.
     tok = tl.program_id(0).to(tl.int64)
@@ -103,6 +119,7 @@ def _qk_norm_rope_kernel(
         q_ptr,
         q_weight_ptr,
         q_out_ptr,
+        tok * (num_q_heads * HEAD_DIM),
         cos1,
         cos2,
         sin1,
@@ -118,10 +135,21 @@ def _qk_norm_rope_kernel(
         BLOCK_HQ,
         BLOCK_HALF,
     )
+    kv_row_size = num_kv_heads * HEAD_DIM  # a token's row in k_out and a cache slot's stride
+    if STORE_KV:
+        # int64: slot * kv_row_size can pass 2^31 in a large pool. Slot -1 (a padding row of a
+        # replayed CUDA graph) writes nowhere.
+        slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+        k_dst_ptr = k_cache_ptr
+        k_row = slot * kv_row_size
+    else:
+        k_dst_ptr = k_out_ptr
+        k_row = tok * kv_row_size
     _norm_rope_heads(
         k_ptr,
         k_weight_ptr,
-        k_out_ptr,
+        k_dst_ptr,
+        k_row,
         cos1,
         cos2,
         sin1,
@@ -136,6 +164,102 @@ def _qk_norm_rope_kernel(
         HALF,
         BLOCK_HK,
         BLOCK_HALF,
+    )
+    if STORE_KV:
+        offs_h = tl.arange(0, BLOCK_HK)[:, None]
+        offs_vd = tl.arange(0, BLOCK_D)[None, :]
+        mask = (offs_h < tl.where(slot >= 0, num_kv_heads, 0)) & (offs_vd < HEAD_DIM)
+        v = tl.load(v_ptr + tok * stride_v_t + offs_h * stride_v_h + offs_vd, mask=mask)
+        tl.store(v_cache_ptr + k_row + offs_h * HEAD_DIM + offs_vd, v, mask=mask)
+
+
+def _check_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    q_out: torch.Tensor,
+) -> None:
+    num_tokens, _, head_dim = q.shape
+    assert k.dim() == 3 and k.shape[0] == num_tokens and k.shape[2] == head_dim, (q.shape, k.shape)
+    assert q.dtype == k.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    assert q.stride(2) == 1 and k.stride(2) == 1, "head_dim must be contiguous"
+    assert head_dim % 2 == 0, head_dim
+    assert cos_cache.shape == sin_cache.shape and cos_cache.shape[1] == head_dim, cos_cache.shape
+    assert cos_cache.is_contiguous() and sin_cache.is_contiguous()
+    # Same dtypes everywhere, so no torch type promotion to mirror.
+    assert cos_cache.dtype == sin_cache.dtype == q.dtype, (cos_cache.dtype, q.dtype)
+    assert positions.shape == (num_tokens,), (positions.shape, num_tokens)
+    assert positions.dtype in (torch.int32, torch.int64), positions.dtype
+    assert (k_weight is not None) == (q_weight is not None), "q and k are normalised together"
+    if q_weight is not None:
+        assert q_weight.shape == (head_dim,) and k_weight.shape == (head_dim,)
+        assert q_weight.is_contiguous() and k_weight.is_contiguous()
+        assert q_weight.dtype == k_weight.dtype == q.dtype, (q_weight.dtype, q.dtype)
+    assert q_out.shape == q.shape and q_out.dtype == q.dtype and q_out.is_contiguous()
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    q_eps: float,
+    k_eps: float,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor | None,
+    v: torch.Tensor | None = None,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+) -> None:
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if num_tokens == 0:
+        return
+    has_norm = q_weight is not None
+    store_kv = k_cache is not None
+    half = head_dim // 2
+    _qk_norm_rope_kernel[(num_tokens,)](
+        q_ptr=q,
+        k_ptr=k,
+        v_ptr=v if store_kv else k,
+        q_weight_ptr=q_weight if has_norm else q,
+        k_weight_ptr=k_weight if has_norm else k,
+        cos_ptr=cos_cache,
+        sin_ptr=sin_cache,
+        positions_ptr=positions,
+        slot_mapping_ptr=slot_mapping if store_kv else positions,
+        q_out_ptr=q_out,
+        k_out_ptr=k_cache if store_kv else k_out,
+        k_cache_ptr=k_cache if store_kv else k_out,
+        v_cache_ptr=v_cache if store_kv else k_out,
+        stride_q_t=q.stride(0),
+        stride_q_h=q.stride(1),
+        stride_k_t=k.stride(0),
+        stride_k_h=k.stride(1),
+        stride_v_t=v.stride(0) if store_kv else 0,
+        stride_v_h=v.stride(1) if store_kv else 0,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        q_eps=q_eps,
+        k_eps=k_eps,
+        HAS_NORM=has_norm,
+        STORE_KV=store_kv,
+        HEAD_DIM=head_dim,
+        HALF=half,
+        BLOCK_HQ=triton.next_power_of_2(num_q_heads),
+        BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        # 16 q heads x 64 pairs = 1024 elements per half: 4 warps keep 8 per thread per load.
+        num_warps=4,
     )
 
 
@@ -160,58 +284,65 @@ def qk_norm_rope(
     a program reads all heads of its token before writing, so the outputs may alias q and k when
     those are contiguous.
     """
-    num_tokens, num_q_heads, head_dim = q.shape
-    assert k.dim() == 3 and k.shape[0] == num_tokens and k.shape[2] == head_dim, (q.shape, k.shape)
-    num_kv_heads = k.shape[1]
-    assert q.dtype == k.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    assert q.stride(2) == 1 and k.stride(2) == 1, "head_dim must be contiguous"
-    assert head_dim % 2 == 0, head_dim
-    assert cos_cache.shape == sin_cache.shape and cos_cache.shape[1] == head_dim, cos_cache.shape
-    assert cos_cache.is_contiguous() and sin_cache.is_contiguous()
-    # Same dtypes everywhere, so no torch type promotion to mirror.
-    assert cos_cache.dtype == sin_cache.dtype == q.dtype, (cos_cache.dtype, q.dtype)
-    assert positions.shape == (num_tokens,), (positions.shape, num_tokens)
-    assert positions.dtype in (torch.int32, torch.int64), positions.dtype
-    has_norm = q_weight is not None
-    assert (k_weight is not None) == has_norm, "q and k are normalised together or not at all"
-    if has_norm:
-        assert q_weight.shape == (head_dim,) and k_weight.shape == (head_dim,)
-        assert q_weight.is_contiguous() and k_weight.is_contiguous()
-        assert q_weight.dtype == k_weight.dtype == q.dtype, (q_weight.dtype, q.dtype)
     if q_out is None:
-        q_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if k_out is None:
-        k_out = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=k.dtype, device=k.device)
-    assert q_out.shape == q.shape and q_out.dtype == q.dtype and q_out.is_contiguous()
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _check_qk(q, k, positions, cos_cache, sin_cache, q_weight, k_weight, q_out)
     assert k_out.shape == k.shape and k_out.dtype == k.dtype and k_out.is_contiguous()
-    if num_tokens == 0:
-        return q_out, k_out
-    half = head_dim // 2
-    _qk_norm_rope_kernel[(num_tokens,)](
-        q_ptr=q,
-        k_ptr=k,
-        q_weight_ptr=q_weight if has_norm else q,
-        k_weight_ptr=k_weight if has_norm else k,
-        cos_ptr=cos_cache,
-        sin_ptr=sin_cache,
-        positions_ptr=positions,
-        q_out_ptr=q_out,
-        k_out_ptr=k_out,
-        stride_q_t=q.stride(0),
-        stride_q_h=q.stride(1),
-        stride_k_t=k.stride(0),
-        stride_k_h=k.stride(1),
-        num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads,
-        q_eps=q_eps,
-        k_eps=k_eps,
-        HAS_NORM=has_norm,
-        HEAD_DIM=head_dim,
-        HALF=half,
-        BLOCK_HQ=triton.next_power_of_2(num_q_heads),
-        BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half),
-        # 16 q heads x 64 pairs = 1024 elements per half: 4 warps keep 8 per thread per load.
-        num_warps=4,
-    )
+    _launch(q, k, positions, cos_cache, sin_cache, q_weight, k_weight, q_eps, k_eps, q_out, k_out)
     return q_out, k_out
+
+
+def qk_norm_rope_store_kv(
+    q: torch.Tensor,  # [T, num_q_heads, head_dim]
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    positions: torch.Tensor,  # [T] int32/int64
+    cos_cache: torch.Tensor,  # [max_position, head_dim]
+    sin_cache: torch.Tensor,  # [max_position, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [T] int32/int64, slots < 0 skipped
+    q_weight: torch.Tensor | None = None,  # [head_dim]
+    k_weight: torch.Tensor | None = None,  # [head_dim]
+    q_eps: float = 1e-6,
+    k_eps: float = 1e-6,
+    *,
+    q_out: torch.Tensor | None = None,  # [T, num_q_heads, head_dim], contiguous
+) -> torch.Tensor:  # contiguous [T, num_q_heads, head_dim]
+    """`qk_norm_rope`, with rope(k_norm(k)) and v written into cache slot `slot_mapping[t]`
+    (block_id * block_size + offset) instead of returned: what `qk_norm_rope` followed by
+    `kv_store.store_kvcache` writes, in one launch. Returns rope(q_norm(q)).
+
+    q, k and v may be views into the packed qkv projection; q_out may alias q when q is contiguous.
+    """
+    if q_out is None:
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _check_qk(q, k, positions, cos_cache, sin_cache, q_weight, k_weight, q_out)
+    assert v.shape == k.shape and v.dtype == k.dtype and v.stride(2) == 1, (v.shape, k.shape)
+    num_kv_heads, head_dim = k.shape[1:]
+    assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim)
+    # Stored as computed: a cache in another dtype would need a cast the kernel does not do.
+    assert k_cache.dtype == v_cache.dtype == q.dtype, (k_cache.dtype, q.dtype)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert slot_mapping.shape == (q.shape[0],), (slot_mapping.shape, q.shape)
+    assert slot_mapping.dtype in (torch.int32, torch.int64), slot_mapping.dtype
+    _launch(
+        q,
+        k,
+        positions,
+        cos_cache,
+        sin_cache,
+        q_weight,
+        k_weight,
+        q_eps,
+        k_eps,
+        q_out,
+        None,
+        v=v,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        slot_mapping=slot_mapping,
+    )
+    return q_out

@@ -1,6 +1,7 @@
 """Fused elementwise and sampling kernels on the GPU at Qwen3-0.6B sizes (hidden 1024, 16 query
 heads, 8 KV heads, head_dim 128, intermediate 3072, vocab 151936, 256 rows) in bf16, against the
-torch code of the layers they replace, and captured into a CUDA graph and replayed."""
+torch code of the layers they replace (or, for the q/k-norm + rotary kernel that also writes the
+KV cache, against the two kernels it replaces), and captured into a CUDA graph and replayed."""
 
 from __future__ import annotations
 
@@ -81,13 +82,59 @@ def test_qk_norm_rope_bf16(with_norm: bool) -> None:
         torch_path = _apply(norm._norm(x) if norm is not None else x, cos, sin)
         x32 = x.float()
         if norm is not None:
-            x32 = norm.weight.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True)
-                                                           + norm.eps))
+            x32 = norm.weight.float() * (
+                x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)
+            )
         ref = _apply(x32, cos.float(), sin.float())
         torch.testing.assert_close(got.float(), torch_path.float(), atol=3e-2, rtol=2e-2)
         kernel_err, torch_err = _rel_err(got, ref), _rel_err(torch_path, ref)
         assert kernel_err < 1e-2, kernel_err
         assert kernel_err <= 1.25 * torch_err + 1e-4, (kernel_err, torch_err)
+    # Without a kv_write (torch backend), the layer returns k itself.
+    assert got_k is not None
+
+
+def _value(qkv: torch.Tensor) -> torch.Tensor:  # [T, NUM_KV_HEADS, HEAD_DIM], a view
+    return qkv[:, (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM :].view(T, NUM_KV_HEADS, HEAD_DIM)
+
+
+def _kv_cache_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random old cache contents (64 blocks of 16) and shuffled int32 slots, every 9th -1."""
+    g = _gen(seed)
+    shape = (64, 16, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=g, device="cuda").to(DT)
+    v_cache = torch.randn(shape, generator=g, device="cuda").to(DT)
+    slots = torch.randperm(64 * 16, generator=g, device="cuda")[:T].to(torch.int32)
+    slots[::9] = -1
+    return k_cache, v_cache, slots
+
+
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_qk_norm_rope_store_kv_bf16(with_norm: bool) -> None:
+    """The rotary layer handed a KVCacheWrite (the triton backend's route) writes exactly what
+    qk_norm_rope followed by store_kvcache write: slot -1 nowhere, every other slot untouched."""
+    from minivllm.kernels.kv_store import store_kvcache
+    from minivllm.kernels.qk_norm_rope import qk_norm_rope
+    from minivllm.layers.attention import KVCacheWrite
+
+    rope = RotaryEmbedding(HEAD_DIM, 40960, 1_000_000.0).to(device="cuda", dtype=DT)
+    q_norm, k_norm = (_norm(HEAD_DIM, 4), _norm(HEAD_DIM, 5)) if with_norm else (None, None)
+    qkv = _qkv()
+    q, k = _split(qkv)
+    v = _value(qkv)
+    k_old, v_old, slots = _kv_cache_case(15)
+    positions = torch.randint(0, 40960, (T,), generator=_gen(6), device="cuda", dtype=torch.int32)
+    weights = (q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps) if with_norm else ()
+    expect_q, rope_k = qk_norm_rope(q, k, positions, rope.cos_cache, rope.sin_cache, *weights)
+    k_expect, v_expect = k_old.clone(), v_old.clone()
+    store_kvcache(rope_k, v, k_expect, v_expect, slots)
+    k_cache, v_cache = k_old.clone(), v_old.clone()
+    kv_write = KVCacheWrite(v, k_cache, v_cache, slots)
+    got_q, got_k = rope(positions, q, k, q_norm, k_norm, kv_write=kv_write)
+    assert got_k is None
+    assert torch.equal(got_q, expect_q)
+    assert torch.equal(k_cache, k_expect) and torch.equal(v_cache, v_expect)
+    assert not torch.equal(k_cache, k_old)
 
 
 def test_silu_and_mul_bf16() -> None:
@@ -155,7 +202,7 @@ def test_graph_capture_and_replay() -> None:
     """The decode-step kernels inside one CUDA graph: replays on new inputs equal eager calls."""
     from minivllm.kernels.activation import silu_and_mul
     from minivllm.kernels.fused_norm import fused_add_rmsnorm
-    from minivllm.kernels.qk_norm_rope import qk_norm_rope
+    from minivllm.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_store_kv
     from minivllm.kernels.sampling import sample_from_logits
 
     norm, q_norm, k_norm = _norm(HIDDEN, 12), _norm(HEAD_DIM, 13), _norm(HEAD_DIM, 14)
@@ -168,6 +215,7 @@ def test_graph_capture_and_replay() -> None:
     logits = torch.empty(T, VOCAB, device="cuda", dtype=DT)
     temperature = torch.empty(T, device="cuda")
     u = torch.empty(T, device="cuda")
+    k_cache, v_cache, slots = _kv_cache_case(15)
 
     def fill(seed: int) -> None:
         g = _gen(seed)
@@ -180,6 +228,10 @@ def test_graph_capture_and_replay() -> None:
         temperature.copy_(torch.rand(T, generator=g, device="cuda") + 0.1)
         temperature[::4] = 0.0
         u.copy_(torch.rand(T, generator=g, device="cuda"))
+        slots.copy_(torch.randperm(slots.shape[0], generator=g, device="cuda"))
+        slots[::7] = -1
+        k_cache.zero_()
+        v_cache.zero_()
 
     def step() -> list[torch.Tensor]:
         h, r = fused_add_rmsnorm(x, residual, norm.weight, norm.eps)
@@ -195,7 +247,22 @@ def test_graph_capture_and_replay() -> None:
             q_norm.eps,
             k_norm.eps,
         )
-        return [h, r, q, k, silu_and_mul(gate_up), sample_from_logits(logits, temperature, u)]
+        q_cached = qk_norm_rope_store_kv(
+            *_split(qkv),
+            _value(qkv),
+            positions,
+            rope.cos_cache,
+            rope.sin_cache,
+            k_cache,
+            v_cache,
+            slots,
+            q_norm.weight,
+            k_norm.weight,
+            q_norm.eps,
+            k_norm.eps,
+        )
+        out = [h, r, q, k, q_cached, silu_and_mul(gate_up)]
+        return [*out, sample_from_logits(logits, temperature, u)]
 
     fill(0)
     stream = torch.cuda.Stream()
@@ -210,5 +277,10 @@ def test_graph_capture_and_replay() -> None:
         fill(seed)
         graph.replay()
         torch.cuda.synchronize()
+        replayed_caches = [k_cache.clone(), v_cache.clone()]
+        assert replayed_caches[0].any()
+        k_cache.zero_()
+        v_cache.zero_()
         for got, expect in zip(static_out, step()):
             assert torch.equal(got, expect)
+        assert torch.equal(replayed_caches[0], k_cache) and torch.equal(replayed_caches[1], v_cache)

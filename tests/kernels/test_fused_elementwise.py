@@ -8,10 +8,13 @@ conversion does not round to nearest.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testing import DEVICE, poison_like
+from kernel_testing import DEVICE, make_paged_batch, poison_like
+from minivllm.layers.attention import AttentionMetadata
 from minivllm.layers.rmsnorm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
 
@@ -129,9 +132,125 @@ def test_qk_norm_rope(
         q_out=poison_like(expect_q).to(DEVICE),
         k_out=poison_like(expect_k).to(DEVICE),
     )
-    tol = _tol(dtype) if with_norm else {"atol": 0.0, "rtol": 0.0}  # rope alone: same roundings
+    if with_norm:
+        tol = _tol(dtype)
+    elif DEVICE == "cpu":
+        tol = {"atol": 0.0, "rtol": 0.0}  # rope alone: the interpreter repeats torch's roundings
+    else:
+        # Compiled, the sum of the two rounded products may land one ulp off (of the operands'
+        # magnitude, so large next to a result that cancels).
+        bound = max(expect_q.abs().max().item(), expect_k.abs().max().item())
+        tol = {"atol": 2 * torch.finfo(dtype).eps * bound, "rtol": 0.0}
     torch.testing.assert_close(got_q.cpu(), expect_q, **tol)
     torch.testing.assert_close(got_k.cpu(), expect_k, **tol)
+
+
+class _DecodeStep(NamedTuple):
+    q: torch.Tensor  # [T, num_heads, head_dim], a view of the packed qkv
+    k: torch.Tensor  # [T, num_kv_heads, head_dim], a view of the packed qkv
+    v: torch.Tensor  # [T, num_kv_heads, head_dim], a view of the packed qkv
+    positions: torch.Tensor  # [T]
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+    meta: AttentionMetadata
+
+
+def _decode_step(
+    num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int
+) -> _DecodeStep:
+    """One decode token per sequence over a paged cache, plus a padding row (seq_len 0, slot -1,
+    as in a replayed CUDA graph)."""
+    seq_lens = [5, 17, 0, 33, 16]
+    block_size = 16
+    k_cache, v_cache, block_tables = make_paged_batch(
+        seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=seed
+    )
+    positions = torch.tensor([max(n - 1, 0) for n in seq_lens])
+    slots = [
+        int(block_tables[b, p // block_size]) * block_size + p % block_size if n > 0 else -1
+        for b, (n, p) in enumerate(zip(seq_lens, positions.tolist()))
+    ]
+    num_tokens = len(seq_lens)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    gen = _gen(seed)
+    qkv = (2 * torch.randn(num_tokens, q_size + 2 * kv_size, generator=gen)).to(dtype).to(DEVICE)
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    meta = AttentionMetadata(
+        num_decodes=num_tokens,
+        slot_mapping=torch.tensor(slots, dtype=torch.int32, device=DEVICE),
+        decode_seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        decode_block_tables=block_tables,
+        prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=DEVICE),
+        prefill_seq_lens=torch.zeros(0, dtype=torch.int32, device=DEVICE),
+        prefill_block_tables=block_tables[:0],
+        max_prefill_query_len=0,
+    )
+    return _DecodeStep(
+        q.view(num_tokens, num_heads, head_dim),
+        k.view(num_tokens, num_kv_heads, head_dim),
+        v.view(num_tokens, num_kv_heads, head_dim),
+        positions.to(DEVICE),
+        k_cache,
+        v_cache,
+        meta,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_norm", [True, False])  # Qwen3, Qwen2
+def test_rotary_layer_stores_kv_for_attention(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, with_norm: bool
+) -> None:
+    """The model's route on the fused path (triton backend): the rotary layer, handed the
+    attention layer's kv_write, writes the cache and returns k = None, and the attention layer
+    skips its store. Caches, q and attention output equal the unfused route (rotary returns k,
+    the attention layer stores it), padding row included."""
+    from minivllm.layers import rotary
+    from minivllm.layers.attention import Attention, get_attention_backend
+
+    monkeypatch.setattr(rotary, "use_fused_kernels", lambda x: True)  # CUDA's choice, on the CPU
+    num_heads, num_kv_heads, head_dim = 8, 2, 64
+    rope = RotaryEmbedding(head_dim, 64, base=10000.0).to(dtype=dtype, device=DEVICE)
+    q_norm = k_norm = None
+    if with_norm:
+        q_norm = RMSNorm(head_dim, eps=1e-6).to(dtype=dtype, device=DEVICE)
+        k_norm = RMSNorm(head_dim, eps=1e-6).to(dtype=dtype, device=DEVICE)
+        q_norm.weight.copy_(torch.rand(head_dim, generator=_gen(2)) + 0.5)
+        k_norm.weight.copy_(torch.rand(head_dim, generator=_gen(3)) + 0.5)
+    q, k, v, positions, k_cache, v_cache, meta = _decode_step(
+        num_heads, num_kv_heads, head_dim, dtype, seed=4
+    )
+    backend = get_attention_backend("triton")
+    assert backend.can_fuse_kv_store
+    outs = []
+    for fused in (False, True):
+        attn = Attention(num_heads, num_kv_heads, head_dim, head_dim**-0.5, backend)
+        attn.k_cache, attn.v_cache = k_cache.clone(), v_cache.clone()
+        kv_write = attn.kv_write(v, meta) if fused else None
+        rq, rk = rope(positions, q, k, q_norm, k_norm, kv_write=kv_write)
+        assert (rk is None) == fused
+        outs.append((rq, attn(rq, rk, v, meta), attn.k_cache, attn.v_cache))
+    for unfused, fused in zip(*outs):
+        assert torch.equal(fused, unfused)
+    assert not torch.equal(outs[1][2], k_cache)  # the new tokens were written
+
+
+def test_kv_write_ignored_off_the_fused_path() -> None:
+    """CPU tensors (and MINIVLLM_FUSED_KERNELS=0) take the torch path: kv_write is ignored, k comes
+    back for the attention layer's own store; the torch backend never hands out a kv_write."""
+    from minivllm.layers.attention import Attention, get_attention_backend
+
+    q, k, v, positions, k_cache, v_cache, meta = _decode_step(4, 2, 32, torch.float32, seed=5)
+    q, k, v, positions = q.cpu(), k.cpu(), v.cpu(), positions.cpu()
+    rope = RotaryEmbedding(32, 64, base=10000.0)
+    attn = Attention(4, 2, 32, 32**-0.5, get_attention_backend("triton"))
+    attn.k_cache, attn.v_cache = k_cache.cpu().clone(), v_cache.cpu().clone()
+    rq, rk = rope(positions, q, k, kv_write=attn.kv_write(v, meta))
+    assert rk is not None
+    assert torch.equal(attn.k_cache, k_cache.cpu()) and torch.equal(attn.v_cache, v_cache.cpu())
+    torch.testing.assert_close((rq, rk), rope(positions, q, k), atol=0, rtol=0)
+    torch_attn = Attention(4, 2, 32, 32**-0.5, get_attention_backend("torch"))
+    assert torch_attn.kv_write(v, meta) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

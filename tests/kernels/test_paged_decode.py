@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_testing import DEVICE, make_paged_batch, poison_like, tolerances
-
 from minivllm.kernels import reference
 from minivllm.kernels.paged_decode import decode_attention
 
@@ -36,22 +35,51 @@ def test_decode(dtype, num_heads, num_kv_heads, head_dim, block_size, block_n):
     # ragged: 1 token, block edges, several blocks, a padding row (0) in the middle
     seq_lens = [1, block_size - 1, 0, block_size, block_size + 1, 3 * block_size + 5, 300]
     # small partitions so that several splits (and the reduce) are exercised
-    _check(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
-           block_n=block_n, min_partition=2 * block_n, num_warps=4, num_stages=1)
+    _check(
+        seq_lens,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        dtype,
+        block_n=block_n,
+        min_partition=2 * block_n,
+        num_warps=4,
+        num_stages=1,
+    )
 
 
 @pytest.mark.parametrize("max_num_splits", [None, 1, 3, 64])
 def test_decode_split_counts(max_num_splits):
     """Default grid, one split (no reduce work), a count that doesn't divide the context, many."""
-    _check([700, 33, 1, 0], 8, 2, 32, 16, torch.float32, max_num_splits=max_num_splits,
-           min_partition=32, block_n=16)
+    _check(
+        [700, 33, 1, 0],
+        8,
+        2,
+        32,
+        16,
+        torch.float32,
+        max_num_splits=max_num_splits,
+        min_partition=32,
+        block_n=16,
+    )
 
 
 @pytest.mark.parametrize("select_lookup", [True, False])
 def test_decode_many_splits(select_lookup):
     """More splits (66) than the reduce merges in one step (64), and both block-id lookups."""
-    _check([2100, 5, 0], 4, 2, 32, 16, torch.float32, max_num_splits=128, min_partition=32,
-           block_n=16 if select_lookup else 32, select_lookup=select_lookup)
+    _check(
+        [2100, 5, 0],
+        4,
+        2,
+        32,
+        16,
+        torch.float32,
+        max_num_splits=128,
+        min_partition=32,
+        block_n=16 if select_lookup else 32,
+        select_lookup=select_lookup,
+    )
 
 
 def test_decode_block_tables_wider_than_needed():
@@ -72,7 +100,53 @@ def test_decode_strided_query():
     qkv = torch.randn(2, 8 * 32, device=DEVICE).to(torch.float16)
     q = qkv[:, : 4 * 32].view(2, 4, 32)
     lens = torch.tensor([50, 17], dtype=torch.int32, device=DEVICE)
-    out = decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2, block_n=16,
-                           min_partition=16)
+    out = decode_attention(
+        q, k_cache, v_cache, lens, block_tables, 0.2, block_n=16, min_partition=16
+    )
     expect = reference.decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2)
     torch.testing.assert_close(out, expect, **tolerances(torch.float16))
+
+
+def _forbid_reduce(monkeypatch):
+    """Make a launch of the reduce kernel fail: the single-split path must not need it."""
+    from minivllm.kernels import paged_decode
+
+    monkeypatch.setattr(paged_decode, "_paged_decode_reduce_kernel", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (16, 2)])
+@pytest.mark.parametrize("block_size,block_n", [(16, 32), (256, 64)])
+def test_decode_single_split(monkeypatch, dtype, num_heads, num_kv_heads, block_size, block_n):
+    """max_num_splits=1: the main kernel writes the output itself, no reduce; padding rows
+    (seq_len 0) first, in the middle and last come out as zeros."""
+    _forbid_reduce(monkeypatch)
+    seq_lens = [0, 1, block_size - 1, 0, block_size + 1, 3 * block_size + 5, 300, 0]
+    _check(
+        seq_lens,
+        num_heads,
+        num_kv_heads,
+        64,
+        block_size,
+        dtype,
+        max_num_splits=1,
+        block_n=block_n,
+        min_partition=2 * block_n,
+        num_warps=4,
+        num_stages=1,
+    )
+
+
+def test_decode_single_split_by_default_at_large_batch(monkeypatch):
+    """A batch that fills the GPU (8 KV heads, >= 4 programs per SM) gets one split by default."""
+    from minivllm.kernels.paged_decode import _max_num_splits
+
+    batch, num_kv_heads, block_size = 80, 8, 16
+    gen = torch.Generator().manual_seed(80)
+    seq_lens = torch.randint(1, 40, (batch,), generator=gen)
+    seq_lens[[0, 41, batch - 1]] = 0
+    device = torch.device(DEVICE)
+    max_context = -(-int(seq_lens.max()) // block_size) * block_size
+    assert _max_num_splits(batch, num_kv_heads, max_context, 256, device) == 1
+    _forbid_reduce(monkeypatch)
+    _check(seq_lens.tolist(), 16, num_kv_heads, 32, block_size, torch.float32)

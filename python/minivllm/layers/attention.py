@@ -3,6 +3,11 @@
 A step's tokens are decodes first (one token each), then prefill chunks; the layer runs
 `decode_attention` on the first part and `prefill_attention` on the rest, with the metadata the
 model runner built once for the step (passed explicitly, never through a global).
+
+With the triton backend the K/V write can move into the q/k-norm + rotary kernel, saving a launch
+per layer: the model hands `Attention.kv_write(v, meta)` to the rotary layer, which, when its fused
+kernel runs, stores k and v itself and returns k = None; the attention layer stores only a k it is
+given. Every other path (torch backend, CPU, MINIVLLM_FUSED_KERNELS=0) gets k back and stores here.
 """
 
 from __future__ import annotations
@@ -35,8 +40,20 @@ class AttentionMetadata:
 
 
 @dataclass(frozen=True)
+class KVCacheWrite:
+    """One layer's K/V cache write, handed to the fused q/k-norm + rotary kernel to do instead of
+    the attention layer's store (same slots and layout as `store_kvcache`)."""
+
+    value: torch.Tensor  # [T, num_kv_heads, head_dim]
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token, < 0 for none
+
+
+@dataclass(frozen=True)
 class AttentionBackend:
     name: str
+    can_fuse_kv_store: bool  # the rotary kernel may write the KV cache (see KVCacheWrite)
     store_kvcache: Callable[..., None]
     prefill_attention: Callable[..., torch.Tensor]
     decode_attention: Callable[..., torch.Tensor]
@@ -57,6 +74,8 @@ def get_attention_backend(name: str) -> AttentionBackend:
         raise ValueError(f"unknown attention backend {name!r}; use 'torch' or 'triton'")
     return AttentionBackend(
         name=name,
+        # The torch backend is the reference: it keeps its own store.
+        can_fuse_kv_store=name == "triton",
         store_kvcache=mods.store.store_kvcache,
         prefill_attention=mods.prefill.prefill_attention,
         decode_attention=mods.decode.decode_attention,
@@ -84,15 +103,25 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache = torch.empty(0)
 
+    def kv_write(self, v: torch.Tensor, meta: AttentionMetadata) -> KVCacheWrite | None:
+        """This step's cache write for the rotary kernel to fuse, or None when the backend keeps
+        its own store. v: [T, num_kv_heads, head_dim]."""
+        if not self.backend.can_fuse_kv_store:
+            return None
+        return KVCacheWrite(v, self.k_cache, self.v_cache, meta.slot_mapping)
+
     def forward(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
-        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        k: torch.Tensor | None,  # [T, num_kv_heads, head_dim]; None: k and v already stored
         v: torch.Tensor,  # [T, num_kv_heads, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Store this step's k and v (unless the rotary kernel did: k is None), then attend. The
+        attention kernels read K/V from the cache only."""
         backend = self.backend
-        backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if k is not None:
+            backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd > 0:

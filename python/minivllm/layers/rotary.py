@@ -1,7 +1,8 @@
 """Rotary position embedding (rotate-half / neox layout, as in Qwen).
 
 On CUDA one Triton kernel (`kernels/qk_norm_rope.py`) applies the optional per-head q/k RMSNorm and
-the rotation to q and k together; the torch code below is the CPU path and the kernel's oracle.
+the rotation to q and k together, and, handed the attention layer's `KVCacheWrite`, also writes
+rope(k) and v into the KV cache; the torch code below is the CPU path and the kernel's oracle.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from minivllm.layers import use_fused_kernels
 
 if TYPE_CHECKING:
+    from minivllm.layers.attention import KVCacheWrite
     from minivllm.layers.rmsnorm import RMSNorm
 
 
@@ -45,27 +47,45 @@ class RotaryEmbedding(nn.Module):
         k: torch.Tensor,  # [T, num_kv_heads, head_dim]
         q_norm: RMSNorm | None = None,
         k_norm: RMSNorm | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """rope(q), rope(k); with q_norm / k_norm (Qwen3), rope(q_norm(q)), rope(k_norm(k))."""
+        kv_write: KVCacheWrite | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """rope(q), rope(k); with q_norm / k_norm (Qwen3), rope(q_norm(q)), rope(k_norm(k)).
+
+        With `kv_write` (from `Attention.kv_write`) and the fused kernel in use, that kernel
+        writes rope(k) and kv_write.value into the layer's KV cache and k comes back as None:
+        nothing is left for the attention layer to store. Off the fused path (CPU,
+        MINIVLLM_FUSED_KERNELS=0, a dtype the kernel does not take) kv_write is ignored and k is
+        returned for the attention layer's own store.
+        """
         assert (q_norm is None) == (k_norm is None)
         if (
             use_fused_kernels(q)
             and q.dtype == self.cos_cache.dtype
             and (q_norm is None or q_norm.weight.dtype == k_norm.weight.dtype == q.dtype)
         ):
-            from minivllm.kernels.qk_norm_rope import qk_norm_rope
+            from minivllm.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_store_kv
 
-            return qk_norm_rope(
-                q,
-                k,
-                positions,
-                self.cos_cache,
-                self.sin_cache,
-                q_weight=q_norm.weight if q_norm is not None else None,
-                k_weight=k_norm.weight if k_norm is not None else None,
-                q_eps=q_norm.eps if q_norm is not None else 0.0,
-                k_eps=k_norm.eps if k_norm is not None else 0.0,
-            )
+            norm_args = {
+                "q_weight": q_norm.weight if q_norm is not None else None,
+                "k_weight": k_norm.weight if k_norm is not None else None,
+                "q_eps": q_norm.eps if q_norm is not None else 0.0,
+                "k_eps": k_norm.eps if k_norm is not None else 0.0,
+            }
+            if kv_write is not None and kv_write.k_cache.dtype == q.dtype:
+                q = qk_norm_rope_store_kv(
+                    q,
+                    k,
+                    kv_write.value,
+                    positions,
+                    self.cos_cache,
+                    self.sin_cache,
+                    kv_write.k_cache,
+                    kv_write.v_cache,
+                    kv_write.slot_mapping,
+                    **norm_args,
+                )
+                return q, None
+            return qk_norm_rope(q, k, positions, self.cos_cache, self.sin_cache, **norm_args)
         if q_norm is not None:
             q = q_norm(q)
             k = k_norm(k)

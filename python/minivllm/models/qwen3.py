@@ -6,6 +6,8 @@ metadata comes in as an explicit argument.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -59,8 +61,12 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        # q/k norm (Qwen3 only) and rotary: one fused kernel on CUDA.
-        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
+        # q/k norm (Qwen3 only) and rotary: one fused kernel on CUDA. Handed this layer's cache
+        # write (triton backend), that kernel also stores k and v, and returns k = None: nothing
+        # left for the attention layer to store.
+        q, k = self.rotary_emb(
+            positions, q, k, self.q_norm, self.k_norm, kv_write=self.attn.kv_write(v, meta)
+        )
         o = self.attn(q, k, v, meta)
         return self.o_proj(o.flatten(1))
 
@@ -126,7 +132,7 @@ class Qwen3Model(nn.Module):
 
 class Qwen3ForCausalLM(nn.Module):
     # Checkpoint tensor name fragment -> (our packed parameter fragment, shard id).
-    packed_modules_mapping = {
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
