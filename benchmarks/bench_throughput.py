@@ -25,6 +25,7 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,22 +119,87 @@ def roofline_seconds(
             "weight_bytes": weight_bytes, "decode_bytes": decode_bytes}
 
 
+@dataclass(frozen=True)
+class StepCost:
+    """Roofline cost of one step: a decode-only step reads the weights and every row's KV at the
+    copy bandwidth; a step with prefill costs its matmul and causal attention FLOPs at the matmul
+    rate (at least the weight read)."""
+
+    weight_bytes: float
+    kv_bytes_per_token: float
+    flops_per_token: float  # matmuls
+    attn_flops_per_pair: float  # per (query, key) pair
+    bw: float
+    rate: float
+
+    def seconds(self, num_tokens: int, num_decodes: int, context: int, pairs: int) -> float:
+        if num_tokens == num_decodes:  # decode-only: memory bound
+            return (self.weight_bytes + self.kv_bytes_per_token * context) / self.bw
+        flops = self.flops_per_token * num_tokens + self.attn_flops_per_pair * pairs
+        return max(flops / self.rate, self.weight_bytes / self.bw)
+
+
+def step_breakdown(steps: list[tuple], start: float, end: float, cost: StepCost) -> dict:
+    """Where the timed run went: time inside execute (stage, upload, launch, GPU, read back) by
+    kind of step, against each step's roofline, and host time between steps (update, schedule,
+    the step loop)."""
+    groups: dict[str, list[float]] = {}
+    inside = 0.0
+    for t0, t1, num_tokens, nd, context, pairs in steps:
+        if num_tokens == nd:
+            key = ("decode 1-16" if nd <= 16 else "decode 17-64" if nd <= 64
+                   else "decode 65-160" if nd <= 160 else "decode 161-256")
+        else:
+            key = "prefill / mixed"
+        g = groups.setdefault(key, [0, 0.0, 0.0])
+        g[0] += 1
+        g[1] += t1 - t0
+        g[2] += cost.seconds(num_tokens, nd, context, pairs)
+        inside += t1 - t0
+    return {
+        "num_steps": len(steps),
+        "seconds_in_execute": inside,
+        "seconds_between_steps": (end - start) - inside,
+        "by_kind": {k: {"steps": g[0], "seconds": g[1], "roofline_s": g[2]}
+                    for k, g in sorted(groups.items())},
+    }
+
+
 # ---- minivllm ---------------------------------------------------------------------------------
 
 
 def run_minivllm(
-    model_dir: str, prompts: list[list[int]], max_tokens: list[int], **engine_args: Any
+    model_dir: str, prompts: list[list[int]], max_tokens: list[int], cost: StepCost | None = None,
+    **engine_args: Any
 ) -> dict[str, Any]:
     llm = LLM(model_dir, dtype="bfloat16", load_format="dummy", max_model_len=4096, seed=0,
               **engine_args)
     warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=16)] * 8
     llm.generate([p[:128] for p in prompts[:8]], warm, use_tqdm=False)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in max_tokens]
+    steps: list[tuple[float, float, int, int, int, int]] = []
+    runner = llm.model_runner
+    real_execute = runner.execute
+
+    def timed_execute(batch: Any, staged: bool = False) -> np.ndarray:
+        # Every step ends in a host sync (the sampled ids), so wall time brackets its GPU work.
+        seq_lens = (runner.buffers.host_view("seq_lens")[: batch.num_seqs] if staged
+                    else batch.seq_lens).astype(np.int64)
+        new = np.diff(batch.query_start_loc).astype(np.int64)
+        pairs = int((new * (seq_lens - (new - 1) / 2)).sum())  # causal (query, key) pairs
+        t0 = time.perf_counter()
+        out = real_execute(batch, staged)
+        steps.append((t0, time.perf_counter(), batch.num_tokens, batch.num_decodes,
+                      int(seq_lens.sum()), pairs))
+        return out
+
+    runner.execute = timed_execute
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    runner.execute = real_execute
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     num_in = sum(len(p) for p in prompts)
     assert num_out == sum(max_tokens), (num_out, sum(max_tokens))
@@ -146,6 +212,8 @@ def run_minivllm(
         "num_kv_blocks": llm.runtime.num_kv_blocks,
         "stats": llm.stats,
     }
+    if cost is not None:
+        result["steps"] = step_breakdown(steps, t0, t0 + elapsed, cost)
     result["decode_profile"] = {
         str(n): profile_decode_steps(llm, prompts, n) for n in (256, 8)
     }
@@ -283,7 +351,17 @@ def main() -> None:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
         roof = roofline_seconds(cfg, prompts, max_tokens, bw, rate)
         results["roofline"] = roof
-        results["cpp"] = run_minivllm(model_dir, prompts, max_tokens,
+        layers = cfg["num_hidden_layers"]
+        heads, hd = cfg["num_attention_heads"], cfg["head_dim"]
+        cost = StepCost(
+            weight_bytes=roof["weight_bytes"],
+            kv_bytes_per_token=2 * layers * 2 * cfg["num_key_value_heads"] * hd,
+            flops_per_token=roof["weight_bytes"],  # 2 FLOPs per bf16 weight (2 bytes)
+            attn_flops_per_pair=4 * layers * heads * hd,  # q.k and p.v
+            bw=bw,
+            rate=rate,
+        )
+        results["cpp"] = run_minivllm(model_dir, prompts, max_tokens, cost=cost,
                                       enforce_eager=args.enforce_eager)
         if not args.no_python:
             results["python"] = run_minivllm(model_dir, prompts, max_tokens, scheduler="python",
@@ -315,6 +393,14 @@ def main() -> None:
         note = f"  ({r['requests']} requests, {r['max_new_tokens']} new each)" if key == "peer" else ""
         print(f"{label:<28}{r['seconds']:>9.2f}{r['output_tok_s']:>12,.0f}{r['total_tok_s']:>13,.0f}"
               f"{frac:>12.1%}{note}")
+    steps = results["cpp"].get("steps")
+    if steps:
+        print(f"\ncpp run: {steps['num_steps']} steps, {steps['seconds_in_execute']:.2f} s in "
+              f"execute, {steps['seconds_between_steps']:.2f} s between steps")
+        print(f"{'step kind':<20}{'steps':>7}{'seconds':>9}{'roofline s':>12}{'efficiency':>12}")
+        for kind, g in steps["by_kind"].items():
+            print(f"{kind:<20}{g['steps']:>7}{g['seconds']:>9.2f}{g['roofline_s']:>12.2f}"
+                  f"{g['roofline_s'] / g['seconds']:>12.1%}")
     print(f"\n{'decode steps':<28}{'wall us':>9}{'gpu us':>9}{'busy':>7}{'idle us':>9}{'sched+upd us':>14}")
     for key in ("cpp", "python"):
         for n, d in results.get(key, {}).get("decode_profile", {}).items():
