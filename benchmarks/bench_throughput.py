@@ -139,6 +139,28 @@ class StepCost:
         return max(flops / self.rate, self.weight_bytes / self.bw)
 
 
+def compiled_triton_kernels() -> dict[str, int]:
+    """How many specializations of each of our Triton kernels are compiled so far (a compile
+    inside the timed run costs it a fraction of a second)."""
+    import importlib
+    import pkgutil
+
+    import minivllm.kernels as pkg
+
+    counts = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"minivllm.kernels.{info.name}")
+        for name, obj in vars(mod).items():
+            caches = getattr(obj, "device_caches", None)
+            if not isinstance(caches, dict):
+                continue
+            try:
+                counts[f"{info.name}.{name}"] = sum(len(c[0]) for c in caches.values())
+            except (TypeError, IndexError):
+                pass
+    return counts
+
+
 def step_breakdown(steps: list[tuple], start: float, end: float, cost: StepCost) -> dict:
     """Where the timed run went: time inside execute (stage, upload, launch, GPU, read back) by
     kind of step, against each step's roofline, and host time between steps (update, schedule,
@@ -156,7 +178,13 @@ def step_breakdown(steps: list[tuple], start: float, end: float, cost: StepCost)
         g[1] += t1 - t0
         g[2] += cost.seconds(num_tokens, nd, context, pairs)
         inside += t1 - t0
+    slowest = sorted(steps, key=lambda st: st[0] - st[1])[:6]
     return {
+        "slowest_steps": [
+            {"ms": (t1 - t0) * 1e3, "offset_s": t0 - start, "tokens": n, "decodes": nd,
+             "roofline_ms": cost.seconds(n, nd, c, p) * 1e3}
+            for t0, t1, n, nd, c, p in slowest
+        ],
         "num_steps": len(steps),
         "seconds_in_execute": inside,
         "seconds_between_steps": (end - start) - inside,
@@ -194,12 +222,16 @@ def run_minivllm(
         return out
 
     runner.execute = timed_execute
+    compiled_before = compiled_triton_kernels()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     runner.execute = real_execute
+    compiled_after = compiled_triton_kernels()
+    new_compiles = {k: n - compiled_before.get(k, 0) for k, n in compiled_after.items()
+                    if n > compiled_before.get(k, 0)}
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     num_in = sum(len(p) for p in prompts)
     assert num_out == sum(max_tokens), (num_out, sum(max_tokens))
@@ -212,6 +244,7 @@ def run_minivllm(
         "num_kv_blocks": llm.runtime.num_kv_blocks,
         "stats": llm.stats,
     }
+    result["triton_compiles_during_run"] = new_compiles
     if cost is not None:
         result["steps"] = step_breakdown(steps, t0, t0 + elapsed, cost)
     result["decode_profile"] = {
@@ -401,6 +434,11 @@ def main() -> None:
         for kind, g in steps["by_kind"].items():
             print(f"{kind:<20}{g['steps']:>7}{g['seconds']:>9.2f}{g['roofline_s']:>12.2f}"
                   f"{g['roofline_s'] / g['seconds']:>12.1%}")
+        print("slowest steps:", ", ".join(
+            f"{st['ms']:.1f} ms at {st['offset_s']:.2f} s ({st['tokens']} tokens, {st['decodes']} "
+            f"decodes, roofline {st['roofline_ms']:.1f} ms)" for st in steps["slowest_steps"]))
+        print("Triton compiles during the timed run:",
+              results["cpp"]["triton_compiles_during_run"] or "none")
     print(f"\n{'decode steps':<28}{'wall us':>9}{'gpu us':>9}{'busy':>7}{'idle us':>9}{'sched+upd us':>14}")
     for key in ("cpp", "python"):
         for n, d in results.get(key, {}).get("decode_profile", {}).items():

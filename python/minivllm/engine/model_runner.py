@@ -348,6 +348,8 @@ class ModelRunner:
                     )
             else:
                 self.graph_runner = self._capture_cuda_graphs()
+        if self.device.type == "cuda":
+            self._warm_up_step_kinds()
 
     def close(self, timeout_s: float | None = None) -> None:
         """End the tensor-parallel workers (rank 0; nothing to do on one device). Idempotent."""
@@ -448,6 +450,41 @@ class ModelRunner:
             max(budget, 0) / 2**30,
         )
         return max(num_blocks, 0)
+
+    @torch.inference_mode()
+    def _warm_up_step_kinds(self) -> None:
+        """Run a prefill step and a mixed step (decodes + prefill chunks, sampling and greedy
+        rows) once at start-up, so the Triton specializations they need (e.g. the prefill
+        kernel's seq_lens view at an unaligned row offset) compile now and not inside the first
+        requests. Every rank plans the same steps with a throwaway twin scheduler; they write
+        K/V only into blocks the real scheduler has not handed out yet."""
+        config = self.config
+        bs = config.block_size
+        num_seqs = min(config.max_num_seqs, 8)
+        longest = max(1, min(60, config.max_model_len - 2))
+        lens = [1 + (7 * i + 5) % longest for i in range(num_seqs)]
+        first = max(1, num_seqs // 2 + 1)  # decodes in the mixed step: an odd count when possible
+        blocks_needed = sum(-(-(n + 2) // bs) for n in lens)
+        sched = TwinScheduler(
+            num_blocks=min(blocks_needed, self.kv_cache_info.num_blocks),
+            block_size=bs,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            enable_prefix_caching=False,
+        )
+        for i, n in enumerate(lens):
+            if i == first:  # the first ones prefill, then decode beside the rest's prefill
+                batch = sched.schedule()
+                tokens = self._step(self._stage(batch))
+                if self.tp.rank != 0:  # only rank 0 samples
+                    tokens = np.zeros(batch.num_samples, dtype=np.int64)
+                sched.update(tokens)
+            sched.add_request(i, [0] * n, 2, temperature=0.7 if i % 2 else 0.0, seed=i)
+        batch = sched.schedule()
+        if batch is not None:
+            self._step(self._stage(batch))
+        torch.cuda.synchronize(self.device)
 
     # ---- one step --------------------------------------------------------------------------
 
