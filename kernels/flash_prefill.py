@@ -21,7 +21,9 @@ from .block_table import tile_row_offsets
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# A step's prefill rows follow its decode rows, so seq_lens often starts at an unaligned offset:
+# not specializing on its alignment keeps that from compiling a second variant mid-run.
+@triton.jit(do_not_specialize_on_alignment=["seq_lens_ptr"])
 def _flash_prefill_kernel(
     q_ptr,  # [T, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]

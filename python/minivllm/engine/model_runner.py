@@ -453,28 +453,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up_step_kinds(self) -> None:
-        """Run a prefill step and a mixed step (decodes + prefill chunks, sampling and greedy
-        rows) once at start-up, so the Triton specializations they need (e.g. the prefill
-        kernel's seq_lens view at an unaligned row offset) compile now and not inside the first
-        requests. Every rank plans the same steps with a throwaway twin scheduler; they write
-        K/V only into blocks the real scheduler has not handed out yet."""
+        """Run a short prefill step and a mixed step (decodes beside long prefill chunks,
+        sampling and greedy rows) once at start-up, so the kernel variants they need (both
+        prefill tile configurations, eager decode) compile now, not inside the first requests.
+        Every rank plans the same steps with a throwaway twin scheduler; they write K/V only into
+        blocks the real scheduler has not handed out yet."""
         config = self.config
         bs = config.block_size
-        num_seqs = min(config.max_num_seqs, 8)
-        longest = max(1, min(60, config.max_model_len - 2))
-        lens = [1 + (7 * i + 5) % longest for i in range(num_seqs)]
-        first = max(1, num_seqs // 2 + 1)  # decodes in the mixed step: an odd count when possible
-        blocks_needed = sum(-(-(n + 2) // bs) for n in lens)
+        budget, max_len = config.max_num_batched_tokens, config.max_model_len - 2
+        num_short = min(config.max_num_seqs, 5)  # decodes in the mixed step (odd: unaligned)
+        num_long = max(0, min(config.max_num_seqs - num_short, 3))
+        short = [1 + (7 * i + 5) % max(1, min(60, max_len)) for i in range(num_short)]
+        long_len = max(1, min(1024, (budget - num_short) // max(num_long, 1), max_len))
+        lens = short + [long_len] * num_long
         sched = TwinScheduler(
-            num_blocks=min(blocks_needed, self.kv_cache_info.num_blocks),
+            num_blocks=min(sum(-(-(n + 2) // bs) for n in lens), self.kv_cache_info.num_blocks),
             block_size=bs,
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_batched_tokens=budget,
             max_model_len=config.max_model_len,
             enable_prefix_caching=False,
         )
         for i, n in enumerate(lens):
-            if i == first:  # the first ones prefill, then decode beside the rest's prefill
+            if i == num_short:  # the short ones prefill, then decode beside the long ones
                 batch = sched.schedule()
                 tokens = self._step(self._stage(batch))
                 if self.tp.rank != 0:  # only rank 0 samples
