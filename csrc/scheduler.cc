@@ -12,6 +12,7 @@ namespace minivllm {
 namespace {
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+constexpr int32_t kPlaceholder = -1;  // a token scheduled to be sampled, not delivered yet
 
 template <typename... Parts>
 std::string cat(const Parts&... parts) {
@@ -57,7 +58,6 @@ Scheduler::Scheduler(const SchedulerConfig& config)
       blocks_(static_cast<int32_t>(config.num_blocks), static_cast<int32_t>(config.block_size)) {
   running_.reserve(static_cast<size_t>(config_.max_num_seqs));
   rows_.reserve(static_cast<size_t>(config_.max_num_seqs));
-  pending_.reserve(static_cast<size_t>(config_.max_num_seqs));
 }
 
 // --------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ void Scheduler::abort(int64_t seq_id) {
   } else {
     waiting_.erase(std::find(waiting_.begin(), waiting_.end(), seq));
   }
-  std::replace(pending_.begin(), pending_.end(), seq, static_cast<Sequence*>(nullptr));
+  forget_pending(seq);
   seqs_.erase(it);
 }
 
@@ -185,10 +185,12 @@ void Scheduler::add_prefill_row(Sequence* seq, int64_t num_new_tokens, BatchShap
 }
 
 std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
-  if (!pending_.empty()) {
-    throw ProtocolError("schedule() called before update() for the previous Batch");
+  if (pending_.size() > (config_.async_scheduling ? 1u : 0u)) {
+    throw ProtocolError(config_.async_scheduling
+                            ? "schedule() called with two Batches awaiting update()"
+                            : "schedule() called before update() for the previous Batch");
   }
-  has_pending_batch_ = false;
+  empty_batch_outstanding_ = false;
   rows_.clear();
   BatchShape shape;
   const int64_t bs = config_.block_size;
@@ -198,7 +200,7 @@ std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
   // 1. Decodes, in running order. max_num_batched_tokens >= max_num_seqs: they all fit.
   for (size_t i = 0; i < running_.size();) {
     Sequence* seq = running_[i];
-    if (seq->is_prefilling()) {
+    if (seq->is_prefilling() || sure_to_stop(*seq)) {
       ++i;
       continue;
     }
@@ -251,21 +253,35 @@ std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
     shape.any_min_p = shape.any_min_p || sp.uses_min_p;
   }
   write_batch(shape, allocate(shape));
+  std::vector<Sequence*> sampled;
+  sampled.reserve(static_cast<size_t>(shape.num_samples));
   for (const Row& row : rows_) {
     Sequence* seq = row.seq;
     seq->num_computed_tokens = row.start + row.num_new_tokens;
-    // A block joins the prefix cache once all its tokens are scheduled.
+    // A block joins the prefix cache once all its tokens are scheduled and known.
     if (config_.enable_prefix_caching &&
-        seq->num_computed_tokens >= (seq->num_registered_blocks + 1) * bs) {
+        std::min(seq->num_computed_tokens, seq->num_known_tokens()) >=
+            (seq->num_registered_blocks + 1) * bs) {
       register_full_blocks(seq);
     }
-    if (row.is_sampled) pending_.push_back(seq);
+    if (row.is_sampled) {
+      seq->last_sample_row = static_cast<int32_t>(sampled.size());
+      seq->token_ids.push_back(kPlaceholder);
+      seq->num_unknown += 1;
+      sampled.push_back(seq);
+    }
   }
-  has_pending_batch_ = true;
+  if (sampled.empty()) {
+    empty_batch_outstanding_ = true;
+  } else {
+    pending_.push_back(std::move(sampled));
+  }
   return shape;
 }
 
 bool Scheduler::admit(Sequence* seq) {
+  // A preempted sequence waits for its outstanding tokens before it is recomputed.
+  if (seq->num_unknown > 0) return false;
   const int64_t bs = config_.block_size;
   const int64_t num_tokens = seq->num_tokens();
   hits_.clear();
@@ -304,7 +320,7 @@ bool Scheduler::admit(Sequence* seq) {
 
 void Scheduler::register_full_blocks(Sequence* seq) {
   const int64_t bs = config_.block_size;
-  const int64_t num_full = seq->num_computed_tokens / bs;
+  const int64_t num_full = std::min(seq->num_computed_tokens, seq->num_known_tokens()) / bs;
   for (int64_t j = seq->num_registered_blocks; j < num_full; ++j) {
     const uint64_t parent = j == 0 ? 0 : seq->block_hash(j - 1, bs);
     blocks_.register_block(seq->block_table[static_cast<size_t>(j)], seq->block_hash(j, bs),
@@ -326,9 +342,11 @@ void Scheduler::write_batch(const BatchShape& shape, const BatchBuffers& out) co
     const int32_t* table = seq.block_table.data();
     out.seq_ids[b] = seq.seq_id;
     if (row.num_new_tokens == 1 && row.num_blocks * bs >= end) {
-      // One token in the row's last block (always the case for a decode).
+      // One token in the row's last block (always the case for a decode). A placeholder input
+      // (async scheduling) names the previous Batch's sampled row that will produce it.
       const int64_t last = row.num_blocks - 1;
-      out.input_ids[t] = seq.token_ids[static_cast<size_t>(row.start)];
+      const int32_t token = seq.token_ids[static_cast<size_t>(row.start)];
+      out.input_ids[t] = token == kPlaceholder ? -(seq.last_sample_row + 1) : token;
       out.positions[t] = static_cast<int32_t>(row.start);
       out.slot_mapping[t] = static_cast<int32_t>(table[last] * bs + (row.start - last * bs));
       ++t;
@@ -368,10 +386,19 @@ void Scheduler::write_batch(const BatchShape& shape, const BatchBuffers& out) co
 // --------------------------------------------------------------------------------------------
 std::vector<FinishedSequence> Scheduler::update(const int64_t* sampled_token_ids,
                                                 int64_t num_sampled) {
-  if (!has_pending_batch_) throw ProtocolError("update() called without a scheduled Batch");
-  if (num_sampled != static_cast<int64_t>(pending_.size())) {
+  if (pending_.empty()) {
+    if (!empty_batch_outstanding_) throw ProtocolError("update() called without a scheduled Batch");
+    if (num_sampled != 0) {
+      throw InvalidArgument(cat("sampled_token_ids has shape (", num_sampled,
+                                ",), expected (0,), one per Batch.sample_seq_ids row"));
+    }
+    empty_batch_outstanding_ = false;
+    return {};
+  }
+  const std::vector<Sequence*>& batch = pending_.front();
+  if (num_sampled != static_cast<int64_t>(batch.size())) {
     throw InvalidArgument(cat("sampled_token_ids has shape (", num_sampled, ",), expected (",
-                              pending_.size(), ",), one per Batch.sample_seq_ids row"));
+                              batch.size(), ",), one per Batch.sample_seq_ids row"));
   }
   for (int64_t i = 0; i < num_sampled; ++i) {
     if (sampled_token_ids[i] < 0 || sampled_token_ids[i] > kInt32Max) {
@@ -379,38 +406,60 @@ std::vector<FinishedSequence> Scheduler::update(const int64_t* sampled_token_ids
           cat("sampled token id ", sampled_token_ids[i], " is out of range [0, 2**31 - 1]"));
     }
   }
-  has_pending_batch_ = false;
+  const std::vector<Sequence*> seqs = std::move(pending_.front());
+  pending_.pop_front();
+  if (pending_.empty()) empty_batch_outstanding_ = false;
 
   std::vector<FinishedSequence> finished;
   for (int64_t i = 0; i < num_sampled; ++i) {
-    Sequence* seq = pending_[static_cast<size_t>(i)];
-    if (seq == nullptr) continue;  // aborted after schedule()
+    Sequence* seq = seqs[static_cast<size_t>(i)];
+    if (seq == nullptr) continue;  // aborted or finished after schedule()
     const int64_t token = sampled_token_ids[i];
-    seq->token_ids.push_back(static_cast<int32_t>(token));
+    // The oldest placeholder gets the token; the stop checks see the sequence up to it.
+    const int64_t pos = seq->num_known_tokens();
+    seq->token_ids[static_cast<size_t>(pos)] = static_cast<int32_t>(token);
+    seq->num_unknown -= 1;
     if (const auto reason = stop_reason(*seq, token)) {
       finished.push_back(FinishedSequence{
           seq->seq_id, *reason,
           std::vector<int32_t>(seq->token_ids.begin() + seq->num_prompt_tokens,
-                               seq->token_ids.end())});
+                               seq->token_ids.begin() + pos + 1)});
       free_blocks(seq);
       seq->is_finished = true;
+      forget_pending(seq);  // a row in a later Batch is now wasted: its token is ignored
+    } else if (config_.enable_prefix_caching && !seq->block_table.empty()) {
+      register_full_blocks(seq);  // blocks whose last token just became known
     }
   }
-  pending_.clear();
   if (!finished.empty()) {
-    running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                  [](const Sequence* seq) { return seq->is_finished; }),
-                   running_.end());
+    const auto done = [](const Sequence* seq) { return seq->is_finished; };
+    running_.erase(std::remove_if(running_.begin(), running_.end(), done), running_.end());
+    waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), done), waiting_.end());
     for (const FinishedSequence& f : finished) seqs_.erase(f.seq_id);
   }
   return finished;
 }
 
+bool Scheduler::sure_to_stop(const Sequence& seq) const {
+  // Placeholders count as outputs: once they land, length alone ends the sequence.
+  return seq.num_unknown > 0 &&
+         (seq.num_output_tokens() >= seq.max_tokens || seq.num_tokens() >= config_.max_model_len);
+}
+
+void Scheduler::forget_pending(const Sequence* seq) {
+  for (auto& batch : pending_) {
+    std::replace(batch.begin(), batch.end(), const_cast<Sequence*>(seq),
+                 static_cast<Sequence*>(nullptr));
+  }
+}
+
 std::optional<FinishReason> Scheduler::stop_reason(const Sequence& seq, int64_t token) const {
+  // Counted up to the token just delivered (later placeholders are not outputs yet).
+  const int64_t num_tokens = seq.num_known_tokens();
   if (!seq.ignore_eos && contains(seq.eos_token_ids, token)) return FinishReason::kStop;
   if (contains(seq.stop_token_ids, token)) return FinishReason::kStop;
-  if (seq.num_output_tokens() >= seq.max_tokens) return FinishReason::kLength;
-  if (seq.num_tokens() >= config_.max_model_len) return FinishReason::kLength;
+  if (num_tokens - seq.num_prompt_tokens >= seq.max_tokens) return FinishReason::kLength;
+  if (num_tokens >= config_.max_model_len) return FinishReason::kLength;
   return std::nullopt;
 }
 

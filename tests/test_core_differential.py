@@ -61,6 +61,7 @@ class Config:
     max_num_batched_tokens: int
     max_model_len: int
     enable_prefix_caching: bool
+    async_scheduling: bool = False
 
     def args(self) -> tuple:
         return (
@@ -70,6 +71,7 @@ class Config:
             self.max_num_batched_tokens,
             self.max_model_len,
             self.enable_prefix_caching,
+            self.async_scheduling,
         )
 
 
@@ -156,7 +158,7 @@ def assert_same_state(py: Any, cpp: Any, cfg: Config) -> None:
 
 
 class Trace:
-    """A random workload driven by one numpy seed: arrivals with shared prefixes, aborts, samples."""
+    """A random workload from one numpy seed: arrivals with shared prefixes, aborts, samples."""
 
     def __init__(self, cfg: Config, seed: int) -> None:
         self.cfg = cfg
@@ -170,6 +172,9 @@ class Trace:
         self.prefixes = [rng.integers(2, self.vocab, size=cfg.max_model_len) for _ in range(3)]
         self.next_seq_id = 0
         self.num_steps = 0
+        self.num_placeholder_inputs = 0
+        self.outstanding: list[np.ndarray] = []  # sample_seq_ids of Batches awaiting update()
+        self.last_sampled: np.ndarray | None = None  # of the newest Batch with sampled rows
         self.layout, size = staging_layout(cfg, rng)
         self.host_py = rng.integers(-5, 5, size=size).astype(np.int32)
         self.host_cpp = self.host_py.copy()
@@ -244,24 +249,12 @@ class Trace:
 
     def step(self, arrivals: bool = True) -> bool:
         """One engine step; returns False when nothing could be scheduled."""
+        if self.cfg.async_scheduling:
+            return self.async_step(arrivals)
         py, cpp, cfg, rng = self.py, self.cpp, self.cfg, self.rng
         if arrivals:
-            for _ in range(int(rng.poisson(self.arrival_rate))):
-                kwargs = self.request()
-                both(py, cpp, lambda s, kw=kwargs: s.add_request(**kw))
-            self.maybe_abort(0.05)
-        if rng.random() < 0.5:
-            batches = both(py, cpp, lambda s: s.schedule())
-            assert batches is not None
-            assert_same_batch(*batches)
-        else:
-            batches = (
-                py.schedule_into(self.host_py, self.layout),
-                cpp.schedule_into(self.host_cpp, self.layout),
-            )
-            assert_same_staged(*batches, self.host_py, self.host_cpp)
-        assert_same_state(py, cpp, cfg)
-        b_py = batches[0]
+            self.arrive()
+        b_py = self.schedule_both()
         if b_py is None:
             assert not py.has_unfinished(), "schedule() returned None with work left"
             return False
@@ -274,15 +267,84 @@ class Trace:
             assert both(py, cpp, lambda s: s.update(bad)) is None
         if num_sampled == 0 and rng.random() < 0.5:
             return True  # a Batch without samples needs no update()
+        self.update_both(num_sampled)
+        assert_same_state(py, cpp, cfg)
+        return True
+
+    def async_step(self, arrivals: bool) -> bool:
+        """Schedule while up to one Batch awaits update(), then update the oldest one, or not."""
+        py, cpp, cfg, rng = self.py, self.cpp, self.cfg, self.rng
+        if arrivals:
+            self.arrive()
+        b_py = self.schedule_both()
+        if b_py is None:
+            if not self.outstanding:
+                assert not py.has_unfinished(), "schedule() returned None with work left"
+                return False
+        else:
+            self.num_steps += 1
+            self.check_placeholder_inputs(b_py)
+            if b_py.num_samples:
+                self.outstanding.append(b_py.sample_seq_ids)
+                self.last_sampled = b_py.sample_seq_ids
+        if arrivals:
+            self.maybe_abort(0.03)  # between schedule() and update()
+        if rng.random() < 0.03:  # a third schedule() with two Batches outstanding is refused
+            if len(self.outstanding) == 2:
+                assert both(py, cpp, lambda s: s.schedule()) is None
+        # Keep at most one Batch outstanding, sometimes none; always drain when idle.
+        while self.outstanding and (
+            len(self.outstanding) == 2 or b_py is None or rng.random() < 0.3
+        ):
+            self.update_both(len(self.outstanding.pop(0)))
+        assert_same_state(py, cpp, cfg)
+        return True
+
+    def check_placeholder_inputs(self, batch: Any) -> None:
+        """Input -(j + 1) is sampled row j of the newest Batch with sampled rows, and that row
+        belongs to the same sequence; decode rows only."""
+        ids = batch.input_ids
+        if not (ids < 0).any():
+            return
+        assert self.cfg.async_scheduling and self.last_sampled is not None
+        rows = np.flatnonzero(ids < 0)
+        self.num_placeholder_inputs += len(rows)
+        assert (rows < batch.num_decodes).all(), "a placeholder input outside the decode rows"
+        for t in rows.tolist():
+            j = -int(ids[t]) - 1
+            assert 0 <= j < len(self.last_sampled)
+            assert self.last_sampled[j] == batch.seq_ids[t]
+
+    def arrive(self) -> None:
+        for _ in range(int(self.rng.poisson(self.arrival_rate))):
+            kwargs = self.request()
+            both(self.py, self.cpp, lambda s, kw=kwargs: s.add_request(**kw))
+        self.maybe_abort(0.05)
+
+    def schedule_both(self) -> Any:
+        py, cpp = self.py, self.cpp
+        if self.rng.random() < 0.5:
+            batches = both(py, cpp, lambda s: s.schedule())
+            assert batches is not None
+            assert_same_batch(*batches)
+        else:
+            batches = (
+                py.schedule_into(self.host_py, self.layout),
+                cpp.schedule_into(self.host_cpp, self.layout),
+            )
+            assert_same_staged(*batches, self.host_py, self.host_cpp)
+        assert_same_state(py, cpp, self.cfg)
+        return batches[0]
+
+    def update_both(self, num_sampled: int) -> None:
         tokens = self.sampled_tokens(num_sampled)
-        results = both(py, cpp, lambda s: s.update(tokens))
+        results = both(self.py, self.cpp, lambda s: s.update(tokens))
         assert results is not None
         f_py, f_cpp = results
         assert f_py == [tuple(f) for f in f_cpp]
-        for seq_id, reason, output in f_py:
+        for _seq_id, reason, output in f_py:
             assert reason in ("stop", "length") and len(output) >= 1
-        assert_same_state(py, cpp, cfg)
-        return True
+            assert all(t is not None and t >= 0 for t in output)
 
     def run(self, num_steps: int) -> int:
         for _ in range(num_steps):
@@ -307,7 +369,13 @@ def configs(draw: Any) -> Config:
     max_num_batched_tokens = max_num_seqs + draw(st.integers(0, budget_cap))
     prefix = draw(st.sampled_from([True, True, True, False]))
     return Config(
-        num_blocks, block_size, max_num_seqs, max_num_batched_tokens, max_model_len, prefix
+        num_blocks,
+        block_size,
+        max_num_seqs,
+        max_num_batched_tokens,
+        max_model_len,
+        prefix,
+        draw(st.booleans()),
     )
 
 
@@ -326,11 +394,17 @@ SOAK_CONFIGS = [
     Config(3, 256, 4, 300, 700, True),  # block size 256
     Config(5, 256, 8, 520, 1024, True),
     Config(9, 2, 3, 5, 16, True),
+    Config(12, 1, 4, 8, 12, True, async_scheduling=True),
+    Config(5, 16, 6, 24, 64, True, async_scheduling=True),
+    Config(8, 16, 8, 40, 100, False, async_scheduling=True),
+    Config(5, 256, 8, 520, 1024, True, async_scheduling=True),
 ]
 
 
 @pytest.mark.parametrize(
-    "cfg", SOAK_CONFIGS, ids=[f"bs{c.block_size}-nb{c.num_blocks}" for c in SOAK_CONFIGS]
+    "cfg",
+    SOAK_CONFIGS,
+    ids=[f"bs{c.block_size}-nb{c.num_blocks}{'-async' * c.async_scheduling}" for c in SOAK_CONFIGS],
 )
 def test_cpp_matches_twin_soak(cfg: Config) -> None:
     num_seeds = 2 if cfg.block_size >= 256 else 4  # long prompts make the twin slow
@@ -350,3 +424,15 @@ def test_traces_exercise_preemption_prefix_hits_and_chunking() -> None:
             stats[k] += trace.py.stats[k]
         chunked += cfg.max_num_batched_tokens < cfg.max_model_len
     assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0 and chunked > 0
+
+
+def test_async_traces_exercise_placeholders_and_preemption() -> None:
+    placeholders = preemptions = hits = 0
+    for cfg in [c for c in SOAK_CONFIGS if c.async_scheduling][:3]:
+        trace = Trace(cfg, seed=1)
+        for _ in range(150):
+            trace.step()
+        placeholders += trace.num_placeholder_inputs
+        preemptions += trace.py.stats["num_preemptions"]
+        hits += trace.py.stats["prefix_cache_hits"]
+    assert placeholders > 100 and preemptions > 0 and hits > 0, (placeholders, preemptions, hits)

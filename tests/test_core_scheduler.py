@@ -656,3 +656,82 @@ def test_bad_seed(Scheduler: Any) -> None:
     with pytest.raises(TypeError, match="seed must be an int"):
         sched.add_request(0, [1, 2], 2, seed=1.5)
     sched.add_request(0, [1, 2], 2, seed=np.uint64(2**64 - 1))
+
+
+# ---- async scheduling -------------------------------------------------------------------------
+
+
+def test_async_decode_inputs_name_the_previous_samples(Scheduler: Any) -> None:
+    sched = Scheduler(32, 4, 4, 64, 64, True, True)
+    sched.add_request(0, [5, 6, 7], 4, ignore_eos=True)
+    sched.add_request(1, [8, 9], 4, ignore_eos=True)
+    first = sched.schedule()  # prefill both, sampled rows 0 and 1
+    second = sched.schedule()  # decodes of the tokens not sampled yet
+    assert second.num_decodes == 2
+    assert second.input_ids.tolist() == [-1, -2]  # sampled rows 0 and 1 of `first`
+    assert second.positions.tolist() == [3, 2]
+    with pytest.raises(RuntimeError, match="two Batches"):
+        sched.schedule()
+    assert sched.update(np.array([11, 12], dtype=np.int64)) == []
+    third = sched.schedule()
+    assert third.input_ids.tolist() == [-1, -2]  # now rows of `second`
+    sched.update(np.array([13, 14], dtype=np.int64))
+    sched.update(np.array([15, 16], dtype=np.int64))
+    fourth = sched.schedule()
+    assert fourth.input_ids.tolist() == [15, 16]  # nothing outstanding: real ids
+    finished = sched.update(np.array([17, 18], dtype=np.int64))
+    assert sorted(finished) == [(0, "length", [11, 13, 15, 17]), (1, "length", [12, 14, 16, 18])]
+    assert not sched.has_unfinished() and sched.num_free_blocks == 32
+    del first
+
+
+def test_async_no_row_when_length_will_end_it(Scheduler: Any) -> None:
+    sched = Scheduler(32, 4, 4, 64, 64, True, True)
+    sched.add_request(0, [5, 6, 7], 1)  # one output: its prefill sample ends it
+    sched.add_request(1, [8, 9], 3)
+    sched.schedule()
+    second = sched.schedule()
+    assert second.seq_ids.tolist() == [1]  # request 0 will stop by length: no wasted row
+    assert sched.update(np.array([11, 12], dtype=np.int64)) == [(0, "length", [11])]
+    sched.update(np.array([13], dtype=np.int64))
+    assert sched.schedule().input_ids.tolist() == [13]
+
+
+def test_async_stop_token_wastes_one_row_that_is_ignored(Scheduler: Any) -> None:
+    sched = Scheduler(32, 4, 4, 64, 64, True, True)
+    sched.add_request(0, [5, 6, 7], 10, eos_token_ids=[2])
+    sched.add_request(1, [8, 9], 10, ignore_eos=True)
+    sched.schedule()
+    second = sched.schedule()
+    assert second.seq_ids.tolist() == [0, 1]
+    assert sched.update(np.array([2, 12], dtype=np.int64)) == [(0, "stop", [2])]
+    third = sched.schedule()  # request 0 is gone; its row in `second` is wasted
+    assert third.seq_ids.tolist() == [1]
+    assert sched.update(np.array([99, 13], dtype=np.int64)) == []  # 99 is ignored
+    sched.update(np.array([14], dtype=np.int64))
+    sched.abort(1)
+    assert sched.num_free_blocks == 32 and not sched.has_unfinished()
+
+
+def test_async_prefix_blocks_register_once_known(Scheduler: Any) -> None:
+    """A block whose last token is still a placeholder is not offered to the prefix cache."""
+    sched = Scheduler(32, 4, 4, 64, 64, True, True)
+    sched.add_request(0, [5, 6, 7], 10, ignore_eos=True)  # token 4 completes block 0
+    sched.schedule()
+    sched.schedule()  # computes position 3 (a placeholder): block 0 is full but not known
+    assert sum(h is not None for h in sched.debug_state()["block_hashes"]) == 0
+    sched.update(np.array([8], dtype=np.int64))
+    assert sum(h is not None for h in sched.debug_state()["block_hashes"]) == 1
+    sched.update(np.array([9], dtype=np.int64))
+    sched.abort(0)
+    sched.add_request(1, [5, 6, 7, 8, 1], 2)  # shares block 0 with request 0
+    sched.schedule()
+    assert sched.stats["prefix_cache_hits"] == 4
+
+
+def test_sync_scheduler_refuses_a_second_schedule(Scheduler: Any) -> None:
+    sched = Scheduler(32, 4, 4, 64, 64)
+    sched.add_request(0, [5, 6, 7], 4)
+    sched.schedule()
+    with pytest.raises(RuntimeError, match="before update"):
+        sched.schedule()

@@ -336,14 +336,14 @@ PYBIND11_MODULE(_core, m) {
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init([](int64_t num_blocks, int64_t block_size, int64_t max_num_seqs,
                        int64_t max_num_batched_tokens, int64_t max_model_len,
-                       bool enable_prefix_caching) {
+                       bool enable_prefix_caching, bool async_scheduling) {
              return std::make_unique<Scheduler>(minivllm::SchedulerConfig{
                  num_blocks, block_size, max_num_seqs, max_num_batched_tokens, max_model_len,
-                 enable_prefix_caching});
+                 enable_prefix_caching, async_scheduling});
            }),
            py::arg("num_blocks"), py::arg("block_size"), py::arg("max_num_seqs"),
            py::arg("max_num_batched_tokens"), py::arg("max_model_len"),
-           py::arg("enable_prefix_caching") = true)
+           py::arg("enable_prefix_caching") = true, py::arg("async_scheduling") = false)
       .def("add_request", &add_request, py::arg("seq_id"), py::arg("prompt_token_ids"),
            py::arg("max_tokens"), py::arg("ignore_eos") = false,
            py::arg("eos_token_ids") = py::tuple(), py::arg("stop_token_ids") = py::tuple(),

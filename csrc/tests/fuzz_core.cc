@@ -9,6 +9,7 @@
 // tests compare the core with its twin; this catches memory errors and UB the comparison can't.
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <random>
 #include <unordered_map>
 #include <vector>
@@ -77,12 +78,14 @@ int main(int argc, char** argv) {
     const int64_t max_model_len = uniform(2, block_size * 6 + 2);
     const int64_t num_blocks = std::max<int64_t>(1, (max_model_len - 2) / block_size + uniform(0, 4));
     const int64_t max_num_seqs = uniform(1, 8);
+    const bool async_scheduling = uniform(0, 1) == 1;
     Scheduler s(SchedulerConfig{num_blocks, block_size, max_num_seqs,
                                 max_num_seqs + uniform(0, 2 * block_size), max_model_len,
-                                uniform(0, 3) != 0});
+                                uniform(0, 3) != 0, async_scheduling});
     int64_t next_id = 0;
     std::vector<int64_t> ids;
-    for (int step = 0; step < 400 || s.has_unfinished(); ++step) {
+    std::deque<int64_t> outstanding;  // async: sampled-row counts of Batches awaiting update()
+    for (int step = 0; step < 400 || s.has_unfinished() || !outstanding.empty(); ++step) {
       check(step < 200000, "trace terminates");
       if (step < 400 && uniform(0, 2) == 0) {
         Request r;
@@ -109,6 +112,27 @@ int main(int argc, char** argv) {
       check_invariants(s);
       const auto shape = s.schedule(allocate);
       check_invariants(s);
+      if (async_scheduling) {
+        // None with work left only while a Batch awaits update() (its placeholders block it).
+        if (!shape) check(!s.has_unfinished() || !outstanding.empty(), "None only when idle");
+        if (shape && shape->num_samples > 0) outstanding.push_back(shape->num_samples);
+        while (!outstanding.empty() &&
+               (outstanding.size() == 2 || !shape || uniform(0, 2) == 0)) {
+          std::vector<int64_t> tokens(static_cast<size_t>(outstanding.front()));
+          for (auto& t : tokens) t = uniform(0, 20) == 0 ? 0 : uniform(1, 6);
+          if (step < 400 && uniform(0, 30) == 0 && !ids.empty()) {
+            try {  // abort while Batches are outstanding
+              s.abort(ids[static_cast<size_t>(uniform(0, static_cast<int64_t>(ids.size()) - 1))]);
+            } catch (const InvalidArgument&) {
+            }
+          }
+          s.update(tokens.data(), outstanding.front());
+          outstanding.pop_front();
+          check_invariants(s);
+        }
+        total_steps += shape.has_value();
+        continue;
+      }
       if (!shape) {
         check(!s.has_unfinished(), "None only when idle");
         continue;

@@ -85,6 +85,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         enable_prefix_caching: bool = True,
+        async_scheduling: bool = False,
     ) -> None: ...
     def add_request(
         self,

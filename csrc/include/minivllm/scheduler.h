@@ -11,8 +11,14 @@
 //    recompute), then the chunks of partially prefilled sequences, then newly admitted waiting
 //    sequences (FCFS; none in a step that preempted). Admission takes prefix-cache hits on full
 //    blocks that do not hold the last token, and allocates blocks for all remaining tokens.
-//  * update() appends the sampled tokens and applies the stop checks: eos (unless ignore_eos)
+//  * update() delivers the sampled tokens and applies the stop checks: eos (unless ignore_eos)
 //    and stop_token_ids -> kStop (token kept); max_tokens and max_model_len -> kLength.
+//  * Async scheduling (config.async_scheduling): schedule() may plan step N while Batch N-1
+//    awaits update(). A sampled row appends a placeholder token at schedule time; a decode whose
+//    input is a placeholder gets input id -(j + 1), "sampled row j of the previous Batch", for
+//    the model runner to resolve on the device. Sequences sure to stop by length once their
+//    placeholders land get no row; one that stops on a token gets a wasted row, ignored at its
+//    update(). Blocks join the prefix cache only once all their tokens are known.
 //
 // The Batch arrays are written straight into caller-owned buffers: schedule() computes the
 // shape, asks the allocator callback for buffers of that shape, and fills them. Nothing here
@@ -40,6 +46,8 @@ struct SchedulerConfig {
   int64_t max_num_batched_tokens = 0;  // must be >= max_num_seqs
   int64_t max_model_len = 0;           // prompt + outputs never exceed it
   bool enable_prefix_caching = true;
+  // Allow schedule() while one Batch with sampled rows awaits update() (see schedule()).
+  bool async_scheduling = false;
 };
 
 struct Request {
@@ -131,13 +139,15 @@ class Scheduler {
 
   // Plans the next step and writes its Batch into the buffers `allocate` returns. Returns the
   // shape, or nullopt (without calling `allocate`) when nothing can run. Throws ProtocolError
-  // when the previous Batch had sampled rows and update() has not been called. The forward pass
-  // of a Batch must run before the next schedule(): the blocks it fills join the prefix cache.
+  // when a Batch with sampled rows awaits update() (two, with async_scheduling). The forward
+  // pass of a Batch must be issued before the next schedule()'s: the blocks it fills join the
+  // prefix cache.
   std::optional<BatchShape> schedule(const BatchAllocator& allocate);
 
-  // Delivers one sampled token per sampled row of the last Batch, in row order. Returns the
-  // sequences that finished, in row order. Throws ProtocolError with no Batch outstanding and
-  // InvalidArgument on a wrong count or an id outside [0, 2^31); either way nothing changes.
+  // Delivers one sampled token per sampled row of the oldest Batch awaiting update(), in row
+  // order. Returns the sequences that finished, in row order. Throws ProtocolError with no Batch
+  // outstanding and InvalidArgument on a wrong count or an id outside [0, 2^31); either way
+  // nothing changes. A Batch without sampled rows needs no update() (an empty one is accepted).
   std::vector<FinishedSequence> update(const int64_t* sampled_token_ids, int64_t num_sampled);
 
   // Drops a waiting or running sequence and frees its blocks; if it has a row in the Batch
@@ -163,6 +173,8 @@ class Scheduler {
   void register_full_blocks(Sequence* seq);
   void free_blocks(Sequence* seq);
   void preempt(Sequence* seq);
+  bool sure_to_stop(const Sequence& seq) const;
+  void forget_pending(const Sequence* seq);
   std::optional<FinishReason> stop_reason(const Sequence& seq, int64_t token) const;
   void add_decode_row(Sequence* seq, BatchShape& shape);
   void add_prefill_row(Sequence* seq, int64_t num_new_tokens, BatchShape& shape);
@@ -173,9 +185,10 @@ class Scheduler {
   std::unordered_map<int64_t, std::unique_ptr<Sequence>> seqs_;  // unfinished, by id
   std::deque<Sequence*> waiting_;
   std::vector<Sequence*> running_;
-  // Sequences sampled by the last Batch, in row order (nullptr once aborted).
-  std::vector<Sequence*> pending_;
-  bool has_pending_batch_ = false;
+  // Sequences sampled by each Batch awaiting update(), oldest first, in row order (nullptr once
+  // aborted or finished). Batches without sampled rows are not queued.
+  std::deque<std::vector<Sequence*>> pending_;
+  bool empty_batch_outstanding_ = false;  // the last Batch had no sampled rows, not yet updated
   SchedulerStats stats_;
   // Scratch, reused every step.
   std::vector<Row> rows_;

@@ -30,7 +30,9 @@ struct alignas(64) Sequence {
   int64_t seq_id = 0;
   int64_t num_computed_tokens = 0;  // scheduled for computation since the last admission
   int64_t num_prefill_tokens = 0;   // to compute before sampling again; 0 while waiting
-  std::vector<int32_t> token_ids;   // prompt + outputs
+  std::vector<int32_t> token_ids;   // prompt + outputs; the last num_unknown are placeholders
+  int32_t num_unknown = 0;          // outputs scheduled to be sampled, not yet delivered (<= 2)
+  int32_t last_sample_row = -1;     // the sampled row of its newest placeholder in its Batch
   std::vector<int32_t> block_table;
   SamplingParams sampling;
   int64_t num_prompt_tokens = 0;
@@ -47,6 +49,7 @@ struct alignas(64) Sequence {
 
   int64_t num_tokens() const { return static_cast<int64_t>(token_ids.size()); }
   int64_t num_output_tokens() const { return num_tokens() - num_prompt_tokens; }
+  int64_t num_known_tokens() const { return num_tokens() - num_unknown; }
   bool is_prefilling() const { return num_computed_tokens < num_prefill_tokens; }
 
   // The hash of full block `j` (requires (j + 1) * block_size <= num_tokens()).

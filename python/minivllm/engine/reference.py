@@ -50,6 +50,17 @@ use the float32 values the Batch carries.
 schedule_into(host, layout) is schedule() with the large arrays written into a caller's int32
 staging buffer at the offsets of `layout` (see STAGING_LAYOUT below); it returns the same Batch.
 
+Async scheduling (async_scheduling=True). schedule() may plan step N while Batch N-1 (with
+sampled rows) awaits update(); update() always serves the oldest such Batch. Every sampled row
+appends a placeholder token (None) at schedule time, which update() fills in order. A decode whose
+input token is a placeholder gets input id -(j + 1): "sampled row j of the previous Batch", which
+the model runner resolves on the device. A sequence whose placeholders will end it by length
+gets no row; one that stops on a sampled token may have a wasted row in the next Batch, whose
+token update() ignores. Blocks join the prefix cache only once every token in them is known; a
+preempted sequence is readmitted only once its placeholders are filled. Batches without sampled
+rows are not queued (update() with an empty array is accepted right after one). With
+async_scheduling off, the placeholders are filled before any schedule(), so nothing changes.
+
 Stop checks in update(), in order: eos (unless ignore_eos), stop_token_ids -> "stop" (the token is
 kept); max_tokens outputs, prompt + outputs >= max_model_len -> "length".
 """
@@ -236,12 +247,14 @@ class _Sequence:
         "eos_token_ids",
         "ignore_eos",
         "is_greedy",
+        "last_sample_row",
         "max_tokens",
         "min_p",
         "num_computed_tokens",
         "num_prefill_tokens",
         "num_prompt_tokens",
         "num_registered_blocks",
+        "num_unknown",
         "seed",
         "seq_id",
         "stop_token_ids",
@@ -291,10 +304,16 @@ class _Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # memo: hash of each full block of token_ids
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
+        self.num_unknown = 0  # trailing placeholders (None) in token_ids: sampled, not delivered
+        self.last_sample_row = -1  # the sampled row of its newest placeholder in its Batch
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.token_ids) - self.num_unknown
 
     @property
     def is_prefilling(self) -> bool:
@@ -403,6 +422,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         enable_prefix_caching: bool = True,
+        async_scheduling: bool = False,
     ) -> None:
         num_blocks = _check_int("num_blocks", num_blocks)
         block_size = _check_int("block_size", block_size)
@@ -432,13 +452,15 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_prefix_caching = bool(enable_prefix_caching)
+        self.async_scheduling = bool(async_scheduling)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self.seqs: dict[int, _Sequence] = {}  # unfinished sequences by id
-        # Sequences sampled by the last Batch, None until it is scheduled / after update();
-        # an aborted sequence's entry becomes None.
-        self._pending: list[_Sequence | None] | None = None
+        # Sequences sampled by each Batch awaiting update(), oldest first (Batches without
+        # sampled rows are not queued); an aborted or finished sequence's entry becomes None.
+        self._pending: deque[list[_Sequence | None]] = deque()
+        self._empty_batch_outstanding = False
         self._stats = {"num_preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
 
     # -- public API -----------------------------------------------------------------------------
@@ -541,13 +563,16 @@ class Scheduler:
             self._free(seq)
         else:
             self.waiting.remove(seq)
-        if self._pending is not None:
-            self._pending = [None if s is seq else s for s in self._pending]
+        self._forget_pending(seq)
 
     def schedule(self) -> Batch | None:
-        if self._pending:
-            raise RuntimeError("schedule() called before update() for the previous Batch")
-        self._pending = None
+        if len(self._pending) > (1 if self.async_scheduling else 0):
+            raise RuntimeError(
+                "schedule() called with two Batches awaiting update()"
+                if self.async_scheduling
+                else "schedule() called before update() for the previous Batch"
+            )
+        self._empty_batch_outstanding = False
         budget = self.max_num_batched_tokens
         rows: list[tuple[_Sequence, int, int]] = []  # (seq, first new position, num new tokens)
         preempted = False
@@ -556,7 +581,7 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            if seq.is_prefilling:
+            if seq.is_prefilling or self._sure_to_stop(seq):
                 i += 1
                 continue
             if seq.num_computed_tokens // self.block_size == len(seq.block_table):
@@ -599,12 +624,21 @@ class Scheduler:
 
         if not rows:
             return None
+        batch = self._build_batch(rows, num_decodes)
+        sampled: list[_Sequence | None] = []
         for seq, start, n in rows:
             seq.num_computed_tokens = start + n
             if self.enable_prefix_caching:
                 self._register_full_blocks(seq)
-        batch = self._build_batch(rows, num_decodes)
-        self._pending = [seq for seq, start, n in rows if start + n == seq.num_tokens]
+            if start + n == seq.num_tokens:  # samples: a placeholder until update()
+                seq.last_sample_row = len(sampled)
+                seq.token_ids.append(None)
+                seq.num_unknown += 1
+                sampled.append(seq)
+        if sampled:
+            self._pending.append(sampled)
+        else:
+            self._empty_batch_outstanding = True
         return batch
 
     def schedule_into(self, host: np.ndarray, layout: np.ndarray) -> Batch | None:
@@ -663,31 +697,49 @@ class Scheduler:
             )
         if sampled_token_ids.ndim != 1:
             raise ValueError(f"sampled_token_ids must be 1-D, got shape {sampled_token_ids.shape}")
-        if self._pending is None:
-            raise RuntimeError("update() called without a scheduled Batch")
-        if len(sampled_token_ids) != len(self._pending):
+        if not self._pending:
+            if not self._empty_batch_outstanding:
+                raise RuntimeError("update() called without a scheduled Batch")
+            if len(sampled_token_ids) != 0:
+                raise ValueError(
+                    f"sampled_token_ids has shape ({len(sampled_token_ids)},), expected (0,), "
+                    "one per Batch.sample_seq_ids row"
+                )
+            self._empty_batch_outstanding = False
+            return []
+        if len(sampled_token_ids) != len(self._pending[0]):
             raise ValueError(
                 f"sampled_token_ids has shape ({len(sampled_token_ids)},), expected "
-                f"({len(self._pending)},), one per Batch.sample_seq_ids row"
+                f"({len(self._pending[0])},), one per Batch.sample_seq_ids row"
             )
         tokens = sampled_token_ids.tolist()
         for t in tokens:
             if t < 0 or t > INT32_MAX:
                 raise ValueError(f"sampled token id {t} is out of range [0, 2**31 - 1]")
-        pending, self._pending = self._pending, None
+        pending = self._pending.popleft()
+        if not self._pending:
+            self._empty_batch_outstanding = False
 
         finished: list[tuple[int, str, list[int]]] = []
         for seq, token in zip(pending, tokens):
-            if seq is None:  # aborted after schedule()
+            if seq is None:  # aborted or finished after schedule()
                 continue
-            seq.token_ids.append(token)
+            pos = seq.num_known_tokens  # the oldest placeholder gets the token
+            seq.token_ids[pos] = token
+            seq.num_unknown -= 1
             reason = self._stop_reason(seq, token)
             if reason is not None:
-                finished.append((seq.seq_id, reason, seq.token_ids[seq.num_prompt_tokens :]))
+                finished.append(
+                    (seq.seq_id, reason, seq.token_ids[seq.num_prompt_tokens : pos + 1])
+                )
                 self._free(seq)
                 del self.seqs[seq.seq_id]
+                self._forget_pending(seq)  # a row in a later Batch is wasted: token ignored
+            elif self.enable_prefix_caching and seq.block_table:
+                self._register_full_blocks(seq)  # blocks whose last token just became known
         if finished:
             self.running = [seq for seq in self.running if seq.seq_id in self.seqs]
+            self.waiting = deque(seq for seq in self.waiting if seq.seq_id in self.seqs)
         return finished
 
     def debug_state(self) -> dict[str, Any]:
@@ -718,18 +770,36 @@ class Scheduler:
         return [_check_int("prompt_token_ids", t) for t in prompt_token_ids]
 
     def _stop_reason(self, seq: _Sequence, token: int) -> str | None:
+        """Counted up to the token just delivered (later placeholders are not outputs yet)."""
+        num_tokens = seq.num_known_tokens
         if not seq.ignore_eos and token in seq.eos_token_ids:
             return "stop"
         if token in seq.stop_token_ids:
             return "stop"
-        if seq.num_tokens - seq.num_prompt_tokens >= seq.max_tokens:
+        if num_tokens - seq.num_prompt_tokens >= seq.max_tokens:
             return "length"
-        if seq.num_tokens >= self.max_model_len:
+        if num_tokens >= self.max_model_len:
             return "length"
         return None
 
+    def _sure_to_stop(self, seq: _Sequence) -> bool:
+        """Once its placeholders land, length alone ends it: it gets no decode row."""
+        return seq.num_unknown > 0 and (
+            seq.num_tokens - seq.num_prompt_tokens >= seq.max_tokens
+            or seq.num_tokens >= self.max_model_len
+        )
+
+    def _forget_pending(self, seq: _Sequence) -> None:
+        for batch in self._pending:
+            for i, s in enumerate(batch):
+                if s is seq:
+                    batch[i] = None
+
     def _admit(self, seq: _Sequence) -> bool:
-        """Take the prefix-cache hits and allocate blocks for all of seq's tokens, if they fit."""
+        """Take the prefix-cache hits and allocate blocks for all of seq's tokens, if they fit.
+        A preempted sequence waits until its placeholders are filled."""
+        if seq.num_unknown:
+            return False
         bm = self.block_manager
         bs = self.block_size
         hits: list[int] = []
@@ -759,7 +829,7 @@ class Scheduler:
 
     def _register_full_blocks(self, seq: _Sequence) -> None:
         bs = self.block_size
-        num_full = seq.num_computed_tokens // bs
+        num_full = min(seq.num_computed_tokens, seq.num_known_tokens) // bs
         for j in range(seq.num_registered_blocks, num_full):
             parent = seq.block_hash(j - 1, bs) if j else 0
             self.block_manager.register(
@@ -793,16 +863,20 @@ class Scheduler:
         slot_mapping: list[int] = []
         blocks_per_row = [-(-(start + n) // bs) for _, start, n in rows]
         block_tables = np.full((num_rows, max(blocks_per_row)), -1, dtype=np.int32)
-        sampled: list[tuple[int, _Sequence]] = []  # (token row, seq)
+        sampled: list[tuple[int, _Sequence, int]] = []  # (token row, seq, seq_len)
         for b, (seq, start, n) in enumerate(rows):
-            input_ids += seq.token_ids[start : start + n]
+            # A placeholder input (async: a decode of last step's sample) names that sampled row.
+            input_ids += (
+                -(seq.last_sample_row + 1) if t is None else t
+                for t in seq.token_ids[start : start + n]
+            )
             positions += range(start, start + n)
             slot_mapping += (
                 seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)
             )
             block_tables[b, : blocks_per_row[b]] = seq.block_table[: blocks_per_row[b]]
             if start + n == seq.num_tokens:
-                sampled.append((int(query_start_loc[b + 1]) - 1, seq))
+                sampled.append((int(query_start_loc[b + 1]) - 1, seq, start + n))
         return Batch(
             seq_ids=np.array([seq.seq_id for seq, _, _ in rows], dtype=np.int64),
             num_decodes=num_decodes,
@@ -812,17 +886,17 @@ class Scheduler:
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             block_tables=block_tables,
-            logits_indices=np.array([r for r, _ in sampled], dtype=np.int32),
-            sample_seq_ids=np.array([s.seq_id for _, s in sampled], dtype=np.int64),
-            temperature=np.array([s.temperature for _, s in sampled], dtype=np.float32),
-            top_p=np.array([s.top_p for _, s in sampled], dtype=np.float32),
-            top_k=np.array([s.top_k for _, s in sampled], dtype=np.int32),
-            min_p=np.array([s.min_p for _, s in sampled], dtype=np.float32),
+            logits_indices=np.array([r for r, _, _ in sampled], dtype=np.int32),
+            sample_seq_ids=np.array([s.seq_id for _, s, _ in sampled], dtype=np.int64),
+            temperature=np.array([s.temperature for _, s, _ in sampled], dtype=np.float32),
+            top_p=np.array([s.top_p for _, s, _ in sampled], dtype=np.float32),
+            top_k=np.array([s.top_k for _, s, _ in sampled], dtype=np.int32),
+            min_p=np.array([s.min_p for _, s, _ in sampled], dtype=np.float32),
             uniforms=np.array(
-                [sampling_uniform(s.seed, s.num_computed_tokens) for _, s in sampled],
+                [sampling_uniform(s.seed, end) for _, s, end in sampled],
                 dtype=np.float32,
             ),
-            all_greedy=all(s.is_greedy for _, s in sampled),
-            any_top_k_or_p=any(s.uses_top_k_or_p for _, s in sampled),
-            any_min_p=any(s.uses_min_p for _, s in sampled),
+            all_greedy=all(s.is_greedy for _, s, _ in sampled),
+            any_top_k_or_p=any(s.uses_top_k_or_p for _, s, _ in sampled),
+            any_min_p=any(s.uses_min_p for _, s, _ in sampled),
         )
