@@ -161,13 +161,17 @@ def compiled_triton_kernels() -> dict[str, int]:
     return counts
 
 
-def step_breakdown(steps: list[tuple], start: float, end: float, cost: StepCost) -> dict:
-    """Where the timed run went: time inside execute (stage, upload, launch, GPU, read back) by
-    kind of step, against each step's roofline, and host time between steps (update, schedule,
-    the step loop)."""
+def step_breakdown(steps: list[list], start: float, end: float, cost: StepCost) -> dict:
+    """Where the timed run went, by kind of step against each step's roofline. A step's time is
+    from when the GPU could start it (its launch, or the previous step's ids read back, if
+    later) to its own ids read back; steps without sampled rows are folded into the next one's.
+    With async scheduling the launches run ahead, so this is GPU-side time plus any wait for the
+    host; what is left of the wall time went to steps that never waited for the GPU."""
     groups: dict[str, list[float]] = {}
-    inside = 0.0
-    for t0, t1, num_tokens, nd, context, pairs in steps:
+    prev_end, covered, pending_roof = start, 0.0, 0.0
+    timed = []
+    for launched, read, num_tokens, nd, context, pairs in steps:
+        roof = cost.seconds(num_tokens, nd, context, pairs)
         if num_tokens == nd:
             key = ("decode 1-16" if nd <= 16 else "decode 17-64" if nd <= 64
                    else "decode 65-160" if nd <= 160 else "decode 161-256")
@@ -175,19 +179,24 @@ def step_breakdown(steps: list[tuple], start: float, end: float, cost: StepCost)
             key = "prefill / mixed"
         g = groups.setdefault(key, [0, 0.0, 0.0])
         g[0] += 1
-        g[1] += t1 - t0
-        g[2] += cost.seconds(num_tokens, nd, context, pairs)
-        inside += t1 - t0
-    slowest = sorted(steps, key=lambda st: st[0] - st[1])[:6]
+        g[2] += roof
+        if read is None:  # no sampled rows: its time shows up in the next step's
+            pending_roof += roof
+            continue
+        seconds = read - max(prev_end, launched)
+        g[1] += seconds
+        covered += seconds
+        timed.append((seconds, launched - start, num_tokens, nd, roof + pending_roof))
+        prev_end, pending_roof = read, 0.0
+    slowest = sorted(timed, key=lambda st: -st[0])[:6]
     return {
         "slowest_steps": [
-            {"ms": (t1 - t0) * 1e3, "offset_s": t0 - start, "tokens": n, "decodes": nd,
-             "roofline_ms": cost.seconds(n, nd, c, p) * 1e3}
-            for t0, t1, n, nd, c, p in slowest
+            {"ms": s * 1e3, "offset_s": off, "tokens": n, "decodes": nd, "roofline_ms": r * 1e3}
+            for s, off, n, nd, r in slowest
         ],
         "num_steps": len(steps),
-        "seconds_in_execute": inside,
-        "seconds_between_steps": (end - start) - inside,
+        "seconds_in_steps": covered,
+        "seconds_outside": (end - start) - covered,
         "by_kind": {k: {"steps": g[0], "seconds": g[1], "roofline_s": g[2]}
                     for k, g in sorted(groups.items())},
     }
@@ -205,30 +214,37 @@ def run_minivllm(
     warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=16)] * 8
     llm.generate([p[:128] for p in prompts[:8]], warm, use_tqdm=False)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in max_tokens]
-    steps: list[tuple[float, float, int, int, int, int]] = []
+    steps: list[list] = []  # [launched, result read, tokens, decodes, context, pairs]
     runner = llm.model_runner
-    real_execute = runner.execute
+    real_launch = runner.launch
 
-    def timed_execute(batch: Any, staged: bool = False) -> np.ndarray:
-        # Every step ends in a host sync (the sampled ids), so wall time brackets its GPU work.
+    class TimedResult:
+        def __init__(self, result: Any, record: list) -> None:
+            self.inner, self.record = result, record
+
+        def result(self) -> np.ndarray:
+            out = self.inner.result()
+            self.record[1] = time.perf_counter()
+            return out
+
+    def timed_launch(batch: Any, staged: bool = False) -> TimedResult:
         seq_lens = (runner.buffers.host_view("seq_lens")[: batch.num_seqs] if staged
                     else batch.seq_lens).astype(np.int64)
         new = np.diff(batch.query_start_loc).astype(np.int64)
         pairs = int((new * (seq_lens - (new - 1) / 2)).sum())  # causal (query, key) pairs
-        t0 = time.perf_counter()
-        out = real_execute(batch, staged)
-        steps.append((t0, time.perf_counter(), batch.num_tokens, batch.num_decodes,
-                      int(seq_lens.sum()), pairs))
-        return out
+        record = [time.perf_counter(), None, batch.num_tokens, batch.num_decodes,
+                  int(seq_lens.sum()), pairs]
+        steps.append(record)
+        return TimedResult(real_launch(batch, staged), record)
 
-    runner.execute = timed_execute
+    runner.launch = timed_launch
     compiled_before = compiled_triton_kernels()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    runner.execute = real_execute
+    runner.launch = real_launch
     compiled_after = compiled_triton_kernels()
     new_compiles = {k: n - compiled_before.get(k, 0) for k, n in compiled_after.items()
                     if n > compiled_before.get(k, 0)}
@@ -268,32 +284,42 @@ def profile_decode_steps(llm: LLM, prompts: list[list[int]], num_running: int,
         sched.add_request(base + i, prompts[i % len(prompts)][:256], 10**6 // 1000,
                           ignore_eos=True, temperature=0.6, seed=i)
 
-    def step() -> tuple[float, float, int]:
+    # The engine's loop: with async scheduling step N+1 is launched before step N's ids are
+    # read back and passed to update().
+    depth = 2 if llm.config.async_scheduling else 1
+    in_flight: list[Any] = []
+
+    def step() -> tuple[float, bool]:
+        """One schedule + launch, then (once `depth` steps are in flight) read back + update the
+        oldest. Returns the host time in schedule + update and whether the step was decode-only."""
         t0 = time.perf_counter()
         batch = runner.schedule(sched)
         t1 = time.perf_counter()
-        tokens = runner.execute(batch, staged=True)
-        t2 = time.perf_counter()
-        sched.update(tokens)
-        t3 = time.perf_counter()
-        return (t1 - t0) + (t3 - t2), t3 - t0, batch.num_decodes == batch.num_seqs
+        result = runner.launch(batch, staged=True)
+        if batch.num_samples:  # a Batch without sampled rows needs no update()
+            in_flight.append(result)
+        host = t1 - t0
+        while len(in_flight) >= depth:
+            tokens = in_flight.pop(0).result()
+            t2 = time.perf_counter()
+            sched.update(tokens)
+            host += time.perf_counter() - t2
+        return host, batch.num_decodes == batch.num_seqs
 
-    while True:  # prefill everything, then a few decode steps to settle
-        _, _, is_decode = step()
-        if is_decode:
-            break
+    while not step()[1]:  # prefill everything, then a few decode steps to settle
+        pass
     for _ in range(5):
         step()
-    host, walls = [], []
+    host = []
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
         w0 = time.perf_counter()
         for _ in range(num_steps):
-            h, w, _ = step()
-            host.append(h)
-            walls.append(w)
+            host.append(step()[0])
         torch.cuda.synchronize()
         window = time.perf_counter() - w0
+    while in_flight:
+        sched.update(in_flight.pop(0).result())
     intervals = sorted(
         (e.time_range.start, e.time_range.end)
         for e in prof.events()
@@ -428,8 +454,8 @@ def main() -> None:
               f"{frac:>12.1%}{note}")
     steps = results["cpp"].get("steps")
     if steps:
-        print(f"\ncpp run: {steps['num_steps']} steps, {steps['seconds_in_execute']:.2f} s in "
-              f"execute, {steps['seconds_between_steps']:.2f} s between steps")
+        print(f"\ncpp run: {steps['num_steps']} steps, {steps['seconds_in_steps']:.2f} s from GPU "
+              f"start to ids read back, {steps['seconds_outside']:.2f} s outside")
         print(f"{'step kind':<20}{'steps':>7}{'seconds':>9}{'roofline s':>12}{'efficiency':>12}")
         for kind, g in steps["by_kind"].items():
             print(f"{kind:<20}{g['steps']:>7}{g['seconds']:>9.2f}{g['roofline_s']:>12.2f}"

@@ -132,3 +132,10 @@ def decode_attention(
     o = torch.matmul(probs, v)  # [B, kvh, group, head_dim]
     out.copy_(o.reshape(batch, num_heads, head_dim).to(out.dtype))
     return out
+
+
+def resolve_placeholders(ids: torch.Tensor, prev_sampled: torch.Tensor) -> torch.Tensor:
+    """ids [T] int32 (in place): every -(j + 1) becomes prev_sampled[j] (async scheduling's
+    placeholder inputs; the CPU path and the oracle of kernels/input_ids.py)."""
+    idx = (-1 - ids).clamp(min=0, max=prev_sampled.shape[0] - 1).long()
+    return ids.copy_(torch.where(ids < 0, prev_sampled[idx].to(ids.dtype), ids))

@@ -149,15 +149,15 @@ def test_mutated_sampling_params_checked_by_generate(tiny_llm):
 def test_interrupted_generate_leaves_engine_clean(tiny_qwen3, monkeypatch):
     llm = make_llm(tiny_qwen3)
     calls = {"n": 0}
-    real_execute = llm.model_runner.execute
+    real_launch = llm.model_runner.launch
 
     def flaky(batch, staged=False):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_execute(batch, staged)
+        return real_launch(batch, staged)
 
-    monkeypatch.setattr(llm.model_runner, "execute", flaky)
+    monkeypatch.setattr(llm.model_runner, "launch", flaky)
     with pytest.raises(KeyboardInterrupt):
         llm.generate([GOOD] * 3, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert_all_blocks_free(llm)

@@ -183,6 +183,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    # Plan step N+1 while step N runs on the GPU (None: on for CUDA with one GPU, off otherwise).
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
     scheduler: str = "cpp"
     attention_backend: str | None = None  # None: triton on CUDA, torch on CPU
@@ -254,6 +256,19 @@ class EngineConfig:
         for name in ("enable_prefix_caching", "enforce_eager"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.async_scheduling is None:
+            object.__setattr__(
+                self,
+                "async_scheduling",
+                self.torch_device.type == "cuda" and self.tensor_parallel_size == 1,
+            )
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "async_scheduling is not supported with tensor_parallel_size > 1 (only rank 0 "
+                "samples, so the workers cannot resolve the next step's input tokens)"
+            )
 
     def _check_tensor_parallel(self) -> None:
         """Every rank holds whole heads and an equal slice of the MLP (the vocabulary is
@@ -290,8 +305,11 @@ class EngineConfig:
     @property
     def torch_device(self) -> torch.device:
         device = torch.device(
-            self.device if self.device is not None
-            else "cuda" if torch.cuda.is_available() else "cpu"
+            self.device
+            if self.device is not None
+            else "cuda"
+            if torch.cuda.is_available()
+            else "cpu"
         )
         if device.type == "cuda" and device.index is None:
             # A bare "cuda" means the current GPU; give it an index so set_device and

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from minivllm.config import EngineConfig
 from minivllm.engine import RuntimeInfo, make_scheduler, scheduler_class
-from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.model_runner import ModelRunner, StepResult
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
@@ -306,7 +307,11 @@ class LLM:
         pbar = _Progress(n, enabled=use_tqdm)
         eos = self.runtime.eos_token_ids
         vocab = self.runtime.vocab_size
-        pending: int | None = None  # sampled rows of a Batch not yet passed to update()
+        # Launched steps with sampled rows whose ids are not yet passed to update(), oldest first:
+        # with async scheduling step N+1 is planned and launched before step N's ids are read.
+        in_flight: deque[tuple[Any, StepResult | None]] = deque()
+        depth = 2 if self.config.async_scheduling else 1
+        runner = self.model_runner
         try:
             for i, r in enumerate(requests):
                 r.seq_id = base + i
@@ -326,40 +331,54 @@ class LLM:
                     seed=r.seed,
                 )
             num_done = 0
-            while num_done < n:
-                # The core writes the step's arrays straight into the runner's staging buffer.
-                batch = self.model_runner.schedule(self.scheduler)
-                if batch is None:
-                    raise RuntimeError("the scheduler has unfinished requests but scheduled none")
-                pending = batch.num_samples
-                now = time.perf_counter()
-                rows = batch.seq_ids - base
-                first_scheduled[rows[np.isnan(first_scheduled[rows])]] = now
-                sampled_rows = batch.sample_seq_ids - base
-                token_ids = self.model_runner.execute(batch, staged=True)
+            while num_done < n or in_flight:
+                batch = None
+                if num_done < n:
+                    # The core writes the step's arrays straight into the staging buffer.
+                    batch = runner.schedule(self.scheduler)
+                    if batch is None and not in_flight:
+                        raise RuntimeError(
+                            "the scheduler has unfinished requests but scheduled none"
+                        )
+                if batch is not None:
+                    rows = batch.seq_ids - base
+                    first_scheduled[rows[np.isnan(first_scheduled[rows])]] = time.perf_counter()
+                    if batch.num_samples:
+                        in_flight.append((batch, None))  # awaits update() from here on
+                        in_flight[-1] = (batch, runner.launch(batch, staged=True))
+                    else:  # nothing to deliver: such a Batch needs no update()
+                        runner.launch(batch, staged=True)
+                        pbar.step(batch.num_tokens - batch.num_decodes, 0, 0)
+                if not in_flight or (batch is not None and len(in_flight) < depth):
+                    continue
+                # Read back the oldest step (the GPU works on the newer one meanwhile).
+                done_batch, result = in_flight.popleft()
+                token_ids = result.result()
                 finished = self.scheduler.update(token_ids)
-                pending = None
                 now = time.perf_counter()
-                first_token[sampled_rows[np.isnan(first_token[sampled_rows])]] = now
+                sampled_rows = done_batch.sample_seq_ids - base
+                live = ~done[sampled_rows]  # rows of requests that ended earlier are wasted
+                first_token[sampled_rows[live & np.isnan(first_token[sampled_rows])]] = now
                 newly_done = self._finish(
-                    requests, base, finished, token_ids, sampled_rows, has_stop
+                    requests, base, finished, token_ids, sampled_rows, has_stop & ~done
                 )
                 for i in newly_done:
                     done[i] = True
                     finished_time[i] = now
                 num_done += len(newly_done)
-                num_prefill = batch.num_tokens - batch.num_decodes
-                pbar.step(num_prefill, len(token_ids), len(newly_done))
+                num_prefill = done_batch.num_tokens - done_batch.num_decodes
+                pbar.step(num_prefill, int(live.sum()), len(newly_done))
         except BaseException:
-            # Leave the engine usable: drop every request of this call that is still running.
+            # Leave the engine usable: drop every request of this call that is still running,
+            # then close the steps in flight (all their rows are aborted: tokens ignored).
             for r in requests:
                 if r.seq_id >= 0 and not done[r.seq_id - base]:
                     try:
                         self.scheduler.abort(r.seq_id)
                     except (ValueError, KeyError):
                         pass
-            if pending:  # close the outstanding Batch; its rows were all aborted
-                self.scheduler.update(np.zeros(pending, dtype=np.int64))
+            for b, _ in in_flight:
+                self.scheduler.update(np.zeros(b.num_samples, dtype=np.int64))
             raise
         finally:
             pbar.close()

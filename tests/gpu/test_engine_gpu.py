@@ -129,3 +129,30 @@ def test_preemption_with_256_requests_frees_every_block(gpu_qwen3):
     assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
     assert llm.stats["num_preemptions"] > 0
     assert llm.num_free_blocks == llm.runtime.num_kv_blocks == 64
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_async_scheduling_equals_sync(gpu_qwen3, enforce_eager):
+    """Async scheduling (the CUDA default) resolves its placeholder inputs on the device, in
+    graphs and eagerly: greedy and seeded outputs equal the synchronous engine's, with a pool
+    small enough to preempt and a budget small enough to chunk."""
+    prompts = mixed_prompts(24, seed=61, min_len=1, max_len=200)
+    params = [
+        SamplingParams(temperature=0.0 if i % 3 == 0 else 0.9, seed=i, max_tokens=4 + (7 * i) % 40,
+                       ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    out = {}
+    for mode in (False, True):
+        llm = gpu_llm(gpu_qwen3, async_scheduling=mode, enforce_eager=enforce_eager,
+                      num_kv_blocks=48, max_num_batched_tokens=256)
+        assert llm.config.async_scheduling is mode
+        res = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.num_free_blocks == llm.runtime.num_kv_blocks
+        out[mode] = [o.outputs[0].token_ids for o in res]
+        assert [len(t) for t in out[mode]] == [p.max_tokens for p in params]
+    assert out[True] == out[False]
+
+
+def test_async_is_the_cuda_default(gpu_qwen3):
+    assert gpu_llm(gpu_qwen3).config.async_scheduling

@@ -42,4 +42,5 @@ def make_scheduler(config: EngineConfig, num_kv_blocks: int) -> Any:
         config.max_num_batched_tokens,
         config.max_model_len,
         config.enable_prefix_caching,
+        config.async_scheduling,
     )

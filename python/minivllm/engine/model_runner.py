@@ -30,6 +30,7 @@ from minivllm.engine.distributed import SINGLE_DEVICE, TPGroup, building_model
 from minivllm.engine.reference import STAGING_LAYOUT
 from minivllm.engine.reference import Scheduler as TwinScheduler
 from minivllm.engine.workers import CMD_STEP, SHUTDOWN_TIMEOUT_S, TPWorkers, WorkerError
+from minivllm.layers import use_fused_kernels
 from minivllm.layers.attention import AttentionMetadata, get_attention_backend
 from minivllm.layers.sampler import Sampler, SamplingTensors
 from minivllm.models.qwen3 import MODEL_REGISTRY
@@ -319,6 +320,15 @@ class ModelRunner:
         self.buffers = _StepBuffers(
             max_tokens, config.max_num_seqs, config.max_blocks_per_seq, self.device
         )
+        # The last step's sampled ids on the device (placeholders of the next step read them),
+        # and two pinned host buffers they are copied back into, alternately.
+        self.last_sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
+        on_cuda = self.device.type == "cuda"
+        self._read_back_host = [
+            torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=on_cuda)
+            for _ in range(2)
+        ]
+        self._read_back_slot = 0
         self.graph_runner: CudaGraphRunner | None = None  # captured after the pool is sized
         self.kv_cache_info = self._allocate_kv_cache()
         if self.tp.rank == 0:
@@ -433,7 +443,7 @@ class ModelRunner:
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = tmp[0, i], tmp[1, i]
         # Every rank runs the same warm-up step itself, so the collectives line up.
-        self._step(self._stage(batch))
+        self._run_step(self._stage(batch))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
         del tmp
@@ -477,14 +487,14 @@ class ModelRunner:
         for i, n in enumerate(lens):
             if i == num_short:  # the short ones prefill, then decode beside the long ones
                 batch = sched.schedule()
-                tokens = self._step(self._stage(batch))
+                tokens = self._run_step(self._stage(batch))
                 if self.tp.rank != 0:  # only rank 0 samples
                     tokens = np.zeros(batch.num_samples, dtype=np.int64)
                 sched.update(tokens)
             sched.add_request(i, [0] * n, 2, temperature=0.7 if i % 2 else 0.0, seed=i)
         batch = sched.schedule()
         if batch is not None:
-            self._step(self._stage(batch))
+            self._run_step(self._stage(batch))
         torch.cuda.synchronize(self.device)
 
     # ---- one step --------------------------------------------------------------------------
@@ -599,7 +609,23 @@ class ModelRunner:
         """The forward pass: [T] tokens -> [T, hidden]; decode-only steps replay a CUDA graph."""
         if inputs.graph_batch_size is not None:
             return self.graph_runner.replay(inputs.input_ids.shape[0])
-        return self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        return self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | None
+    ) -> torch.Tensor:
+        """The model, after resolving async scheduling's placeholder input ids (-(j + 1): row j
+        of the last step's samples) from the device copy of those samples; captured as is."""
+        if self.config.async_scheduling:
+            if use_fused_kernels(input_ids):
+                from minivllm.kernels.input_ids import resolve_placeholders
+
+                resolve_placeholders(input_ids, self.last_sampled)
+            else:
+                from minivllm.kernels.reference import resolve_placeholders
+
+                resolve_placeholders(input_ids, self.last_sampled)
+        return self.model(input_ids, positions, meta)
 
     def _graph_bucket(self, num_tokens: int, num_decodes: int, num_rows: int) -> int | None:
         """The captured batch size for a decode-only step, or None when it runs eagerly."""
@@ -621,46 +647,85 @@ class ModelRunner:
             block_tables=buf.dev_block_tables()[:max_bs],
             empty_cu_seqlens=torch.zeros(1, dtype=torch.int32, device=self.device),
         )
-        runner = CudaGraphRunner(self.model, inputs, max_bs)
+        runner = CudaGraphRunner(self._forward, inputs, max_bs)
         runner.capture()
         # Capture wrote harmless values into the device buffers; the staging buffer is the
         # source of truth for the next upload.
         return runner
 
     @torch.inference_mode()
-    def execute(self, batch: BatchLike, staged: bool = False) -> np.ndarray:
-        """Run one step: a Batch from `schedule` (staged=True) or any full Batch (copied in).
-        Returns the sampled ids, int64 [S]. With tensor parallelism this is rank 0's call: it
-        also drives the workers."""
+    def launch(self, batch: BatchLike, staged: bool = False) -> StepResult:
+        """Issue one step (a Batch from `schedule` with staged=True, or any full Batch, copied
+        in) without waiting for it; its sampled ids come back through the result. With tensor
+        parallelism this is rank 0's call: it also drives the workers."""
         if self.is_closed:
             raise RuntimeError("this engine was closed")
         header = self._stage(batch, staged)
         if self.workers is None:
-            return self._step(header)
+            return self._read_back(self._step(header), header.num_sampled)
         self.workers.send(self.buffers.pack(header))
         try:
-            return self._step(header)
+            return self._read_back(self._step(header), header.num_sampled)
         except RuntimeError as e:  # a collective failed: name the worker behind it
             self.workers.check_alive(wait_s=2.0)
             raise WorkerError(f"tensor-parallel step failed: {e}") from e
+
+    def execute(self, batch: BatchLike, staged: bool = False) -> np.ndarray:
+        """`launch`, then wait: the sampled ids, int64 [S]."""
+        return self.launch(batch, staged).result()
 
     @torch.inference_mode()
     def execute_worker_step(self, message: np.ndarray) -> None:
         """A worker's side of `execute`: the step rank 0 packed, run on this rank's shards."""
         self._step(self.buffers.unpack(message))
 
-    def _step(self, header: _StepHeader) -> np.ndarray:
+    def _step(self, header: _StepHeader) -> torch.Tensor | None:
+        """Forward, logits, sampling: the sampled ids on the device (rank 0), else None."""
         inputs = self._build_inputs(header)
         hidden = self.run_model(inputs)
         if header.num_sampled == 0:
-            return np.zeros(0, dtype=np.int64)
+            return None
         # logits_indices is strictly increasing, so S == T means every row: skip the gather.
         sampled_hidden = hidden if inputs.samples_every_token else hidden[inputs.logits_indices]
         logits = self.model.compute_logits(sampled_hidden)  # every rank: the LM head gathers
         if self.tp.rank != 0:
-            return np.zeros(0, dtype=np.int64)  # only rank 0 samples
-        token_ids = self.sampler(logits, inputs.sampling)
-        return token_ids.cpu().numpy()
+            return None  # only rank 0 samples
+        return self.sampler(logits, inputs.sampling)
+
+    def _read_back(self, token_ids: torch.Tensor | None, num_sampled: int) -> StepResult:
+        """Keep the step's samples on the device for the next step's placeholders, and start
+        copying them to the host (one of two pinned buffers, so a step's copy never lands on
+        the previous step's ids before they are read)."""
+        if token_ids is None:
+            return StepResult(np.zeros(num_sampled if self.tp.rank == 0 else 0, dtype=np.int64))
+        self.last_sampled[:num_sampled].copy_(token_ids)
+        if self.device.type != "cuda":
+            return StepResult(token_ids.numpy().astype(np.int64))
+        self._read_back_slot ^= 1
+        host = self._read_back_host[self._read_back_slot][:num_sampled]
+        host.copy_(self.last_sampled[:num_sampled], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return StepResult(host.numpy(), done)
+
+    def _run_step(self, header: _StepHeader) -> np.ndarray:
+        """A warm-up step, run to its sampled ids (placeholders only for ranks > 0)."""
+        return self._read_back(self._step(header), header.num_sampled).result()
+
+
+class StepResult:
+    """A launched step's sampled ids: `result()` waits for the copy to the host (if any)."""
+
+    __slots__ = ("_done", "_ids")
+
+    def __init__(self, ids: np.ndarray, done: torch.cuda.Event | None = None):
+        self._ids, self._done = ids, done
+
+    def result(self) -> np.ndarray:
+        if self._done is not None:
+            self._done.synchronize()
+            self._ids, self._done = self._ids.copy(), None  # the pinned buffer is reused
+        return self._ids
 
 
 def _warmup_batch(config: EngineConfig) -> FullBatchLike:
