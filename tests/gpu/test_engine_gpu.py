@@ -134,12 +134,13 @@ def test_preemption_with_256_requests_frees_every_block(gpu_qwen3):
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_async_scheduling_equals_sync(gpu_qwen3, enforce_eager):
     """Async scheduling (the CUDA default) resolves its placeholder inputs on the device, in
-    graphs and eagerly: greedy and seeded outputs equal the synchronous engine's, with a pool
-    small enough to preempt and a budget small enough to chunk."""
+    graphs and eagerly: greedy outputs equal the synchronous engine's, with a pool small enough
+    to preempt and a budget small enough to chunk. (Sampled rows are not compared: a different
+    batch composition changes the GEMMs' rounding, which can move an inverse-CDF draw to the
+    neighbouring token.)"""
     prompts = mixed_prompts(24, seed=61, min_len=1, max_len=200)
     params = [
-        SamplingParams(temperature=0.0 if i % 3 == 0 else 0.9, seed=i, max_tokens=4 + (7 * i) % 40,
-                       ignore_eos=True)
+        SamplingParams(temperature=0.0, max_tokens=4 + (7 * i) % 40, ignore_eos=True)
         for i in range(len(prompts))
     ]
     out = {}
@@ -151,6 +152,7 @@ def test_async_scheduling_equals_sync(gpu_qwen3, enforce_eager):
         assert llm.num_free_blocks == llm.runtime.num_kv_blocks
         out[mode] = [o.outputs[0].token_ids for o in res]
         assert [len(t) for t in out[mode]] == [p.max_tokens for p in params]
+        assert llm.stats["num_preemptions"] > 0
     assert out[True] == out[False]
 
 
