@@ -80,6 +80,7 @@ def test_no_weights_needs_dummy(tiny_qwen3, tmp_path):
         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
         ({"max_num_seqs": 64, "max_num_batched_tokens": 32}, "max_num_batched_tokens"),
         ({"num_kv_blocks": 2, "block_size": 16, "max_model_len": 64}, "less than one"),
+        ({"async_scheduling": "yes"}, "async_scheduling must be a bool, got 'yes'"),
     ],
 )
 def test_bad_engine_args(tiny_qwen3, kwargs, match):
