@@ -15,7 +15,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _resolve_placeholders_kernel(ids_ptr, prev_ptr, n, BLOCK: tl.constexpr):
+def _resolve_placeholders_kernel(
+    ids_ptr,  # [n] int32, in place: -(j + 1) -> prev[j]
+    prev_ptr,  # [max_seqs] the previous step's sampled ids (int64)
+    n,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     ids = tl.load(ids_ptr + offs, mask=mask, other=0)
@@ -30,6 +35,8 @@ def resolve_placeholders(ids: torch.Tensor, prev_sampled: torch.Tensor) -> torch
     assert prev_sampled.dim() == 1 and prev_sampled.is_contiguous()
     n = ids.shape[0]
     if n:
-        block = 1024
-        _resolve_placeholders_kernel[(triton.cdiv(n, block),)](ids, prev_sampled, n, BLOCK=block)
+        block = 1024  # a decode step has at most max_num_seqs ids: one program in practice
+        _resolve_placeholders_kernel[(triton.cdiv(n, block),)](
+            ids_ptr=ids, prev_ptr=prev_sampled, n=n, BLOCK=block
+        )
     return ids
