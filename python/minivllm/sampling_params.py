@@ -10,10 +10,11 @@ from dataclasses import dataclass
 class SamplingParams:
     """Per-request sampling settings; invalid values raise ValueError when constructed.
 
-    temperature: 0 means greedy. top_k: 0 (or -1, vLLM's spelling) means off. seed: same seed and
-    same prompt give the same output whatever else is in the batch. stop: strings that end the
-    completion (not included in the text). max_model_length: MinivLLM's per-request cap on
-    prompt + completion tokens.
+    temperature: 0 means greedy. top_k: 0 (or -1, vLLM's spelling) means off. seed: the draws
+    depend only on the seed and the request's own tokens, not on the rest of the batch (on a GPU
+    the logits' rounding still depends on the batch size, so a draw on a token boundary can move).
+    stop: strings that end the completion (not included in the text). max_model_length:
+    MinivLLM's per-request cap on prompt + completion tokens.
     """
 
     temperature: float = 1.0
