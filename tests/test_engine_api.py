@@ -227,6 +227,7 @@ def test_graph_padding_path_on_cpu(tiny_qwen3):
     """The decode-graph path without CUDA: a stand-in graph runner replays eagerly on the fixed
     views, so bucketing, padded rows (seq_len 0, slot -1) and the metadata the graphs read are
     checked against transformers on every decode step."""
+
     class EagerReplay(CudaGraphRunner):
         replayed: list[tuple[int, int]] = []
 
@@ -269,3 +270,45 @@ def test_cli_bench(capsys):
             "--min-output", "3", "--max-output", "6", "--device", "cpu", "--no-progress"]  # fmt: skip
     assert main(args) == 0
     assert "4 requests" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_num_seqs": 1, "max_num_batched_tokens": 64, "max_model_len": 64},
+        {"max_num_seqs": 3, "max_num_batched_tokens": 64, "max_model_len": 64},
+        {"max_num_seqs": 16, "max_num_batched_tokens": 512, "max_model_len": 512},
+        # A pool of one max_model_len sequence: the warm-up admits what fits.
+        {
+            "max_num_seqs": 16,
+            "max_num_batched_tokens": 2048,
+            "max_model_len": 1024,
+            "block_size": 16,
+            "num_kv_blocks": 64,
+        },
+    ],
+)
+def test_start_up_warm_up_steps(tiny_qwen3, monkeypatch, kwargs):
+    """The CUDA start-up warm-up (a short prefill, then decodes beside prefill rows filling the
+    token budget), run here on the CPU: it plans valid steps for any limits and leaves the real
+    scheduler untouched."""
+    import torch
+
+    llm = make_llm(tiny_qwen3, **kwargs)
+    runner = llm.model_runner
+    steps = []
+    real_step = runner._step
+    monkeypatch.setattr(runner, "_step", lambda h: (steps.append(h), real_step(h))[1])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    runner._warm_up_step_kinds()
+    assert steps and steps[0].num_decodes == 0
+    if kwargs["max_num_seqs"] > 5:
+        mixed = steps[-1]
+        assert mixed.num_decodes == 5 and mixed.num_rows > mixed.num_decodes
+        if "num_kv_blocks" not in kwargs:
+            assert mixed.num_tokens == kwargs["max_num_batched_tokens"]
+    assert_all_blocks_free(llm)
+    out = llm.generate(
+        [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False
+    )
+    assert out[0].outputs[0].token_ids == hf_greedy(tiny_qwen3, [5, 6, 7], 4)

@@ -463,19 +463,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up_step_kinds(self) -> None:
-        """Run a short prefill step and a mixed step (decodes beside long prefill chunks,
-        sampling and greedy rows) once at start-up, so the kernel variants they need (both
-        prefill tile configurations, eager decode) compile now, not inside the first requests.
+        """Run a short prefill step and a full mixed step (decodes beside long prefill chunks
+        filling max_num_batched_tokens, sampling and greedy rows) once at start-up, so the kernel
+        variants they need (both prefill tile configurations, eager decode) compile now, and the
+        allocator already holds a full step's activations, instead of inside the first requests.
         Every rank plans the same steps with a throwaway twin scheduler; they write K/V only into
         blocks the real scheduler has not handed out yet."""
         config = self.config
         bs = config.block_size
         budget, max_len = config.max_num_batched_tokens, config.max_model_len - 2
         num_short = min(config.max_num_seqs, 5)  # decodes in the mixed step (odd: unaligned)
-        num_long = max(0, min(config.max_num_seqs - num_short, 3))
         short = [1 + (7 * i + 5) % max(1, min(60, max_len)) for i in range(num_short)]
-        long_len = max(1, min(1024, (budget - num_short) // max(num_long, 1), max_len))
-        lens = short + [long_len] * num_long
+        # Long rows fit the pool beside the short ones (a pool may hold one sequence only).
+        room = (self.kv_cache_info.num_blocks - sum(-(-(n + 2) // bs) for n in short)) * bs - 2
+        long_len = max(1, min(1024, max_len, room))
+        num_long = min(config.max_num_seqs - num_short, -(-(budget - num_short) // long_len))
+        lens = short + [long_len] * max(0, num_long)
         sched = TwinScheduler(
             num_blocks=min(sum(-(-(n + 2) // bs) for n in lens), self.kv_cache_info.num_blocks),
             block_size=bs,
