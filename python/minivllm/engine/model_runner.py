@@ -1,10 +1,12 @@
 """ModelRunner: builds the model and its paged KV cache, and runs one scheduler Batch per call.
 
-Each step copies the Batch arrays into one persistent staging buffer (pinned on CUDA) and uploads
-it to one persistent device buffer with a single copy; the model and the sampler read fixed-address
-views of it, which is what lets a CUDA graph replay a decode step (issue 5 hooks in at
-`run_model`). Logits are computed only at the sampled rows and sampled on the device; the only
-sync per step is reading back the sampled ids.
+The scheduler writes each step's arrays straight into one persistent staging buffer (pinned on
+CUDA; `schedule` -> `schedule_into`), which is uploaded to one persistent device buffer with a
+single copy; the model and the sampler read fixed-address views of it, which is what lets a CUDA
+graph replay a decode step. Logits are computed only at the sampled rows and sampled on the
+device. `launch` issues a step without waiting: its sampled ids stay on the device (the next
+step's placeholder inputs read them under async scheduling) and are copied back to one of two
+pinned buffers; `StepResult.result()` is the step's only sync.
 
 With tensor_parallel_size=N, rank 0's runner starts N-1 workers (engine/workers.py), each running
 this same class on its own rank. A step is staged on rank 0 only (`_stage`: Batch -> staging
