@@ -1,9 +1,11 @@
 """LLM: the offline engine users call (vLLM's API): tokenizer, request intake, step loop, outputs.
 
 One generate call: validate every prompt and SamplingParams first (a bad one raises before anything
-is scheduled), hand all requests to the scheduler, then loop schedule -> ModelRunner.execute ->
-update until all finish. Per step the Python side only looks at what the scheduler returns; text is
-decoded once at the end, except for requests with stop strings, which are detokenized as they grow.
+is scheduled), hand all requests to the scheduler, then loop schedule -> ModelRunner.launch ->
+read back -> update until all finish; with async scheduling the next step is scheduled and
+launched before the previous one's ids are read back, so the host works while the GPU does. Per
+step the Python side only looks at what the scheduler returns; text is decoded once at the end,
+except for requests with stop strings, which are detokenized as they grow.
 """
 
 from __future__ import annotations
