@@ -519,7 +519,7 @@ def test_arbitrary_arguments_never_break_the_core(
 def test_uniforms_follow_seed_and_length_only(Scheduler: Any) -> None:
     """Each sampled row's uniform is sampling_uniforms(seed, seq_len): the numpy formula the
     sampler documents, whatever else is in the batch."""
-    from minivllm.layers.sampler import sampling_uniforms
+    from minivllm.engine.reference import sampling_uniforms
 
     sched = Scheduler(64, 4, 4, 64, 64)
     seeds = [0, 12345, 2**63 + 5, 2**64 - 1]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from engine_fixtures import SCHEDULERS, assert_all_blocks_free, make_llm, mixed_prompts
 from minivllm import SamplingParams
-from minivllm.layers.sampler import Sampler, SamplingTensors, sampling_uniforms
+from minivllm.engine.reference import sampling_uniforms
+from minivllm.layers.sampler import Sampler, SamplingTensors
 
 
 def _ids(outputs):

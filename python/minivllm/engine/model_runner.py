@@ -29,7 +29,7 @@ import torch
 from minivllm.config import EngineConfig
 from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
 from minivllm.engine.distributed import SINGLE_DEVICE, TPGroup, building_model
-from minivllm.engine.reference import STAGING_LAYOUT
+from minivllm.engine.reference import STAGING_LAYOUT, write_staging
 from minivllm.engine.reference import Scheduler as TwinScheduler
 from minivllm.engine.workers import CMD_STEP, SHUTDOWN_TIMEOUT_S, TPWorkers, WorkerError
 from minivllm.layers import use_fused_kernels
@@ -525,13 +525,7 @@ class ModelRunner:
                 f"batch of {num_tokens} tokens / {num_rows} rows / {width} blocks exceeds the "
                 f"step buffers ({buf.max_tokens} / {buf.max_seqs} / {buf.max_blocks})"
             )
-        for name in ("input_ids", "positions", "slot_mapping"):
-            buf.host_view(name)[:num_tokens] = getattr(batch, name)
-        buf.host_view("seq_lens")[:num_rows] = batch.seq_lens
-        buf.host_block_tables()[:num_rows, :width] = batch.block_tables
-        num_sampled = batch.num_samples
-        for name in ("logits_indices", "temperature", "top_k", "top_p", "min_p", "uniforms"):
-            buf.host_view(name)[:num_sampled] = getattr(batch, name)
+        write_staging(batch, buf.host_np, buf.layout)
 
     def _stage(self, batch: BatchLike, staged: bool = False) -> _StepHeader:
         """Put the Batch in the staging buffer (copied unless `staged`: schedule_into wrote it)

@@ -40,7 +40,7 @@ next schedule(); after a Batch with none it may be called with an empty array or
 abort() between schedule() and update() is allowed: that sequence's sampled row is ignored.
 
 Sampling. Every sampled row carries its request's temperature, top_p, top_k, min_p and one
-uniform u = sampling_uniform(seed, seq_len of the row) (SplitMix64 of SplitMix64(seed) ^ seq_len,
+uniform u = sampling_uniforms(seed, seq_len of the row) (SplitMix64 of SplitMix64(seed) ^ seq_len,
 top 53 bits as a float64 in [0, 1), rounded to float32 and kept <= 1 - 2**-24), so a request's
 draws depend only on its seed and its own length. The Batch also says whether every sampled row
 is greedy (temperature 0 or top_k 1) and whether any sampling row uses top-k (0 < top_k <
@@ -78,7 +78,6 @@ from typing import Any
 import numpy as np
 
 INT32_MAX = 2**31 - 1
-_MASK64 = 2**64 - 1
 _BELOW_ONE = np.float32(1.0 - 2.0**-24)
 
 # schedule_into's layout, in this order: int32-element offsets of the fields in the staging
@@ -101,18 +100,45 @@ STAGING_LAYOUT = (
 )
 
 
-def splitmix64(x: int) -> int:
-    """SplitMix64's finalizer on a Python int in [0, 2**64)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MUL1, _MUL2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
-def sampling_uniform(seed: int, counter: int) -> np.float32:
-    """The uniform a sampled row draws with (the module docstring gives the rule)."""
-    h = splitmix64(splitmix64(seed) ^ counter)
-    return min(np.float32((h >> 11) * (1.0 / 2**53)), _BELOW_ONE)
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer on 1-d uint64 arrays (array arithmetic wraps modulo 2**64)."""
+    x = x + _GOLDEN
+    x ^= x >> _S30
+    x *= _MUL1
+    x ^= x >> _S27
+    x *= _MUL2
+    x ^= x >> _S31
+    return x
+
+
+def sampling_uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """One uniform in [0, 1) per row from (seed, counter), as float64 (the Batch carries it
+    rounded to float32 and kept <= 1 - 2**-24)."""
+    h = _splitmix64(_splitmix64(seeds.astype(np.uint64)) ^ counters.astype(np.uint64))
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def write_staging(batch: Batch, host: np.ndarray, layout: np.ndarray) -> None:
+    """Copy a Batch's arrays into an int32 staging buffer at `layout` (STAGING_LAYOUT order;
+    float fields as float32 bit patterns): what schedule_into writes."""
+    at = dict(zip(STAGING_LAYOUT, layout.tolist()))
+    floats = host.view(np.float32)
+    t, s = batch.num_tokens, batch.num_samples
+    for name in ("input_ids", "positions", "slot_mapping"):
+        host[at[name] : at[name] + t] = getattr(batch, name)
+    host[at["seq_lens"] : at["seq_lens"] + batch.num_seqs] = batch.seq_lens
+    host[at["logits_indices"] : at["logits_indices"] + s] = batch.logits_indices
+    host[at["top_k"] : at["top_k"] + s] = batch.top_k
+    for name in ("temperature", "top_p", "min_p", "uniforms"):
+        floats[at[name] : at[name] + s] = getattr(batch, name)
+    stride, rows = at["block_tables_stride"], at["max_seqs"]
+    tables = host[at["block_tables"] : at["block_tables"] + rows * stride].reshape(rows, stride)
+    tables[: batch.num_seqs, : batch.max_blocks] = batch.block_tables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,19 +700,8 @@ class Scheduler:
         if any(at[f] < 0 or at[f] + n > len(host) for f, n in spans):
             raise ValueError("layout places a field outside the host buffer")
         batch = self.schedule()
-        if batch is None:
-            return None
-        floats = host.view(np.float32)
-        t, s = batch.num_tokens, batch.num_samples
-        for name in ("input_ids", "positions", "slot_mapping"):
-            host[at[name] : at[name] + t] = getattr(batch, name)
-        host[at["seq_lens"] : at["seq_lens"] + batch.num_seqs] = batch.seq_lens
-        host[at["logits_indices"] : at["logits_indices"] + s] = batch.logits_indices
-        host[at["top_k"] : at["top_k"] + s] = batch.top_k
-        for name in ("temperature", "top_p", "min_p", "uniforms"):
-            floats[at[name] : at[name] + s] = getattr(batch, name)
-        tables = host[at["block_tables"] : at["block_tables"] + max_seqs * stride]
-        tables.reshape(max_seqs, stride)[: batch.num_seqs, : batch.max_blocks] = batch.block_tables
+        if batch is not None:
+            write_staging(batch, host, layout)
         return batch
 
     def update(self, sampled_token_ids: np.ndarray) -> list[tuple[int, str, list[int]]]:
@@ -892,9 +907,12 @@ class Scheduler:
             top_p=np.array([s.top_p for _, s, _ in sampled], dtype=np.float32),
             top_k=np.array([s.top_k for _, s, _ in sampled], dtype=np.int32),
             min_p=np.array([s.min_p for _, s, _ in sampled], dtype=np.float32),
-            uniforms=np.array(
-                [sampling_uniform(s.seed, end) for _, s, end in sampled],
-                dtype=np.float32,
+            uniforms=np.minimum(
+                sampling_uniforms(
+                    np.array([s.seed for _, s, _ in sampled], dtype=np.uint64),
+                    np.array([end for _, _, end in sampled], dtype=np.uint64),
+                ).astype(np.float32),
+                _BELOW_ONE,
             ),
             all_greedy=all(s.is_greedy for _, s, _ in sampled),
             any_top_k_or_p=any(s.uses_top_k_or_p for _, s, _ in sampled),

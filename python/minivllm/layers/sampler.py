@@ -1,7 +1,8 @@
 """Sampling on the model's device: greedy, temperature, top-k, top-p, min-p, per-request seeds.
 
 Randomness without torch.Generator: each sampled row gets one uniform number u derived on the host
-from (request seed, sequence length) by a counter-based hash (`sampling_uniforms`), and the token
+from (request seed, sequence length) by a counter-based hash (the scheduler writes it into the
+Batch; `engine.reference.sampling_uniforms` is the formula), and the token
 is drawn by inverting the row's filtered CDF at u. A request's draws therefore depend only on its
 seed and its own tokens, never on what else is in the batch, and cost one number per row.
 """
@@ -10,33 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from minivllm.layers import use_fused_kernels
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MUL1, _MUL2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer on 1-d uint64 arrays (array arithmetic wraps modulo 2**64 silently).
-    On the hot path: a few in-place ufuncs, no temporaries beyond one."""
-    x = x + _GOLDEN
-    x ^= x >> _S30
-    x *= _MUL1
-    x ^= x >> _S27
-    x *= _MUL2
-    x ^= x >> _S31
-    return x
-
-
-def sampling_uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
-    """One uniform in [0, 1) per row from (seed, counter), as float64."""
-    h = _splitmix64(_splitmix64(seeds.astype(np.uint64)) ^ counters.astype(np.uint64))
-    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 @dataclass
