@@ -446,10 +446,9 @@ bool Scheduler::sure_to_stop(const Sequence& seq) const {
          (seq.num_output_tokens() >= seq.max_tokens || seq.num_tokens() >= config_.max_model_len);
 }
 
-void Scheduler::forget_pending(const Sequence* seq) {
+void Scheduler::forget_pending(Sequence* seq) {
   for (auto& batch : pending_) {
-    std::replace(batch.begin(), batch.end(), const_cast<Sequence*>(seq),
-                 static_cast<Sequence*>(nullptr));
+    std::replace(batch.begin(), batch.end(), seq, static_cast<Sequence*>(nullptr));
   }
 }
 

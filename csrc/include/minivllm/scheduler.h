@@ -174,7 +174,7 @@ class Scheduler {
   void free_blocks(Sequence* seq);
   void preempt(Sequence* seq);
   bool sure_to_stop(const Sequence& seq) const;
-  void forget_pending(const Sequence* seq);
+  void forget_pending(Sequence* seq);
   std::optional<FinishReason> stop_reason(const Sequence& seq, int64_t token) const;
   void add_decode_row(Sequence* seq, BatchShape& shape);
   void add_prefill_row(Sequence* seq, int64_t num_new_tokens, BatchShape& shape);
