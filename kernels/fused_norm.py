@@ -3,6 +3,10 @@
 Same op order as `layers/rmsnorm.py` (and transformers' Qwen3RMSNorm): the residual add rounds to
 the activation dtype, the norm runs in float32 and rounds to the activation dtype, and only then is
 the weight multiplied in (rounded to the promoted dtype). One program normalises one row.
+
+`fused_add_rmsnorm` also takes its input as float32 split-K partial sums `[S, T, N]` (from
+`kernels/linear.py`): it adds them up in split order and rounds the sum to the residual's dtype,
+as the GEMM's own output would have been, before the residual add.
 """
 
 from __future__ import annotations
@@ -12,32 +16,41 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # read only with partial sums
 def _rmsnorm_kernel(
-    x_ptr,  # [T, N]
+    x_ptr,  # [T, N]; or [NUM_PARTS, T, N] float32 partial sums, contiguous
     residual_ptr,  # [T, N], read only when HAS_RESIDUAL
     weight_ptr,  # [N]
     out_ptr,  # [T, N], contiguous
     new_residual_ptr,  # [T, N], contiguous, written only when HAS_RESIDUAL
     stride_x,
     stride_residual,
+    num_rows,
     n,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    NUM_PARTS: tl.constexpr,  # 0: x is the input itself; else the partial sums to add up
     BLOCK_N: tl.constexpr,  # next power of two >= n: the whole row lives in registers
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < n
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if NUM_PARTS > 0:
+        # Split order, float32, then the rounding the GEMM's output would have had.
+        x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0)
+        for s in tl.static_range(1, NUM_PARTS):
+            x += tl.load(x_ptr + (s * num_rows + row) * n + offs, mask=mask, other=0.0)
+        x = x.to(residual_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_residual + offs, mask=mask, other=0.0)
         # The sum rounds to the activation dtype before the norm, as `x + residual` does in torch.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(new_residual_ptr + row * n + offs, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)  # torch.rsqrt is rsqrtf too
-    y = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    y = (xf * rstd).to(x.dtype).to(tl.float32)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * n + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -50,23 +63,30 @@ def _launch(
     out: torch.Tensor | None,
     residual_out: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    assert x.dim() == 2 and x.stride(1) == 1, (x.shape, x.stride())
-    num_rows, n = x.shape
+    num_parts = 0
+    if x.dim() == 3:  # split-K partial sums: their sum is the input, in the residual's dtype
+        assert residual is not None and x.dtype == torch.float32 and x.is_contiguous()
+        num_parts = x.shape[0]
+        act_dtype = residual.dtype
+    else:
+        assert x.dim() == 2 and x.stride(1) == 1, (x.shape, x.stride())
+        act_dtype = x.dtype
+    num_rows, n = x.shape[-2:]
     assert weight.shape == (n,) and weight.is_contiguous(), (weight.shape, n)
-    assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), x.dtype
+    assert act_dtype in (torch.float32, torch.float16, torch.bfloat16), act_dtype
     # `weight * x.to(dtype)` in torch: the product has the promoted dtype.
-    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    out_dtype = torch.promote_types(weight.dtype, act_dtype)
     if out is None:
         out = torch.empty((num_rows, n), dtype=out_dtype, device=x.device)
-    assert out.shape == x.shape and out.dtype == out_dtype and out.is_contiguous()
+    assert out.shape == (num_rows, n) and out.dtype == out_dtype and out.is_contiguous()
     new_residual = None
     if residual is not None:
-        assert residual.shape == x.shape and residual.dtype == x.dtype, (residual.shape, x.shape)
-        assert residual.stride(1) == 1, residual.stride()
+        assert residual.shape == (num_rows, n), (residual.shape, x.shape)
+        assert residual.dtype == act_dtype and residual.stride(1) == 1, residual.stride()
         new_residual = residual_out
         if new_residual is None:
-            new_residual = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
-        assert new_residual.shape == x.shape and new_residual.dtype == x.dtype
+            new_residual = torch.empty((num_rows, n), dtype=act_dtype, device=x.device)
+        assert new_residual.shape == (num_rows, n) and new_residual.dtype == act_dtype
         assert new_residual.is_contiguous()
     if num_rows == 0:
         return out, new_residual
@@ -80,11 +100,13 @@ def _launch(
         weight_ptr=weight,
         out_ptr=out,
         new_residual_ptr=new_residual if new_residual is not None else out,
-        stride_x=x.stride(0),
+        stride_x=x.stride(-2),
         stride_residual=residual.stride(0) if residual is not None else 0,
+        num_rows=num_rows,
         n=n,
         eps=eps,
         HAS_RESIDUAL=residual is not None,
+        NUM_PARTS=num_parts,
         BLOCK_N=block_n,
         num_warps=num_warps,
     )
@@ -103,7 +125,7 @@ def rmsnorm(
 
 
 def fused_add_rmsnorm(
-    x: torch.Tensor,  # [T, N]
+    x: torch.Tensor,  # [T, N]; or [S, T, N] float32 split-K partial sums of it
     residual: torch.Tensor,  # [T, N]
     weight: torch.Tensor,  # [N]
     eps: float,
@@ -111,7 +133,8 @@ def fused_add_rmsnorm(
     out: torch.Tensor | None = None,  # [T, N], contiguous
     residual_out: torch.Tensor | None = None,  # [T, N], contiguous; may be `residual` itself
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, N], [T, N])
-    """(weight * norm(x + residual), x + residual), the sum rounded to x.dtype.
+    """(weight * norm(x + residual), x + residual), the sum rounded to x.dtype. Given partial
+    sums [S, T, N], x is their sum (split order, float32) rounded to residual.dtype.
 
     Each program reads its row before writing it, so `residual_out` may alias `residual` (and
     `out` may alias a contiguous `x`).

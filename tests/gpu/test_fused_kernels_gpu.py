@@ -66,6 +66,33 @@ def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.float() - ref).norm() / ref.norm()).item()
 
 
+@pytest.mark.parametrize("rows", [1, 8, 64, 128, 129])
+@pytest.mark.parametrize("k", [2048, INTER])  # o_proj and down_proj of Qwen3-0.6B
+def test_row_parallel_split_k_into_rmsnorm_bf16(rows: int, k: int) -> None:
+    """o_proj / down_proj at decode sizes leave split-K partial sums that the next add + RMSNorm
+    adds up; against cuBLAS + the same norm: the projection agrees to a bf16 rounding of the sum
+    (a different float32 summation order), the norm then as usual."""
+    from minivllm.layers.linear import RowParallelLinear, SplitKPartials
+
+    proj = RowParallelLinear(k, HIDDEN).to(device="cuda", dtype=DT)
+    proj.weight.copy_(0.02 * torch.randn(HIDDEN, k, generator=_gen(5), device="cuda"))
+    x = torch.randn(rows, k, generator=_gen(6), device="cuda").to(DT)
+    residual = torch.randn(rows, HIDDEN, generator=_gen(7), device="cuda").to(DT)
+    norm = _norm(HIDDEN, 8)
+    y = proj(x, partials=True)
+    expect_y = F.linear(x, proj.weight)
+    if rows > 128:  # cuBLAS fills the GPU by itself
+        assert isinstance(y, torch.Tensor) and torch.equal(y, expect_y)
+        return
+    assert isinstance(y, SplitKPartials) and y.parts.dtype == torch.float32
+    _close_and_mostly_equal(y.materialize(), expect_y)
+    out, new_residual = norm(y, residual)
+    expect_out, expect_residual = norm(y.materialize(), residual)
+    assert torch.equal(new_residual, expect_residual)
+    _close_and_mostly_equal(out, expect_out)
+    assert isinstance(proj(x), torch.Tensor)  # without partials=True: a plain tensor
+
+
 @pytest.mark.parametrize("with_norm", [True, False])
 def test_qk_norm_rope_bf16(with_norm: bool) -> None:
     """Against a float32 oracle on the same bf16 inputs: the kernel rounds once where the torch

@@ -1,18 +1,22 @@
 """Linear layers with tensor parallelism inside them (Megatron style).
 
 Column-parallel layers split the output features across ranks, row-parallel layers split the input
-features and all-reduce the result. Every parameter carries a `weight_loader(param, loaded
+features and all-reduce the result. On one GPU at decode batch sizes a row-parallel layer may instead hand
+its consumer float32 split-K partial sums (`SplitKPartials`, see `RowParallelLinear.forward`). Every parameter carries a `weight_loader(param, loaded
 [, shard])` that copies this rank's slice of a checkpoint tensor into it, so the model code stays
 plain.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minivllm.engine.distributed import get_tp_group, get_tp_size
+from minivllm.layers import use_fused_kernels
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -160,6 +164,18 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
 
 
+class SplitKPartials(NamedTuple):
+    """A row-parallel projection's output left as float32 partial sums over slices of K,
+    [S, T, N]: y = parts.sum(0) rounded to `dtype`. The fused add + RMSNorm that follows adds
+    them up as it reads them (kernels/fused_norm.py), so the split costs no reduce launch."""
+
+    parts: torch.Tensor  # [S, T, N] float32
+    dtype: torch.dtype  # the activation dtype y stands in
+
+    def materialize(self) -> torch.Tensor:  # [T, N]
+        return self.parts.sum(0).to(self.dtype)
+
+
 class RowParallelLinear(LinearBase):
     """y = x W^T with W's input features split across ranks; partial sums are all-reduced."""
 
@@ -167,6 +183,23 @@ class RowParallelLinear(LinearBase):
         tp_size = get_tp_size()
         super().__init__(_divide(input_size, tp_size, "input_size"), output_size, bias, tp_dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor | SplitKPartials:
+        """y = x W^T (+ bias). With `partials=True` (the caller feeds y to an RMSNorm with a
+        residual, which accepts SplitKPartials), one GPU and few tokens, y comes back as split-K
+        partial sums: at decode batch sizes this projection has too few output tiles to fill
+        the GPU (kernels/linear.py)."""
+        if (
+            partials
+            and self.tp_size == 1
+            and self.bias is None
+            and x.dim() == 2
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and use_fused_kernels(x)
+        ):
+            from minivllm.kernels.linear import splitk_partials
+
+            parts = splitk_partials(x, self.weight)
+            if parts is not None:
+                return SplitKPartials(parts, x.dtype)
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return self.tp_group.all_reduce(y)

@@ -1,7 +1,8 @@
 """RMSNorm, optionally fused with the residual add that precedes it.
 
 On CUDA one Triton kernel (`kernels/fused_norm.py`) does the add and the norm; the torch code below
-is the CPU path and the kernel's test oracle.
+is the CPU path and the kernel's test oracle. With a residual, x may also be the split-K partial
+sums a row-parallel projection left (`SplitKPartials`): the kernel adds them up as it reads them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from minivllm.layers import use_fused_kernels
+from minivllm.layers.linear import SplitKPartials
 
 
 class RMSNorm(nn.Module):
@@ -26,9 +28,21 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor | SplitKPartials, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
+        if isinstance(x, SplitKPartials):
+            assert residual is not None, "split-K partial sums come with a residual"
+            if not use_fused_kernels(residual):
+                x = x.materialize()
+            else:
+                from minivllm.kernels.fused_norm import fused_add_rmsnorm
+
+                shape = residual.shape
+                out, new_residual = fused_add_rmsnorm(
+                    x.parts, residual.reshape(-1, shape[-1]), self.weight, self.eps
+                )
+                return out.view(shape), new_residual.view(shape)
         if use_fused_kernels(x):
             return self._forward_cuda(x, residual)
         if residual is None:

@@ -15,7 +15,12 @@ from minivllm.config import ModelConfig
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from minivllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from minivllm.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    SplitKPartials,
+)
 from minivllm.layers.rmsnorm import RMSNorm
 from minivllm.layers.rotary import get_rotary_embedding
 
@@ -55,7 +60,7 @@ class Qwen3Attention(nn.Module):
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | SplitKPartials:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
@@ -68,7 +73,8 @@ class Qwen3Attention(nn.Module):
             positions, q, k, self.q_norm, self.k_norm, kv_write=self.attn.kv_write(v, meta)
         )
         o = self.attn(q, k, v, meta)
-        return self.o_proj(o.flatten(1))
+        # The post-attention RMSNorm takes split-K partial sums (decode batch sizes, one GPU).
+        return self.o_proj(o.flatten(1), partials=True)
 
 
 class Qwen3MLP(nn.Module):
@@ -81,8 +87,9 @@ class Qwen3MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
+        # The next layer's input RMSNorm (or the final norm) takes split-K partial sums.
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)), partials=True)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -96,10 +103,10 @@ class Qwen3DecoderLayer(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        hidden_states: torch.Tensor,
+        hidden_states: torch.Tensor | SplitKPartials,  # the last layer's MLP output
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | SplitKPartials, torch.Tensor]:
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
