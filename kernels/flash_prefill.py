@@ -6,12 +6,17 @@ from the paged cache through the block table. The query heads of a GQA group are
 dimension of the tile (row r = token r // GROUP, head r % GROUP), so each K/V tile is loaded once
 per group. Online softmax in base 2, O(N) memory. Key tiles that every row sees completely run
 without masks; only the tiles on the causal diagonal are masked.
+
+A step replayed from a CUDA graph has a fixed grid: it passes a tile table instead
+(`build_tile_table`), one (row, query tile) entry per program, heaviest first, -1 past the end, and
+every row of the step, decodes included, is a "prefill" row (a decode is a one-token query).
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -22,8 +27,9 @@ _LOG2E = 1.4426950408889634
 
 
 # A step's prefill rows follow its decode rows, so seq_lens often starts at an unaligned offset:
-# not specializing on its alignment keeps that from compiling a second variant mid-run.
-@triton.jit(do_not_specialize_on_alignment=["seq_lens_ptr"])
+# not specializing on its alignment keeps that from compiling a second variant mid-run (tiles_ptr
+# is seq_lens when there is no tile table).
+@triton.jit(do_not_specialize_on_alignment=["seq_lens_ptr", "tiles_ptr"])
 def _flash_prefill_kernel(
     q_ptr,  # [T, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -32,6 +38,7 @@ def _flash_prefill_kernel(
     cu_seqlens_q_ptr,  # [B+1] int32
     seq_lens_ptr,  # [B] int32
     block_tables_ptr,  # [B, max_blocks] int32
+    tiles_ptr,  # [num programs along dim 1] int32 (row << 16 | query tile), < 0: none; TILED
     qk_scale,  # softmax scale * log2(e)
     stride_q_t,
     stride_q_h,
@@ -48,12 +55,20 @@ def _flash_prefill_kernel(
     BLOCK_N: tl.constexpr,
     TOKENS_PER_TILE: tl.constexpr,  # BLOCK_M // GROUP
     SELECT_LOOKUP: tl.constexpr,  # see block_table.tile_row_offsets (BLOCK_N > BLOCK_SIZE only)
+    TILED: tl.constexpr,  # the (row, query tile) of a program comes from tiles_ptr
 ):
     kv_head = tl.program_id(0)
-    b = tl.program_id(1)
-    # Heaviest (last, longest-context) query tiles first: the grid's slowest dimension is launched
-    # last, so reverse it to even out the causal triangle's tail.
-    tile = tl.num_programs(2) - 1 - tl.program_id(2)
+    if TILED:
+        entry = tl.load(tiles_ptr + tl.program_id(1))
+        if entry < 0:
+            return
+        b = entry >> 16
+        tile = entry & 0xFFFF
+    else:
+        b = tl.program_id(1)
+        # Heaviest (last, longest-context) query tiles first: the grid's slowest dimension is
+        # launched last, so reverse it to even out the causal triangle's tail.
+        tile = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + b)
     q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
     m0 = tile * TOKENS_PER_TILE
@@ -154,6 +169,43 @@ def _default_config(
     return 128, 32, 8, 3
 
 
+def tile_config(
+    block_size: int, group: int, num_kv_heads: int, num_tokens: int, device: torch.device
+) -> tuple[int, int, int, int]:
+    """The tile configuration of a tile-table launch over up to num_tokens query tokens (fixed
+    per CUDA graph); its block_m // group tokens per tile is what `build_tile_table` needs."""
+    num_tiles_at_128 = num_kv_heads * triton.cdiv(max(num_tokens, 1) * group, 128)
+    return _default_config(block_size, num_tiles_at_128, device)
+
+
+def max_tiles(num_tokens: int, num_rows: int, tokens_per_tile: int) -> int:
+    """Most tile-table entries num_tokens tokens in num_rows rows can need."""
+    return triton.cdiv(num_tokens, tokens_per_tile) + num_rows
+
+
+def build_tile_table(
+    query_start_loc: np.ndarray,  # [B + 1], starting at 0
+    seq_lens: np.ndarray,  # [B]
+    tokens_per_tile: int,
+    out: np.ndarray,  # [max_tiles] int32
+) -> int:
+    """Fill `out` with one (row << 16 | query tile) entry per query tile of every row, the
+    tiles with the most keys first (they finish last), then -1. Returns the number of tiles."""
+    q_lens = np.diff(query_start_loc).astype(np.int64)
+    counts = -(-q_lens // tokens_per_tile)
+    n = int(counts.sum())
+    if n > out.shape[0] or len(q_lens) > 1 << 15 or int(counts.max(initial=0)) > 1 << 16:
+        raise ValueError(f"{n} query tiles in {len(q_lens)} rows do not fit the tile table")
+    rows = np.repeat(np.arange(len(q_lens)), counts)
+    first = np.cumsum(counts) - counts
+    tiles = np.arange(n) - np.repeat(first, counts)
+    keys = (seq_lens[rows] - q_lens[rows]) + np.minimum((tiles + 1) * tokens_per_tile, q_lens[rows])
+    order = np.argsort(-keys, kind="stable")
+    out[:n] = (rows[order] << 16) | tiles[order]
+    out[n:] = -1
+    return n
+
+
 def prefill_attention(
     q: torch.Tensor,  # [T, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -170,11 +222,14 @@ def prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     select_lookup: bool = True,
+    tiles: torch.Tensor | None = None,  # [max_tiles] int32, from build_tile_table
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequence's whole paged context.
 
     The new tokens' K/V must already be in the cache. The keyword-only arguments override the tile
-    configuration (benchmarks and tests).
+    configuration (benchmarks and tests). With `tiles` the grid is fixed by the table's length (a
+    CUDA graph's step): its entries name the (row, query tile) of each program, built with the
+    tokens per tile of `tile_config` over all of q's tokens, and max_seqlen_q is not read.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -190,11 +245,15 @@ def prefill_attention(
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(2) == 1
-    if num_tokens == 0 or batch == 0 or max_seqlen_q == 0:
+    if num_tokens == 0 or batch == 0 or (tiles is None and max_seqlen_q == 0):
         return out
     group = num_heads // num_kv_heads
-    num_tiles_at_128 = num_kv_heads * batch * triton.cdiv(max_seqlen_q * group, 128)
-    cfg = _default_config(block_size, num_tiles_at_128, q.device)
+    if tiles is not None:
+        assert tiles.dtype == torch.int32 and tiles.dim() == 1, (tiles.dtype, tiles.shape)
+        cfg = tile_config(block_size, group, num_kv_heads, num_tokens, q.device)
+    else:
+        num_tiles_at_128 = num_kv_heads * batch * triton.cdiv(max_seqlen_q * group, 128)
+        cfg = _default_config(block_size, num_tiles_at_128, q.device)
     block_m = block_m or cfg[0]
     block_n = block_n or cfg[1]
     num_warps = num_warps or cfg[2]
@@ -202,7 +261,10 @@ def prefill_attention(
     assert block_m >= group, f"block_m {block_m} must hold a whole GQA group of {group}"
     assert block_size % block_n == 0 or block_n % block_size == 0
     tokens_per_tile = block_m // group
-    grid = (num_kv_heads, batch, triton.cdiv(max_seqlen_q, tokens_per_tile))
+    if tiles is not None:
+        grid = (num_kv_heads, tiles.shape[0], 1)
+    else:
+        grid = (num_kv_heads, batch, triton.cdiv(max_seqlen_q, tokens_per_tile))
     _flash_prefill_kernel[grid](
         q_ptr=q,
         k_cache_ptr=k_cache,
@@ -211,6 +273,7 @@ def prefill_attention(
         cu_seqlens_q_ptr=cu_seqlens_q,
         seq_lens_ptr=seq_lens,
         block_tables_ptr=block_tables,
+        tiles_ptr=tiles if tiles is not None else seq_lens,
         qk_scale=scale * _LOG2E,
         stride_q_t=q.stride(0),
         stride_q_h=q.stride(1),
@@ -227,6 +290,7 @@ def prefill_attention(
         BLOCK_N=block_n,
         TOKENS_PER_TILE=tokens_per_tile,
         SELECT_LOOKUP=select_lookup,
+        TILED=tiles is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

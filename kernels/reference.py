@@ -56,10 +56,13 @@ def prefill_attention(
     scale: float,
     max_seqlen_q: int,
     out: torch.Tensor | None = None,  # [T, num_heads, head_dim]
+    *,
+    tiles: torch.Tensor | None = None,  # the Triton launch's tile table: not needed here
 ) -> torch.Tensor:
     """Causal attention of new tokens over their sequence's whole paged context.
 
     Query i of sequence b sits at position seq_lens[b] - q_len_b + i and sees keys 0..position.
+    Rows without new tokens are skipped (`tiles`, a Triton grid detail, changes nothing).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]

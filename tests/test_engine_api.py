@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from engine_fixtures import assert_all_blocks_free, hf_greedy, make_llm, mixed_prompts
-from minivllm import LLM, LLMEngine, RequestOutput, SamplingParams
+from minivllm import LLMEngine, RequestOutput, SamplingParams
 from minivllm.cli import main
 from minivllm.demo import make_demo_checkpoint
 from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
@@ -223,36 +224,59 @@ def test_minivllm_llm_engine_local_tokenizer_and_errors(tiny_qwen3):
         LLMEngine(config={k: v for k, v in config.items() if k != "hidden_size"})
 
 
+class EagerReplay(CudaGraphRunner):
+    """A stand-in graph runner for the CPU: `replay` and `replay_mixed` run the forward eagerly
+    on the fixed views a captured graph would read, after checking the padding the runner
+    staged; they record what they ran."""
+
+    def __init__(self, runner, mixed_tokens: int = 0):
+        buf = runner.buffers
+        inputs = GraphInputs(
+            input_ids=buf.dev("input_ids"),
+            positions=buf.dev("positions"),
+            slot_mapping=buf.dev("slot_mapping"),
+            seq_lens=buf.dev("seq_lens"),
+            block_tables=buf.dev_block_tables(),
+            cu_seqlens=buf.dev("prefill_cu_seqlens"),
+            tiles=buf.dev("prefill_tiles"),
+        )
+        super().__init__(runner.model, inputs, runner.config.max_num_seqs, mixed_tokens)
+        self.tokens_per_tile = runner._mixed_tokens_per_tile
+        self.replayed: list[tuple[int, int]] = []
+        self.replayed_mixed: list[int] = []
+
+    def replay(self, num_decodes: int) -> torch.Tensor:
+        bs = self.bucket(num_decodes)
+        x = self.inputs
+        assert x.seq_lens[num_decodes:bs].eq(0).all()
+        assert x.slot_mapping[num_decodes:bs].eq(-1).all()
+        self.replayed.append((num_decodes, bs))
+        return self.forward(x.input_ids[:bs], x.positions[:bs], self._metadata(bs))[:num_decodes]
+
+    def replay_mixed(self, num_tokens: int) -> torch.Tensor:
+        from minivllm.kernels.flash_prefill import build_tile_table
+
+        x, total = self.inputs, self.mixed_tokens
+        assert x.slot_mapping[num_tokens:total].eq(-1).all()
+        cu = x.cu_seqlens.numpy()
+        rows = int((cu[1:] > cu[:-1]).sum())
+        assert cu[rows] == num_tokens and (cu[rows:] == num_tokens).all()
+        assert x.seq_lens[rows:].eq(0).all()
+        expect = np.zeros(x.tiles.shape[0], dtype=np.int32)
+        build_tile_table(cu[: rows + 1], x.seq_lens.numpy()[:rows], self.tokens_per_tile, expect)
+        assert np.array_equal(x.tiles.numpy(), expect)
+        self.replayed_mixed.append(num_tokens)
+        meta = self._mixed_metadata()
+        return self.forward(x.input_ids[:total], x.positions[:total], meta)[:num_tokens]
+
+
 def test_graph_padding_path_on_cpu(tiny_qwen3):
     """The decode-graph path without CUDA: a stand-in graph runner replays eagerly on the fixed
     views, so bucketing, padded rows (seq_len 0, slot -1) and the metadata the graphs read are
     checked against transformers on every decode step."""
-
-    class EagerReplay(CudaGraphRunner):
-        replayed: list[tuple[int, int]] = []
-
-        def replay(self, num_decodes: int) -> torch.Tensor:
-            bs = self.bucket(num_decodes)
-            x = self.inputs
-            assert x.seq_lens[num_decodes:bs].eq(0).all()
-            assert x.slot_mapping[num_decodes:bs].eq(-1).all()
-            self.replayed.append((num_decodes, bs))
-            return self.forward(x.input_ids[:bs], x.positions[:bs], self._metadata(bs))[
-                :num_decodes
-            ]
-
     llm = make_llm(tiny_qwen3, block_size=4, max_num_seqs=8)
     runner = llm.model_runner
-    buf, n = runner.buffers, 8
-    inputs = GraphInputs(
-        input_ids=buf.dev("input_ids")[:n],
-        positions=buf.dev("positions")[:n],
-        slot_mapping=buf.dev("slot_mapping")[:n],
-        seq_lens=buf.dev("seq_lens")[:n],
-        block_tables=buf.dev_block_tables()[:n],
-        empty_cu_seqlens=torch.zeros(1, dtype=torch.int32),
-    )
-    runner.graph_runner = EagerReplay(runner.model, inputs, n)
+    runner.graph_runner = replay = EagerReplay(runner)
     prompts = mixed_prompts(5, seed=71, min_len=3, max_len=30)
     params = [
         SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 6, 9, 12, 15)
@@ -260,8 +284,30 @@ def test_graph_padding_path_on_cpu(tiny_qwen3):
     outs = llm.generate(prompts, params, use_tqdm=False)
     for p, sp, o in zip(prompts, params, outs):
         assert o.outputs[0].token_ids == hf_greedy(tiny_qwen3, p, sp.max_tokens)
-    assert {bs for _, bs in EagerReplay.replayed} >= {8, 4}  # shrinking batch, padded buckets
-    assert any(nd < bs for nd, bs in EagerReplay.replayed)
+    assert {bs for _, bs in replay.replayed} >= {8, 4}  # shrinking batch, padded buckets
+    assert any(nd < bs for nd, bs in replay.replayed)
+    assert not replay.replayed_mixed
+    assert_all_blocks_free(llm)
+
+
+def test_mixed_graph_path_on_cpu(tiny_qwen3):
+    """The mixed-graph path without CUDA: steps with prefill of 24..48 tokens are padded to 48
+    and run on the fixed views with every row a prefill row (decodes are one-token queries),
+    padding tokens writing nowhere, and a tile table naming every query tile once; greedy
+    outputs match transformers, with a shared prefix (cache hits) and chunked prompts."""
+    llm = make_llm(tiny_qwen3, block_size=4, max_num_seqs=8, max_num_batched_tokens=48)
+    runner = llm.model_runner
+    runner.graph_runner = replay = EagerReplay(runner, mixed_tokens=48)
+    shared = mixed_prompts(1, seed=72, min_len=9, max_len=9)[0]
+    prompts = [shared + p for p in mixed_prompts(3, seed=73, min_len=2, max_len=60)]
+    prompts += mixed_prompts(3, seed=74, min_len=1, max_len=20)
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_greedy(tiny_qwen3, p, params.max_tokens)
+    assert len(replay.replayed_mixed) >= 2, replay.replayed_mixed
+    assert all(24 <= n <= 48 for n in replay.replayed_mixed)
+    assert any(n < 48 for n in replay.replayed_mixed)  # padded
     assert_all_blocks_free(llm)
 
 
@@ -312,3 +358,4 @@ def test_start_up_warm_up_steps(tiny_qwen3, monkeypatch, kwargs):
         [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False
     )
     assert out[0].outputs[0].token_ids == hf_greedy(tiny_qwen3, [5, 6, 7], 4)
+

@@ -145,7 +145,7 @@ def test_dead_worker_raises(tiny_qwen3):
 def test_failing_worker_reports_its_traceback(tiny_qwen3):
     with tp_llm(tiny_qwen3) as llm:
         # A step header whose payload is missing: the worker fails while unpacking it.
-        header = np.array([CMD_STEP, 5, 0, 1, 1, 1, 5, 0, 1, 0, 0], dtype=np.int32)
+        header = np.array([CMD_STEP, 5, 0, 1, 1, 1, 5, 0, 0, 1, 0, 0], dtype=np.int32)
         llm.model_runner.workers.send(header)
         with pytest.raises(WorkerError, match=r"(?s)exited with code 1.*in unpack.*ValueError"):
             llm.generate(mixed_prompts(2), GREEDY, use_tqdm=False)

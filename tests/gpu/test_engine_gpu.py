@@ -72,6 +72,28 @@ def test_cuda_graphs_match_eager(gpu_qwen3):
     assert graphs == eager
 
 
+def test_mixed_step_graph_matches_eager(gpu_qwen3):
+    """Steps with prefill of 64..128 tokens replay the mixed CUDA graph (decodes and chunked
+    prefills as rows of one tile table, padded to 128 tokens); greedy outputs equal eager ones,
+    with prefix-cache hits (shared prefixes) and long prompts split into chunks."""
+    shared = mixed_prompts(1, seed=30, min_len=40, max_len=40)[0]
+    prompts = [shared + p for p in mixed_prompts(6, seed=31, min_len=1, max_len=200)]
+    prompts += mixed_prompts(10, seed=32, min_len=3, max_len=90)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    llm = gpu_llm(gpu_qwen3, max_num_batched_tokens=128)
+    runner = llm.model_runner.graph_runner
+    assert runner is not None and runner.mixed_tokens == 128
+    replays = []
+    real = runner.replay_mixed
+    runner.replay_mixed = lambda n: (replays.append(n), real(n))[1]
+    graphs = greedy_ids(llm, prompts, params)
+    del runner.replay_mixed
+    assert len(replays) >= 3 and min(replays) >= 64, replays
+    eager = greedy_ids(gpu_llm(gpu_qwen3, max_num_batched_tokens=128, enforce_eager=True),
+                       prompts, params)
+    assert graphs == eager
+
+
 def test_triton_matches_torch_backend(gpu_qwen3):
     prompts = mixed_prompts(6, seed=13, min_len=3, max_len=150)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -158,3 +180,4 @@ def test_async_scheduling_equals_sync(gpu_qwen3, enforce_eager):
 
 def test_async_is_the_cuda_default(gpu_qwen3):
     assert gpu_llm(gpu_qwen3).config.async_scheduling
+

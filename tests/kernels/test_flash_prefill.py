@@ -85,3 +85,49 @@ def test_chunked_prefill_matches_one_pass():
                                device=DEVICE), lens_full, block_tables, 0.2, 27, block_m=16,
                                block_n=16)
     torch.testing.assert_close(torch.cat([first, second]), full, atol=1e-5, rtol=1e-5)
+
+
+def _tile_table(prefix_new, tokens_per_tile, extra=5):
+    import numpy as np
+
+    from minivllm.kernels.flash_prefill import build_tile_table, max_tiles
+
+    q_lens = [n for _, n in prefix_new]
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
+    seq_lens = np.array([p + n for p, n in prefix_new], dtype=np.int64)
+    table = np.zeros(max_tiles(int(qsl[-1]), len(q_lens), tokens_per_tile) + extra, np.int32)
+    n = build_tile_table(qsl, seq_lens, tokens_per_tile, table)
+    return table, n
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_prefill_with_a_tile_table_covers_decodes_and_chunks(block_m):
+    """The CUDA-graph launch: a fixed grid over a tile table (with unused -1 entries) runs
+    decode rows (one-token queries over a long context) beside chunks and whole prompts."""
+    from minivllm.kernels.flash_prefill import tile_config
+
+    prefix_new = [(90, 1), (17, 1), (0, 45), (33, 20), (64, 1)]
+    group, kv_heads = 2, 2
+    assert tile_config(16, group, kv_heads, 67, torch.device(DEVICE))[0] % group == 0
+    table, n = _tile_table(prefix_new, block_m // group)
+    tiles = torch.tensor(table, device=DEVICE)
+    assert n < tiles.shape[0] and (table[n:] == -1).all()
+    _check(prefix_new, 4, kv_heads, 32, 16, torch.float32, block_m=block_m, block_n=16,
+           tiles=tiles)
+
+
+def test_tile_table_order_and_bounds():
+    """Heaviest tiles (most keys) first, every (row, tile) exactly once, -1 after; a table too
+    small is a ValueError, not a silent truncation."""
+    import numpy as np
+
+    from minivllm.kernels.flash_prefill import build_tile_table
+
+    table, n = _tile_table([(90, 1), (0, 70), (5, 0)], 32)
+    entries = [(int(e) >> 16, int(e) & 0xFFFF) for e in table[:n]]
+    assert sorted(entries) == [(0, 0), (1, 0), (1, 1), (1, 2)]
+    assert entries[0] == (0, 0)  # 91 keys
+    assert entries[1] == (1, 2)  # 70 keys, then 64, then 32
+    assert entries[2:] == [(1, 1), (1, 0)]
+    with pytest.raises(ValueError, match="tile table"):
+        build_tile_table(np.array([0, 70]), np.array([70]), 32, np.zeros(2, np.int32))

@@ -1,10 +1,16 @@
-"""CUDA graphs for decode-only steps.
+"""CUDA graphs for decode-only steps, and for steps with prefill of one fixed token count.
 
 A decode step launches a few hundred small kernels; replaying one captured graph instead costs a
 single launch, which is what keeps the GPU busy while the host prepares the next step. Graphs are
 captured per batch-size bucket, largest first so that every smaller graph fits in the memory pool
 the largest one made. A step of n decodes replays the smallest bucket >= n; the padded rows have
 seq_len 0 and slot -1, so they read no KV and write nowhere.
+
+A step with prefill launches the same few hundred kernels with much larger shapes, and Python
+takes longer to launch them than the GPU to run them. With `mixed_tokens` set, one more graph
+(captured first: it is the largest) runs such steps padded up to mixed_tokens tokens: every row is
+a "prefill" row of the flash kernel (a decode is a one-token query), whose fixed grid walks a
+per-step tile table; padding tokens belong to no row and have slot -1.
 
 The graphs read their inputs from the model runner's persistent device buffers (fixed addresses),
 so a replay needs no copy beyond the one upload the runner does anyway.
@@ -16,6 +22,7 @@ import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,28 +41,40 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 @dataclass(frozen=True)
 class GraphInputs:
-    """Fixed-address device views the captured graphs read. Rows [0, max_batch) of each."""
+    """Fixed-address device views the captured graphs read (the runner's whole buffers)."""
 
-    input_ids: torch.Tensor  # [max_batch] int32
-    positions: torch.Tensor  # [max_batch] int32
-    slot_mapping: torch.Tensor  # [max_batch] int32
-    seq_lens: torch.Tensor  # [max_batch] int32
-    block_tables: torch.Tensor  # [max_batch, max_blocks] int32
-    empty_cu_seqlens: torch.Tensor  # [1] int32, zero: "no prefill rows"
+    input_ids: torch.Tensor  # [max_tokens] int32
+    positions: torch.Tensor  # [max_tokens] int32
+    slot_mapping: torch.Tensor  # [max_tokens] int32
+    seq_lens: torch.Tensor  # [max_seqs] int32
+    block_tables: torch.Tensor  # [max_seqs, max_blocks] int32
+    cu_seqlens: torch.Tensor  # [max_seqs + 1] int32: query_start_loc of a mixed step
+    tiles: torch.Tensor  # [max_tiles] int32: a mixed step's tile table
 
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
 
 class CudaGraphRunner:
-    """Captures `forward(input_ids, positions, meta) -> hidden` for each decode batch bucket."""
+    """Captures `forward(input_ids, positions, meta) -> hidden` for each decode batch bucket,
+    and with `mixed_tokens` for steps with prefill of up to that many tokens."""
 
-    def __init__(self, forward: ForwardFn, inputs: GraphInputs, max_num_seqs: int):
+    def __init__(
+        self,
+        forward: ForwardFn,
+        inputs: GraphInputs,
+        max_num_seqs: int,
+        mixed_tokens: int = 0,
+    ):
         self.forward = forward
         self.inputs = inputs
+        self.max_num_seqs = max_num_seqs
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        self.mixed_tokens = mixed_tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.mixed_graph: torch.cuda.CUDAGraph | None = None
+        self.mixed_output: torch.Tensor | None = None
         self.pool = None
 
     @property
@@ -73,38 +92,68 @@ class CudaGraphRunner:
             slot_mapping=x.slot_mapping[:bs],
             decode_seq_lens=x.seq_lens[:bs],
             decode_block_tables=x.block_tables[:bs],
-            prefill_cu_seqlens_q=x.empty_cu_seqlens,
+            prefill_cu_seqlens_q=x.cu_seqlens[:1],  # never read: no prefill row
             prefill_seq_lens=x.seq_lens[bs:bs],
             prefill_block_tables=x.block_tables[bs:bs],
             max_prefill_query_len=0,
         )
 
+    def _mixed_metadata(self) -> AttentionMetadata:
+        x, rows = self.inputs, self.max_num_seqs
+        return AttentionMetadata(
+            num_decodes=0,
+            slot_mapping=x.slot_mapping[: self.mixed_tokens],
+            decode_seq_lens=x.seq_lens[:0],
+            decode_block_tables=x.block_tables[:0],
+            prefill_cu_seqlens_q=x.cu_seqlens[: rows + 1],
+            prefill_seq_lens=x.seq_lens[:rows],
+            prefill_block_tables=x.block_tables[:rows],
+            max_prefill_query_len=self.mixed_tokens,
+            prefill_tiles=x.tiles,
+        )
+
+    def _capture_one(self, num_tokens: int, meta: AttentionMetadata) -> tuple[Any, torch.Tensor]:
+        x = self.inputs
+        # Warm-up outside the graph: Triton compiles / autotunes here, never during capture.
+        self.forward(x.input_ids[:num_tokens], x.positions[:num_tokens], meta)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.forward(x.input_ids[:num_tokens], x.positions[:num_tokens], meta)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph, out
+
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first, into one shared memory pool. The inputs are set
-        to harmless values (slot -1, seq_len 0) so warm-up and capture touch no KV block."""
+        """Capture the mixed graph (the largest), then every decode bucket, largest first, into
+        one shared memory pool. The inputs are set to harmless values (slot -1, seq_len 0, no
+        tiles) so warm-up and capture touch no KV block."""
         x = self.inputs
         x.input_ids.zero_()
         x.positions.zero_()
         x.slot_mapping.fill_(-1)
         x.seq_lens.zero_()
         x.block_tables.zero_()
+        x.cu_seqlens.zero_()
+        x.tiles.fill_(-1)
         torch.cuda.synchronize()
+        if self.mixed_tokens:
+            self.mixed_graph, self.mixed_output = self._capture_one(
+                self.mixed_tokens, self._mixed_metadata()
+            )
         for bs in reversed(self.batch_sizes):
-            meta = self._metadata(bs)
-            # Warm-up outside the graph: Triton compiles / autotunes here, never during capture.
-            self.forward(x.input_ids[:bs], x.positions[:bs], meta)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.forward(x.input_ids[:bs], x.positions[:bs], meta)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[bs] = graph
-            self.outputs[bs] = out
+            self.graphs[bs], self.outputs[bs] = self._capture_one(bs, self._metadata(bs))
         torch.cuda.synchronize()
-        logger.info("captured %d CUDA graphs for decode batch sizes %s..%s",
-                    len(self.graphs), self.batch_sizes[0], self.batch_sizes[-1])
+        logger.info(
+            "captured %d CUDA graphs for decode batch sizes %s..%s%s",
+            len(self.graphs),
+            self.batch_sizes[0],
+            self.batch_sizes[-1],
+            f" and one for steps with prefill of {self.mixed_tokens} tokens"
+            if self.mixed_tokens
+            else "",
+        )
 
     def replay(self, num_decodes: int) -> torch.Tensor:
         """Run the graph for num_decodes rows (already uploaded, padded rows neutralised);
@@ -112,3 +161,11 @@ class CudaGraphRunner:
         bs = self.bucket(num_decodes)
         self.graphs[bs].replay()
         return self.outputs[bs][:num_decodes]
+
+    def replay_mixed(self, num_tokens: int) -> torch.Tensor:
+        """Run the mixed graph for a step of num_tokens <= mixed_tokens tokens (uploaded with
+        its tile table, padding tokens neutralised); returns hidden states [num_tokens, hidden]."""
+        assert self.mixed_graph is not None and self.mixed_output is not None
+        assert num_tokens <= self.mixed_tokens, (num_tokens, self.mixed_tokens)
+        self.mixed_graph.replay()
+        return self.mixed_output[:num_tokens]

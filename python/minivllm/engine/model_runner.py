@@ -104,7 +104,14 @@ class _StepBuffers:
     """Persistent per-step inputs: one int32 staging buffer and its device twin, with fixed
     offsets per field (float fields are float32 views of the same bytes)."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
+    def __init__(
+        self,
+        max_tokens: int,
+        max_seqs: int,
+        max_blocks: int,
+        device: torch.device,
+        max_tiles: int = 1,
+    ):
         self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
         sizes = {
             "input_ids": max_tokens,
@@ -119,6 +126,7 @@ class _StepBuffers:
             "top_p": max_seqs,
             "min_p": max_seqs,
             "uniforms": max_seqs,
+            "prefill_tiles": max(max_tiles, 1),  # a mixed CUDA graph's tile table
         }
         self.offsets: dict[str, tuple[int, int]] = {}
         total = 0
@@ -230,11 +238,12 @@ class _StepHeader:
     width: int  # block-table columns in use
     max_prefill_query_len: int
     graph_batch_size: int  # the captured bucket a decode-only step replays; 0: eager
+    mixed_graph_tokens: int  # the captured token count a step with prefill replays; 0: none
     all_greedy: bool
     any_top_k_or_p: bool
     any_min_p: bool
 
-    LENGTH = 11  # the command word, then the fields above
+    LENGTH = 12  # the command word, then the fields above
 
     def to_array(self) -> np.ndarray:
         return np.array(
@@ -244,7 +253,7 @@ class _StepHeader:
     @classmethod
     def from_array(cls, a: np.ndarray) -> _StepHeader:
         v = [int(x) for x in a[1 : cls.LENGTH]]
-        return cls(*v[:7], bool(v[7]), bool(v[8]), bool(v[9]))
+        return cls(*v[:8], bool(v[8]), bool(v[9]), bool(v[10]))
 
 
 def _payload_spans(h: _StepHeader) -> list[tuple[str, int]]:
@@ -273,6 +282,7 @@ class StepInputs:
     sampling: SamplingTensors
     graph_batch_size: int | None = None  # the captured bucket this decode-only step replays
     samples_every_token: bool = False  # S == T, so logits_indices is arange(T)
+    mixed_graph: bool = False  # a step with prefill replaying the mixed CUDA graph
 
 
 class ModelRunner:
@@ -319,8 +329,27 @@ class ModelRunner:
         self.sampler = Sampler()
         self.vocab_size = mc.vocab_size
         max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+        # CUDA graphs (Triton backend, one GPU): decode-only steps per batch bucket, and steps
+        # with prefill of max_num_batched_tokens tokens (fewer, padded up) with a tile table.
+        self._graphs_planned = (
+            self.device.type == "cuda"
+            and not config.enforce_eager
+            and self.backend.name == "triton"
+            and self.tp.size == 1
+        )
+        from minivllm.kernels.flash_prefill import max_tiles, tile_config
+
+        group = mc.num_attention_heads // mc.num_key_value_heads
+        block_m = tile_config(
+            config.block_size, group, self._num_kv_heads, config.max_num_batched_tokens,
+            self.device,
+        )[0]
+        self._mixed_tokens_per_tile = block_m // group
+        num_tiles = max_tiles(
+            config.max_num_batched_tokens, config.max_num_seqs, self._mixed_tokens_per_tile
+        )
         self.buffers = _StepBuffers(
-            max_tokens, config.max_num_seqs, config.max_blocks_per_seq, self.device
+            max_tokens, config.max_num_seqs, config.max_blocks_per_seq, self.device, num_tiles
         )
         # The last step's sampled ids on the device (placeholders of the next step read them),
         # and two pinned host buffers they are copied back into, alternately.
@@ -346,20 +375,19 @@ class ModelRunner:
                 self.tp.size,
             )
         # The torch reference backend syncs on sequence lengths, so only Triton is captured.
-        if (
+        if self._graphs_planned:
+            self.graph_runner = self._capture_cuda_graphs()
+        elif (
             self.device.type == "cuda"
             and not config.enforce_eager
             and self.backend.name == "triton"
+            and self.tp.rank == 0
         ):
-            if self.tp.size > 1:
-                if self.tp.rank == 0:
-                    logger.info(
-                        "CUDA graphs off: tensor_parallel_size=%d runs every step eagerly "
-                        "(graph capture with NCCL collectives is not implemented)",
-                        self.tp.size,
-                    )
-            else:
-                self.graph_runner = self._capture_cuda_graphs()
+            logger.info(
+                "CUDA graphs off: tensor_parallel_size=%d runs every step eagerly "
+                "(graph capture with NCCL collectives is not implemented)",
+                self.tp.size,
+            )
         if self.device.type == "cuda":
             self._warm_up_step_kinds()
 
@@ -453,6 +481,10 @@ class ModelRunner:
             attn.k_cache = attn.v_cache = torch.empty(0, device=self.device)
         torch.cuda.empty_cache()
         budget = total * config.gpu_memory_utilization - used_before - peak
+        if self._graphs_planned:
+            # The mixed-step CUDA graph's pool keeps a full step's activations for good, beside
+            # what an eager step allocates.
+            budget -= peak
         num_blocks = int(budget // bytes_per_block)
         logger.info(
             "memory: %.2f GiB in use before the pool (weights and others), warm-up peak "
@@ -499,7 +531,9 @@ class ModelRunner:
             sched.add_request(i, [0] * n, 2, temperature=0.7 if i % 2 else 0.0, seed=i)
         batch = sched.schedule()
         if batch is not None:
-            self._run_step(self._stage(batch))
+            # Eager even where the mixed CUDA graph would run it: smaller steps with prefill
+            # run eagerly, and their kernel variants compile here.
+            self._run_step(self._stage(batch, eager=True))
         torch.cuda.synchronize(self.device)
 
     # ---- one step --------------------------------------------------------------------------
@@ -527,10 +561,11 @@ class ModelRunner:
             )
         write_staging(batch, buf.host_np, buf.layout)
 
-    def _stage(self, batch: BatchLike, staged: bool = False) -> _StepHeader:
+    def _stage(self, batch: BatchLike, staged: bool = False, eager: bool = False) -> _StepHeader:
         """Put the Batch in the staging buffer (copied unless `staged`: schedule_into wrote it)
-        and sum up the step in a header (rank 0). A decode-only step that replays a CUDA graph
-        also gets its padding rows neutralised."""
+        and sum up the step in a header (rank 0). A step that replays a CUDA graph also gets its
+        padding rows neutralised (a mixed step: its tile table); `eager` keeps a step with
+        prefill off the mixed graph."""
         if not staged:
             self._copy_batch(batch)
         buf = self.buffers
@@ -550,6 +585,25 @@ class ModelRunner:
             buf.host_view("positions")[nd:graph_bs] = 0
             buf.host_view("slot_mapping")[nd:graph_bs] = -1
             buf.host_view("seq_lens")[nd:graph_bs] = 0
+        mixed_tokens = 0 if eager else self._mixed_graph_tokens(num_tokens, nd)
+        if mixed_tokens:
+            # Every row is a "prefill" row (a decode is a one-token query) named by the tile
+            # table; padding tokens past the step have no row and write no KV.
+            from minivllm.kernels.flash_prefill import build_tile_table
+
+            qsl = batch.query_start_loc
+            buf.host_view("prefill_cu_seqlens")[: num_rows + 1] = qsl
+            buf.host_view("prefill_cu_seqlens")[num_rows + 1 :] = num_tokens  # empty rows
+            buf.host_view("seq_lens")[num_rows:] = 0
+            build_tile_table(
+                qsl,
+                buf.host_view("seq_lens")[:num_rows],
+                self._mixed_tokens_per_tile,
+                buf.host_view("prefill_tiles"),
+            )
+            buf.host_view("input_ids")[num_tokens:mixed_tokens] = 0
+            buf.host_view("positions")[num_tokens:mixed_tokens] = 0
+            buf.host_view("slot_mapping")[num_tokens:mixed_tokens] = -1
         return _StepHeader(
             num_tokens=num_tokens,
             num_decodes=nd,
@@ -558,6 +612,7 @@ class ModelRunner:
             width=batch.max_blocks,
             max_prefill_query_len=max_prefill_query_len,
             graph_batch_size=graph_bs or 0,
+            mixed_graph_tokens=mixed_tokens,
             all_greedy=bool(batch.all_greedy),
             any_top_k_or_p=bool(batch.any_top_k_or_p),
             any_min_p=bool(batch.any_min_p),
@@ -570,7 +625,7 @@ class ModelRunner:
         nd, num_rows = h.num_decodes, h.num_rows
         num_tokens, num_sampled = h.num_tokens, h.num_sampled
         meta = None
-        if not h.graph_batch_size:  # a replayed graph reads its own fixed views
+        if not h.graph_batch_size and not h.mixed_graph_tokens:  # a graph has its own views
             bt = buf.dev_block_tables()
             seq_lens = buf.dev("seq_lens")
             meta = AttentionMetadata(
@@ -602,12 +657,15 @@ class ModelRunner:
             sampling=sampling,
             graph_batch_size=h.graph_batch_size or None,
             samples_every_token=num_sampled == num_tokens,
+            mixed_graph=h.mixed_graph_tokens > 0,
         )
 
     def run_model(self, inputs: StepInputs) -> torch.Tensor:
         """The forward pass: [T] tokens -> [T, hidden]; decode-only steps replay a CUDA graph."""
         if inputs.graph_batch_size is not None:
             return self.graph_runner.replay(inputs.input_ids.shape[0])
+        if inputs.mixed_graph:
+            return self.graph_runner.replay_mixed(inputs.input_ids.shape[0])
         return self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
 
     def _forward(
@@ -635,18 +693,31 @@ class ModelRunner:
             return None
         return runner.bucket(num_decodes)
 
+    def _mixed_graph_tokens(self, num_tokens: int, num_decodes: int) -> int:
+        """The token count of the mixed CUDA graph a step with prefill replays (its tokens
+        padded up to it), or 0 when it runs eagerly: too few tokens to be worth the padding."""
+        runner = self.graph_runner
+        if runner is None or not runner.mixed_tokens or num_tokens == num_decodes:
+            return 0
+        if 2 * num_tokens < runner.mixed_tokens or num_tokens > runner.mixed_tokens:
+            return 0
+        return runner.mixed_tokens
+
     def _capture_cuda_graphs(self) -> CudaGraphRunner:
         buf = self.buffers
         max_bs = self.config.max_num_seqs
         inputs = GraphInputs(
-            input_ids=buf.dev("input_ids")[:max_bs],
-            positions=buf.dev("positions")[:max_bs],
-            slot_mapping=buf.dev("slot_mapping")[:max_bs],
-            seq_lens=buf.dev("seq_lens")[:max_bs],
-            block_tables=buf.dev_block_tables()[:max_bs],
-            empty_cu_seqlens=torch.zeros(1, dtype=torch.int32, device=self.device),
+            input_ids=buf.dev("input_ids"),
+            positions=buf.dev("positions"),
+            slot_mapping=buf.dev("slot_mapping"),
+            seq_lens=buf.dev("seq_lens"),
+            block_tables=buf.dev_block_tables(),
+            cu_seqlens=buf.dev("prefill_cu_seqlens"),
+            tiles=buf.dev("prefill_tiles"),
         )
-        runner = CudaGraphRunner(self._forward, inputs, max_bs)
+        runner = CudaGraphRunner(
+            self._forward, inputs, max_bs, mixed_tokens=self.config.max_num_batched_tokens
+        )
         runner.capture()
         # Capture wrote harmless values into the device buffers; the staging buffer is the
         # source of truth for the next upload.

@@ -33,6 +33,9 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor  # [num_prefills]
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks]
     max_prefill_query_len: int  # 0 when there is no prefill row
+    # A CUDA-graph step's fixed-grid tile table for the prefill kernel (triton backend), or None
+    # (see flash_prefill.build_tile_table); with it, rows past the step's end have no tiles.
+    prefill_tiles: torch.Tensor | None = None
 
     @property
     def num_prefills(self) -> int:
@@ -135,6 +138,7 @@ class Attention(nn.Module):
                 out=out[:nd],
             )
         if meta.max_prefill_query_len > 0:
+            tiled = {} if meta.prefill_tiles is None else {"tiles": meta.prefill_tiles}
             backend.prefill_attention(
                 q[nd:],
                 self.k_cache,
@@ -145,5 +149,6 @@ class Attention(nn.Module):
                 self.scale,
                 meta.max_prefill_query_len,
                 out=out[nd:],
+                **tiled,
             )
         return out
