@@ -359,3 +359,17 @@ def test_start_up_warm_up_steps(tiny_qwen3, monkeypatch, kwargs):
     )
     assert out[0].outputs[0].token_ids == hf_greedy(tiny_qwen3, [5, 6, 7], 4)
 
+
+def test_close_gives_back_the_kv_pool(tiny_qwen3):
+    """close() (and leaving a `with LLM(...)` block) drops the KV pool and any CUDA graphs at
+    once, not at garbage collection; the engine refuses to generate afterwards."""
+    with make_llm(tiny_qwen3) as llm:
+        runner = llm.model_runner
+        assert runner.kv_cache is not None and runner.kv_cache.numel() > 0
+        llm.generate(mixed_prompts(2, seed=75), SamplingParams(max_tokens=2), use_tqdm=False)
+    assert runner.kv_cache is None and runner.graph_runner is None
+    assert all(a.k_cache.numel() == 0 and a.v_cache.numel() == 0
+               for a in runner.model.attention_layers())
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate(mixed_prompts(1, seed=76), SamplingParams(max_tokens=2), use_tqdm=False)
+    llm.close()  # idempotent

@@ -181,3 +181,14 @@ def test_async_scheduling_equals_sync(gpu_qwen3, enforce_eager):
 def test_async_is_the_cuda_default(gpu_qwen3):
     assert gpu_llm(gpu_qwen3).config.async_scheduling
 
+
+def test_closed_engine_frees_its_pool_for_the_next(gpu_qwen3):
+    """An engine sized from memory takes most of the card; closing it gives that back at once,
+    so a second engine in the same process gets a pool of about the same size."""
+    kwargs = {"num_kv_blocks": None, "gpu_memory_utilization": 0.5}
+    with gpu_llm(gpu_qwen3, **kwargs) as first:
+        blocks = first.runtime.num_kv_blocks
+        pool_bytes = first.model_runner.kv_cache.numel() * 4
+    assert torch.cuda.memory_reserved() < pool_bytes / 2
+    with gpu_llm(gpu_qwen3, **kwargs) as second:
+        assert second.runtime.num_kv_blocks > 0.9 * blocks

@@ -392,11 +392,21 @@ class ModelRunner:
             self._warm_up_step_kinds()
 
     def close(self, timeout_s: float | None = None) -> None:
-        """End the tensor-parallel workers (rank 0; nothing to do on one device). Idempotent."""
+        """End the tensor-parallel workers (rank 0) and give back the KV pool and the CUDA
+        graphs' memory now, not whenever the engine is garbage-collected (so a closed engine
+        does not shrink the pool of the next one in the process). Idempotent."""
         self.is_closed = True
         if self.workers is not None:
             workers, self.workers = self.workers, None
             workers.close(SHUTDOWN_TIMEOUT_S if timeout_s is None else timeout_s)
+        model = self.__dict__.get("model")
+        if model is not None:
+            for attn in model.attention_layers():
+                attn.k_cache = attn.v_cache = torch.empty(0)
+        self.graph_runner = None
+        self.kv_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- KV cache --------------------------------------------------------------------------
 
