@@ -57,7 +57,7 @@ def _splitk_kernel(x_ptr, w_ptr, part_ptr, out_ptr, counter_ptr, M, N, K, k_per_
         arrived = tl.atomic_add(counter_ptr + tile_id, 1)  # acq_rel: orders the store above
         if arrived == num_splits - 1:
             total = tl.zeros((BM, BN), dtype=tl.float32)
-            for s in range(0, num_splits):
+            for s in range(num_splits):
                 total += tl.load(part_ptr + s * M * N + tile, mask=m_mask, other=0.0,
                                  cache_modifier=".cg")
             tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=m_mask)

@@ -393,6 +393,9 @@ def main() -> None:
     ap.add_argument("--no-python", action="store_true", help="skip the scheduler='python' run")
     ap.add_argument("--num-seqs", type=int, default=NUM_SEQS)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--block-size", type=int, default=None, help="KV block size (engine default)")
+    ap.add_argument("--no-async", action="store_true",
+                    help="async_scheduling=False: the host's work is not hidden behind the GPU")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_throughput needs a CUDA GPU")
@@ -422,11 +425,16 @@ def main() -> None:
             bw=bw,
             rate=rate,
         )
-        results["cpp"] = run_minivllm(model_dir, prompts, max_tokens, cost=cost,
-                                      enforce_eager=args.enforce_eager)
+        engine_args: dict[str, Any] = {"enforce_eager": args.enforce_eager}
+        if args.block_size is not None:
+            engine_args["block_size"] = args.block_size
+        if args.no_async:
+            engine_args["async_scheduling"] = False
+        results["engine_args"] = engine_args
+        results["cpp"] = run_minivllm(model_dir, prompts, max_tokens, cost=cost, **engine_args)
         if not args.no_python:
             results["python"] = run_minivllm(model_dir, prompts, max_tokens, scheduler="python",
-                                             enforce_eager=args.enforce_eager)
+                                             **engine_args)
         if not args.no_peer:
             n = min(args.peer_requests, len(prompts))
             try:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for everything GPU: install, all GPU tests, the end-to-end throughput benchmark
-# (with the Python scheduler and the transformers peer), and the decode-step profile.
+# (with the Python scheduler and the transformers peer), the decode-step profile and the
+# whole workload's GPU time by kind of step and kernel.
 # Logs and JSON go to $OUT (default benchmarks/out/); the throughput table is printed last.
 #   OUT=... [PEER_REQUESTS=0 (skip the peer)] bash benchmarks/run_all_device.sh
 set -uo pipefail
@@ -23,5 +24,8 @@ if ! timeout 230 python3 benchmarks/bench_throughput.py --out "$OUT/throughput.j
 fi
 timeout 90 python3 benchmarks/profile_decode_step.py --out "$OUT/profile.json" \
   >"$OUT/profile.log" 2>&1
+timeout 150 python3 benchmarks/profile_workload.py --out "$OUT/profile_workload.json" \
+  >"$OUT/profile_workload.log" 2>&1
+grep -A8 "^GPU timeline" "$OUT/profile_workload.log"
 grep -A3 "^ running" "$OUT/profile.log"; grep "extras" "$OUT/profile.log"
 grep -vE "^\s*$|Warning|_warn_once|eos_token_id" "$OUT/throughput.log" | tail -14
