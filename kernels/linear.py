@@ -7,9 +7,10 @@ float32 partial sum to `parts[s]`, and the consumer, the fused add + RMSNorm tha
 these projections, adds the S partials up in split order (deterministic) as it reads them. So the
 reduction costs no launch of its own.
 
-Measured on an H200 (`benchmarks/bench_gemm.py`, CUDA-graph replay, per layer, o + down):
-M=16 12.5 -> 6.7 us, M=64 12.6 -> 7.1 us, M=128 13.0 -> 9.0 us; at M=256 the gain is under 2 us,
-so larger batches stay on cuBLAS.
+Measured on an H200 (`benchmarks/bench_gemm.py`, CUDA-graph replay, per layer, o + down, cuBLAS
+against the best split-K configuration per shape): M=16 12.5 -> 6.7 us, M=64 12.6 -> 7.1 us,
+M=128 13.0 -> 9.0 us; at M=256 the gain is under 2 us, so larger batches stay on cuBLAS.
+`splitk_config` uses one configuration near the best ones.
 """
 
 from __future__ import annotations
