@@ -22,7 +22,6 @@ import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -112,7 +111,9 @@ class CudaGraphRunner:
             prefill_tiles=x.tiles,
         )
 
-    def _capture_one(self, num_tokens: int, meta: AttentionMetadata) -> tuple[Any, torch.Tensor]:
+    def _capture_one(
+        self, num_tokens: int, meta: AttentionMetadata
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         x = self.inputs
         # Warm-up outside the graph: Triton compiles / autotunes here, never during capture.
         self.forward(x.input_ids[:num_tokens], x.positions[:num_tokens], meta)
