@@ -3,9 +3,10 @@ of a step that does not replay a CUDA graph goes.
 
 Qwen3-0.6B shape, dummy weights, bf16. Fills max_num_batched_tokens with prompts beside a few
 running decodes, then profiles `ModelRunner.launch` of such steps (the GPU synchronised before
-each, so only the host's own time is measured).
+each, so only the host's own time is measured). The engine runs with enforce_eager (such steps
+would otherwise replay the mixed-step CUDA graph); --graphs measures that replay instead.
 
-    python benchmarks/profile_host_step.py --block-size 16
+    python benchmarks/profile_host_step.py --block-size 16 [--graphs]
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--graphs", action="store_true", help="CUDA graphs on (the engine default)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_demo_checkpoint(Path(tmp) / "m", "qwen3-0.6b", write_weights=False)
         llm = LLM(str(model_dir), dtype="bfloat16", load_format="dummy", max_model_len=4096,
-                  block_size=args.block_size)
+                  block_size=args.block_size, enforce_eager=not args.graphs)
     sched, runner = llm.scheduler, llm.model_runner
     rng = np.random.default_rng(0)
     for i in range(64):
