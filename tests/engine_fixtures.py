@@ -11,10 +11,12 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from minivllm import LLM
 from minivllm.demo import save_demo_tokenizer
+from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
 
 # hidden 64, 2 layers, 4 heads / 2 KV heads (GQA), head_dim 16, vocab 512 = the demo tokenizer's.
 # initializer_range 0.3 makes greedy outputs varied rather than one repeated token.
@@ -159,3 +161,56 @@ def tiny_qwen3_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llm(tiny_qwen3: Path) -> LLM:
     """One shared engine for tests that only generate (they must leave it clean)."""
     return make_llm(tiny_qwen3)
+
+
+class EagerGraphRunner(CudaGraphRunner):
+    """A stand-in graph runner for the CPU: `replay` and `replay_mixed` run the runner's forward
+    (placeholder resolution included) eagerly on the fixed views a captured graph would read,
+    after checking the padding the runner staged; they record what they ran."""
+
+    def __init__(self, runner, mixed_tokens: int = 0):
+        buf = runner.buffers
+        inputs = GraphInputs(
+            input_ids=buf.dev("input_ids"),
+            positions=buf.dev("positions"),
+            slot_mapping=buf.dev("slot_mapping"),
+            seq_lens=buf.dev("seq_lens"),
+            block_tables=buf.dev_block_tables(),
+            cu_seqlens=buf.dev("prefill_cu_seqlens"),
+            tiles=buf.dev("prefill_tiles"),
+        )
+        super().__init__(runner._forward, inputs, runner.config.max_num_seqs, mixed_tokens)
+        # What the Triton launch of `mixed_tokens` query tokens tiles by (flash_prefill).
+        from minivllm.kernels.flash_prefill import tile_config
+
+        mc = runner.config.model_config
+        group = mc.num_attention_heads // mc.num_key_value_heads
+        block_m = tile_config(runner.config.block_size, group, mc.num_key_value_heads,
+                              mixed_tokens, runner.device)[0]
+        self.tokens_per_tile = block_m // group
+        self.replayed: list[tuple[int, int]] = []
+        self.replayed_mixed: list[int] = []
+
+    def replay(self, num_decodes: int) -> torch.Tensor:
+        bs = self.bucket(num_decodes)
+        x = self.inputs
+        assert x.seq_lens[num_decodes:bs].eq(0).all()
+        assert x.slot_mapping[num_decodes:bs].eq(-1).all()
+        self.replayed.append((num_decodes, bs))
+        return self.forward(x.input_ids[:bs], x.positions[:bs], self._metadata(bs))[:num_decodes]
+
+    def replay_mixed(self, num_tokens: int) -> torch.Tensor:
+        from minivllm.kernels.flash_prefill import build_tile_table
+
+        x, total = self.inputs, self.mixed_tokens
+        assert x.slot_mapping[num_tokens:total].eq(-1).all()
+        cu = x.cu_seqlens.numpy()
+        rows = int((cu[1:] > cu[:-1]).sum())
+        assert cu[rows] == num_tokens and (cu[rows:] == num_tokens).all()
+        assert x.seq_lens[rows:].eq(0).all()
+        expect = np.zeros(x.tiles.shape[0], dtype=np.int32)
+        build_tile_table(cu[: rows + 1], x.seq_lens.numpy()[:rows], self.tokens_per_tile, expect)
+        assert np.array_equal(x.tiles.numpy(), expect)
+        self.replayed_mixed.append(num_tokens)
+        meta = self._mixed_metadata()
+        return self.forward(x.input_ids[:total], x.positions[:total], meta)[:num_tokens]

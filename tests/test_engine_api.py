@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
 import pytest
 import torch
-from engine_fixtures import assert_all_blocks_free, hf_greedy, make_llm, mixed_prompts
+from engine_fixtures import (
+    EagerGraphRunner,
+    assert_all_blocks_free,
+    hf_greedy,
+    make_llm,
+    mixed_prompts,
+)
 from minivllm import LLMEngine, RequestOutput, SamplingParams
 from minivllm.cli import main
 from minivllm.demo import make_demo_checkpoint
-from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
 from transformers import AutoTokenizer
 
 
@@ -224,59 +228,13 @@ def test_minivllm_llm_engine_local_tokenizer_and_errors(tiny_qwen3):
         LLMEngine(config={k: v for k, v in config.items() if k != "hidden_size"})
 
 
-class EagerReplay(CudaGraphRunner):
-    """A stand-in graph runner for the CPU: `replay` and `replay_mixed` run the forward eagerly
-    on the fixed views a captured graph would read, after checking the padding the runner
-    staged; they record what they ran."""
-
-    def __init__(self, runner, mixed_tokens: int = 0):
-        buf = runner.buffers
-        inputs = GraphInputs(
-            input_ids=buf.dev("input_ids"),
-            positions=buf.dev("positions"),
-            slot_mapping=buf.dev("slot_mapping"),
-            seq_lens=buf.dev("seq_lens"),
-            block_tables=buf.dev_block_tables(),
-            cu_seqlens=buf.dev("prefill_cu_seqlens"),
-            tiles=buf.dev("prefill_tiles"),
-        )
-        super().__init__(runner.model, inputs, runner.config.max_num_seqs, mixed_tokens)
-        self.tokens_per_tile = runner._mixed_tokens_per_tile
-        self.replayed: list[tuple[int, int]] = []
-        self.replayed_mixed: list[int] = []
-
-    def replay(self, num_decodes: int) -> torch.Tensor:
-        bs = self.bucket(num_decodes)
-        x = self.inputs
-        assert x.seq_lens[num_decodes:bs].eq(0).all()
-        assert x.slot_mapping[num_decodes:bs].eq(-1).all()
-        self.replayed.append((num_decodes, bs))
-        return self.forward(x.input_ids[:bs], x.positions[:bs], self._metadata(bs))[:num_decodes]
-
-    def replay_mixed(self, num_tokens: int) -> torch.Tensor:
-        from minivllm.kernels.flash_prefill import build_tile_table
-
-        x, total = self.inputs, self.mixed_tokens
-        assert x.slot_mapping[num_tokens:total].eq(-1).all()
-        cu = x.cu_seqlens.numpy()
-        rows = int((cu[1:] > cu[:-1]).sum())
-        assert cu[rows] == num_tokens and (cu[rows:] == num_tokens).all()
-        assert x.seq_lens[rows:].eq(0).all()
-        expect = np.zeros(x.tiles.shape[0], dtype=np.int32)
-        build_tile_table(cu[: rows + 1], x.seq_lens.numpy()[:rows], self.tokens_per_tile, expect)
-        assert np.array_equal(x.tiles.numpy(), expect)
-        self.replayed_mixed.append(num_tokens)
-        meta = self._mixed_metadata()
-        return self.forward(x.input_ids[:total], x.positions[:total], meta)[:num_tokens]
-
-
 def test_graph_padding_path_on_cpu(tiny_qwen3):
     """The decode-graph path without CUDA: a stand-in graph runner replays eagerly on the fixed
     views, so bucketing, padded rows (seq_len 0, slot -1) and the metadata the graphs read are
     checked against transformers on every decode step."""
     llm = make_llm(tiny_qwen3, block_size=4, max_num_seqs=8)
     runner = llm.model_runner
-    runner.graph_runner = replay = EagerReplay(runner)
+    runner.graph_runner = replay = EagerGraphRunner(runner)
     prompts = mixed_prompts(5, seed=71, min_len=3, max_len=30)
     params = [
         SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 6, 9, 12, 15)
@@ -297,7 +255,7 @@ def test_mixed_graph_path_on_cpu(tiny_qwen3):
     outputs match transformers, with a shared prefix (cache hits) and chunked prompts."""
     llm = make_llm(tiny_qwen3, block_size=4, max_num_seqs=8, max_num_batched_tokens=48)
     runner = llm.model_runner
-    runner.graph_runner = replay = EagerReplay(runner, mixed_tokens=48)
+    runner.graph_runner = replay = EagerGraphRunner(runner, mixed_tokens=48)
     shared = mixed_prompts(1, seed=72, min_len=9, max_len=9)[0]
     prompts = [shared + p for p in mixed_prompts(3, seed=73, min_len=2, max_len=60)]
     prompts += mixed_prompts(3, seed=74, min_len=1, max_len=20)
@@ -338,7 +296,6 @@ def test_start_up_warm_up_steps(tiny_qwen3, monkeypatch, kwargs):
     """The CUDA start-up warm-up (a short prefill, then decodes beside prefill rows filling the
     token budget), run here on the CPU: it plans valid steps for any limits and leaves the real
     scheduler untouched."""
-    import torch
 
     llm = make_llm(tiny_qwen3, **kwargs)
     runner = llm.model_runner

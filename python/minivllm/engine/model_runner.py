@@ -186,6 +186,9 @@ class _StepBuffers:
     def pack(self, header: _StepHeader) -> np.ndarray:
         """The header and the used part of every field the forward reads, in one int32 array
         (what rank 0 sends its workers; they do not sample, so sampling fields stay behind)."""
+        # Tensor parallelism runs every step eagerly: a graph step's padding and tile table
+        # are not part of the message.
+        assert header.graph_batch_size == 0 and header.mixed_graph_tokens == 0, header
         parts = [header.to_array()]
         for name, length in _payload_spans(header):
             start = self.offsets[name][0]
@@ -406,7 +409,10 @@ class ModelRunner:
         self.graph_runner = None
         self.kv_cache = None
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError:  # a sticky CUDA error: keep the one being raised, if any
+                pass
 
     # ---- KV cache --------------------------------------------------------------------------
 
@@ -486,6 +492,7 @@ class ModelRunner:
         self._run_step(self._stage(batch))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
+        activations = max(0, peak - tmp.numel() * tmp.element_size())  # the throwaway cache aside
         del tmp
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = torch.empty(0, device=self.device)
@@ -494,7 +501,7 @@ class ModelRunner:
         if self._graphs_planned:
             # The mixed-step CUDA graph's pool keeps a full step's activations for good, beside
             # what an eager step allocates.
-            budget -= peak
+            budget -= activations
         num_blocks = int(budget // bytes_per_block)
         logger.info(
             "memory: %.2f GiB in use before the pool (weights and others), warm-up peak "
@@ -534,7 +541,7 @@ class ModelRunner:
         for i, n in enumerate(lens):
             if i == num_short:  # the short ones prefill, then decode beside the long ones
                 batch = sched.schedule()
-                tokens = self._run_step(self._stage(batch))
+                tokens = self._run_step(self._stage(batch, eager=True))
                 if self.tp.rank != 0:  # only rank 0 samples
                     tokens = np.zeros(batch.num_samples, dtype=np.int64)
                 sched.update(tokens)
@@ -725,8 +732,13 @@ class ModelRunner:
             cu_seqlens=buf.dev("prefill_cu_seqlens"),
             tiles=buf.dev("prefill_tiles"),
         )
+        # The tile table packs rows into 15 bits, and its length is a grid dimension (< 2^16).
+        fits = max_bs < 1 << 15 and inputs.tiles.shape[0] < 1 << 16
         runner = CudaGraphRunner(
-            self._forward, inputs, max_bs, mixed_tokens=self.config.max_num_batched_tokens
+            self._forward,
+            inputs,
+            max_bs,
+            mixed_tokens=self.config.max_num_batched_tokens if fits else 0,
         )
         runner.capture()
         # Capture wrote harmless values into the device buffers; the staging buffer is the
