@@ -16,7 +16,7 @@ import pytest
 import torch
 from minivllm import LLM
 from minivllm.demo import save_demo_tokenizer
-from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
+from minivllm.engine.cuda_graphs import CudaGraphRunner
 
 # hidden 64, 2 layers, 4 heads / 2 KV heads (GQA), head_dim 16, vocab 512 = the demo tokenizer's.
 # initializer_range 0.3 makes greedy outputs varied rather than one repeated token.
@@ -169,17 +169,8 @@ class EagerGraphRunner(CudaGraphRunner):
     after checking the padding the runner staged; they record what they ran."""
 
     def __init__(self, runner, mixed_tokens: int = 0):
-        buf = runner.buffers
-        inputs = GraphInputs(
-            input_ids=buf.dev("input_ids"),
-            positions=buf.dev("positions"),
-            slot_mapping=buf.dev("slot_mapping"),
-            seq_lens=buf.dev("seq_lens"),
-            block_tables=buf.dev_block_tables(),
-            cu_seqlens=buf.dev("prefill_cu_seqlens"),
-            tiles=buf.dev("prefill_tiles"),
-        )
-        super().__init__(runner._forward, inputs, runner.config.max_num_seqs, mixed_tokens)
+        super().__init__(runner._forward, runner.buffers.graph_inputs(),
+                         runner.config.max_num_seqs, mixed_tokens)
         # What the Triton launch of `mixed_tokens` query tokens tiles by (flash_prefill).
         from minivllm.kernels.flash_prefill import tile_config
 

@@ -211,6 +211,24 @@ class _StepBuffers:
         )
         return header
 
+    def neutralise_tokens(self, start: int, stop: int) -> None:
+        """Padding tokens of a replayed graph: id 0, position 0, slot -1 (writes no KV)."""
+        self._host_views["input_ids"][start:stop] = 0
+        self._host_views["positions"][start:stop] = 0
+        self._host_views["slot_mapping"][start:stop] = -1
+
+    def graph_inputs(self) -> GraphInputs:
+        """The fixed-address device views CUDA graphs read: the whole of every field."""
+        return GraphInputs(
+            input_ids=self.dev("input_ids"),
+            positions=self.dev("positions"),
+            slot_mapping=self.dev("slot_mapping"),
+            seq_lens=self.dev("seq_lens"),
+            block_tables=self.dev_block_tables(),
+            cu_seqlens=self.dev("prefill_cu_seqlens"),
+            tiles=self.dev("prefill_tiles"),
+        )
+
     def wait_for_upload(self) -> None:
         """The staging buffer may be rewritten only once the last upload has left it."""
         if self.copy_done is not None:
@@ -598,9 +616,7 @@ class ModelRunner:
         graph_bs = self._graph_bucket(num_tokens, nd, num_rows)
         if graph_bs is not None and graph_bs > nd:
             # Padded graph rows: seq_len 0 and slot -1 read no KV and write nowhere.
-            buf.host_view("input_ids")[nd:graph_bs] = 0
-            buf.host_view("positions")[nd:graph_bs] = 0
-            buf.host_view("slot_mapping")[nd:graph_bs] = -1
+            buf.neutralise_tokens(nd, graph_bs)
             buf.host_view("seq_lens")[nd:graph_bs] = 0
         mixed_tokens = 0 if eager else self._mixed_graph_tokens(num_tokens, nd)
         if mixed_tokens:
@@ -618,9 +634,7 @@ class ModelRunner:
                 self._mixed_tokens_per_tile,
                 buf.host_view("prefill_tiles"),
             )
-            buf.host_view("input_ids")[num_tokens:mixed_tokens] = 0
-            buf.host_view("positions")[num_tokens:mixed_tokens] = 0
-            buf.host_view("slot_mapping")[num_tokens:mixed_tokens] = -1
+            buf.neutralise_tokens(num_tokens, mixed_tokens)
         return _StepHeader(
             num_tokens=num_tokens,
             num_decodes=nd,
@@ -721,17 +735,8 @@ class ModelRunner:
         return runner.mixed_tokens
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner:
-        buf = self.buffers
         max_bs = self.config.max_num_seqs
-        inputs = GraphInputs(
-            input_ids=buf.dev("input_ids"),
-            positions=buf.dev("positions"),
-            slot_mapping=buf.dev("slot_mapping"),
-            seq_lens=buf.dev("seq_lens"),
-            block_tables=buf.dev_block_tables(),
-            cu_seqlens=buf.dev("prefill_cu_seqlens"),
-            tiles=buf.dev("prefill_tiles"),
-        )
+        inputs = self.buffers.graph_inputs()
         # The tile table packs rows into 15 bits, and its length is a grid dimension (< 2^16).
         fits = max_bs < 1 << 15 and inputs.tiles.shape[0] < 1 << 16
         runner = CudaGraphRunner(
