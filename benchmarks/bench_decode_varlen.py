@@ -13,10 +13,17 @@ from __future__ import annotations
 import argparse
 import itertools
 
+import os
+import sys
+
 import torch
 import triton
 import triton.language as tl
-from minivllm.kernels.paged_decode import decode_attention
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import graph_replay_us  # noqa: E402
+
+from minivllm.kernels.paged_decode import decode_attention  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 # name -> keyword overrides of decode_attention
@@ -45,29 +52,6 @@ def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
 
 
-def replay_us(fn, reps: int = 10) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(15):
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[256, 128, 64])
@@ -81,13 +65,13 @@ def main() -> None:
     dtype = torch.bfloat16
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    copy_us = replay_us(lambda: dst.copy_(src), reps=3)
+    copy_us = graph_replay_us(lambda: dst.copy_(src), reps=3)
     print(f"copy bandwidth {2 * (1 << 30) / copy_us / 1e3:,.0f} GB/s (read + written)")
     src.resize_(0)
     dst.resize_(0)
     x = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda").normal_()
     sums = torch.empty(triton.cdiv(x.numel(), 4096 * 8), device="cuda")
-    read_us = replay_us(lambda: _read_kernel[(sums.numel(),)](x, sums, x.numel(), BLOCK=4096),
+    read_us = graph_replay_us(lambda: _read_kernel[(sums.numel(),)](x, sums, x.numel(), BLOCK=4096),
                         reps=3)
     print(f"read-only bandwidth {2 * x.numel() / read_us / 1e3:,.0f} GB/s")
     x.resize_(0)
@@ -111,7 +95,8 @@ def main() -> None:
         q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=dtype)
         kv_bytes = 2 * int(lens.sum()) * NUM_KV_HEADS * HEAD_DIM * 2
         for order in ("random", "longest"):
-            idx = torch.argsort(lens, descending=True) if order == "longest" else torch.arange(batch)
+            longest = order == "longest"
+            idx = torch.argsort(lens, descending=True) if longest else torch.arange(batch)
             seq_lens = lens[idx].to(torch.int32).cuda()
             tables = bt[idx].contiguous().cuda()
             out = torch.empty_like(q)
@@ -125,7 +110,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 err = (out.float() - ref.float()).abs().max().item()
                 assert err < 2e-2, (kw, err)
-                row.append(kv_bytes / replay_us(call) / 1e3)
+                row.append(kv_bytes / graph_replay_us(call) / 1e3)
             print(f"{block:>5} {batch:>5} {order:<8}" + "".join(f"{v:>16,.0f}" for v in row))
 
 

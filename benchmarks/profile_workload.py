@@ -155,7 +155,8 @@ def main() -> None:
             print(f"   {s:8.4f}  {name}")
     short = {"decode attn": "dec-attn", "prefill attn": "pre-attn", "qk-norm+rope+kv": "rope",
              "silu*mul": "silu"}
-    print(f"\nGPU timeline by kind of step (seconds; wall = upload to next upload), run {wall:.2f} s")
+    print(f"\nGPU timeline by kind of step (seconds; wall = upload to next upload), "
+          f"run {wall:.2f} s")
     print(f"{'kind':<16}{'steps':>6}{'wall':>7}{'idle':>7}"
           + "".join(f"{short.get(c, c):>9}" for c in cats))
     for kd in sorted(kinds):

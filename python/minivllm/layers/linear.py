@@ -1,10 +1,10 @@
 """Linear layers with tensor parallelism inside them (Megatron style).
 
 Column-parallel layers split the output features across ranks, row-parallel layers split the input
-features and all-reduce the result. On one GPU at decode batch sizes a row-parallel layer may instead hand
-its consumer float32 split-K partial sums (`SplitKPartials`, see `RowParallelLinear.forward`). Every parameter carries a `weight_loader(param, loaded
-[, shard])` that copies this rank's slice of a checkpoint tensor into it, so the model code stays
-plain.
+features and all-reduce the result. On one GPU at decode batch sizes a row-parallel layer may
+instead hand its consumer float32 split-K partial sums (`SplitKPartials`, see
+`RowParallelLinear.forward`). Every parameter carries a `weight_loader(param, loaded[, shard])`
+that copies this rank's slice of a checkpoint tensor into it, so the model code stays plain.
 """
 
 from __future__ import annotations
