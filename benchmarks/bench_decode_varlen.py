@@ -1,6 +1,9 @@
 """Paged decode over mixed context lengths, as in the throughput workload (contexts of 100 to
 2048 tokens side by side): GB/s of KV read per launch configuration, with rows in random order
-and sorted longest first (the tail of a single-split grid is its longest rows).
+and sorted longest first (the tail of a single-split grid is its longest rows), or in random order
+with the kernel's `row_order` taking them longest first (what the engine does). Also a probe
+kernel with the decode kernel's K/V loads and no attention math ("gather-read"), and an optional
+head-major cache layout (`--layout hnd`, passed as a permuted view).
 
 Qwen3-0.6B head shape (16 query heads, 8 KV heads, head_dim 128), bf16, block size 16, shuffled
 block tables; each variant timed as a CUDA-graph replay of 10 calls.
@@ -23,6 +26,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import graph_replay_us  # noqa: E402
 
+from minivllm.kernels.block_table import tile_row_offsets  # noqa: E402
 from minivllm.kernels.paged_decode import decode_attention  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
@@ -38,6 +42,10 @@ VARIANTS = {
     "splits<=2 p512": {"max_num_splits": 2, "min_partition": 512},
     "splits<=4 p256": {"max_num_splits": 4, "min_partition": 256},
     "splits<=8 p256": {"max_num_splits": 8, "min_partition": 256},
+    "p128": {"min_partition": 128},
+    "p64": {"min_partition": 64},
+    "n32 p64": {"block_n": 32, "min_partition": 64},
+    "n32 p32": {"block_n": 32, "min_partition": 32},
 }
 
 
@@ -52,6 +60,29 @@ def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
 
 
+@triton.jit
+def _gather_read_kernel(k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, stride_block, stride_tok,
+                        stride_head, stride_bt, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HEAD_DIM: tl.constexpr):
+    # The decode kernel's K/V loads (same tiles, same block-table lookup) with a plain sum for
+    # compute: what the access pattern alone allows.
+    b = tl.program_id(0)
+    head_off = tl.program_id(1).to(tl.int64) * stride_head
+    seq_len = tl.load(seq_lens_ptr + b)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for tile_start in range(0, seq_len, BLOCK_N):
+        rows = tile_row_offsets(bt_row, tile_start, seq_len, stride_block, stride_tok,
+                                BLOCK_SIZE, BLOCK_N, True, True)
+        mask = (tile_start + offs_n < seq_len)[:, None]
+        off = head_off + rows[:, None] + offs_d[None, :]
+        acc += tl.load(k_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(v_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(acc, 1), 0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[256, 128, 64])
@@ -59,6 +90,9 @@ def main() -> None:
     ap.add_argument("--hi", type=int, default=2048)
     ap.add_argument("--block-size", type=int, nargs="+", default=[16])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--layout", nargs="+", default=["nhd"], choices=["nhd", "hnd"],
+                    help="cache layout: nhd = [blocks, block_size, kv_heads, dim] (the engine's), "
+                    "hnd = [blocks, kv_heads, block_size, dim] (passed as a permuted view)")
     args = ap.parse_args()
     variants = {k: VARIANTS[k] for k in args.variants}
     torch.manual_seed(0)
@@ -75,15 +109,20 @@ def main() -> None:
                         reps=3)
     print(f"read-only bandwidth {2 * x.numel() / read_us / 1e3:,.0f} GB/s")
     x.resize_(0)
-    print(f"{'block':>5} {'batch':>5} {'order':<8}" + "".join(f"{v:>16}" for v in variants)
-          + "   (GB/s)")
-    for block, batch in itertools.product(args.block_size, args.batch):
+    print(f"{'layout':<6} {'block':>5} {'batch':>5} {'order':<8}{'gather-read':>12}"
+          + "".join(f"{v:>16}" for v in variants) + "   (GB/s)")
+    for layout, block, batch in itertools.product(args.layout, args.block_size, args.batch):
         lens = torch.randint(args.lo, args.hi + 1, (batch,))
         blocks = (lens + block - 1) // block
         total = int(blocks.sum())
-        shape = (total, block, NUM_KV_HEADS, HEAD_DIM)
-        k_cache = torch.randn(shape, device="cuda", dtype=dtype)
-        v_cache = torch.randn(shape, device="cuda", dtype=dtype)
+        if layout == "nhd":
+            shape = (total, block, NUM_KV_HEADS, HEAD_DIM)
+            k_cache = torch.randn(shape, device="cuda", dtype=dtype)
+            v_cache = torch.randn(shape, device="cuda", dtype=dtype)
+        else:
+            shape = (total, NUM_KV_HEADS, block, HEAD_DIM)
+            k_cache = torch.randn(shape, device="cuda", dtype=dtype).permute(0, 2, 1, 3)
+            v_cache = torch.randn(shape, device="cuda", dtype=dtype).permute(0, 2, 1, 3)
         perm = torch.randperm(total).to(torch.int32)
         width = int(blocks.max())
         bt = torch.full((batch, width), -1, dtype=torch.int32)
@@ -94,24 +133,39 @@ def main() -> None:
             pos += n
         q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=dtype)
         kv_bytes = 2 * int(lens.sum()) * NUM_KV_HEADS * HEAD_DIM * 2
-        for order in ("random", "longest"):
+        for order in ("random", "longest", "row_order"):
+            # longest: the rows themselves sorted; row_order: random rows, the kernel's programs
+            # taking them longest first (what the engine's decode graph steps do)
             longest = order == "longest"
             idx = torch.argsort(lens, descending=True) if longest else torch.arange(batch)
             seq_lens = lens[idx].to(torch.int32).cuda()
             tables = bt[idx].contiguous().cuda()
+            row_order = (torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32)
+                         if order == "row_order" else None)
             out = torch.empty_like(q)
             ref = decode_attention(q, k_cache, v_cache, seq_lens, tables, HEAD_DIM**-0.5)
-            row = []
+            sums = torch.empty(batch * NUM_KV_HEADS, device="cuda")
+
+            def gather(seq_lens=seq_lens, tables=tables, k=k_cache, v=v_cache, sums=sums,
+                       batch=batch, block=block):
+                _gather_read_kernel[(batch, NUM_KV_HEADS)](
+                    k, v, seq_lens, tables, sums, k.stride(0), k.stride(1), k.stride(2),
+                    tables.stride(0), BLOCK_SIZE=block, BLOCK_N=64, HEAD_DIM=HEAD_DIM,
+                    num_warps=4, num_stages=3)
+
+            row = [kv_bytes / graph_replay_us(gather) / 1e3]
             for kw in variants.values():
                 def call(kw=kw, seq_lens=seq_lens, tables=tables, out=out, q=q, k=k_cache,
-                         v=v_cache):
-                    decode_attention(q, k, v, seq_lens, tables, HEAD_DIM**-0.5, out=out, **kw)
+                         v=v_cache, row_order=row_order):
+                    decode_attention(q, k, v, seq_lens, tables, HEAD_DIM**-0.5, out=out,
+                                     row_order=row_order, **kw)
                 call()
                 torch.cuda.synchronize()
                 err = (out.float() - ref.float()).abs().max().item()
                 assert err < 2e-2, (kw, err)
                 row.append(kv_bytes / graph_replay_us(call) / 1e3)
-            print(f"{block:>5} {batch:>5} {order:<8}" + "".join(f"{v:>16,.0f}" for v in row))
+            print(f"{layout:<6} {block:>5} {batch:>5} {order:<8}{row[0]:>12,.0f}"
+                  + "".join(f"{v:>16,.0f}" for v in row[1:]))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,11 @@ SHAPES = {  # Qwen3-0.6B: name -> (N, K) of y = x @ W^T
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", type=int, nargs="+", default=[16, 64, 128, 256])
+    ap.add_argument("--blas", choices=["cublas", "cublaslt"], default=None,
+                    help="torch.backends.cuda.preferred_blas_library for the cuBLAS column")
     args = ap.parse_args()
+    if args.blas:
+        torch.backends.cuda.preferred_blas_library(args.blas)
     torch.manual_seed(0)
     print(f"{'layer':<8}{'M':>5}{'cublas':>8}{'split-K':>9}  {'best config':<24}{'engine':>8}"
           f"{'cublas GB/s':>13}")

@@ -8,6 +8,10 @@ launch can be captured in a CUDA graph; how many splits a sequence uses is decid
 its length, and programs without work exit at once. A second kernel merges the partial results with
 their log-sum-exp. When max_num_splits is 1 (large batches already fill the GPU) the main kernel
 normalizes and writes the output itself: no reduce launch, no partial buffers.
+
+With `row_order` (a permutation of the rows, longest context first) program b takes row
+row_order[b]: the longest rows start first instead of forming the grid's tail. Each row's result
+does not depend on the order.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def _paged_decode_kernel(
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     seq_lens_ptr,  # [B] int32
     block_tables_ptr,  # [B, max_blocks] int32
+    row_order_ptr,  # [B] int32, read only if ROW_ORDER
     part_out_ptr,  # [B, num_heads, max_num_splits, head_dim] float32; unused if SINGLE_SPLIT
     part_lse_ptr,  # [B, num_heads, max_num_splits] float32, log2 units; unused if SINGLE_SPLIT
     out_ptr,  # [B, num_heads, head_dim]; written only if SINGLE_SPLIT
@@ -66,8 +71,11 @@ def _paged_decode_kernel(
     MIN_PARTITION: tl.constexpr,
     SELECT_LOOKUP: tl.constexpr,  # see block_table.tile_row_offsets (BLOCK_N > BLOCK_SIZE only)
     SINGLE_SPLIT: tl.constexpr,  # max_num_splits == 1: write the final output, no reduce
+    ROW_ORDER: tl.constexpr,  # program b takes row row_order[b]
 ):
     b = tl.program_id(0)
+    if ROW_ORDER:
+        b = tl.load(row_order_ptr + b)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -228,12 +236,14 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     select_lookup: bool = True,
+    row_order: torch.Tensor | None = None,  # [B] int32, a permutation of range(B)
 ) -> torch.Tensor:
     """Attention of one query per sequence (position seq_lens[b] - 1) over its paged context.
 
     The keyword-only arguments tune the split: `max_num_splits` (default: from the batch size and
     the block-table width, so a fixed-shape call has a fixed grid), `min_partition` (fewest tokens
-    per split), the key tile `block_n` and the launch's `num_warps` / `num_stages`.
+    per split), the key tile `block_n` and the launch's `num_warps` / `num_stages`; `row_order`
+    (longest context first) is the order the programs take the rows in.
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -244,6 +254,9 @@ def decode_attention(
     assert block_tables.dim() == 2 and block_tables.shape[0] == batch
     assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
     assert min_partition % block_n == 0
+    if row_order is not None:
+        assert row_order.shape == (batch,) and row_order.dtype == torch.int32, row_order.shape
+        assert row_order.is_contiguous()
     assert block_size % block_n == 0 or block_n % block_size == 0
     if out is None:
         out = torch.empty_like(q)
@@ -272,6 +285,7 @@ def decode_attention(
         v_cache_ptr=v_cache,
         seq_lens_ptr=seq_lens,
         block_tables_ptr=block_tables,
+        row_order_ptr=row_order if row_order is not None else seq_lens,
         part_out_ptr=part_out,
         part_lse_ptr=part_lse,
         out_ptr=out,
@@ -294,6 +308,7 @@ def decode_attention(
         MIN_PARTITION=min_partition,
         SELECT_LOOKUP=select_lookup,
         SINGLE_SPLIT=single_split,
+        ROW_ORDER=row_order is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

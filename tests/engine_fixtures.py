@@ -187,6 +187,10 @@ class EagerGraphRunner(CudaGraphRunner):
         x = self.inputs
         assert x.seq_lens[num_decodes:bs].eq(0).all()
         assert x.slot_mapping[num_decodes:bs].eq(-1).all()
+        # The decode kernel's row order: a permutation of the bucket, longest context first.
+        order, lens = x.decode_order[:bs].numpy(), x.seq_lens[:bs].numpy()
+        assert np.array_equal(np.sort(order), np.arange(bs))
+        assert (np.diff(lens[order]) <= 0).all(), (order, lens)
         self.replayed.append((num_decodes, bs))
         return self.forward(x.input_ids[:bs], x.positions[:bs], self._metadata(bs))[:num_decodes]
 

@@ -127,10 +127,12 @@ def test_decode_head_dim_64_and_one_long_sequence(dtype, tol):
     _decode_case([5, 32768 + 3], 16, 8, 128, 16, dtype, tol)
 
 
+@pytest.mark.parametrize("longest_first", [False, True])
 @pytest.mark.parametrize("block_size", [16, 256])
-def test_decode_single_split_bf16(monkeypatch, block_size):
+def test_decode_single_split_bf16(monkeypatch, block_size, longest_first):
     """256 sequences x 8 KV heads fill an H100 (132 SMs): one split by default, so the main kernel
-    writes the output and the reduce is never launched; padding rows (seq_len 0) are zeros."""
+    writes the output and the reduce is never launched; padding rows (seq_len 0) are zeros. Also
+    with the programs taking the rows longest first, as decode graph steps do."""
     from minivllm.kernels import paged_decode
 
     gen = torch.Generator().manual_seed(block_size)
@@ -139,7 +141,9 @@ def test_decode_single_split_bf16(monkeypatch, block_size):
     max_context = -(-int(seq_lens.max()) // block_size) * block_size
     assert paged_decode._max_num_splits(256, 8, max_context, 256, torch.device("cuda")) == 1
     monkeypatch.setattr(paged_decode, "_paged_decode_reduce_kernel", None)  # must not be needed
-    _decode_case(seq_lens.tolist(), 16, 8, 128, block_size, torch.bfloat16, TOL)
+    order = torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32).cuda()
+    kwargs = {"row_order": order} if longest_first else {}
+    _decode_case(seq_lens.tolist(), 16, 8, 128, block_size, torch.bfloat16, TOL, **kwargs)
 
 
 def test_store_kvcache_bf16():

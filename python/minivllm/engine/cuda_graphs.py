@@ -49,6 +49,7 @@ class GraphInputs:
     block_tables: torch.Tensor  # [max_seqs, max_blocks] int32
     cu_seqlens: torch.Tensor  # [max_seqs + 1] int32: query_start_loc of a mixed step
     tiles: torch.Tensor  # [max_tiles] int32: a mixed step's tile table
+    decode_order: torch.Tensor  # [max_seqs] int32: a decode step's rows, longest context first
 
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
@@ -95,6 +96,7 @@ class CudaGraphRunner:
             prefill_seq_lens=x.seq_lens[bs:bs],
             prefill_block_tables=x.block_tables[bs:bs],
             max_prefill_query_len=0,
+            decode_row_order=x.decode_order[:bs],
         )
 
     def _mixed_metadata(self) -> AttentionMetadata:
@@ -138,6 +140,8 @@ class CudaGraphRunner:
         x.block_tables.zero_()
         x.cu_seqlens.zero_()
         x.tiles.fill_(-1)
+        # The identity: a permutation of every prefix, as each bucket's view needs.
+        torch.arange(x.decode_order.shape[0], out=x.decode_order)
         torch.cuda.synchronize()
         if self.mixed_tokens:
             self.mixed_graph, self.mixed_output = self._capture_one(

@@ -127,6 +127,7 @@ class _StepBuffers:
             "min_p": max_seqs,
             "uniforms": max_seqs,
             "prefill_tiles": max(max_tiles, 1),  # a mixed CUDA graph's tile table
+            "decode_order": max_seqs,  # a decode graph step's rows, longest context first
         }
         self.offsets: dict[str, tuple[int, int]] = {}
         total = 0
@@ -227,6 +228,7 @@ class _StepBuffers:
             block_tables=self.dev_block_tables(),
             cu_seqlens=self.dev("prefill_cu_seqlens"),
             tiles=self.dev("prefill_tiles"),
+            decode_order=self.dev("decode_order"),
         )
 
     def wait_for_upload(self) -> None:
@@ -614,10 +616,16 @@ class ModelRunner:
         else:
             buf.host_view("prefill_cu_seqlens")[0] = 0
         graph_bs = self._graph_bucket(num_tokens, nd, num_rows)
-        if graph_bs is not None and graph_bs > nd:
-            # Padded graph rows: seq_len 0 and slot -1 read no KV and write nowhere.
-            buf.neutralise_tokens(nd, graph_bs)
-            buf.host_view("seq_lens")[nd:graph_bs] = 0
+        if graph_bs is not None:
+            seq_lens = buf.host_view("seq_lens")
+            if graph_bs > nd:
+                # Padded graph rows: seq_len 0 and slot -1 read no KV and write nowhere.
+                buf.neutralise_tokens(nd, graph_bs)
+                seq_lens[nd:graph_bs] = 0
+            # Longest context first (padding last): the decode kernel's programs take the rows
+            # in this order, so the longest rows do not form the grid's tail.
+            order = np.argsort(-seq_lens[:graph_bs], kind="stable")
+            buf.host_view("decode_order")[:graph_bs] = order
         mixed_tokens = 0 if eager else self._mixed_graph_tokens(num_tokens, nd)
         if mixed_tokens:
             # Every row is a "prefill" row (a decode is a one-token query) named by the tile

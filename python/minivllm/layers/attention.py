@@ -36,6 +36,9 @@ class AttentionMetadata:
     # A CUDA-graph step's fixed-grid tile table for the prefill kernel (triton backend), or None
     # (see flash_prefill.build_tile_table); with it, rows past the step's end have no tiles.
     prefill_tiles: torch.Tensor | None = None
+    # A decode CUDA-graph step's rows, longest context first (the order the decode kernel's
+    # programs take them in: the longest no longer form the grid's tail), or None.
+    decode_row_order: torch.Tensor | None = None  # [num_decodes] int32
 
     @property
     def num_prefills(self) -> int:
@@ -128,6 +131,7 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd > 0:
+            ordered = {} if meta.decode_row_order is None else {"row_order": meta.decode_row_order}
             backend.decode_attention(
                 q[:nd],
                 self.k_cache,
@@ -136,6 +140,7 @@ class Attention(nn.Module):
                 meta.decode_block_tables,
                 self.scale,
                 out=out[:nd],
+                **ordered,
             )
         if meta.max_prefill_query_len > 0:
             tiled = {} if meta.prefill_tiles is None else {"tiles": meta.prefill_tiles}
