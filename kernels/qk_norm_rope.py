@@ -105,36 +105,11 @@ def _qk_norm_rope_kernel(
     BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
 ):
-    # One program per token: every q and k head of it, so the cos/sin row is read once.
+    # Program (token, part): part 0 normalises and rotates the token's q heads, part 1 its k
+    # heads, part 2 (STORE_KV only) copies its v into the cache. Three short dependency chains
+    # side by side instead of one long one: a decode step has only a few hundred tokens.
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + tok).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    dmask = offs_d < HALF
-    row = pos * HEAD_DIM + offs_d
-    cos1 = tl.load(cos_ptr + row, mask=dmask, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + row, mask=dmask, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
-    _norm_rope_heads(
-        q_ptr,
-        q_weight_ptr,
-        q_out_ptr,
-        tok * (num_q_heads * HEAD_DIM),
-        cos1,
-        cos2,
-        sin1,
-        sin2,
-        tok,
-        stride_q_t,
-        stride_q_h,
-        num_q_heads,
-        q_eps,
-        HAS_NORM,
-        HEAD_DIM,
-        HALF,
-        BLOCK_HQ,
-        BLOCK_HALF,
-    )
+    part = tl.program_id(1)
     kv_row_size = num_kv_heads * HEAD_DIM  # a token's row in k_out and a cache slot's stride
     if STORE_KV:
         # int64: slot * kv_row_size can pass 2^31 in a large pool. Slot -1 (a padding row of a
@@ -145,32 +120,63 @@ def _qk_norm_rope_kernel(
     else:
         k_dst_ptr = k_out_ptr
         k_row = tok * kv_row_size
-    _norm_rope_heads(
-        k_ptr,
-        k_weight_ptr,
-        k_dst_ptr,
-        k_row,
-        cos1,
-        cos2,
-        sin1,
-        sin2,
-        tok,
-        stride_k_t,
-        stride_k_h,
-        num_kv_heads,
-        k_eps,
-        HAS_NORM,
-        HEAD_DIM,
-        HALF,
-        BLOCK_HK,
-        BLOCK_HALF,
-    )
-    if STORE_KV:
+    if part == 2:
         offs_h = tl.arange(0, BLOCK_HK)[:, None]
         offs_vd = tl.arange(0, BLOCK_D)[None, :]
-        mask = (offs_h < tl.where(slot >= 0, num_kv_heads, 0)) & (offs_vd < HEAD_DIM)
+        mask = (offs_h < tl.where(k_row >= 0, num_kv_heads, 0)) & (offs_vd < HEAD_DIM)
         v = tl.load(v_ptr + tok * stride_v_t + offs_h * stride_v_h + offs_vd, mask=mask)
         tl.store(v_cache_ptr + k_row + offs_h * HEAD_DIM + offs_vd, v, mask=mask)
+    else:
+        pos = tl.load(positions_ptr + tok).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_HALF)
+        dmask = offs_d < HALF
+        row = pos * HEAD_DIM + offs_d
+        cos1 = tl.load(cos_ptr + row, mask=dmask, other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_ptr + row, mask=dmask, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
+        if part == 0:
+            _norm_rope_heads(
+                q_ptr,
+                q_weight_ptr,
+                q_out_ptr,
+                tok * (num_q_heads * HEAD_DIM),
+                cos1,
+                cos2,
+                sin1,
+                sin2,
+                tok,
+                stride_q_t,
+                stride_q_h,
+                num_q_heads,
+                q_eps,
+                HAS_NORM,
+                HEAD_DIM,
+                HALF,
+                BLOCK_HQ,
+                BLOCK_HALF,
+            )
+        else:
+            _norm_rope_heads(
+                k_ptr,
+                k_weight_ptr,
+                k_dst_ptr,
+                k_row,
+                cos1,
+                cos2,
+                sin1,
+                sin2,
+                tok,
+                stride_k_t,
+                stride_k_h,
+                num_kv_heads,
+                k_eps,
+                HAS_NORM,
+                HEAD_DIM,
+                HALF,
+                BLOCK_HK,
+                BLOCK_HALF,
+            )
 
 
 def _check_qk(
@@ -226,7 +232,7 @@ def _launch(
     has_norm = q_weight is not None
     store_kv = k_cache is not None
     half = head_dim // 2
-    _qk_norm_rope_kernel[(num_tokens,)](
+    _qk_norm_rope_kernel[(num_tokens, 3 if store_kv else 2)](
         q_ptr=q,
         k_ptr=k,
         v_ptr=v if store_kv else k,
@@ -281,8 +287,8 @@ def qk_norm_rope(
 
     q and k may be views into the packed qkv projection (any token and head stride, head_dim
     contiguous). Outputs are contiguous tensors in q's dtype, fresh unless q_out / k_out are given;
-    a program reads all heads of its token before writing, so the outputs may alias q and k when
-    those are contiguous.
+    a program reads all the q (or all the k) heads of its token before writing them, so the
+    outputs may alias q and k when those are contiguous.
     """
     if q_out is None:
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
