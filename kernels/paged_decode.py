@@ -207,17 +207,18 @@ def _paged_decode_reduce_kernel(
 def _max_num_splits(
     batch: int, num_kv_heads: int, max_context: int, min_partition: int, device: torch.device
 ) -> int:
-    # One split when the (b, kv_head) programs alone give every SM a dozen; otherwise enough
+    # One split when the (b, kv_head) programs alone give every SM ten; otherwise enough
     # splits for ~32 programs per SM (contexts of mixed lengths: short splits keep the long rows
     # from forming the grid's tail), never more than min_partition-sized pieces of the longest
-    # possible context (the block-table width). Tuned with bench_decode_varlen.py (H200):
-    # 64 and 128 rows of 100-2048 tokens +6%; 256 rows: splitting lost 2%.
+    # possible context (the block-table width). Tuned with bench_decode_varlen.py (H200, rows of
+    # 100-2048 tokens taken longest first): splits win at 64-128 rows (+8% at 64, +3.6% at 128 over
+    # one split), one split wins from 160 rows (+1.4% at 160, +2.2% at 192, +2% at 256).
     if device.type == "cuda":
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         num_sms = 4
     pairs = batch * num_kv_heads
-    wanted = 1 if pairs >= 12 * num_sms else triton.cdiv(32 * num_sms, pairs)
+    wanted = 1 if pairs >= 10 * num_sms else triton.cdiv(32 * num_sms, pairs)
     return max(1, min(wanted, _SPLITS_CAP, triton.cdiv(max_context, min_partition)))
 
 
