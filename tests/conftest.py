@@ -14,4 +14,4 @@ def pytest_collection_modifyitems(config, items):
 
 
 # Engine test fixtures (tiny random Qwen3 checkpoints, a shared engine); see engine_fixtures.py.
-from engine_fixtures import tiny_llm, tiny_qwen3, tiny_qwen3_sharded  # noqa: E402, F401
+from engine_fixtures import gpu_qwen3, tiny_llm, tiny_qwen3, tiny_qwen3_sharded  # noqa: E402, F401

@@ -146,6 +146,20 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpu_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """For tests/gpu: the Triton kernels' head_dim 64, 4 heads over 2 KV heads (GQA 2; one KV
+    head per rank at tensor_parallel_size=2), float32 weights."""
+    return make_hf_checkpoint(
+        tmp_path_factory.mktemp("gpu_qwen3"),
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Untied LM head, head_dim 32, sharded into several files with an index json."""
     return make_hf_checkpoint(

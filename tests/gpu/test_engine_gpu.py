@@ -11,25 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import hf_model, make_hf_checkpoint, mixed_prompts
+from engine_fixtures import hf_model, mixed_prompts
 from minivllm import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def gpu_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small Qwen3 with the kernels' head_dim 64 and GQA 2, float32 weights."""
-    return make_hf_checkpoint(
-        tmp_path_factory.mktemp("gpu_qwen3"),
-        hidden_size=128,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-    )
 
 
 def gpu_llm(path: Path, **kwargs) -> LLM:

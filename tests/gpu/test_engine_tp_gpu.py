@@ -1,9 +1,8 @@
 """Tensor parallelism on GPUs: tensor_parallel_size=2 over NCCL (rank i on cuda:i) against one GPU.
 
-Written without a multi-GPU machine at hand: it has not been run yet (the CPU tests in
-tests/test_engine_tp.py cover the same engine path over gloo). It needs two visible GPUs and is
-skipped otherwise. With N > 1 every step runs eagerly (no CUDA graphs), so the one-GPU engine is
-compared with graphs on and off.
+The CPU tests in tests/test_engine_tp.py cover the same engine path over gloo. These need two
+visible GPUs and are skipped otherwise. With N > 1 every step runs eagerly (no CUDA graphs), so
+the one-GPU engine is compared with graphs on and off.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import make_hf_checkpoint, mixed_prompts
+from engine_fixtures import mixed_prompts
 from minivllm import LLM, SamplingParams
 
 pytestmark = [
@@ -21,19 +20,6 @@ pytestmark = [
 ]
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def gpu_qwen3_tp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The kernels' head_dim 64, 4 heads / 2 KV heads (one KV head per rank), float32 weights."""
-    return make_hf_checkpoint(
-        tmp_path_factory.mktemp("gpu_qwen3_tp"),
-        hidden_size=128,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-    )
 
 
 def greedy_ids(path: Path, prompts: list[list[int]], **kwargs) -> list[list[int]]:
@@ -47,17 +33,17 @@ def greedy_ids(path: Path, prompts: list[list[int]], **kwargs) -> list[list[int]
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])
-def test_tp2_matches_one_gpu(gpu_qwen3_tp, enforce_eager):
+def test_tp2_matches_one_gpu(gpu_qwen3, enforce_eager):
     prompts = mixed_prompts(12, seed=21, min_len=1, max_len=300)
-    one = greedy_ids(gpu_qwen3_tp, prompts, enforce_eager=enforce_eager)
-    two = greedy_ids(gpu_qwen3_tp, prompts, tensor_parallel_size=2)
+    one = greedy_ids(gpu_qwen3, prompts, enforce_eager=enforce_eager)
+    two = greedy_ids(gpu_qwen3, prompts, tensor_parallel_size=2)
     assert two == one
 
 
-def test_tp2_sized_pool_and_dummy_weights(gpu_qwen3_tp):
+def test_tp2_sized_pool_and_dummy_weights(gpu_qwen3):
     """The pool sized from memory (min over ranks) and dummy weights equal to one GPU's."""
     prompts = mixed_prompts(4, seed=22, max_len=64)
     kwargs = {"load_format": "dummy", "seed": 5, "num_kv_blocks": None}
-    one = greedy_ids(gpu_qwen3_tp, prompts, **kwargs)
-    two = greedy_ids(gpu_qwen3_tp, prompts, tensor_parallel_size=2, **kwargs)
+    one = greedy_ids(gpu_qwen3, prompts, **kwargs)
+    two = greedy_ids(gpu_qwen3, prompts, tensor_parallel_size=2, **kwargs)
     assert two == one
