@@ -139,6 +139,20 @@ def assert_all_blocks_free(llm: LLM) -> None:
     assert not llm.scheduler.has_unfinished()
 
 
+def interrupt_launch(llm: LLM, monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
+    """Make the model runner's `at_call`-th launch raise KeyboardInterrupt (a Ctrl-C mid-run)."""
+    calls = {"n": 0}
+    real_launch = llm.model_runner.launch
+
+    def flaky(batch, staged=False):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real_launch(batch, staged)
+
+    monkeypatch.setattr(llm.model_runner, "launch", flaky)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tied embeddings, one model.safetensors file."""

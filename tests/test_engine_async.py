@@ -10,6 +10,7 @@ from engine_fixtures import (
     SCHEDULERS,
     assert_all_blocks_free,
     hf_greedy,
+    interrupt_launch,
     make_llm,
     mixed_prompts,
 )
@@ -84,16 +85,7 @@ def test_async_stop_strings_and_repeated_calls(tiny_llm, tiny_qwen3):
 
 def test_async_interrupted_generate_leaves_engine_clean(tiny_qwen3, monkeypatch):
     llm = make_llm(tiny_qwen3, async_scheduling=True)
-    calls = {"n": 0}
-    real_launch = llm.model_runner.launch
-
-    def flaky(batch, staged=False):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_launch(batch, staged)
-
-    monkeypatch.setattr(llm.model_runner, "launch", flaky)
+    interrupt_launch(llm, monkeypatch, at_call=4)
     with pytest.raises(KeyboardInterrupt):
         llm.generate([[5, 6, 7]] * 3, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert_all_blocks_free(llm)

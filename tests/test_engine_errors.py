@@ -7,7 +7,13 @@ import json
 import shutil
 
 import pytest
-from engine_fixtures import assert_all_blocks_free, hf_greedy, make_hf_checkpoint, make_llm
+from engine_fixtures import (
+    assert_all_blocks_free,
+    hf_greedy,
+    interrupt_launch,
+    make_hf_checkpoint,
+    make_llm,
+)
 from minivllm import LLM, SamplingParams
 from safetensors.torch import load_file, save_file
 
@@ -149,16 +155,7 @@ def test_mutated_sampling_params_checked_by_generate(tiny_llm):
 
 def test_interrupted_generate_leaves_engine_clean(tiny_qwen3, monkeypatch):
     llm = make_llm(tiny_qwen3)
-    calls = {"n": 0}
-    real_launch = llm.model_runner.launch
-
-    def flaky(batch, staged=False):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_launch(batch, staged)
-
-    monkeypatch.setattr(llm.model_runner, "launch", flaky)
+    interrupt_launch(llm, monkeypatch, at_call=3)
     with pytest.raises(KeyboardInterrupt):
         llm.generate([GOOD] * 3, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert_all_blocks_free(llm)

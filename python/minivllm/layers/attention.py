@@ -131,7 +131,6 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd > 0:
-            ordered = {} if meta.decode_row_order is None else {"row_order": meta.decode_row_order}
             backend.decode_attention(
                 q[:nd],
                 self.k_cache,
@@ -140,10 +139,9 @@ class Attention(nn.Module):
                 meta.decode_block_tables,
                 self.scale,
                 out=out[:nd],
-                **ordered,
+                row_order=meta.decode_row_order,
             )
         if meta.max_prefill_query_len > 0:
-            tiled = {} if meta.prefill_tiles is None else {"tiles": meta.prefill_tiles}
             backend.prefill_attention(
                 q[nd:],
                 self.k_cache,
@@ -154,6 +152,6 @@ class Attention(nn.Module):
                 self.scale,
                 meta.max_prefill_query_len,
                 out=out[nd:],
-                **tiled,
+                tiles=meta.prefill_tiles,
             )
         return out
