@@ -19,41 +19,6 @@ import triton.language as tl
 
 
 @triton.jit
-def norm_rope(
-    x1,  # [R, BLOCK_HALF] first halves of R heads, in the activation dtype
-    x2,  # [R, BLOCK_HALF] second halves
-    weight_ptr,  # [head_dim] norm weight, read only when HAS_NORM
-    offs_d,  # [1, BLOCK_HALF] column offsets, < HALF where valid
-    cos1,  # [R or 1, BLOCK_HALF] float32: cos of each row's position, first half
-    cos2,  # second half
-    sin1,
-    sin2,
-    eps,
-    HAS_NORM: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HALF: tl.constexpr,
-):
-    """rope(norm(x)) of R heads given as their two halves, in the activation dtype. Shared by
-    this file's kernel and the qkv GEMM's epilogue (kernels/fused_gemm.py)."""
-    dtype = x1.dtype
-    if HAS_NORM:
-        f1 = x1.to(tl.float32)
-        f2 = x2.to(tl.float32)
-        ss = tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)  # [R]
-        rstd = tl.math.rsqrt(ss / HEAD_DIM + eps)[:, None]
-        w1 = tl.load(weight_ptr + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
-        w2 = tl.load(weight_ptr + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
-        x1 = (w1 * (f1 * rstd).to(dtype).to(tl.float32)).to(dtype)
-        x2 = (w2 * (f2 * rstd).to(dtype).to(tl.float32)).to(dtype)
-    f1 = x1.to(tl.float32)
-    f2 = x2.to(tl.float32)
-    # x * cos + cat(-x2, x1) * sin, each product rounded to the dtype as the torch ops do.
-    o1 = (f1 * cos1).to(dtype).to(tl.float32) + (-f2 * sin1).to(dtype).to(tl.float32)
-    o2 = (f2 * cos2).to(dtype).to(tl.float32) + (f1 * sin2).to(dtype).to(tl.float32)
-    return o1.to(dtype), o2.to(dtype)
-
-
-@triton.jit
 def _norm_rope_heads(
     x_ptr,  # [T, H, D] strided
     weight_ptr,  # [D]
@@ -74,6 +39,7 @@ def _norm_rope_heads(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
+    dtype = x_ptr.dtype.element_ty
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
     # A negative row (cache slot -1) has no head in range: nothing is loaded or written. (Folded
@@ -82,23 +48,27 @@ def _norm_rope_heads(
     src = x_ptr + tok * stride_t + offs_h * stride_h + offs_d
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
-    o1, o2 = norm_rope(
-        x1,
-        x2,
-        weight_ptr,
-        offs_d,
-        cos1[None, :],
-        cos2[None, :],
-        sin1[None, :],
-        sin2[None, :],
-        eps,
-        HAS_NORM,
-        HEAD_DIM,
-        HALF,
+    if HAS_NORM:
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        ss = tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)  # [BLOCK_H]
+        rstd = tl.math.rsqrt(ss / HEAD_DIM + eps)[:, None]
+        w1 = tl.load(weight_ptr + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(weight_ptr + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+        x1 = (w1 * (f1 * rstd).to(dtype).to(tl.float32)).to(dtype)
+        x2 = (w2 * (f2 * rstd).to(dtype).to(tl.float32)).to(dtype)
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
+    # x * cos + cat(-x2, x1) * sin, each product rounded to the dtype as the torch ops do.
+    o1 = (f1 * cos1[None, :]).to(dtype).to(tl.float32) + (-f2 * sin1[None, :]).to(dtype).to(
+        tl.float32
+    )
+    o2 = (f2 * cos2[None, :]).to(dtype).to(tl.float32) + (f1 * sin2[None, :]).to(dtype).to(
+        tl.float32
     )
     dst = out_ptr + out_row + offs_h * HEAD_DIM + offs_d  # out_ptr is in the same dtype
-    tl.store(dst, o1, mask=mask)
-    tl.store(dst + HALF, o2, mask=mask)
+    tl.store(dst, o1.to(dtype), mask=mask)
+    tl.store(dst + HALF, o2.to(dtype), mask=mask)
 
 
 @triton.jit
