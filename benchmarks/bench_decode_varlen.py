@@ -2,8 +2,9 @@
 2048 tokens side by side): GB/s of KV read per launch configuration, with rows in random order
 and sorted longest first (the tail of a single-split grid is its longest rows), or in random order
 with the kernel's `row_order` taking them longest first (what the engine does). Also a probe
-kernel with the decode kernel's K/V loads and no attention math ("gather-read"), and an optional
-head-major cache layout (`--layout hnd`, passed as a permuted view).
+kernel with the decode kernel's K/V loads and no attention math ("gather-read", with the rows and
+with the KV heads ("hf") in the grid's fastest dimension), and an optional head-major cache layout
+(`--layout hnd`, passed as a permuted view).
 
 Qwen3-0.6B head shape (16 query heads, 8 KV heads, head_dim 128), bf16, block size 16, shuffled
 block tables; each variant timed as a CUDA-graph replay of 10 calls.
@@ -33,6 +34,8 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 # name -> keyword overrides of decode_attention
 VARIANTS = {
     "default": {},
+    "rows first": {"heads_first": False},
+    "rows first single": {"heads_first": False, "max_num_splits": 1},
     "n64 w4 s2": {"num_stages": 2},
     "n64 w4 s4": {"num_stages": 4},
     "n32 w4 s3": {"block_n": 32, "min_partition": 256},
@@ -66,11 +69,12 @@ def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 @triton.jit
 def _gather_read_kernel(k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, stride_block, stride_tok,
                         stride_head, stride_bt, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HEAD_DIM: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, HEADS_FIRST: tl.constexpr = False):
     # The decode kernel's K/V loads (same tiles, same block-table lookup) with a plain sum for
     # compute: what the access pattern alone allows.
-    b = tl.program_id(0)
-    head_off = tl.program_id(1).to(tl.int64) * stride_head
+    b = tl.program_id(1 if HEADS_FIRST else 0)
+    head = tl.program_id(0 if HEADS_FIRST else 1)
+    head_off = head.to(tl.int64) * stride_head
     seq_len = tl.load(seq_lens_ptr + b)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     offs_n = tl.arange(0, BLOCK_N)
@@ -83,7 +87,7 @@ def _gather_read_kernel(k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, stride_bloc
         off = head_off + rows[:, None] + offs_d[None, :]
         acc += tl.load(k_ptr + off, mask=mask, other=0.0).to(tl.float32)
         acc += tl.load(v_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(acc, 1), 0))
+    tl.store(out_ptr + b * 8 + head, tl.sum(tl.sum(acc, 1), 0))
 
 
 def main() -> None:
@@ -112,7 +116,7 @@ def main() -> None:
                         reps=3)
     print(f"read-only bandwidth {2 * x.numel() / read_us / 1e3:,.0f} GB/s")
     x.resize_(0)
-    print(f"{'layout':<6} {'block':>5} {'batch':>5} {'order':<8}{'gather-read':>12}"
+    print(f"{'layout':<6} {'block':>5} {'batch':>5} {'order':<8}{'gather-read':>12}{'gather hf':>10}"
           + "".join(f"{v:>16}" for v in variants) + "   (GB/s)")
     for layout, block, batch in itertools.product(args.layout, args.block_size, args.batch):
         lens = torch.randint(args.lo, args.hi + 1, (batch,))
@@ -156,7 +160,15 @@ def main() -> None:
                     tables.stride(0), BLOCK_SIZE=block, BLOCK_N=64, HEAD_DIM=HEAD_DIM,
                     num_warps=4, num_stages=3)
 
-            row = [kv_bytes / graph_replay_us(gather) / 1e3]
+            def gather_hf(seq_lens=seq_lens, tables=tables, k=k_cache, v=v_cache, sums=sums,
+                          batch=batch, block=block):
+                _gather_read_kernel[(NUM_KV_HEADS, batch)](
+                    k, v, seq_lens, tables, sums, k.stride(0), k.stride(1), k.stride(2),
+                    tables.stride(0), BLOCK_SIZE=block, BLOCK_N=64, HEAD_DIM=HEAD_DIM,
+                    HEADS_FIRST=True, num_warps=4, num_stages=3)
+
+            row = [kv_bytes / graph_replay_us(gather) / 1e3,
+                   kv_bytes / graph_replay_us(gather_hf) / 1e3]
             for kw in variants.values():
                 def call(kw=kw, seq_lens=seq_lens, tables=tables, out=out, q=q, k=k_cache,
                          v=v_cache, row_order=row_order):
@@ -167,8 +179,8 @@ def main() -> None:
                 err = (out.float() - ref.float()).abs().max().item()
                 assert err < 2e-2, (kw, err)
                 row.append(kv_bytes / graph_replay_us(call) / 1e3)
-            print(f"{layout:<6} {block:>5} {batch:>5} {order:<8}{row[0]:>12,.0f}"
-                  + "".join(f"{v:>16,.0f}" for v in row[1:]))
+            print(f"{layout:<6} {block:>5} {batch:>5} {order:<8}{row[0]:>12,.0f}{row[1]:>10,.0f}"
+                  + "".join(f"{v:>16,.0f}" for v in row[2:]))
 
 
 if __name__ == "__main__":

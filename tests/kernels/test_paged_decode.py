@@ -152,10 +152,12 @@ def test_decode_single_split_by_default_at_large_batch(monkeypatch):
     _check(seq_lens.tolist(), 16, num_kv_heads, 32, block_size, torch.float32)
 
 
+@pytest.mark.parametrize("heads_first", [True, False])
 @pytest.mark.parametrize("max_num_splits", [1, 4])
-def test_decode_row_order_changes_nothing_but_the_schedule(max_num_splits):
-    """Programs taking the rows longest first (padding last), or in any permutation, give every
-    row exactly the output of the unordered launch."""
+def test_decode_row_order_changes_nothing_but_the_schedule(max_num_splits, heads_first):
+    """Programs taking the rows longest first (padding last), or in any permutation, with the KV
+    heads or the rows in the grid's fastest dimension, give every row exactly the output of the
+    unordered launch."""
     seq_lens = [40, 0, 300, 1, 129, 77]
     k_cache, v_cache, block_tables = make_paged_batch(seq_lens, 2, 32, 16, torch.float32, seed=5)
     q = torch.randn(len(seq_lens), 4, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
@@ -164,10 +166,11 @@ def test_decode_row_order_changes_nothing_but_the_schedule(max_num_splits):
     plain = decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2, **kw)
     longest = torch.argsort(lens.cpu(), descending=True, stable=True)
     shuffled = torch.randperm(len(seq_lens), generator=torch.Generator().manual_seed(1))
-    for order in (longest, shuffled):
+    for order in (longest, shuffled, None):
         out = poison_like(q)
         decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2, out=out,
-                         row_order=order.to(torch.int32).to(DEVICE), **kw)
+                         row_order=None if order is None else order.to(torch.int32).to(DEVICE),
+                         heads_first=heads_first, **kw)
         assert torch.equal(out, plain)
     expect = reference.decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2,
                                         row_order=longest)
