@@ -2,7 +2,7 @@
 
 One query token per sequence. Program (b, kv_head, split) loads each K/V tile of its context
 partition once and scores it against all query heads of the GQA group at once: the group is packed
-into the M dimension of `tl.dot`, padded to 16 rows. The grid is (batch, kv_heads, max_num_splits)
+into the M dimension of `tl.dot`, padded to 16 rows. The grid is (kv_heads, batch, max_num_splits)
 with max_num_splits fixed by the batch size and the block-table width, never by the data, so the
 launch can be captured in a CUDA graph; how many splits a sequence uses is decided on the GPU from
 its length, and programs without work exit at once. A second kernel merges the partial results with
@@ -216,22 +216,32 @@ def _paged_decode_reduce_kernel(
     )
 
 
-def _max_num_splits(
-    batch: int, num_kv_heads: int, max_context: int, min_partition: int, device: torch.device
-) -> int:
-    # One split when the (b, kv_head) programs alone give every SM five; otherwise enough
-    # splits for ~32 programs per SM (contexts of mixed lengths: short splits keep the long rows
-    # from forming the grid's tail), never more than min_partition-sized pieces of the longest
-    # possible context (the block-table width). Tuned with bench_decode_varlen.py (H200, rows of
-    # 100-2048 tokens taken longest first, heads-first grid): one split wins at 128 rows (4,140
-    # against 3,737 GB/s) and above, splits win at 64 rows (3,561 against 3,471).
+def _default_split(
+    batch: int, num_kv_heads: int, max_context: int, device: torch.device
+) -> tuple[int, int]:
+    """(max_num_splits, min_partition) for a launch of `batch` rows: fixed by the batch size and
+    the block-table width (`max_context`), never by the data.
+
+    Tuned with bench_decode_varlen.py (H200, rows of 100-2048 tokens taken longest first,
+    heads-first grid, GB/s):
+    - one split once the (row, KV head) programs alone give every SM five: 128 rows 4,181
+      against 3,822 with splits;
+    - from three per SM, at most two splits of >= 512 tokens: 64 rows 3,764 against 3,503 with
+      ~9 splits of >= 256;
+    - below that, enough splits of >= 256 tokens for ~32 programs per SM (the short splits keep
+      the long rows from forming the grid's tail): 32 rows 3,140 against 2,962 with two.
+    """
     if device.type == "cuda":
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         num_sms = 4
     pairs = batch * num_kv_heads
-    wanted = 1 if pairs >= 5 * num_sms else triton.cdiv(32 * num_sms, pairs)
-    return max(1, min(wanted, _SPLITS_CAP, triton.cdiv(max_context, min_partition)))
+    if pairs >= 5 * num_sms:
+        return 1, 256
+    if pairs >= 3 * num_sms:
+        return max(1, min(2, triton.cdiv(max_context, 512))), 512
+    wanted = triton.cdiv(32 * num_sms, pairs)
+    return max(1, min(wanted, _SPLITS_CAP, triton.cdiv(max_context, 256))), 256
 
 
 def decode_attention(
@@ -244,19 +254,20 @@ def decode_attention(
     out: torch.Tensor | None = None,  # [B, num_heads, head_dim]
     *,
     max_num_splits: int | None = None,
-    min_partition: int = 256,
+    min_partition: int | None = None,
     block_n: int = 64,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int | None = None,
     select_lookup: bool = True,
     row_order: torch.Tensor | None = None,  # [B] int32, a permutation of range(B)
     heads_first: bool = True,
 ) -> torch.Tensor:
     """Attention of one query per sequence (position seq_lens[b] - 1) over its paged context.
 
-    The keyword-only arguments tune the split: `max_num_splits` (default: from the batch size and
-    the block-table width, so a fixed-shape call has a fixed grid), `min_partition` (fewest tokens
-    per split), the key tile `block_n` and the launch's `num_warps` / `num_stages`; `row_order`
+    The keyword-only arguments tune the split: `max_num_splits` and `min_partition` (fewest tokens
+    per split; both default from the batch size and the block-table width, so a fixed-shape call
+    has a fixed grid), the key tile `block_n` and the launch's `num_warps` / `num_stages` (default
+    2 with one split, 3 with several); `row_order`
     (longest context first) is the order the programs take the rows in; `heads_first` puts the
     KV heads in the grid's fastest dimension (the default, see the module docstring).
     """
@@ -268,7 +279,6 @@ def decode_attention(
     assert seq_lens.shape == (batch,) and seq_lens.dtype == torch.int32
     assert block_tables.dim() == 2 and block_tables.shape[0] == batch
     assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
-    assert min_partition % block_n == 0
     if row_order is not None:
         assert row_order.shape == (batch,) and row_order.dtype == torch.int32, row_order.shape
         assert row_order.is_contiguous()
@@ -279,11 +289,21 @@ def decode_attention(
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
+    max_context = block_tables.shape[1] * block_size
     if max_num_splits is None:
-        max_num_splits = _max_num_splits(
-            batch, num_kv_heads, block_tables.shape[1] * block_size, min_partition, q.device
+        max_num_splits, default_partition = _default_split(
+            batch, num_kv_heads, max_context, q.device
         )
+        if min_partition is not None:  # never more than min_partition-sized pieces
+            max_num_splits = max(1, min(max_num_splits, triton.cdiv(max_context, min_partition)))
+        min_partition = min_partition or default_partition
+    min_partition = min_partition or 256
+    assert min_partition % block_n == 0, (min_partition, block_n)
     single_split = max_num_splits == 1
+    if num_stages is None:
+        # One split: fewer stages leave room for more programs per SM (H200, 128 rows: 4,325
+        # against 4,181 GB/s with 3; equal at 192-256 rows).
+        num_stages = 2 if single_split else 3
     if single_split:  # the kernel writes `out` itself; the partial pointers are never read
         part_out = part_lse = out
     else:

@@ -139,7 +139,7 @@ def test_decode_single_split_bf16(monkeypatch, block_size, longest_first):
     seq_lens = torch.randint(1, 3000, (256,), generator=gen)
     seq_lens[[0, 100, 255]] = 0
     max_context = -(-int(seq_lens.max()) // block_size) * block_size
-    assert paged_decode._max_num_splits(256, 8, max_context, 256, torch.device("cuda")) == 1
+    assert paged_decode._default_split(256, 8, max_context, torch.device("cuda"))[0] == 1
     monkeypatch.setattr(paged_decode, "_paged_decode_reduce_kernel", None)  # must not be needed
     order = torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32).cuda()
     kwargs = {"row_order": order} if longest_first else {}

@@ -139,7 +139,7 @@ def test_decode_single_split(monkeypatch, dtype, num_heads, num_kv_heads, block_
 
 def test_decode_single_split_by_default_at_large_batch(monkeypatch):
     """A batch that fills the GPU (8 KV heads, >= 4 programs per SM) gets one split by default."""
-    from minivllm.kernels.paged_decode import _max_num_splits
+    from minivllm.kernels.paged_decode import _default_split
 
     batch, num_kv_heads, block_size = 80, 8, 16
     gen = torch.Generator().manual_seed(80)
@@ -147,9 +147,35 @@ def test_decode_single_split_by_default_at_large_batch(monkeypatch):
     seq_lens[[0, 41, batch - 1]] = 0
     device = torch.device(DEVICE)
     max_context = -(-int(seq_lens.max()) // block_size) * block_size
-    assert _max_num_splits(batch, num_kv_heads, max_context, 256, device) == 1
+    assert _default_split(batch, num_kv_heads, max_context, device)[0] == 1
     _forbid_reduce(monkeypatch)
     _check(seq_lens.tolist(), 16, num_kv_heads, 32, block_size, torch.float32)
+
+
+def test_default_split_by_programs_per_sm():
+    """The CPU stands in for a GPU of 4 SMs: one split from 5 (row, KV head) programs per SM, at
+    most two splits of >= 512 tokens from 3 per SM, else ~32 programs per SM of >= 256 tokens
+    (never more pieces than the block-table width holds)."""
+    from minivllm.kernels.paged_decode import _default_split
+
+    cpu = torch.device("cpu")
+    assert _default_split(20, 1, 4096, cpu) == (1, 256)
+    assert _default_split(12, 1, 4096, cpu) == (2, 512)
+    assert _default_split(12, 1, 512, cpu) == (1, 512)
+    assert _default_split(11, 1, 4096, cpu) == (12, 256)
+    assert _default_split(1, 1, 1024, cpu) == (4, 256)
+
+
+def test_decode_two_long_splits_by_default(monkeypatch):
+    """3-4 programs per SM: the default takes at most two splits of >= 512 tokens; rows longer
+    than 512 tokens use both, shorter ones one, padding rows none."""
+    from minivllm.kernels import paged_decode
+
+    calls = []
+    monkeypatch.setattr(paged_decode, "_default_split",
+                        lambda *a: calls.append(a) or (2, 512))
+    _check([700, 0, 1030, 511, 64, 512], 4, 2, 32, 16, torch.float32)
+    assert calls
 
 
 @pytest.mark.parametrize("heads_first", [True, False])
