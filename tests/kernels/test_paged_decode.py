@@ -201,3 +201,73 @@ def test_decode_row_order_changes_nothing_but_the_schedule(max_num_splits, heads
     expect = reference.decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2,
                                         row_order=longest)
     torch.testing.assert_close(plain, expect, **tolerances(torch.float32))
+
+
+def _new_token_step(dtype, with_norm, seed=7):
+    """A decode step straight out of the qkv projection: raw q, k, v views of one packed tensor,
+    a paged cache whose last position per row is still to be written, a padding row (seq_len 0,
+    slot -1), and the rotary table and q/k norm weights."""
+    from minivllm.kernels.paged_decode import NewToken
+
+    seq_lens = [5, 17, 0, 33, 16, 70]
+    num_heads, num_kv_heads, head_dim, block_size = 4, 2, 32, 16
+    k_cache, v_cache, block_tables = make_paged_batch(
+        seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=seed
+    )
+    slots = [
+        int(block_tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+        if n > 0 else -1
+        for b, n in enumerate(seq_lens)
+    ]
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    qkv = (2 * torch.randn(len(seq_lens), sum(sizes), generator=gen)).to(dtype).to(DEVICE)
+    q, k, v = qkv.split(sizes, dim=-1)
+    angles = torch.outer(torch.arange(128.0), 1.0 / 100 ** (torch.arange(0, head_dim, 2) / head_dim))
+    angles = torch.cat((angles, angles), dim=-1)
+    weights = [(torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE) for _ in "qk"]
+    new_token = NewToken(
+        k=k.view(-1, num_kv_heads, head_dim),
+        v=v.view(-1, num_kv_heads, head_dim),
+        slot_mapping=torch.tensor(slots, dtype=torch.int32, device=DEVICE),
+        cos_cache=angles.cos().to(dtype).to(DEVICE),
+        sin_cache=angles.sin().to(dtype).to(DEVICE),
+        q_weight=weights[0] if with_norm else None,
+        k_weight=weights[1] if with_norm else None,
+        q_eps=1e-6,
+        k_eps=1e-5,
+    )
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    return q.view(-1, num_heads, head_dim), new_token, lens, k_cache, v_cache, block_tables
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_norm", [True, False])  # Qwen3, Qwen2
+@pytest.mark.parametrize("max_num_splits", [1, 3])
+def test_decode_finishes_the_new_token(max_num_splits, with_norm, dtype):
+    """With `new_token` the kernel normalises and rotates the raw query and the new key, stores
+    the new k and v into their slots (the one program whose key range holds them; none for the
+    padding row) and attends over them: the reference doing the same in torch ops, and the
+    unfused route (qk_norm_rope_store_kv, then the plain decode kernel) agree."""
+    from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
+
+    q, nt, lens, k_cache, v_cache, block_tables = _new_token_step(dtype, with_norm)
+    kw = {"max_num_splits": max_num_splits, "block_n": 16, "min_partition": 16}
+    caches = k_cache.clone(), v_cache.clone()
+    out = decode_attention(q, *caches, lens, block_tables, 0.3, out=poison_like(q),
+                           new_token=nt, **kw)
+    ref_caches = k_cache.clone(), v_cache.clone()
+    expect = reference.decode_attention(q, *ref_caches, lens, block_tables, 0.3, new_token=nt)
+    tol = tolerances(dtype)
+    torch.testing.assert_close(out, expect, **tol)
+    torch.testing.assert_close(caches, ref_caches, **tol)
+    assert not torch.equal(caches[0], k_cache)  # the new keys were written
+    # The unfused route: the q/k-norm + rotary kernel stores k and v, then plain attention.
+    unfused_caches = k_cache.clone(), v_cache.clone()
+    slots = torch.where(lens > 0, nt.slot_mapping, -1)
+    rq = qk_norm_rope_store_kv(q, nt.k, nt.v, (lens.long() - 1).clamp(min=0), nt.cos_cache, nt.sin_cache,
+                               *unfused_caches, slots, nt.q_weight, nt.k_weight, nt.q_eps,
+                               nt.k_eps)
+    unfused = decode_attention(rq, *unfused_caches, lens, block_tables, 0.3, **kw)
+    torch.testing.assert_close(out, unfused, **tol)
+    torch.testing.assert_close(caches, unfused_caches, **tol)
