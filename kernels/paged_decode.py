@@ -26,10 +26,8 @@ import triton
 import triton.language as tl
 
 from .block_table import tile_row_offsets
-from .reference import NewToken
 
 _LOG2E = 1.4426950408889634
-
 # Upper bound of the default split count (a single sequence then has _SPLITS_CAP * num_kv_heads
 # programs).
 _SPLITS_CAP = 128
@@ -49,40 +47,6 @@ def _num_splits_and_partition(
 
 
 @triton.jit
-def _norm_rope_rows(
-    src,  # [R, 1] pointers to the rows' first element, in the activation dtype
-    offs_d,  # [1, BLOCK_D]
-    mask,  # [R, BLOCK_D]
-    weight_ptr,  # [HEAD_DIM] norm weight, read only if HAS_NORM
-    cos,  # [1, BLOCK_D] float32: cos of the rows' position
-    sin,  # [1, BLOCK_D] float32
-    eps,
-    HAS_NORM: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    # rope(norm(x)) with the roundings of kernels/qk_norm_rope.py, on whole rows: rotate_half's
-    # partner of column d is loaded as a second, rotated row.
-    half = HEAD_DIM // 2
-    rot = tl.where(offs_d < half, offs_d + half, offs_d - half)
-    x = tl.load(src + offs_d, mask=mask, other=0.0)
-    x_rot = tl.load(src + rot, mask=mask, other=0.0)
-    dtype = x.dtype
-    if HAS_NORM:
-        f = x.to(tl.float32)
-        f_rot = x_rot.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(f * f, axis=1) / HEAD_DIM + eps)[:, None]
-        d_mask = offs_d < HEAD_DIM
-        w = tl.load(weight_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        w_rot = tl.load(weight_ptr + rot, mask=d_mask, other=0.0).to(tl.float32)
-        x = (w * (f * rstd).to(dtype).to(tl.float32)).to(dtype)
-        x_rot = (w_rot * (f_rot * rstd).to(dtype).to(tl.float32)).to(dtype)
-    sign = tl.where(offs_d < half, -1.0, 1.0)  # rotate_half = cat(-x2, x1)
-    o = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
-    o += (sign * x_rot.to(tl.float32) * sin).to(dtype).to(tl.float32)
-    return o.to(dtype)
-
-
-@triton.jit
 def _paged_decode_kernel(
     q_ptr,  # [B, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -90,15 +54,6 @@ def _paged_decode_kernel(
     seq_lens_ptr,  # [B] int32
     block_tables_ptr,  # [B, max_blocks] int32
     row_order_ptr,  # [B] int32, read only if ROW_ORDER
-    new_k_ptr,  # [B, num_kv_heads, head_dim]: the new token's raw k; NEW_TOKEN only (and below)
-    new_v_ptr,  # [B, num_kv_heads, head_dim]: its v
-    slot_mapping_ptr,  # [B] int32/int64: its cache slot, < 0 for none
-    cos_ptr,  # [max_position, head_dim], contiguous
-    sin_ptr,  # [max_position, head_dim], contiguous
-    q_weight_ptr,  # [head_dim], read only if HAS_NORM
-    k_weight_ptr,  # [head_dim], read only if HAS_NORM
-    q_eps,
-    k_eps,
     part_out_ptr,  # [B, num_heads, max_num_splits, head_dim] float32; unused if SINGLE_SPLIT
     part_lse_ptr,  # [B, num_heads, max_num_splits] float32, log2 units; unused if SINGLE_SPLIT
     out_ptr,  # [B, num_heads, head_dim]; written only if SINGLE_SPLIT
@@ -112,8 +67,6 @@ def _paged_decode_kernel(
     stride_cache_tok,
     stride_cache_head,
     stride_bt_b,
-    stride_new_b,  # new_k's and new_v's (equal) strides
-    stride_new_h,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # >= 16 for tl.dot
     HEAD_DIM: tl.constexpr,
@@ -125,8 +78,6 @@ def _paged_decode_kernel(
     SINGLE_SPLIT: tl.constexpr,  # max_num_splits == 1: write the final output, no reduce
     ROW_ORDER: tl.constexpr,  # program b takes row row_order[b]
     HEADS_FIRST: tl.constexpr,  # grid (kv_heads, batch, splits) instead of (batch, kv_heads, ..)
-    NEW_TOKEN: tl.constexpr,  # q is raw: normalise + rotate it, and finish + store the new k, v
-    HAS_NORM: tl.constexpr,  # q/k RMSNorm before the rotary (Qwen3); NEW_TOKEN only
 ):
     if HEADS_FIRST:
         kv_head = tl.program_id(0)
@@ -159,50 +110,17 @@ def _paged_decode_kernel(
     heads = kv_head * GROUP + offs_g
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
-    q_rows = q_ptr + b.to(tl.int64) * stride_q_b + heads[:, None] * stride_q_h
-    q_mask = g_mask[:, None] & d_mask[None, :]
-    head_off = kv_head.to(tl.int64) * stride_cache_head
-    if NEW_TOKEN:
-        # The query (and the new key) sit at position seq_len - 1. The program whose key range
-        # holds that position stores the new k and v into their cache slot first; its loop then
-        # reads them back like any other key (visible to the whole program after the barrier).
-        pos = tl.maximum(seq_len - 1, 0).to(tl.int64)
-        cos = tl.load(cos_ptr + pos * HEAD_DIM + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-        sin = tl.load(sin_ptr + pos * HEAD_DIM + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-        cos = cos.to(tl.float32)
-        sin = sin.to(tl.float32)
-        q = _norm_rope_rows(
-            q_rows, offs_d[None, :], q_mask, q_weight_ptr, cos, sin, q_eps, HAS_NORM, HEAD_DIM
-        )  # [GROUP_PAD, BLOCK_D]
-        slot = tl.load(slot_mapping_ptr + b).to(tl.int64)
-        owner = (seq_len > 0) & (start <= seq_len - 1) & (seq_len - 1 < end) & (slot >= 0)
-        # (Folded into the column bound: the interpreter cannot AND a scalar into a tensor mask.)
-        store_mask = offs_d[None, :] < tl.where(owner, HEAD_DIM, 0)
-        new_row = b.to(tl.int64) * stride_new_b + kv_head * stride_new_h
-        k_new = _norm_rope_rows(
-            new_k_ptr + new_row + tl.zeros([1, 1], dtype=tl.int64),
-            offs_d[None, :],
-            d_mask[None, :],
-            k_weight_ptr,
-            cos,
-            sin,
-            k_eps,
-            HAS_NORM,
-            HEAD_DIM,
-        )  # [1, BLOCK_D]
-        v_new = tl.load(new_v_ptr + new_row + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-        dst = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_tok
-        dst += head_off + offs_d[None, :]
-        tl.store(k_cache_ptr + dst, k_new, mask=store_mask)
-        tl.store(v_cache_ptr + dst, v_new, mask=store_mask)
-        tl.debug_barrier()
-    else:
-        q = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0)  # [GROUP_PAD, BLOCK_D]
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [GROUP_PAD, BLOCK_D]
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt_b
+    head_off = kv_head.to(tl.int64) * stride_cache_head
     for tile_start in range(start, end, BLOCK_N):
         n_mask = tile_start + offs_n < end
         rows = tile_row_offsets(
@@ -298,23 +216,6 @@ def _paged_decode_reduce_kernel(
     )
 
 
-def _check_new_token(nt: NewToken, q: torch.Tensor, k_cache: torch.Tensor) -> None:
-    batch, _, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    assert nt.k.shape == nt.v.shape == (batch, num_kv_heads, head_dim), (nt.k.shape, q.shape)
-    assert nt.k.stride() == nt.v.stride() and nt.k.stride(2) == 1, (nt.k.stride(), nt.v.stride())
-    assert nt.k.dtype == nt.v.dtype == q.dtype == k_cache.dtype == nt.cos_cache.dtype
-    assert head_dim % 2 == 0 and nt.cos_cache.shape[1] == head_dim, nt.cos_cache.shape
-    assert nt.cos_cache.shape == nt.sin_cache.shape
-    assert nt.cos_cache.is_contiguous() and nt.sin_cache.is_contiguous()
-    assert nt.slot_mapping.shape == (batch,), (nt.slot_mapping.shape, batch)
-    assert (nt.q_weight is None) == (nt.k_weight is None), "q and k are normalised together"
-    if nt.q_weight is not None:
-        assert nt.q_weight.shape == nt.k_weight.shape == (head_dim,)
-        assert nt.q_weight.dtype == nt.k_weight.dtype == q.dtype
-        assert nt.q_weight.is_contiguous() and nt.k_weight.is_contiguous()
-
-
 def _default_split(
     batch: int, num_kv_heads: int, max_context: int, device: torch.device
 ) -> tuple[int, int]:
@@ -360,7 +261,6 @@ def decode_attention(
     select_lookup: bool = True,
     row_order: torch.Tensor | None = None,  # [B] int32, a permutation of range(B)
     heads_first: bool = True,
-    new_token: NewToken | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence (position seq_lens[b] - 1) over its paged context.
 
@@ -369,9 +269,7 @@ def decode_attention(
     has a fixed grid), the key tile `block_n` and the launch's `num_warps` / `num_stages` (default
     2 with one split, 3 with several); `row_order`
     (longest context first) is the order the programs take the rows in; `heads_first` puts the
-    KV heads in the grid's fastest dimension (the default, see the module docstring). With
-    `new_token`, q is the raw query and the kernel finishes the step's new token itself (see
-    `NewToken`).
+    KV heads in the grid's fastest dimension (the default, see the module docstring).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -388,8 +286,6 @@ def decode_attention(
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(2) == 1
-    if new_token is not None:
-        _check_new_token(new_token, q, k_cache)
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
@@ -418,8 +314,6 @@ def decode_attention(
             (batch, num_heads, max_num_splits), dtype=torch.float32, device=q.device
         )
     block_d = triton.next_power_of_2(head_dim)
-    nt = new_token
-    has_norm = nt is not None and nt.q_weight is not None
     grid = (num_kv_heads, batch) if heads_first else (batch, num_kv_heads)
     _paged_decode_kernel[(*grid, max_num_splits)](
         q_ptr=q,
@@ -428,15 +322,6 @@ def decode_attention(
         seq_lens_ptr=seq_lens,
         block_tables_ptr=block_tables,
         row_order_ptr=row_order if row_order is not None else seq_lens,
-        new_k_ptr=nt.k if nt else q,
-        new_v_ptr=nt.v if nt else q,
-        slot_mapping_ptr=nt.slot_mapping if nt else seq_lens,
-        cos_ptr=nt.cos_cache if nt else q,
-        sin_ptr=nt.sin_cache if nt else q,
-        q_weight_ptr=nt.q_weight if has_norm else q,
-        k_weight_ptr=nt.k_weight if has_norm else q,
-        q_eps=nt.q_eps if nt else 0.0,
-        k_eps=nt.k_eps if nt else 0.0,
         part_out_ptr=part_out,
         part_lse_ptr=part_lse,
         out_ptr=out,
@@ -450,8 +335,6 @@ def decode_attention(
         stride_cache_tok=k_cache.stride(1),
         stride_cache_head=k_cache.stride(2),
         stride_bt_b=block_tables.stride(0),
-        stride_new_b=nt.k.stride(0) if nt else 0,
-        stride_new_h=nt.k.stride(1) if nt else 0,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -463,8 +346,6 @@ def decode_attention(
         SINGLE_SPLIT=single_split,
         ROW_ORDER=row_order is not None,
         HEADS_FIRST=heads_first,
-        NEW_TOKEN=nt is not None,
-        HAS_NORM=has_norm,
         num_warps=num_warps,
         num_stages=num_stages,
     )

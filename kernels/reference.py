@@ -9,29 +9,10 @@ KV cache per layer: `k_cache`, `v_cache`: [num_blocks, block_size, num_kv_heads,
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 # Largest score tensor (elements) that prefill builds at once: bounds memory for long prompts.
 _MAX_SCORE_ELEMENTS = 1 << 26
-
-
-class NewToken(NamedTuple):
-    """A decode step's new token as the qkv projection left it, for the decode kernel to finish:
-    q/k RMSNorm (Qwen3) and rotary on its query rows, and the new k and v normalised, rotated and
-    stored into their cache slot, all in the attention launch (what `qk_norm_rope_store_kv` would
-    do in a launch of its own). The query passed beside it is raw as well."""
-
-    k: torch.Tensor  # [B, num_kv_heads, head_dim], head_dim contiguous (a view of the qkv output)
-    v: torch.Tensor  # [B, num_kv_heads, head_dim], same strides as k
-    slot_mapping: torch.Tensor  # [B] int32/int64, < 0 for none
-    cos_cache: torch.Tensor  # [max_position, head_dim], contiguous, the cache's dtype
-    sin_cache: torch.Tensor  # [max_position, head_dim]
-    q_weight: torch.Tensor | None  # [head_dim] q-norm weight (None: rotary only, Qwen2)
-    k_weight: torch.Tensor | None  # [head_dim]
-    q_eps: float
-    k_eps: float
 
 
 def store_kvcache(
@@ -129,24 +110,13 @@ def decode_attention(
     out: torch.Tensor | None = None,  # [B, num_heads, head_dim]
     *,
     row_order: torch.Tensor | None = None,  # [B]: the Triton kernel's schedule; no effect here
-    new_token: NewToken | None = None,  # q and the new token are raw (see NewToken)
 ) -> torch.Tensor:
     """One query per sequence at position seq_lens[b] - 1 over its paged context.
 
     Vectorized gather of every block-table entry, no host sync (so it is graph capturable); rows
-    with seq_lens[b] == 0 produce zeros. `row_order` only orders the Triton kernel's work. With
-    `new_token`, q/k RMSNorm and rotary run on q and the new k first (the model layers' torch
-    ops), and the new k and v are stored, as the Triton kernel does in its own launch.
+    with seq_lens[b] == 0 produce zeros. `row_order` only orders the Triton kernel's work.
     """
     del row_order
-    if new_token is not None:
-        nt = new_token
-        pos = (seq_lens.long() - 1).clamp(min=0)
-        cos, sin = nt.cos_cache[pos].unsqueeze(1), nt.sin_cache[pos].unsqueeze(1)
-        q = _norm_rope(q, nt.q_weight, nt.q_eps, cos, sin)
-        k = _norm_rope(nt.k, nt.k_weight, nt.k_eps, cos, sin)
-        slots = torch.where(seq_lens > 0, nt.slot_mapping, -1)
-        store_kvcache(k, nt.v, k_cache, v_cache, slots)
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert num_heads % num_kv_heads == 0
@@ -168,22 +138,6 @@ def decode_attention(
     o = torch.matmul(probs, v)  # [B, kvh, group, head_dim]
     out.copy_(o.reshape(batch, num_heads, head_dim).to(out.dtype))
     return out
-
-
-def _norm_rope(
-    x: torch.Tensor,  # [B, H, head_dim]
-    weight: torch.Tensor | None,  # [head_dim] RMSNorm weight, or None: rotary only
-    eps: float,
-    cos: torch.Tensor,  # [B, 1, head_dim]
-    sin: torch.Tensor,
-) -> torch.Tensor:
-    """rope(norm(x)): the op order of layers/rmsnorm.py and layers/rotary.py."""
-    if weight is not None:
-        dtype = x.dtype
-        f = x.float()
-        x = weight * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def resolve_placeholders(ids: torch.Tensor, prev_sampled: torch.Tensor) -> torch.Tensor:

@@ -266,37 +266,3 @@ def test_decode_cuda_graph_replay_matches_eager(batch):
             static_q, k_cache, v_cache, static_lens, static_tables, scale
         )
         torch.testing.assert_close(replayed, expect, **TOL)
-
-
-@pytest.mark.parametrize("batch", [8, 128])  # split-K + reduce; one split (no reduce)
-def test_decode_new_token_bf16(batch):
-    """The decode kernel finishing the new token (q/k norm + rotary, k/v store) in bf16 at
-    Qwen3-0.6B's head shape: output and caches against the reference doing the same in torch."""
-    from minivllm.kernels.paged_decode import NewToken, decode_attention
-
-    num_heads, kvh, d, block_size = 16, 8, 128, 16
-    gen = torch.Generator().manual_seed(batch)
-    seq_lens = torch.randint(1, 2000, (batch,), generator=gen)
-    seq_lens[1] = 0  # a padding row
-    k_cache, v_cache, block_tables = _paged(seq_lens.tolist(), kvh, d, block_size, torch.bfloat16)
-    lens = seq_lens.to(torch.int32).cuda()
-    pos = (lens.long() - 1).clamp(min=0)
-    slots = block_tables.gather(1, (pos // block_size)[:, None]).squeeze(1).long() * block_size
-    slots = torch.where(lens > 0, slots + pos % block_size, -1)
-    qkv = torch.randn(batch, (num_heads + 2 * kvh) * d, device="cuda").to(torch.bfloat16)
-    q, k, v = qkv.split([num_heads * d, kvh * d, kvh * d], dim=-1)
-    freqs = torch.outer(torch.arange(4096.0), 1e6 ** -(torch.arange(0, d, 2) / d))
-    angles = torch.cat((freqs, freqs), dim=-1).cuda()
-    weights = (torch.rand(2, d, device="cuda") + 0.5).to(torch.bfloat16)
-    nt = NewToken(k.view(batch, kvh, d), v.view(batch, kvh, d), slots.to(torch.int32),
-                  angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16),
-                  weights[0], weights[1], 1e-6, 1e-6)
-    q = q.view(batch, num_heads, d)
-    caches = k_cache.clone(), v_cache.clone()
-    out = torch.full((batch, num_heads, d), float("nan"), device="cuda", dtype=torch.bfloat16)
-    decode_attention(q, *caches, lens, block_tables, d**-0.5, out=out, new_token=nt)
-    ref_caches = k_cache.clone(), v_cache.clone()
-    expect = reference.decode_attention(q, *ref_caches, lens, block_tables, d**-0.5, new_token=nt)
-    torch.testing.assert_close(out, expect, **TOL)
-    torch.testing.assert_close(caches, ref_caches, **TOL)
-    assert not torch.equal(caches[0], k_cache)

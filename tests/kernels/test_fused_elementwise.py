@@ -8,7 +8,6 @@ conversion does not round to nearest.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import pytest
@@ -234,50 +233,6 @@ def test_rotary_layer_stores_kv_for_attention(
     for unfused, fused in zip(*outs):
         assert torch.equal(fused, unfused)
     assert not torch.equal(outs[1][2], k_cache)  # the new tokens were written
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_norm", [True, False])  # Qwen3, Qwen2
-def test_decode_kernel_applies_rotary_for_the_model(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, with_norm: bool
-) -> None:
-    """The model's route on a decode-only step (triton backend): raw q, k, v and the rotary
-    layer's `params` go to the attention layer, whose decode kernel normalises, rotates and
-    stores the new token. Output and caches match the rotary-kernel route, padding row included;
-    a step with prefill rows does not take this route."""
-    from minivllm.layers import rotary
-    from minivllm.layers.attention import Attention, get_attention_backend
-
-    monkeypatch.setattr(rotary, "use_fused_kernels", lambda x: True)  # CUDA's choice, on the CPU
-    num_heads, num_kv_heads, head_dim = 8, 2, 64
-    rope = RotaryEmbedding(head_dim, 64, base=10000.0).to(dtype=dtype, device=DEVICE)
-    q_norm = k_norm = None
-    if with_norm:
-        q_norm = RMSNorm(head_dim, eps=1e-6).to(dtype=dtype, device=DEVICE)
-        k_norm = RMSNorm(head_dim, eps=1e-6).to(dtype=dtype, device=DEVICE)
-        q_norm.weight.copy_(torch.rand(head_dim, generator=_gen(2)) + 0.5)
-        k_norm.weight.copy_(torch.rand(head_dim, generator=_gen(3)) + 0.5)
-    q, k, v, positions, k_cache, v_cache, meta = _decode_step(
-        num_heads, num_kv_heads, head_dim, dtype, seed=6
-    )
-    backend = get_attention_backend("triton")
-    outs = []
-    for fused in (False, True):
-        attn = Attention(num_heads, num_kv_heads, head_dim, head_dim**-0.5, backend)
-        attn.k_cache, attn.v_cache = k_cache.clone(), v_cache.clone()
-        assert attn.fuses_rotary(meta)
-        params = rope.params(q, q_norm, k_norm) if fused else None
-        if params is None:
-            rq, rk = rope(positions, q, k, q_norm, k_norm, kv_write=attn.kv_write(v, meta))
-            outs.append((attn(rq, rk, v, meta), attn.k_cache, attn.v_cache))
-        else:
-            outs.append((attn(q, k, v, meta, rotary=params), attn.k_cache, attn.v_cache))
-    torch.testing.assert_close(outs[1], outs[0], **_tol(dtype))
-    assert not torch.equal(outs[1][1], k_cache)  # the new tokens were written
-    with_prefill = dataclasses.replace(meta, max_prefill_query_len=1)
-    assert not Attention(num_heads, num_kv_heads, head_dim, 1.0, backend).fuses_rotary(with_prefill)
-    torch_backend = get_attention_backend("torch")
-    assert not Attention(num_heads, num_kv_heads, head_dim, 1.0, torch_backend).fuses_rotary(meta)
 
 
 def test_kv_write_ignored_off_the_fused_path() -> None:

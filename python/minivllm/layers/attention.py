@@ -8,10 +8,6 @@ With the triton backend the K/V write can move into the q/k-norm + rotary kernel
 per layer: the model hands `Attention.kv_write(v, meta)` to the rotary layer, which, when its fused
 kernel runs, stores k and v itself and returns k = None; the attention layer stores only a k it is
 given. Every other path (torch backend, CPU, MINIVLLM_FUSED_KERNELS=0) gets k back and stores here.
-
-On a decode-only step the triton backend goes one launch further: the model passes the raw q, k
-and v with the layer's `RotaryParams` (see `fuses_rotary`), and the decode kernel applies the q/k
-norm and rotary to its own rows and stores the new k and v before attending (kernels/paged_decode).
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -59,17 +54,6 @@ class KVCacheWrite:
     k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor  # [T] cache slot of each new token, < 0 for none
-
-
-class RotaryParams(NamedTuple):
-    """A layer's q/k RMSNorm + rotary, for the decode kernel to apply (`Attention.forward`)."""
-
-    cos_cache: torch.Tensor  # [max_position, head_dim]
-    sin_cache: torch.Tensor  # [max_position, head_dim]
-    q_weight: torch.Tensor | None  # [head_dim]; None: rotary only (Qwen2)
-    k_weight: torch.Tensor | None
-    q_eps: float
-    k_eps: float
 
 
 @dataclass(frozen=True)
@@ -132,45 +116,16 @@ class Attention(nn.Module):
             return None
         return KVCacheWrite(v, self.k_cache, self.v_cache, meta.slot_mapping)
 
-    def fuses_rotary(self, meta: AttentionMetadata) -> bool:
-        """Whether this step may hand `forward` raw q, k, v with `rotary`: a decode-only step on
-        the triton backend (its decode kernel finishes the new token itself)."""
-        return (
-            self.backend.can_fuse_kv_store
-            and meta.max_prefill_query_len == 0
-            and meta.num_decodes > 0
-        )
-
     def forward(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
         k: torch.Tensor | None,  # [T, num_kv_heads, head_dim]; None: k and v already stored
         v: torch.Tensor,  # [T, num_kv_heads, head_dim]
         meta: AttentionMetadata,
-        rotary: RotaryParams | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Store this step's k and v (unless the rotary kernel did: k is None), then attend. The
-        attention kernels read K/V from the cache only. With `rotary` (only where
-        `fuses_rotary(meta)`), q, k and v are raw: the decode kernel applies the q/k norm and
-        rotary and stores k and v itself."""
+        attention kernels read K/V from the cache only."""
         backend = self.backend
-        if rotary is not None:
-            from minivllm.kernels.reference import NewToken
-
-            assert self.fuses_rotary(meta) and k is not None
-            out = torch.empty_like(q)
-            backend.decode_attention(
-                q,
-                self.k_cache,
-                self.v_cache,
-                meta.decode_seq_lens,
-                meta.decode_block_tables,
-                self.scale,
-                out=out,
-                row_order=meta.decode_row_order,
-                new_token=NewToken(k, v, meta.slot_mapping, *rotary),
-            )
-            return out
         if k is not None:
             backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = torch.empty_like(q)

@@ -16,7 +16,7 @@ from torch import nn
 from minivllm.layers import use_fused_kernels
 
 if TYPE_CHECKING:
-    from minivllm.layers.attention import KVCacheWrite, RotaryParams
+    from minivllm.layers.attention import KVCacheWrite
     from minivllm.layers.rmsnorm import RMSNorm
 
 
@@ -40,32 +40,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin_cache", emb.sin().to(dtype), persistent=False)
 
-    def _fusable(self, q: torch.Tensor, q_norm: RMSNorm | None, k_norm: RMSNorm | None) -> bool:
-        """Whether the Triton kernels can take q with these tables and norm weights."""
-        return (
-            use_fused_kernels(q)
-            and q.dtype == self.cos_cache.dtype
-            and (q_norm is None or q_norm.weight.dtype == k_norm.weight.dtype == q.dtype)
-        )
-
-    def params(
-        self, q: torch.Tensor, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None
-    ) -> RotaryParams | None:
-        """The tables and norm weights for the decode kernel to apply itself
-        (`Attention.forward(..., rotary=)`), or None off the fused path."""
-        from minivllm.layers.attention import RotaryParams
-
-        if not self._fusable(q, q_norm, k_norm):
-            return None
-        return RotaryParams(
-            self.cos_cache,
-            self.sin_cache,
-            q_norm.weight if q_norm is not None else None,
-            k_norm.weight if k_norm is not None else None,
-            q_norm.eps if q_norm is not None else 0.0,
-            k_norm.eps if k_norm is not None else 0.0,
-        )
-
     def forward(
         self,
         positions: torch.Tensor,  # [T]
@@ -84,7 +58,11 @@ class RotaryEmbedding(nn.Module):
         returned for the attention layer's own store.
         """
         assert (q_norm is None) == (k_norm is None)
-        if self._fusable(q, q_norm, k_norm):
+        if (
+            use_fused_kernels(q)
+            and q.dtype == self.cos_cache.dtype
+            and (q_norm is None or q_norm.weight.dtype == k_norm.weight.dtype == q.dtype)
+        ):
             from minivllm.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_store_kv
 
             norm_args = {

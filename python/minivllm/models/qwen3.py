@@ -66,18 +66,13 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        # q/k norm (Qwen3 only) and rotary. On a decode-only step (triton backend) the decode
-        # kernel applies them to its own rows and stores k and v: no launch of their own.
-        rotary = None
-        if self.attn.fuses_rotary(meta):
-            rotary = self.rotary_emb.params(q, self.q_norm, self.k_norm)
-        if rotary is None:
-            # One fused kernel on CUDA; handed this layer's cache write (triton backend), it also
-            # stores k and v, and returns k = None: nothing left for the attention layer to store.
-            q, k = self.rotary_emb(
-                positions, q, k, self.q_norm, self.k_norm, kv_write=self.attn.kv_write(v, meta)
-            )
-        o = self.attn(q, k, v, meta, rotary=rotary)
+        # q/k norm (Qwen3 only) and rotary: one fused kernel on CUDA. Handed this layer's cache
+        # write (triton backend), that kernel also stores k and v, and returns k = None: nothing
+        # left for the attention layer to store.
+        q, k = self.rotary_emb(
+            positions, q, k, self.q_norm, self.k_norm, kv_write=self.attn.kv_write(v, meta)
+        )
+        o = self.attn(q, k, v, meta)
         # The post-attention RMSNorm takes split-K partial sums (decode batch sizes, one GPU).
         return self.o_proj(o.flatten(1), partials=True)
 
