@@ -224,8 +224,8 @@ def _default_split(
 
     Tuned with bench_decode_varlen.py (H200, rows of 100-2048 tokens taken longest first,
     heads-first grid, GB/s):
-    - one split once the (row, KV head) programs alone give every SM five: 128 rows 4,181
-      against 3,822 with splits;
+    - one split once the (row, KV head) programs alone give every SM five: 128 rows 4,140
+      against 3,737 with ~4 splits;
     - from three per SM, at most two splits of >= 512 tokens: 64 rows 3,764 against 3,503 with
       ~9 splits of >= 256;
     - below that, enough splits of >= 256 tokens for ~32 programs per SM (the short splits keep
@@ -267,9 +267,9 @@ def decode_attention(
     The keyword-only arguments tune the split: `max_num_splits` and `min_partition` (fewest tokens
     per split; both default from the batch size and the block-table width, so a fixed-shape call
     has a fixed grid), the key tile `block_n` and the launch's `num_warps` / `num_stages` (default
-    2 with one split, 3 with several); `row_order`
-    (longest context first) is the order the programs take the rows in; `heads_first` puts the
-    KV heads in the grid's fastest dimension (the default, see the module docstring).
+    2 with one split, 3 with several); `row_order` (longest context first) is the order the
+    programs take the rows in; `heads_first` puts the KV heads in the grid's fastest dimension
+    (the default, see the module docstring).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
