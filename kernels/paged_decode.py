@@ -294,10 +294,12 @@ def decode_attention(
         max_num_splits, default_partition = _default_split(
             batch, num_kv_heads, max_context, q.device
         )
-        if min_partition is not None:  # never more than min_partition-sized pieces
+        if min_partition is None:
+            min_partition = default_partition
+        else:  # never more than min_partition-sized pieces
             max_num_splits = max(1, min(max_num_splits, triton.cdiv(max_context, min_partition)))
-        min_partition = min_partition or default_partition
-    min_partition = min_partition or 256
+    elif min_partition is None:
+        min_partition = 256
     assert min_partition % block_n == 0, (min_partition, block_n)
     single_split = max_num_splits == 1
     if num_stages is None:
