@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, pdl_start
+
 
 @triton.jit
 def _silu_and_mul_kernel(
@@ -18,7 +20,9 @@ def _silu_and_mul_kernel(
     stride_x,
     d,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < d
@@ -48,12 +52,15 @@ def silu_and_mul(
     # Qwen3-0.6B's d = 3072 gives 3 programs per token.
     block_d = min(1024, triton.next_power_of_2(d))
     grid = (num_tokens, triton.cdiv(d, block_d))
+    pdl = pdl_enabled(x)
     _silu_and_mul_kernel[grid](
         x_ptr=x,
         out_ptr=out,
         stride_x=x.stride(0),
         d=d,
         BLOCK_D=block_d,
+        PDL=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     return out

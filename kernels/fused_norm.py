@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, pdl_start
+
 
 @triton.jit(do_not_specialize=["num_rows"])  # read only with partial sums
 def _rmsnorm_kernel(
@@ -31,7 +33,9 @@ def _rmsnorm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     NUM_PARTS: tl.constexpr,  # 0: x is the input itself; else the partial sums to add up
     BLOCK_N: tl.constexpr,  # next power of two >= n: the whole row lives in registers
+    PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < n
@@ -94,6 +98,7 @@ def _launch(
     # 8 bf16 elements (16 bytes) per thread per load at hidden 1024 with 4 warps; wider rows get up
     # to 16 warps so no thread holds more than ~32 elements.
     num_warps = min(max(block_n // 256, 1), 16)
+    pdl = pdl_enabled(x)
     _rmsnorm_kernel[(num_rows,)](
         x_ptr=x,
         residual_ptr=residual if residual is not None else x,
@@ -108,7 +113,9 @@ def _launch(
         HAS_RESIDUAL=residual is not None,
         NUM_PARTS=num_parts,
         BLOCK_N=block_n,
+        PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
     )
     return out, new_residual
 

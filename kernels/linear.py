@@ -1,109 +1,200 @@
-"""Triton: split-K GEMM partial sums for the row-parallel projections at decode batch sizes.
+"""Triton: the model's GEMMs at decode batch sizes (y = x @ W^T, up to 256 tokens).
 
-At decode batch sizes the o and down projections (N = hidden = 1024 outputs over K = 2048 or
-3072 inputs in Qwen3-0.6B) give cuBLAS too few output tiles to fill the GPU: they run at 0.7-0.9
-TB/s of weight reads. Splitting K over S programs per output tile fills it; each split writes its
-float32 partial sum to `parts[s]`, and the consumer, the fused add + RMSNorm that always follows
-these projections, adds the S partials up in split order (deterministic) as it reads them. So the
-reduction costs no launch of its own.
+cuBLAS runs these small GEMMs at 1-2 TB/s of weight reads: too few output tiles to fill the GPU
+(o_proj and down_proj have N = hidden = 1024 outputs), and a launch that cannot overlap the kernel
+before it. This kernel:
+- loads its tiles with the tensor-memory accelerator (host tensor descriptors; rows past M and
+  columns past K read as zeros), and puts the weight rows on the MMA's M side ("swap AB"), so even
+  16 tokens fill a 64-row wgmma;
+- for the row-parallel projections, splits K over S programs per output tile: each writes its
+  float32 partial sum to `parts[s]`, and the consumer, the fused add + RMSNorm that always follows
+  these projections, adds the S partials up in split order (deterministic) as it reads them;
+- launches as a programmatic dependent (kernels/pdl.py), like every other kernel of the layer.
 
-Measured on an H200 (`benchmarks/bench_gemm.py`, CUDA-graph replay, per layer, o + down, cuBLAS
-against the best split-K configuration per shape): M=16 12.5 -> 6.7 us, M=64 12.6 -> 7.1 us,
-M=128 13.0 -> 9.0 us; at M=256 the gain is under 2 us, so larger batches stay on cuBLAS.
-`splitk_config` uses one configuration near the best ones.
+Measured on an H200 (`benchmarks/bench_layer_chain.py`: a layer's norms, four GEMMs and SiLU, 28
+layers of cold weights in one CUDA graph, us per layer): cuBLAS 33.8 / 30.5 / 31.7 / 33.4 us
+against 21.4 / 22.0 / 23.9 / 25.5 us here with PDL at 1 / 16 / 64 / 128 tokens. Past 128 tokens
+cuBLAS keeps qkv and gate/up (MAX_COLUMN_TOKENS). `gemm_config` holds the tile shapes
+`benchmarks/bench_gemm.py` found (cold weights, one GEMM at a time).
 """
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-# Largest M (tokens) given to split-K; bigger GEMMs fill the GPU by themselves.
-MAX_SPLIT_K_TOKENS = 128
+from .pdl import pdl_enabled, pdl_start
+
+# Largest M (tokens) given to this kernel; bigger GEMMs (prefill) fill the GPU under cuBLAS.
+MAX_TOKENS = 256
+# Past this many tokens the column-parallel GEMMs (qkv, gate/up: N = 4096, 6144) are faster under
+# cuBLAS, even with the launch overlap lost (bench_layer_chain.py: 30-34 against 35-39 us per
+# layer at 144-224 tokens); the split-K row-parallel ones stay here up to MAX_TOKENS.
+MAX_COLUMN_TOKENS = 128
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every batch size
-def _splitk_partials_kernel(
-    x_ptr,  # [M, K], K contiguous
-    w_ptr,  # [N, K], contiguous
-    parts_ptr,  # [S, M, N] float32, contiguous
+def _linear_kernel(
+    x_desc,  # [M, K] block [BM, BK]
+    w_desc,  # [N, K] block [BN, BK]
+    out_ptr,  # [M, N] x's dtype; or [S, M, N] float32 when PARTIALS
     M,
     N,
-    K,
-    stride_x,
-    k_per_split,  # K // S, a multiple of BK
+    k_per_split,  # a multiple of BK
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    SWAP: tl.constexpr,  # weight rows on the MMA's M side (few tokens), else token rows
+    PARTIALS: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pdl_start(PDL)
+    off_n = tl.program_id(0) * BN
+    off_m = tl.program_id(1) * BM
     split = tl.program_id(2)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = split * k_per_split + tl.arange(0, BK)
-    m_mask = offs_m[:, None] < M
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for _ in range(0, k_per_split, BK):
-        a = tl.load(x_ptrs, mask=m_mask, other=0.0)
-        b = tl.load(w_ptrs)
-        acc = tl.dot(a, tl.trans(b), acc)
-        x_ptrs += BK
-        w_ptrs += BK
-    out = parts_ptr + split.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc, mask=m_mask)
+    k0 = split * k_per_split
+    if SWAP:  # acc is the [BN, BM] tile of y^T
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in tl.range(k0, k0 + k_per_split, BK, num_stages=NUM_STAGES):
+        x = x_desc.load([off_m, k])
+        w = w_desc.load([off_n, k])
+        if SWAP:
+            acc = tl.dot(w, x.T, acc)
+        else:
+            acc = tl.dot(x, w.T, acc)
+    if SWAP:
+        acc = acc.T
+    offs_m = off_m + tl.arange(0, BM)
+    offs_n = off_n + tl.arange(0, BN)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if PARTIALS:
+        out = out_ptr + (split.to(tl.int64) * M + offs_m[:, None]) * N + offs_n[None, :]
+        tl.store(out, acc, mask=mask)
+    else:
+        out = out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def splitk_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int] | None:
-    """(splits, BM, BN, BK, num_warps, num_stages) for an [m, k] x [n, k]^T GEMM, or None when
-    split-K does not apply (too many rows, or a shape the tiles do not divide)."""
-    if m < 1 or m > MAX_SPLIT_K_TOKENS:
+class GemmConfig(NamedTuple):
+    splits: int  # K slices (partial sums); 1 for a plain output
+    block_m: int  # token rows per program
+    block_n: int  # weight rows (outputs) per program
+    block_k: int
+    num_warps: int
+    num_stages: int
+    swap: bool = True  # weight rows on the MMA's M side
+
+
+# Split-K partial sums (row-parallel o / down projections, N = 1024: 16 output tiles of 64):
+# (largest M, config), the first row with M <= its bound applies. Tuned on an H200.
+_PARTIALS_TABLE = (
+    (16, GemmConfig(8, 16, 64, 128, 4, 4)),
+    (32, GemmConfig(8, 32, 64, 128, 4, 4)),
+    (64, GemmConfig(8, 64, 64, 128, 4, 4)),
+    (128, GemmConfig(4, 64, 64, 128, 4, 5)),
+    (224, GemmConfig(4, 64, 128, 128, 4, 4)),
+    (MAX_TOKENS, GemmConfig(4, 128, 64, 128, 4, 4)),
+)
+
+
+@functools.cache
+def _num_sms(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return 132  # an H100 / H200: the interpreter's stand-in
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def gemm_config(
+    m: int, n: int, k: int, partials: bool, num_sms: int = 132
+) -> GemmConfig | None:
+    """The configuration for an [m, k] x [n, k]^T GEMM, or None where cuBLAS is faster (above
+    MAX_TOKENS; above MAX_COLUMN_TOKENS without partials). Tuned on an H200 for Qwen3-0.6B's
+    shapes (bench_gemm.py with cold weights, then bench_layer_chain.py)."""
+    if m < 1 or m > (MAX_TOKENS if partials else MAX_COLUMN_TOKENS):
         return None
-    # Tuned on an H200 (bench_gemm.py): 8 splits up to 64 rows, 4 beyond.
-    splits, stages = (8, 3) if m <= 64 else (4, 4)
-    bm = max(16, min(64, triton.next_power_of_2(m)))
-    bn, bk = 64, 64
-    while splits > 1 and k % (splits * bk):
-        splits //= 2
-    if n % bn or k % (splits * bk) or splits == 1:
-        return None
-    return splits, bm, bn, bk, 4, stages
+    if partials:
+        config = next(c for bound, c in _PARTIALS_TABLE if m <= bound)
+        splits = config.splits
+        while splits > 1 and k < splits * config.block_k:  # short K: fewer splits
+            splits //= 2
+        return config._replace(splits=splits)
+    # The consumer wants y itself: no split. Few tokens: one token tile, weight rows on the
+    # MMA's M side. More: 64-token tiles while that gives one program per SM at most (64 weight
+    # rows each), else one 128-token tile.
+    if m <= 64:
+        return GemmConfig(1, max(16, triton.next_power_of_2(m)), 64, 128, 4, 5)
+    if triton.cdiv(m, 64) * triton.cdiv(n, 64) <= num_sms:
+        return GemmConfig(1, 64, 64, 128, 4, 4)
+    return GemmConfig(1, 128, 64, 128, 4, 4)
 
 
-def splitk_partials(
-    x: torch.Tensor,  # [M, K], bf16 or fp16, K contiguous
+def supports(x: torch.Tensor, weight: torch.Tensor, partials: bool = False) -> bool:
+    """Whether `linear` takes this pair: fp16/bf16, a token count `gemm_config` gives this
+    kernel, and the 16-byte alignment of rows and base addresses that tensor descriptors need."""
+    return (
+        x.dim() == 2
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and weight.dtype == x.dtype
+        and 1 <= x.shape[0] <= (MAX_TOKENS if partials else MAX_COLUMN_TOKENS)
+        and x.stride(1) == 1
+        and weight.is_contiguous()
+        and weight.shape[1] == x.shape[1]
+        and (x.stride(0) * x.element_size()) % 16 == 0
+        and (weight.shape[1] * weight.element_size()) % 16 == 0
+        and x.data_ptr() % 16 == 0
+        and weight.data_ptr() % 16 == 0
+    )
+
+
+def linear(
+    x: torch.Tensor,  # [M, K], fp16 or bf16, K contiguous (see `supports`)
     weight: torch.Tensor,  # [N, K], contiguous, x's dtype
-    config: tuple[int, int, int, int, int, int] | None = None,
-) -> torch.Tensor | None:  # [S, M, N] float32: x @ weight^T == parts.sum(0)
-    """The float32 partial sums of x @ weight^T over S slices of K, or None when split-K does
-    not apply to this shape (the caller then runs a plain GEMM)."""
-    assert x.dim() == 2 and x.stride(1) == 1, (x.shape, x.stride())
-    assert weight.dim() == 2 and weight.is_contiguous() and weight.shape[1] == x.shape[1]
-    assert x.dtype == weight.dtype, (x.dtype, weight.dtype)
+    *,
+    partials: bool = False,
+    config: tuple | None = None,  # a GemmConfig or its fields
+) -> torch.Tensor:  # [M, N] x.dtype; with partials [S, M, N] float32 summing to x @ weight^T
+    """x @ weight^T; with `partials`, its float32 partial sums over S slices of K (S may be 1)."""
+    assert supports(x, weight, partials), (x.shape, x.stride(), x.dtype, weight.shape)
     m, k = x.shape
     n = weight.shape[0]
-    config = config or splitk_config(m, n, k)
     if config is None:
-        return None
-    splits, bm, bn, bk, num_warps, num_stages = config
-    assert k % (splits * bk) == 0 and n % bn == 0, (config, n, k)
-    parts = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    _splitk_partials_kernel[(n // bn, triton.cdiv(m, bm), splits)](
-        x_ptr=x,
-        w_ptr=weight,
-        parts_ptr=parts,
+        device = None
+        if x.is_cuda:
+            device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        config = gemm_config(m, n, k, partials, _num_sms(device))
+    config = GemmConfig(*config)
+    assert config is not None, (m, k)
+    splits, bm, bn, bk, num_warps, num_stages, swap = config
+    assert partials or splits == 1, config
+    k_per_split = triton.cdiv(triton.cdiv(k, bk), splits) * bk  # the last split may be short
+    if partials:
+        out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    pdl = pdl_enabled(x)
+    _linear_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), splits)](
+        x_desc=TensorDescriptor.from_tensor(x, [bm, bk]),
+        w_desc=TensorDescriptor.from_tensor(weight, [bn, bk]),
+        out_ptr=out,
         M=m,
         N=n,
-        K=k,
-        stride_x=x.stride(0),
-        k_per_split=k // splits,
+        k_per_split=k_per_split,
         BM=bm,
         BN=bn,
         BK=bk,
+        SWAP=swap,
+        PARTIALS=partials,
+        NUM_STAGES=num_stages,
+        PDL=pdl,
         num_warps=num_warps,
-        num_stages=num_stages,
+        launch_pdl=pdl,
     )
-    return parts
+    return out

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .block_table import tile_row_offsets
+from .pdl import pdl_enabled, pdl_start
 
 _LOG2E = 1.4426950408889634
 # Upper bound of the default split count (a single sequence then has _SPLITS_CAP * num_kv_heads
@@ -78,7 +79,9 @@ def _paged_decode_kernel(
     SINGLE_SPLIT: tl.constexpr,  # max_num_splits == 1: write the final output, no reduce
     ROW_ORDER: tl.constexpr,  # program b takes row row_order[b]
     HEADS_FIRST: tl.constexpr,  # grid (kv_heads, batch, splits) instead of (batch, kv_heads, ..)
+    PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):
+    pdl_start(PDL)
     if HEADS_FIRST:
         kv_head = tl.program_id(0)
         b = tl.program_id(1)
@@ -180,7 +183,9 @@ def _paged_decode_reduce_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,  # splits merged per step: [SPLIT_CHUNK, BLOCK_D] in registers
     MIN_PARTITION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -317,6 +322,7 @@ def decode_attention(
         )
     block_d = triton.next_power_of_2(head_dim)
     grid = (num_kv_heads, batch) if heads_first else (batch, num_kv_heads)
+    pdl = pdl_enabled(q)
     _paged_decode_kernel[(*grid, max_num_splits)](
         q_ptr=q,
         k_cache_ptr=k_cache,
@@ -348,8 +354,10 @@ def decode_attention(
         SINGLE_SPLIT=single_split,
         ROW_ORDER=row_order is not None,
         HEADS_FIRST=heads_first,
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=pdl,
     )
     if single_split:
         return out
@@ -366,6 +374,8 @@ def decode_attention(
         BLOCK_N=block_n,
         SPLIT_CHUNK=min(64, triton.next_power_of_2(max_num_splits)),
         MIN_PARTITION=min_partition,
+        PDL=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     return out

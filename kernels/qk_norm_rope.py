@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, pdl_start
+
 
 @triton.jit
 def _norm_rope_heads(
@@ -104,7 +106,9 @@ def _qk_norm_rope_kernel(
     BLOCK_HK: tl.constexpr,  # next power of two >= num_kv_heads
     BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
+    PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):
+    pdl_start(PDL)
     # Program (token, part): part 0 normalises and rotates the token's q heads, part 1 its k
     # heads, part 2 (STORE_KV only) copies its v into the cache. Three short dependency chains
     # side by side instead of one long one: a decode step has only a few hundred tokens.
@@ -232,6 +236,7 @@ def _launch(
     has_norm = q_weight is not None
     store_kv = k_cache is not None
     half = head_dim // 2
+    pdl = pdl_enabled(q)
     _qk_norm_rope_kernel[(num_tokens, 3 if store_kv else 2)](
         q_ptr=q,
         k_ptr=k,
@@ -264,8 +269,10 @@ def _launch(
         BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_D=triton.next_power_of_2(head_dim),
+        PDL=pdl,
         # 16 q heads x 64 pairs = 1024 elements per half: 4 warps keep 8 per thread per load.
         num_warps=4,
+        launch_pdl=pdl,
     )
 
 

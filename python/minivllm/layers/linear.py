@@ -77,7 +77,20 @@ class LinearBase(nn.Module):
             raise ValueError(f"shape {tuple(loaded.shape)}, expected {tuple(full)}")
         param.data.copy_(shard)
 
+    def _triton_linear(self, x: torch.Tensor, partials: bool = False) -> bool:
+        """Whether x @ W^T goes to the Triton GEMM (kernels/linear.py): decode batch sizes on
+        CUDA, fp16/bf16, no bias. Larger GEMMs stay on cuBLAS."""
+        if self.bias is not None or not use_fused_kernels(x):
+            return False
+        from minivllm.kernels.linear import supports
+
+        return supports(x, self.weight, partials)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._triton_linear(x):
+            from minivllm.kernels.linear import linear
+
+            return linear(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -188,18 +201,12 @@ class RowParallelLinear(LinearBase):
         residual, which accepts SplitKPartials), one GPU and few tokens, y comes back as split-K
         partial sums: at decode batch sizes this projection has too few output tiles to fill
         the GPU (kernels/linear.py)."""
-        if (
-            partials
-            and self.tp_size == 1
-            and self.bias is None
-            and x.dim() == 2
-            and x.dtype in (torch.float16, torch.bfloat16)
-            and use_fused_kernels(x)
-        ):
-            from minivllm.kernels.linear import splitk_partials
+        partials = partials and self.tp_size == 1
+        if self._triton_linear(x, partials):
+            from minivllm.kernels.linear import linear
 
-            parts = splitk_partials(x, self.weight)
-            if parts is not None:
-                return SplitKPartials(parts, x.dtype)
+            if partials:
+                return SplitKPartials(linear(x, self.weight, partials=True), x.dtype)
+            return self.tp_group.all_reduce(linear(x, self.weight))
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return self.tp_group.all_reduce(y)

@@ -1,0 +1,46 @@
+"""Programmatic dependent launch (PDL, Hopper and newer) for the kernels of a decode step.
+
+A kernel launched with `launch_pdl=True` may be scheduled while the kernel before it in the stream
+is still running: its programs start, and wait (`griddepcontrol.wait`) until that kernel has
+finished and its writes are visible. Each per-layer kernel calls `pdl_start` first, so none of it
+runs before the wait, and its own dependents may launch at once. With every kernel of a layer in
+the chain (the GEMMs are Triton too, kernels/linear.py), a kernel's launch and ramp-up overlap the
+tail of the one before: 3-5 us per layer of a decode step (`benchmarks/bench_layer_chain.py`).
+
+The wait covers the previous kernel only; since every kernel in the chain waits before it ends,
+the kernels before that one have finished too. A kernel after a non-PDL one (cuBLAS, NCCL, torch)
+starts as usual, once it has finished. MINIVLLM_PDL=0 turns PDL off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+_PDL = os.environ.get("MINIVLLM_PDL", "1") != "0"
+
+
+@functools.cache
+def _device_supports_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_enabled(x: torch.Tensor) -> bool:
+    """Whether kernels on x's device launch as programmatic dependents (CUDA, sm_90 and newer)."""
+    if not (_PDL and x.is_cuda):
+        return False
+    index = x.device.index
+    return _device_supports_pdl(torch.cuda.current_device() if index is None else index)
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """First statement of a PDL kernel: let the next kernel launch, then wait for the last one."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
