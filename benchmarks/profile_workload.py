@@ -30,7 +30,7 @@ from bench_throughput import nano_vllm_workload
 CATEGORIES = (
     ("decode attn", ("_paged_decode",)),
     ("prefill attn", ("_flash_prefill",)),
-    ("gemm", ("nvjet", "gemm", "cutlass", "splitK", "xmma", "_splitk_partials")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "splitK", "xmma", "_linear_kernel")),
     ("rmsnorm", ("_rmsnorm",)),
     ("qk-norm+rope+kv", ("_qk_norm_rope", "_kv_store", "_store_kv")),
     ("silu*mul", ("_silu",)),

@@ -1,0 +1,143 @@
+"""The model's GEMMs at decode batch sizes with cold weights: cuBLAS (torch.mm) against the
+engine's Triton GEMM (kernels/linear.py) with its own configuration and over a sweep of tile
+shapes, K splits and pipeline depths.
+
+Each timed call reads a different copy of the weight (8 copies, more than the L2 holds), as the
+model's 28 layers do, so a GEMM pays its weight reads from HBM. All calls of a case are captured
+in one CUDA graph; us per call. Split-K rows (o, down) leave float32 partial sums, which the
+add + RMSNorm that follows adds up (not timed here). PDL is off here: a chain of kernels is what
+`bench_layer_chain.py` times.
+
+    python benchmarks/bench_gemm.py --m 16 64 128 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import DEVICE  # noqa: E402
+
+import minivllm.kernels.pdl as pdl  # noqa: E402
+from minivllm.kernels.linear import GemmConfig, gemm_config, linear  # noqa: E402
+
+SHAPES = {  # Qwen3-0.6B: name -> (N, K, partials) of y = x @ W^T
+    "qkv": (4096, 1024, False),
+    "o": (1024, 2048, True),
+    "gate_up": (6144, 1024, False),
+    "down": (1024, 3072, True),
+}
+COPIES = 8  # weight copies cycled through, so every call reads its weight from HBM
+
+
+def cold_replay_us(fns, samples: int = 15) -> float:
+    """Median microseconds per call of the fns (one per weight copy), all captured in one graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(samples):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fns))
+    return sorted(times)[len(times) // 2]
+
+
+def configs(m: int, k: int, partials: bool):
+    """GemmConfig candidates; splits > 1 only for partial sums. Shared memory per program is
+    kept to what fits (stages x (BM + BN) x BK x 2 bytes <= 200 KB)."""
+    xm = max(16, triton.next_power_of_2(m))
+    for bm, bn, bk, stages, splits in itertools.product(
+            sorted({min(xm, 128), min(xm, 64), 16 if xm <= 32 else 32}), (64, 128), (64, 128),
+            (2, 3, 4, 5), (1, 2, 4, 8) if partials else (1,)):
+        if k % (splits * bk) or (bm + bn) * bk * 2 * stages > 200_000:
+            continue
+        yield GemmConfig(splits, bm, bn, bk, 4, stages, True)
+    if m >= 64 and not partials:  # token rows on the MMA's M side
+        for bm, bn, bk, stages, warps in itertools.product(
+                (64, 128), (64, 128, 256), (64, 128), (2, 3, 4), (4, 8)):
+            if bm > xm or (bm == 128 and warps == 4) or (bm + bn) * bk * 2 * stages > 200_000:
+                continue
+            yield GemmConfig(1, bm, bn, bk, warps, stages, False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--m", type=int, nargs="+", default=[16, 64, 128, 192, 256])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--no-sweep", action="store_true", help="cuBLAS and the engine's config only")
+    ap.add_argument("--top", type=int, default=3, help="best sweep configs printed per case")
+    args = ap.parse_args()
+    if DEVICE != "cuda":
+        print("bench_gemm.py needs a CUDA GPU (tensor descriptors); nothing to do here")
+        return
+    pdl._PDL = False  # one kernel at a time here
+    torch.manual_seed(0)
+    t0 = time.time()
+    per_layer: dict[int, list[float]] = {}
+    print(f"{'layer':<8}{'M':>5}{'cublas':>8}{'engine':>8}{'best':>8}  best sweep configs "
+          "(splits, BM, BN, BK, warps, stages, swap): us")
+    for m in args.m:
+        for name in args.shapes:
+            n, k, partials = SHAPES[name]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                  for _ in range(COPIES)]
+            ref = torch.mm(x, ws[0].t()).float()
+            outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in ws]
+            t_cublas = cold_replay_us(
+                [lambda w=w, o=o: torch.mm(x, w.t(), out=o) for w, o in zip(ws, outs)])
+
+            def time_config(cfg):
+                y = linear(x, ws[0], partials=partials, config=cfg)
+                torch.cuda.synchronize()
+                got = y.sum(0) if partials else y.float()
+                if not torch.allclose(got, ref, atol=3e-2, rtol=3e-2):
+                    print("MISMATCH", name, m, cfg)
+                return cold_replay_us(
+                    [lambda w=w: linear(x, w, partials=partials, config=cfg) for w in ws])
+
+            t_engine = time_config(gemm_config(m, n, k, partials))
+            results = []
+            for cfg in ([] if args.no_sweep else configs(m, k, partials)):
+                try:
+                    results.append((time_config(cfg), cfg))
+                except Exception as e:  # noqa: BLE001 -- out of resources and the like
+                    print("failed", name, m, cfg, type(e).__name__, str(e)[:80])
+            results.sort()
+            best = results[0][0] if results else float("nan")
+            tops = "; ".join(f"{tuple(c)}: {t:.2f}" for t, c in results[:args.top])
+            print(f"{name:<8}{m:>5}{t_cublas:>8.2f}{t_engine:>8.2f}{best:>8.2f}  {tops}",
+                  flush=True)
+            s = per_layer.setdefault(m, [0.0, 0.0])
+            s[0] += t_cublas
+            s[1] += t_engine
+            del ws, outs
+            torch.cuda.empty_cache()
+    for m, (c, e) in per_layer.items():
+        print(f"per layer at M={m}: cuBLAS {c:.1f} us, engine {e:.1f} us "
+              "(partials' sum not included)")
+    print(f"took {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

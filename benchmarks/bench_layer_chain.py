@@ -1,0 +1,123 @@
+"""The decode step's non-attention chain over 28 layers with cold weights, as the engine runs it:
+cuBLAS GEMMs against the Triton GEMM of kernels/linear.py, with programmatic dependent launch
+(kernels/pdl.py) off and on.
+
+Per layer: RMSNorm -> qkv GEMM; o GEMM (on a fixed attention output) -> add + RMSNorm ->
+gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the residual. Variants:
+  cublas        torch.mm for the four GEMMs (o and down then hand the norm bf16 outputs)
+  triton        kernels/linear.py where the engine takes it (o and down as split-K partial sums
+                up to 256 tokens, qkv and gate/up up to 128), cuBLAS elsewhere; PDL off
+  triton+pdl    the same, every Triton kernel launched as a programmatic dependent: the engine
+  mix+pdl       cuBLAS for qkv and gate/up at every size, PDL on
+All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
+the first one's.
+
+    python benchmarks/bench_layer_chain.py --m 16 64 128 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import DEVICE, check_close  # noqa: E402
+
+import minivllm.kernels.pdl as pdl  # noqa: E402
+from minivllm.kernels.activation import silu_and_mul  # noqa: E402
+from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm  # noqa: E402
+from minivllm.kernels.linear import linear, supports  # noqa: E402
+
+HIDDEN, QKV, ATTN, INTER, LAYERS = 1024, 4096, 2048, 3072, 28
+
+
+class Chain:
+    def __init__(self, m: int, mode: str):
+        self.m, self.mode = m, mode
+        g = torch.Generator(device="cuda").manual_seed(0)
+
+        def rnd(*shape, scale=0.02):
+            return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g) * scale
+
+        self.w = [{"qkv": rnd(QKV, HIDDEN), "o": rnd(HIDDEN, ATTN),
+                   "gate_up": rnd(2 * INTER, HIDDEN), "down": rnd(HIDDEN, INTER)}
+                  for _ in range(LAYERS)]
+        self.norm_w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
+        self.attn = rnd(m, ATTN, scale=1.0)
+        self.res0 = rnd(m, HIDDEN, scale=1.0)
+
+    def gemm(self, x, layer, name, partials=False):
+        w = self.w[layer][name]
+        if (self.mode == "cublas" or (self.mode.startswith("mix") and not partials)
+                or not supports(x, w, partials)):  # where the engine keeps cuBLAS too
+            return torch.mm(x, w.t())
+        return linear(x, w, partials=partials)
+
+    def run(self):
+        res = self.res0
+        h = rmsnorm(res, self.norm_w, 1e-6)
+        for layer in range(LAYERS):
+            self.gemm(h, layer, "qkv")
+            o = self.gemm(self.attn, layer, "o", partials=True)
+            h, res = fused_add_rmsnorm(o, res, self.norm_w, 1e-6)
+            act = silu_and_mul(self.gemm(h, layer, "gate_up"))
+            down = self.gemm(act, layer, "down", partials=True)
+            h, res = fused_add_rmsnorm(down, res, self.norm_w, 1e-6)  # the next input norm
+        return res
+
+
+def time_graph(fn, samples: int = 20) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(samples):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--m", type=int, nargs="+",
+                    default=[1, 2, 4, 8, *range(16, 257, 16)])  # the decode graph buckets
+    ap.add_argument("--modes", nargs="+", default=["cublas", "triton", "triton+pdl", "mix+pdl"])
+    args = ap.parse_args()
+    if DEVICE != "cuda":
+        print("bench_layer_chain.py needs a CUDA GPU; nothing to do here")
+        return
+    print(f"{'M':>5}" + "".join(f"{mode:>14}" for mode in args.modes) + "   (us per layer)")
+    for m in args.m:
+        row, ref = [], None
+        for mode in args.modes:
+            pdl._PDL = mode.endswith("+pdl")
+            chain = Chain(m, mode)
+            out = chain.run().float()
+            if ref is None:
+                ref = out
+            else:
+                check_close(f"M={m} {mode}", out, ref)
+            row.append(time_graph(chain.run) / LAYERS)
+            del chain
+            torch.cuda.empty_cache()
+        print(f"{m:>5}" + "".join(f"{t:>14.2f}" for t in row), flush=True)
+    pdl._PDL = True
+
+
+if __name__ == "__main__":
+    main()
