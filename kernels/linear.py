@@ -33,7 +33,7 @@ from .pdl import pdl_enabled, pdl_start
 # Largest M (tokens) given to this kernel; bigger GEMMs (prefill) fill the GPU under cuBLAS.
 MAX_TOKENS = 256
 # Past this many tokens the column-parallel GEMMs (qkv, gate/up: N = 4096, 6144) are faster under
-# cuBLAS, even with the launch overlap lost (bench_layer_chain.py: 30-34 against 35-39 us per
+# cuBLAS, even with the launch overlap lost (bench_layer_chain.py: 30-34 against 34-39 us per
 # layer at 144-224 tokens); the split-K row-parallel ones stay here up to MAX_TOKENS.
 MAX_COLUMN_TOKENS = 128
 
@@ -170,8 +170,9 @@ def linear(
         if x.is_cuda:
             device = x.device.index if x.device.index is not None else torch.cuda.current_device()
         config = gemm_config(m, n, k, partials, _num_sms(device))
-    config = GemmConfig(*config)
-    assert config is not None, (m, k)
+    else:
+        config = GemmConfig(*config)
+    assert config is not None, (m, n, k, partials)
     splits, bm, bn, bk, num_warps, num_stages, swap = config
     assert partials or splits == 1, config
     k_per_split = triton.cdiv(triton.cdiv(k, bk), splits) * bk  # the last split may be short
