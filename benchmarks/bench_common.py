@@ -72,18 +72,18 @@ def time_ms(fn: Callable[[], Any], warmup_ms: float = 10, rep_ms: float = 60,
     return float(times[len(times) // 2])
 
 
-def graph_replay_us(fn: Callable[[], Any], reps: int = 10, samples: int = 20) -> float:
-    """Median microseconds per fn() with `reps` calls captured in one CUDA graph (warmed up on a
-    side stream first), so launch cost is the GPU's own; inputs stay warm in L2 if they fit."""
+def graph_calls_us(fns: Sequence[Callable[[], Any]], samples: int = 20) -> float:
+    """Median microseconds of one replay of a CUDA graph that calls each of `fns` once, in order
+    (each warmed up on a side stream first)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for fn in fns:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(reps):
+        for fn in fns:
             fn()
     for _ in range(3):
         graph.replay()
@@ -95,8 +95,14 @@ def graph_replay_us(fn: Callable[[], Any], reps: int = 10, samples: int = 20) ->
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
+        times.append(start.elapsed_time(end) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def graph_replay_us(fn: Callable[[], Any], reps: int = 10, samples: int = 20) -> float:
+    """Median microseconds per fn() with `reps` calls captured in one CUDA graph, so launch cost
+    is the GPU's own; inputs stay warm in L2 if they fit."""
+    return graph_calls_us([fn] * reps, samples) / reps
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:

@@ -23,7 +23,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import DEVICE  # noqa: E402
+from bench_common import DEVICE, graph_calls_us  # noqa: E402
 
 import minivllm.kernels.pdl as pdl  # noqa: E402
 from minivllm.kernels.linear import GemmConfig, gemm_config, linear  # noqa: E402
@@ -37,29 +37,9 @@ SHAPES = {  # Qwen3-0.6B: name -> (N, K, partials) of y = x @ W^T
 COPIES = 8  # weight copies cycled through, so every call reads its weight from HBM
 
 
-def cold_replay_us(fns, samples: int = 15) -> float:
+def cold_replay_us(fns) -> float:
     """Median microseconds per call of the fns (one per weight copy), all captured in one graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(samples):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(fns))
-    return sorted(times)[len(times) // 2]
+    return graph_calls_us(fns, samples=15) / len(fns)
 
 
 def configs(m: int, k: int, partials: bool):
@@ -78,6 +58,17 @@ def configs(m: int, k: int, partials: bool):
             if bm > xm or (bm == 128 and warps == 4) or (bm + bn) * bk * 2 * stages > 200_000:
                 continue
             yield GemmConfig(1, bm, bn, bk, warps, stages, False)
+
+
+def time_config(x, ws, ref, partials: bool, cfg, name: str) -> float:
+    """us per call of the Triton GEMM with `cfg` over the weight copies `ws`, after checking one
+    call against `ref` (x @ ws[0]^T in float32)."""
+    y = linear(x, ws[0], partials=partials, config=cfg)
+    torch.cuda.synchronize()
+    got = y.sum(0) if partials else y.float()
+    if not torch.allclose(got, ref, atol=3e-2, rtol=3e-2):
+        print("MISMATCH", name, x.shape[0], cfg)
+    return cold_replay_us([lambda w=w: linear(x, w, partials=partials, config=cfg) for w in ws])
 
 
 def main() -> None:
@@ -105,22 +96,13 @@ def main() -> None:
             ref = torch.mm(x, ws[0].t()).float()
             outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in ws]
             t_cublas = cold_replay_us(
-                [lambda w=w, o=o: torch.mm(x, w.t(), out=o) for w, o in zip(ws, outs)])
+                [lambda x=x, w=w, o=o: torch.mm(x, w.t(), out=o) for w, o in zip(ws, outs)])
 
-            def time_config(cfg):
-                y = linear(x, ws[0], partials=partials, config=cfg)
-                torch.cuda.synchronize()
-                got = y.sum(0) if partials else y.float()
-                if not torch.allclose(got, ref, atol=3e-2, rtol=3e-2):
-                    print("MISMATCH", name, m, cfg)
-                return cold_replay_us(
-                    [lambda w=w: linear(x, w, partials=partials, config=cfg) for w in ws])
-
-            t_engine = time_config(gemm_config(m, n, k, partials))
+            t_engine = time_config(x, ws, ref, partials, gemm_config(m, n, k, partials), name)
             results = []
             for cfg in ([] if args.no_sweep else configs(m, k, partials)):
                 try:
-                    results.append((time_config(cfg), cfg))
+                    results.append((time_config(x, ws, ref, partials, cfg, name), cfg))
                 except Exception as e:  # noqa: BLE001 -- out of resources and the like
                     print("failed", name, m, cfg, type(e).__name__, str(e)[:80])
             results.sort()

@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import DEVICE, check_close  # noqa: E402
+from bench_common import DEVICE, check_close, graph_calls_us  # noqa: E402
 
 import minivllm.kernels.pdl as pdl  # noqa: E402
 from minivllm.kernels.activation import silu_and_mul  # noqa: E402
@@ -69,29 +69,6 @@ class Chain:
         return res
 
 
-def time_graph(fn, samples: int = 20) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(samples):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", type=int, nargs="+",
@@ -112,7 +89,7 @@ def main() -> None:
                 ref = out
             else:
                 check_close(f"M={m} {mode}", out, ref)
-            row.append(time_graph(chain.run) / LAYERS)
+            row.append(graph_calls_us([chain.run]) / LAYERS)
             del chain
             torch.cuda.empty_cache()
         print(f"{m:>5}" + "".join(f"{t:>14.2f}" for t in row), flush=True)
