@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .pdl import pdl_enabled, pdl_start
+from .pdl import device_index, pdl_enabled, pdl_start, sm90_or_newer
 
 # Largest M (tokens) given to this kernel; bigger GEMMs (prefill) fill the GPU under cuBLAS.
 MAX_TOKENS = 256
@@ -106,19 +106,10 @@ _PARTIALS_TABLE = (
 
 
 @functools.cache
-def _sm90_or_newer(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-@functools.cache
 def _num_sms(device_index: int | None) -> int:
     if device_index is None or not torch.cuda.is_available():
         return 132  # an H100 / H200: the interpreter's stand-in
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _device_index(x: torch.Tensor) -> int:
-    return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
 def gemm_config(
@@ -150,7 +141,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, partials: bool = False) -> b
     kernel, the 16-byte alignment of rows and base addresses that tensor descriptors need, and
     on CUDA a Hopper or newer GPU (the only ones it was tuned and tested on; the interpreter
     runs it on the CPU)."""
-    if x.is_cuda and not _sm90_or_newer(_device_index(x)):
+    if x.is_cuda and not sm90_or_newer(x):
         return False
     return (
         x.dim() == 2
@@ -179,7 +170,7 @@ def linear(
     m, k = x.shape
     n = weight.shape[0]
     if config is None:
-        config = gemm_config(m, n, k, partials, _num_sms(_device_index(x) if x.is_cuda else None))
+        config = gemm_config(m, n, k, partials, _num_sms(device_index(x) if x.is_cuda else None))
     else:
         config = GemmConfig(*config)
     assert config is not None, (m, n, k, partials)

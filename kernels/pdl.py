@@ -26,17 +26,24 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 _PDL = os.environ.get("MINIVLLM_PDL", "1") != "0"
 
 
+def device_index(x: torch.Tensor) -> int:
+    """The index of the CUDA device x lives on."""
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
-def _device_supports_pdl(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def sm90_or_newer(x: torch.Tensor) -> bool:
+    """Whether x lives on a CUDA GPU of compute capability 9.0 or newer (Hopper on)."""
+    return x.is_cuda and _capability_major(device_index(x)) >= 9
 
 
 def pdl_enabled(x: torch.Tensor) -> bool:
     """Whether kernels on x's device launch as programmatic dependents (CUDA, sm_90 and newer)."""
-    if not (_PDL and x.is_cuda):
-        return False
-    index = x.device.index
-    return _device_supports_pdl(torch.cuda.current_device() if index is None else index)
+    return _PDL and sm90_or_newer(x)
 
 
 @triton.jit
