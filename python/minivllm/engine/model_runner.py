@@ -28,7 +28,7 @@ import torch
 
 from minivllm.config import EngineConfig
 from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
-from minivllm.engine.distributed import SINGLE_DEVICE, TPGroup, building_model
+from minivllm.distributed import SINGLE_DEVICE, TPGroup, building_model
 from minivllm.engine.reference import STAGING_LAYOUT, write_staging
 from minivllm.engine.reference import Scheduler as TwinScheduler
 from minivllm.engine.workers import CMD_STEP, SHUTDOWN_TIMEOUT_S, TPWorkers, WorkerError

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from minivllm.config import EngineConfig
-from minivllm.engine.distributed import TPGroup, connect_store, create_group, create_store
+from minivllm.distributed import TPGroup, connect_store, create_group, create_store
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess

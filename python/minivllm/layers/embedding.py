@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minivllm.engine.distributed import get_tp_group
+from minivllm.distributed import get_tp_group
 
 
 class VocabParallelEmbedding(nn.Module):

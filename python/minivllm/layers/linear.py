@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minivllm.engine.distributed import get_tp_group, get_tp_size
+from minivllm.distributed import get_tp_group, get_tp_size
 from minivllm.layers import use_fused_kernels
 
 
