@@ -26,7 +26,8 @@ from engine_fixtures import (
     mixed_prompts,
 )
 from minivllm import LLM, SamplingParams
-from minivllm.engine.workers import CMD_STEP, WorkerError
+from minivllm.distributed import WorkerError
+from minivllm.engine.staging import CMD_STEP
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 

@@ -26,6 +26,10 @@ import torch.distributed as dist
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
+class WorkerError(RuntimeError):
+    """A tensor-parallel worker died or failed."""
+
+
 @dataclass(frozen=True, eq=False)
 class TPGroup:
     """One rank's view of its engine's tensor-parallel group."""

@@ -14,7 +14,10 @@ class SamplingParams:
     depend only on the seed and the request's own tokens, not on the rest of the batch (on a GPU
     the logits' rounding still depends on the batch size, so a draw on a token boundary can move).
     stop: strings that end the completion (not included in the text). max_model_length:
-    MinivLLM's per-request cap on prompt + completion tokens.
+    MinivLLM's per-request cap on prompt + completion tokens. n: completions of the prompt
+    (completion i draws with seed + i). logprobs: the sampled token's log-probability and the
+    `logprobs` most likely tokens' per generated token; prompt_logprobs: the same for each prompt
+    token (both log_softmax of the model's raw logits, as vLLM reports by default).
     """
 
     temperature: float = 1.0
@@ -28,6 +31,9 @@ class SamplingParams:
     seed: int | None = None
     max_model_length: int | None = None
     skip_special_tokens: bool = True
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -59,6 +65,14 @@ class SamplingParams:
             )
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         for s in stops:
             if not isinstance(s, str) or not s:

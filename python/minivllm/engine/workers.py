@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from minivllm.config import EngineConfig
-from minivllm.distributed import TPGroup, connect_store, create_group, create_store
+from minivllm.distributed import (
+    TPGroup,
+    WorkerError,
+    connect_store,
+    create_group,
+    create_store,
+)
+from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.staging import CMD_SHUTDOWN
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -40,8 +48,6 @@ STARTUP_TIMEOUT_S = 300.0
 # How long close() waits for a worker to leave its loop before terminating it.
 SHUTDOWN_TIMEOUT_S = 10.0
 
-CMD_STEP, CMD_SHUTDOWN = 1, 2
-
 _live: weakref.WeakSet[TPWorkers] = weakref.WeakSet()
 
 
@@ -51,10 +57,6 @@ def _close_all() -> None:
     # shutdown instead of a terminate.
     for workers in list(_live):
         workers.close()
-
-
-class WorkerError(RuntimeError):
-    """A tensor-parallel worker died or failed."""
 
 
 class TPWorkers:
@@ -139,9 +141,11 @@ class TPWorkers:
                 self.check_alive()
                 raise
 
-    def close(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
         """Ask every worker to leave its loop, then reap it (terminate stragglers); a timeout
         of 0 terminates at once (start-up failed, workers may be inside a collective)."""
+        if timeout_s is None:
+            timeout_s = SHUTDOWN_TIMEOUT_S
         _live.discard(self)
         if not self.conns:
             return  # already closed
@@ -170,9 +174,6 @@ class TPWorkers:
 
 def _worker_main(config: EngineConfig, rank: int, port: int, conn: Connection) -> None:
     """A worker process: join the group, build the same runner as rank 0, serve steps."""
-    # Imported here: model_runner imports this module for rank 0's side.
-    from minivllm.engine.model_runner import ModelRunner
-
     try:
         store = connect_store(port, config.tensor_parallel_size)
         store.set(f"joined/{rank}", "1")
@@ -190,7 +191,7 @@ def _worker_main(config: EngineConfig, rank: int, port: int, conn: Connection) -
                 break
             if message[0] == CMD_SHUTDOWN:
                 break
-            runner.execute_worker_step(message)
+            runner.run_worker_step(message)
     except BaseException:  # noqa: BLE001 - any failure goes up the pipe, then exit 1
         try:
             conn.send_bytes(traceback.format_exc().encode())
