@@ -207,15 +207,18 @@ class EngineLoop:
                 self._active.add(r.seq_id)
         return rejected
 
-    def recover(self) -> None:
-        """After a step raised: abort every sequence (the caller fails their requests), close
-        the Batches in flight, forget the prefix cache. The loop is usable again."""
+    def recover(self) -> list[int]:
+        """After a step raised: abort every sequence, close the Batches in flight, forget the
+        prefix cache. Returns the sequences dropped (for the caller to fail their requests);
+        the loop is usable again."""
         with self._lock:
+            dropped = [item.seq_id for kind, item in self._intake if kind == "add"]
             self._intake.clear()
             self._has_intake.clear()
         scheduler = self.scheduler
         for seq_id in self._active:
             scheduler.abort(seq_id)
+        dropped += self._active
         self._active.clear()
         while self._in_flight:
             batch, _ = self._in_flight.popleft()
@@ -223,6 +226,7 @@ class EngineLoop:
         reset = getattr(scheduler, "reset_prefix_cache", None)
         if reset is not None:
             reset()
+        return sorted(dropped)
 
     def close(self) -> None:
         self.runner.close()

@@ -145,6 +145,10 @@ class OutputProcessor:
             self._tracked.pop(s, None)
         return seq_ids
 
+    def request_id_of(self, seq_id: int) -> str | None:
+        c = self._seqs.get(seq_id)
+        return None if c is None else c.request.request.request_id
+
     def error(self, request_id: str) -> str | None:
         return self._requests[request_id].error
 
