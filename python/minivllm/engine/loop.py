@@ -31,7 +31,8 @@ import numpy as np
 
 from minivllm.config import EngineConfig
 from minivllm.distributed import SINGLE_DEVICE
-from minivllm.engine import RuntimeInfo, new_scheduler
+from minivllm.engine import RuntimeInfo, logprobs, new_scheduler
+from minivllm.engine.logprobs import StepLogprobs
 from minivllm.engine.model_runner import ModelRunner, StepResult
 from minivllm.engine.staging import schedule_into
 from minivllm.engine.workers import TPWorkers
@@ -53,6 +54,8 @@ class EngineRequest:
     seed: int = 0
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # top-N logprobs of each sampled token
+    prompt_logprobs: int | None = None  # top-N logprobs of each prompt token (no cache hits)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class StepOutput:
     launched_prefill_seq_ids: np.ndarray  # int64: sequences with a prefill row in the launch
     num_prefill_tokens: int  # prefill tokens of the steps read back or launched without samples
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (seq_id, why) at intake
+    logprobs: StepLogprobs | None = None  # of the step read back, for the rows that asked
 
     @classmethod
     def empty(cls) -> StepOutput:
@@ -106,6 +110,10 @@ class EngineLoop:
         self._in_flight: deque[tuple[Any, StepResult | None]] = deque()
         self._depth = 2 if config.async_scheduling else 1
         self._active: set[int] = set()  # sequences added and not finished or aborted
+        # The sequences that asked for logprobs: seq_id -> top-N (and, for the prompt's, its
+        # ids and the first position not yet scored).
+        self._sample_top: dict[int, int] = {}
+        self._prompt_top: dict[int, tuple[int, list[int], list[int]]] = {}
 
     # ---- intake (any thread) ---------------------------------------------------------------
 
@@ -142,9 +150,13 @@ class EngineLoop:
                 raise RuntimeError("the scheduler has unfinished requests but scheduled none")
         if batch is not None:
             launched = batch.seq_ids[batch.num_decodes :]
+            plan = None
+            if self._sample_top or self._prompt_top:
+                seq_lens = runner.staging.host_view("seq_lens")[: batch.num_seqs]
+                plan = logprobs.plan(batch, seq_lens, self._sample_top, self._prompt_top)
             if batch.num_samples:
                 in_flight.append((batch, None))  # awaits update() from here on
-                in_flight[-1] = (batch, runner.launch(batch))
+                in_flight[-1] = (batch, runner.launch(batch, plan))
             else:  # nothing to deliver: such a Batch needs no update()
                 runner.launch(batch)
                 num_prefill += batch.num_tokens - batch.num_decodes
@@ -161,7 +173,7 @@ class EngineLoop:
         finished = scheduler.update(token_ids)
         in_flight.popleft()
         for seq_id, _, _ in finished:
-            self._active.discard(seq_id)
+            self._forget(seq_id)
         return StepOutput(
             sampled_seq_ids=done.sample_seq_ids,
             token_ids=token_ids,
@@ -170,7 +182,13 @@ class EngineLoop:
             launched_prefill_seq_ids=launched,
             num_prefill_tokens=num_prefill + done.num_tokens - done.num_decodes,
             rejected=rejected,
+            logprobs=result.logprobs(),
         )
+
+    def _forget(self, seq_id: int) -> None:
+        self._active.discard(seq_id)
+        self._sample_top.pop(seq_id, None)
+        self._prompt_top.pop(seq_id, None)
 
     def _drain_intake(self) -> list[tuple[int, str]]:
         with self._lock:
@@ -182,10 +200,11 @@ class EngineLoop:
         for kind, item in items:
             if kind == "abort":
                 if item in self._active:
-                    self._active.discard(item)
+                    self._forget(item)
                     self.scheduler.abort(item)
                 continue
             r: EngineRequest = item
+            extra = {"skip_prefix_cache": True} if r.prompt_logprobs is not None else {}
             try:
                 self.scheduler.add_request(
                     r.seq_id,
@@ -200,11 +219,16 @@ class EngineLoop:
                     min_p=r.min_p,
                     vocab_size=vocab,
                     seed=r.seed,
+                    **extra,
                 )
             except ValueError as e:
                 rejected.append((r.seq_id, str(e)))
-            else:
-                self._active.add(r.seq_id)
+                continue
+            self._active.add(r.seq_id)
+            if r.logprobs is not None:
+                self._sample_top[r.seq_id] = r.logprobs
+            if r.prompt_logprobs is not None:
+                self._prompt_top[r.seq_id] = (r.prompt_logprobs, r.prompt_token_ids, [0])
         return rejected
 
     def recover(self) -> list[int]:
@@ -220,6 +244,8 @@ class EngineLoop:
             scheduler.abort(seq_id)
         dropped += self._active
         self._active.clear()
+        self._sample_top.clear()
+        self._prompt_top.clear()
         while self._in_flight:
             batch, _ = self._in_flight.popleft()
             scheduler.update(np.zeros(batch.num_samples, dtype=np.int64))  # all rows aborted

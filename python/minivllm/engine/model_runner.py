@@ -20,7 +20,7 @@ import importlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ from minivllm.config import EngineConfig
 from minivllm.distributed import SINGLE_DEVICE, TPGroup, WorkerError, building_model
 from minivllm.engine import kv_cache, warmup
 from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs, StepShape
+from minivllm.engine.logprobs import LogprobsPlan, StepLogprobs, as_numpy, start_copy
+from minivllm.engine.logprobs import compute as compute_logprobs
 from minivllm.engine.staging import StagingBuffers, StepHeader
 from minivllm.layers import fused_kernels_on
 from minivllm.layers.attention import AttentionMetadata, get_attention_backend
@@ -205,17 +207,18 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def launch(self, batch: BatchLike) -> StepResult:
+    def launch(self, batch: BatchLike, logprobs: LogprobsPlan | None = None) -> StepResult:
         """Issue one step whose arrays the scheduler wrote into the staging buffer, without
-        waiting for it. With tensor parallelism this is rank 0's call: it drives the workers."""
+        waiting for it (with the logprobs of the rows `logprobs` names). With tensor parallelism
+        this is rank 0's call: it drives the workers."""
         if self.is_closed:
             raise RuntimeError("this engine was closed")
         header = self._stage(batch)
         if self.workers is None:
-            return self._read_back(self._step(header), header.num_sampled)
+            return self._read_back(*self._step(header, logprobs), header.num_sampled, logprobs)
         self.workers.send(self.staging.pack(header))
         try:
-            return self._read_back(self._step(header), header.num_sampled)
+            return self._read_back(*self._step(header, logprobs), header.num_sampled, logprobs)
         except RuntimeError as e:  # a collective failed: name the worker behind it
             self.workers.check_alive(wait_s=2.0)
             raise WorkerError(f"tensor-parallel step failed: {e}") from e
@@ -230,7 +233,7 @@ class ModelRunner:
         """A step on this rank only, without graphs, waited for (warm-up; every rank plans and
         runs its own). Sampled ids on rank 0; zeros elsewhere."""
         header = self._stage(batch, eager=True)
-        return self._read_back(self._step(header), header.num_sampled).result()
+        return self._read_back(*self._step(header), header.num_sampled).result()
 
     def _stage(self, batch: BatchLike, eager: bool = False) -> StepHeader:
         """What the runner adds to the staged Batch (the graph plan, the prefill rows'
@@ -319,46 +322,75 @@ class ModelRunner:
             self._resolve_placeholders(input_ids, self.last_sampled)
         return self.model(input_ids, positions, meta)
 
-    def _step(self, header: StepHeader) -> torch.Tensor | None:
-        """Forward, logits, sampling: the sampled ids on the device (rank 0), else None."""
+    def _step(
+        self, header: StepHeader, logprobs: LogprobsPlan | None = None
+    ) -> tuple[torch.Tensor | None, tuple[Any, Any] | None]:
+        """Forward, logits, sampling: the sampled ids on the device (rank 0), else None; and
+        the logprobs `logprobs` asks for (device tensors)."""
         inputs = self._inputs(header)
         hidden = self.run_model(inputs)
         if header.num_sampled == 0:
-            return None
+            return None, None
         # logits_indices is strictly increasing, so S == T means every row: skip the gather.
         sampled_hidden = hidden if inputs.samples_every_token else hidden[inputs.logits_indices]
         logits = self.model.compute_logits(sampled_hidden)  # every rank: the LM head gathers
         if self.tp.rank != 0:
-            return None  # only rank 0 samples
-        return self.sampler(logits, inputs.sampling)
+            return None, None  # only rank 0 samples
+        token_ids = self.sampler(logits, inputs.sampling)
+        if logprobs is None:
+            return token_ids, None
+        scored = compute_logprobs(logprobs, logits, token_ids, hidden, self.model.compute_logits)
+        return token_ids, scored
 
-    def _read_back(self, token_ids: torch.Tensor | None, num_sampled: int) -> StepResult:
+    def _read_back(
+        self,
+        token_ids: torch.Tensor | None,
+        scored: tuple[Any, Any] | None,
+        num_sampled: int,
+        logprobs: LogprobsPlan | None = None,
+    ) -> StepResult:
         """Keep the step's samples on the device for the next step's placeholders, and start
-        copying them to the host (one of two pinned buffers, so a step's copy never lands on
-        the previous step's ids before they are read)."""
+        copying them (and any logprobs) to the host: the ids into one of two pinned buffers,
+        so a step's copy never lands on the previous step's ids before they are read."""
         if token_ids is None:
             return StepResult(np.zeros(num_sampled if self.tp.rank == 0 else 0, dtype=np.int64))
         self.last_sampled[:num_sampled].copy_(token_ids)
+        pending = None
+        if scored is not None:
+            pending = (logprobs, start_copy(scored[0]), start_copy(scored[1]))
         if self.device.type != "cuda":
-            return StepResult(token_ids.numpy().astype(np.int64))
+            return StepResult(token_ids.numpy().astype(np.int64), None, pending)
         self._read_back_slot ^= 1
         host = self._read_back_host[self._read_back_slot][:num_sampled]
         host.copy_(self.last_sampled[:num_sampled], non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return StepResult(host.numpy(), done)
+        return StepResult(host.numpy(), done, pending)
 
 
 class StepResult:
-    """A launched step's sampled ids: `result()` waits for the copy to the host (if any)."""
+    """A launched step's sampled ids (and logprobs): `result()` waits for the copy to the host
+    (if any)."""
 
-    __slots__ = ("_done", "_ids")
+    __slots__ = ("_done", "_ids", "_logprobs")
 
-    def __init__(self, ids: np.ndarray, done: torch.cuda.Event | None = None):
-        self._ids, self._done = ids, done
+    def __init__(
+        self,
+        ids: np.ndarray,
+        done: torch.cuda.Event | None = None,
+        logprobs: tuple[LogprobsPlan, Any, Any] | None = None,
+    ):
+        self._ids, self._done, self._logprobs = ids, done, logprobs
 
     def result(self) -> np.ndarray:
         if self._done is not None:
             self._done.synchronize()
             self._ids, self._done = self._ids.copy(), None  # the pinned buffer is reused
         return self._ids
+
+    def logprobs(self) -> StepLogprobs | None:
+        """The step's logprobs, once `result()` returned."""
+        if self._logprobs is None:
+            return None
+        plan, sample, prompt = self._logprobs
+        return StepLogprobs(plan.sample_rows, as_numpy(sample), plan.prompt_spans, as_numpy(prompt))

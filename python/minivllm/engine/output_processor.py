@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from minivllm.engine.detokenizer import IncrementalDetokenizer, find_stop, safe_end
+from minivllm.engine.logprobs import StepLogprobs, TokenLogprobs
 from minivllm.engine.loop import EngineRequest, StepOutput
 from minivllm.engine.requests import Request
-from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from minivllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
 @dataclass(eq=False)
@@ -39,6 +40,7 @@ class _Completion:
     text: str | None = None  # the final text, once finished
     num_sent_tokens: int = 0  # what a stream has emitted
     num_sent_chars: int = 0
+    logprobs: list[dict[int, Logprob]] | None = None  # one per token, when asked for
 
     @property
     def seq_id(self) -> int:
@@ -56,6 +58,7 @@ class _RequestState:
     finished_time: float | None = None
     num_finished: int = 0
     error: str | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -94,7 +97,9 @@ class OutputProcessor:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         st = _RequestState(request, stream)
         sp = request.params
-        track = stream or bool(sp.stop_strings)
+        track = stream or bool(sp.stop_strings) or sp.logprobs is not None
+        if sp.prompt_logprobs is not None:
+            st.prompt_logprobs = [None] * len(request.prompt_token_ids)
         for i in range(sp.n):
             er = EngineRequest(
                 seq_id=self._next_seq_id,
@@ -107,9 +112,14 @@ class OutputProcessor:
                 seed=(request.seed + i) % 2**64,
                 ignore_eos=sp.ignore_eos,
                 stop_token_ids=tuple(sp.stop_token_ids or ()),
+                logprobs=sp.logprobs,
+                # The prompt is scored once, by the first completion.
+                prompt_logprobs=sp.prompt_logprobs if i == 0 else None,
             )
             self._next_seq_id += 1
             c = _Completion(st, i, er, track)
+            if sp.logprobs is not None:
+                c.logprobs = []
             if track and self.tokenizer is not None:
                 c.detokenizer = IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens)
             st.completions.append(c)
@@ -173,6 +183,8 @@ class OutputProcessor:
             c.request.first_token_time = now
             res.to_add.extend(c.request.waiting_children)
             c.request.waiting_children = []
+        if out.logprobs is not None and out.logprobs.prompt is not None:
+            self._prompt_logprobs(out.logprobs)
         if self._tracked:
             self._follow(out, res, updated)
         for seq_id, reason, output_ids in out.finished:
@@ -193,11 +205,20 @@ class OutputProcessor:
         """Append each followed sequence's token, grow its text, end it at a stop string."""
         tracked = self._tracked
         now = time.perf_counter()
-        for seq_id, token in zip(out.sampled_seq_ids.tolist(), out.token_ids.tolist()):
+        lp = out.logprobs
+        lp_row: dict[int, int] = {}  # sampled row -> its row in lp.sample
+        if lp is not None and lp.sample is not None:
+            lp_row = {int(k): j for j, k in enumerate(lp.sample_rows.tolist())}
+        for k, (seq_id, token) in enumerate(
+            zip(out.sampled_seq_ids.tolist(), out.token_ids.tolist())
+        ):
             c = tracked.get(seq_id)
             if c is None:
                 continue
             c.token_ids.append(token)
+            if c.logprobs is not None and k in lp_row:
+                num_top = c.request.request.params.logprobs
+                c.logprobs.append(self._logprob_dict(lp.sample, lp_row[k], token, num_top))
             updated[id(c.request)] = c.request
             d = c.detokenizer
             stops = c.request.request.params.stop_strings
@@ -212,6 +233,35 @@ class OutputProcessor:
                     c.text = d.text[:pos]
                     self._finish(c, "stop", stop, now, res)
                     res.to_abort.append(seq_id)
+
+    def _logprob_dict(
+        self, t: TokenLogprobs, j: int, token: int, num_top: int
+    ) -> dict[int, Logprob]:
+        """{token: its Logprob} and the top num_top's, for scored row j (the step scored the
+        most any of its rows asked for)."""
+        entry = {token: Logprob(float(t.logprob[j]), int(t.rank[j]), self._token_text(token))}
+        top_ids, top_lps = t.top_ids[j, :num_top].tolist(), t.top_logprobs[j, :num_top].tolist()
+        for r, (tid, value) in enumerate(zip(top_ids, top_lps)):
+            if tid not in entry:
+                entry[tid] = Logprob(float(value), r + 1, self._token_text(tid))
+        return entry
+
+    def _token_text(self, token_id: int) -> str | None:
+        if self.tokenizer is None or token_id >= len(self.tokenizer):
+            return None
+        return self.tokenizer.decode([token_id])
+
+    def _prompt_logprobs(self, lp: StepLogprobs) -> None:
+        pos = 0
+        for seq_id, first, count in lp.prompt_spans:
+            c = self._seqs.get(seq_id)
+            if c is not None and c.request.prompt_logprobs is not None:
+                prompt = c.request.request.prompt_token_ids
+                num_top = c.request.request.params.prompt_logprobs
+                for i in range(count):
+                    entry = self._logprob_dict(lp.prompt, pos + i, prompt[first + i], num_top)
+                    c.request.prompt_logprobs[first + i] = entry
+            pos += count
 
     def _finish(
         self, c: _Completion, reason: str, stop_reason: int | str | None, now: float,
@@ -270,9 +320,11 @@ class OutputProcessor:
                     text = text[: safe_end(text, r.params.stop_strings)]
                 elif c.detokenizer is None:
                     text = self.decode(c.token_ids, r.params.skip_special_tokens)
-            token_ids = c.token_ids
+            token_ids, logprobs = c.token_ids, c.logprobs
             if delta:
                 token_ids, text = token_ids[c.num_sent_tokens :], text[c.num_sent_chars :]
+                if logprobs is not None:
+                    logprobs = logprobs[c.num_sent_tokens :]
                 c.num_sent_tokens += len(token_ids)
                 c.num_sent_chars += len(text)
             completions.append(
@@ -282,6 +334,7 @@ class OutputProcessor:
                     token_ids=list(token_ids),
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
+                    logprobs=None if logprobs is None else list(logprobs),
                 )
             )
         metrics = RequestMetrics(
@@ -297,4 +350,5 @@ class OutputProcessor:
             outputs=completions,
             finished=st.finished,
             metrics=metrics,
+            prompt_logprobs=st.prompt_logprobs,
         )

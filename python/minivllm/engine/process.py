@@ -71,7 +71,7 @@ def _engine_main(config: EngineConfig, eos_token_ids: tuple[int, ...], conn: Con
                 continue
             try:
                 out = loop.step()
-            except Exception as e:  # noqa: BLE001 - recover, report, keep serving
+            except Exception as e:
                 logger.exception("engine step failed; aborting every sequence")
                 seq_ids = loop.recover()
                 conn.send(("failed", seq_ids, f"{type(e).__name__}: {e}", engine_stats(loop)))
