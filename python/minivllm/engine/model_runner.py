@@ -16,8 +16,10 @@ samples.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -164,6 +166,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             warmup.warm_up_step_kinds(self)
             torch.cuda.synchronize(self.device)
+        # Start-up is over: from here a collective waiting on a peer means a step is stuck.
+        self.tp.timeout = datetime.timedelta(seconds=config.tp_step_timeout_s)
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner:
         from minivllm.kernels.flash_prefill import tile_config
@@ -218,10 +222,20 @@ class ModelRunner:
             return self._read_back(*self._step(header, logprobs), header.num_sampled, logprobs)
         self.workers.send(self.staging.pack(header))
         try:
-            return self._read_back(*self._step(header, logprobs), header.num_sampled, logprobs)
-        except RuntimeError as e:  # a collective failed: name the worker behind it
-            self.workers.check_alive(wait_s=2.0)
-            raise WorkerError(f"tensor-parallel step failed: {e}") from e
+            result = self._read_back(*self._step(header, logprobs), header.num_sampled, logprobs)
+        except RuntimeError as e:  # a collective failed or timed out: name the worker behind it
+            raise self._worker_error(e) from e
+        result.deadline = (self.config.tp_step_timeout_s, self._worker_error)
+        return result
+
+    def _worker_error(self, cause: BaseException) -> WorkerError:
+        # A worker that failed is on its way out (its sockets closed first): give it time to
+        # exit, so its own traceback is what gets raised. A step that timed out has none.
+        timed_out = isinstance(cause, TimeoutError) or "timed out" in str(cause)
+        self.workers.check_alive(wait_s=0.0 if timed_out else 10.0)
+        return WorkerError(
+            f"tensor-parallel step failed ({cause}); {self.workers.describe_stuck()}"
+        )
 
     @torch.inference_mode()
     def run_worker_step(self, message: np.ndarray) -> None:
@@ -372,7 +386,7 @@ class StepResult:
     """A launched step's sampled ids (and logprobs): `result()` waits for the copy to the host
     (if any)."""
 
-    __slots__ = ("_done", "_ids", "_logprobs")
+    __slots__ = ("_done", "_ids", "_logprobs", "deadline")
 
     def __init__(
         self,
@@ -381,10 +395,21 @@ class StepResult:
         logprobs: tuple[LogprobsPlan, Any, Any] | None = None,
     ):
         self._ids, self._done, self._logprobs = ids, done, logprobs
+        # With tensor parallelism: (seconds, error factory) for a step the GPU never finishes
+        # (a worker stuck in a collective leaves rank 0's kernels waiting).
+        self.deadline: tuple[float, Any] | None = None
 
     def result(self) -> np.ndarray:
         if self._done is not None:
-            self._done.synchronize()
+            if self.deadline is None:
+                self._done.synchronize()
+            else:
+                timeout_s, error = self.deadline
+                give_up = time.monotonic() + timeout_s
+                while not self._done.query():
+                    if time.monotonic() > give_up:
+                        raise error(TimeoutError(f"no result after {timeout_s} s"))
+                    time.sleep(1e-4)
             self._ids, self._done = self._ids.copy(), None  # the pinned buffer is reused
         return self._ids
 

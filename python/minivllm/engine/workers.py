@@ -70,6 +70,9 @@ class TPWorkers:
         self.conns: list[Connection] = []
         self.group: TPGroup | None = None
         self.failed: str | None = None
+        self.num_steps = 0  # steps sent, and each worker's acks of them
+        self.num_acked = [0] * (size - 1)
+        self.tracebacks: list[str | None] = [None] * (size - 1)
         _live.add(self)
         try:
             for rank in range(1, size):
@@ -118,12 +121,9 @@ class TPWorkers:
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
             if proc.exitcode is None:
                 continue
-            detail = ""
-            try:
-                if conn.poll():
-                    detail = ":\n" + conn.recv_bytes().decode(errors="replace")
-            except (EOFError, OSError):
-                pass
+            self._drain(rank - 1)
+            traceback_text = self.tracebacks[rank - 1]
+            detail = f":\n{traceback_text}" if traceback_text else ""
             self.failed = (
                 f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code "
                 f"{proc.exitcode}{detail}"
@@ -131,8 +131,10 @@ class TPWorkers:
             raise WorkerError(self.failed)
 
     def send(self, message: np.ndarray) -> None:
-        """Hand one int32 message (header + payload) to every worker."""
+        """Hand one int32 message (a step: header + payload) to every worker."""
         self.check_alive()
+        self._drain_acks()
+        self.num_steps += 1
         data = memoryview(message).cast("B")
         for conn in self.conns:
             try:
@@ -140,6 +142,34 @@ class TPWorkers:
             except OSError:
                 self.check_alive()
                 raise
+
+    def _drain_acks(self) -> None:
+        for i in range(len(self.conns)):
+            self._drain(i)
+
+    def _drain(self, i: int) -> None:
+        """Read what worker i sent: an ack per finished step, or its traceback."""
+        conn = self.conns[i]
+        try:
+            while conn.poll():
+                message = conn.recv_bytes()
+                if message == _ACK:
+                    self.num_acked[i] += 1
+                else:
+                    self.tracebacks[i] = message.decode(errors="replace")
+        except (EOFError, OSError):
+            pass
+
+    def describe_stuck(self) -> str:
+        """Which workers have not finished the last step sent, and their state."""
+        self._drain_acks()
+        stuck = []
+        for rank, (proc, acked) in enumerate(zip(self.procs, self.num_acked), start=1):
+            if acked < self.num_steps:
+                stuck.append(f"rank {rank} (pid {proc.pid}{_process_state(proc.pid)})")
+        if not stuck:
+            return "every worker finished it: rank 0 itself is behind"
+        return "not finished by tensor-parallel worker " + ", ".join(stuck)
 
     def close(self, timeout_s: float | None = None) -> None:
         """Ask every worker to leave its loop, then reap it (terminate stragglers); a timeout
@@ -166,6 +196,9 @@ class TPWorkers:
                     )
                 proc.terminate()
                 proc.join(SHUTDOWN_TIMEOUT_S)
+                if proc.exitcode is None:  # a stopped process ignores SIGTERM until continued
+                    proc.kill()
+                    proc.join(SHUTDOWN_TIMEOUT_S)
         for conn in self.conns:
             conn.close()
         self.conns = []
@@ -192,6 +225,7 @@ def _worker_main(config: EngineConfig, rank: int, port: int, conn: Connection) -
             if message[0] == CMD_SHUTDOWN:
                 break
             runner.run_worker_step(message)
+            conn.send_bytes(_ACK)
     except BaseException:  # noqa: BLE001 - any failure goes up the pipe, then exit 1
         try:
             conn.send_bytes(traceback.format_exc().encode())
@@ -199,6 +233,19 @@ def _worker_main(config: EngineConfig, rank: int, port: int, conn: Connection) -
             pass
         _exit(1)
     _exit(0)
+
+
+_ACK = b"\x01"  # a worker finished a step
+
+
+def _process_state(pid: int) -> str:
+    """", stopped" for a stopped process (SIGSTOP, a debugger), from /proc where there is one."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+    return ", stopped" if state in ("T", "t") else ""
 
 
 def _exit(code: int) -> None:
