@@ -188,6 +188,8 @@ class TPWorkers:
                     pass
         deadline = time.monotonic() + timeout_s
         for proc in self.procs:
+            if _process_state(proc.pid):  # stopped: it will never read the shutdown
+                proc.kill()
             proc.join(max(deadline - time.monotonic(), 0.0))
             if proc.exitcode is None:
                 if timeout_s > 0:
