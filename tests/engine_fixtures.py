@@ -144,11 +144,11 @@ def interrupt_launch(llm: LLM, monkeypatch: pytest.MonkeyPatch, at_call: int) ->
     calls = {"n": 0}
     real_launch = llm.model_runner.launch
 
-    def flaky(batch):
+    def flaky(batch, *rest):
         calls["n"] += 1
         if calls["n"] == at_call:
             raise KeyboardInterrupt
-        return real_launch(batch)
+        return real_launch(batch, *rest)
 
     monkeypatch.setattr(llm.model_runner, "launch", flaky)
 

@@ -302,7 +302,7 @@ def test_start_up_warm_up_steps(tiny_qwen3, monkeypatch, kwargs):
     runner = llm.model_runner
     steps = []
     real_step = runner._step
-    monkeypatch.setattr(runner, "_step", lambda h: (steps.append(h), real_step(h))[1])
+    monkeypatch.setattr(runner, "_step", lambda h, *rest: (steps.append(h), real_step(h, *rest))[1])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     warmup.warm_up_step_kinds(runner)
     assert steps and steps[0].num_decodes == 0

@@ -101,7 +101,7 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
         for i, p in enumerate(prompts):
             llm.scheduler.add_request(i, p, 1, ignore_eos=True, temperature=0.0)
         batch = schedule_into(llm.scheduler, runner.staging)
-        inputs = runner._inputs(runner._stage(batch, eager=True))
+        inputs = runner.staging.step_inputs(runner._stage(batch, eager=True))
         with torch.inference_mode():
             hidden = runner.run_model(inputs)
             logits[backend] = runner.model.compute_logits(hidden[inputs.logits_indices]).float()

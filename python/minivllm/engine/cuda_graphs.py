@@ -24,12 +24,11 @@ import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
-from minivllm.engine.staging import StagingBuffers
+from minivllm.engine.staging import BatchLike, StagingBuffers
 from minivllm.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -74,15 +73,6 @@ class GraphInputs:
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
 
-class StepShape(Protocol):
-    """What `plan` reads of a scheduler Batch (a full Batch or the core's StagedBatch)."""
-
-    num_tokens: int
-    num_decodes: int
-    num_seqs: int
-    query_start_loc: np.ndarray  # [B + 1] int32
-
-
 class CudaGraphRunner:
     """Captures `forward(input_ids, positions, meta) -> hidden` for each decode batch bucket,
     and with `mixed_tokens` for steps with prefill of up to that many tokens (their tile table
@@ -117,7 +107,7 @@ class CudaGraphRunner:
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_decodes)]
 
     def plan(
-        self, batch: StepShape, staging: StagingBuffers, allow_mixed: bool = True
+        self, batch: BatchLike, staging: StagingBuffers, allow_mixed: bool = True
     ) -> tuple[int, int]:
         """(decode bucket, mixed token count) of the graph that runs this step, 0 for none; what
         that graph reads besides the scheduler's arrays is written into `staging` here."""

@@ -21,7 +21,7 @@ import importlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,28 +30,17 @@ import torch
 from minivllm.config import EngineConfig
 from minivllm.distributed import SINGLE_DEVICE, TPGroup, WorkerError, building_model
 from minivllm.engine import kv_cache, warmup
-from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs, StepShape
+from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
 from minivllm.engine.logprobs import LogprobsPlan, StepLogprobs, as_numpy, start_copy
 from minivllm.engine.logprobs import compute as compute_logprobs
-from minivllm.engine.staging import StagingBuffers, StepHeader
+from minivllm.engine.staging import BatchLike, StagingBuffers, StepHeader, StepInputs
 from minivllm.layers import fused_kernels_on
 from minivllm.layers.attention import AttentionMetadata, get_attention_backend
-from minivllm.layers.sampler import Sampler, SamplingTensors
+from minivllm.layers.sampler import Sampler
 from minivllm.models.qwen3 import MODEL_REGISTRY
 from minivllm.weights import init_dummy_weights, load_weights
 
 logger = logging.getLogger(__name__)
-
-
-class BatchLike(StepShape, Protocol):
-    """What the runner reads of a scheduler Batch (the core's StagedBatch or the twin's Batch);
-    its arrays are already in the staging buffer."""
-
-    num_samples: int
-    max_blocks: int
-    all_greedy: bool
-    any_top_k_or_p: bool
-    any_min_p: bool
 
 
 class StepSender(Protocol):
@@ -60,20 +49,6 @@ class StepSender(Protocol):
     def send(self, message: np.ndarray) -> None: ...
     def check_alive(self, wait_s: float = 0.0) -> None: ...
     def close(self, timeout_s: float | None = None) -> None: ...
-
-
-@dataclass
-class StepInputs:
-    """Device views for one step, handed to the model and the sampler."""
-
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    attn_metadata: AttentionMetadata | None  # None when a CUDA graph replays the step
-    logits_indices: torch.Tensor  # [S]
-    sampling: SamplingTensors
-    graph_batch_size: int  # the captured bucket a decode-only step replays; 0: none
-    mixed_graph: bool  # a step with prefill replaying the mixed CUDA graph
-    samples_every_token: bool  # S == T, so logits_indices is arange(T)
 
 
 @contextlib.contextmanager
@@ -250,74 +225,13 @@ class ModelRunner:
         return self._read_back(*self._step(header), header.num_sampled).result()
 
     def _stage(self, batch: BatchLike, eager: bool = False) -> StepHeader:
-        """What the runner adds to the staged Batch (the graph plan, the prefill rows'
-        cu_seqlens), summed up in the step's header."""
-        staging = self.staging
-        nd, num_rows = batch.num_decodes, batch.num_seqs
-        max_prefill_query_len = 0
-        cu = staging.host_view("prefill_cu_seqlens")
-        if num_rows > nd:
-            qsl = batch.query_start_loc
-            cu[: num_rows - nd + 1] = qsl[nd:] - qsl[nd]
-            max_prefill_query_len = int(np.diff(cu[: num_rows - nd + 1]).max())
-        else:
-            cu[0] = 0
-        graph_bs, mixed_tokens = 0, 0
-        if self.graph_runner is not None and not eager:
-            graph_bs, mixed_tokens = self.graph_runner.plan(batch, staging)
-        return StepHeader(
-            num_tokens=batch.num_tokens,
-            num_decodes=nd,
-            num_rows=num_rows,
-            num_sampled=batch.num_samples,
-            width=batch.max_blocks,
-            max_prefill_query_len=max_prefill_query_len,
-            graph_batch_size=graph_bs,
-            mixed_graph_tokens=mixed_tokens,
-            all_greedy=bool(batch.all_greedy),
-            any_top_k_or_p=bool(batch.any_top_k_or_p),
-            any_min_p=bool(batch.any_min_p),
-        )
-
-    def _inputs(self, h: StepHeader) -> StepInputs:
-        """Upload the staging buffer once and build the step's device views (every rank)."""
-        staging = self.staging
-        staging.upload()
-        nd, num_rows, width = h.num_decodes, h.num_rows, h.width
-        meta = None
-        if not h.graph_batch_size and not h.mixed_graph_tokens:  # a graph has its own views
-            bt, seq_lens = staging.dev_block_tables, staging.dev("seq_lens")
-            meta = AttentionMetadata(
-                num_decodes=nd,
-                slot_mapping=staging.dev("slot_mapping")[: h.num_tokens],
-                decode_seq_lens=seq_lens[:nd],
-                decode_block_tables=bt[:nd, :width],
-                prefill_cu_seqlens_q=staging.dev("prefill_cu_seqlens")[: num_rows - nd + 1],
-                prefill_seq_lens=seq_lens[nd:num_rows],
-                prefill_block_tables=bt[nd:num_rows, :width],
-                max_prefill_query_len=h.max_prefill_query_len,
-            )
-        views = staging.step_views(h.num_tokens, h.num_sampled)
-        sampling = SamplingTensors(
-            temperature=views["temperature"],
-            top_k=views["top_k"],
-            top_p=views["top_p"],
-            min_p=views["min_p"],
-            uniforms=views["uniforms"],
-            all_greedy=h.all_greedy,
-            any_top_k_or_p=h.any_top_k_or_p,
-            any_min_p=h.any_min_p,
-        )
-        return StepInputs(
-            input_ids=views["input_ids"],
-            positions=views["positions"],
-            attn_metadata=meta,
-            logits_indices=views["logits_indices"],
-            sampling=sampling,
-            graph_batch_size=h.graph_batch_size,
-            mixed_graph=h.mixed_graph_tokens > 0,
-            samples_every_token=h.num_sampled == h.num_tokens,
-        )
+        """What the runner adds to the staged Batch (the prefill rows' offsets, the CUDA-graph
+        plan), summed up in the step's header."""
+        header = self.staging.stage(batch)
+        if self.graph_runner is None or eager:
+            return header
+        graph_bs, mixed_tokens = self.graph_runner.plan(batch, self.staging)
+        return replace(header, graph_batch_size=graph_bs, mixed_graph_tokens=mixed_tokens)
 
     def run_model(self, inputs: StepInputs) -> torch.Tensor:
         """The forward pass: [T] tokens -> [T, hidden]; replays a CUDA graph where one fits."""
@@ -341,7 +255,7 @@ class ModelRunner:
     ) -> tuple[torch.Tensor | None, tuple[Any, Any] | None]:
         """Forward, logits, sampling: the sampled ids on the device (rank 0), else None; and
         the logprobs `logprobs` asks for (device tensors)."""
-        inputs = self._inputs(header)
+        inputs = self.staging.step_inputs(header)
         hidden = self.run_model(inputs)
         if header.num_sampled == 0:
             return None, None

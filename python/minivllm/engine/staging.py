@@ -14,9 +14,13 @@ the used part of every field the forward reads; each worker unpacks it into its 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import numpy as np
 import torch
+
+from minivllm.layers.attention import AttentionMetadata
+from minivllm.layers.sampler import SamplingTensors
 
 try:
     from minivllm._core import StagingLayout
@@ -28,6 +32,35 @@ CMD_STEP, CMD_SHUTDOWN = 1, 2
 
 _TOKEN_FIELDS = ("input_ids", "positions")
 _SAMPLED_FIELDS = ("logits_indices", "temperature", "top_k", "top_p", "min_p", "uniforms")
+
+
+class BatchLike(Protocol):
+    """What the runner reads of a scheduler Batch (the core's StagedBatch or the twin's Batch);
+    its arrays are already in the staging buffer."""
+
+    num_tokens: int
+    num_decodes: int
+    num_seqs: int
+    num_samples: int
+    max_blocks: int
+    query_start_loc: np.ndarray  # [B + 1] int32
+    all_greedy: bool
+    any_top_k_or_p: bool
+    any_min_p: bool
+
+
+@dataclass
+class StepInputs:
+    """Device views for one step, handed to the model and the sampler."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn_metadata: AttentionMetadata | None  # None when a CUDA graph replays the step
+    logits_indices: torch.Tensor  # [S]
+    sampling: SamplingTensors
+    graph_batch_size: int  # the captured bucket a decode-only step replays; 0: none
+    mixed_graph: bool  # a step with prefill replaying the mixed CUDA graph
+    samples_every_token: bool  # S == T, so logits_indices is arange(T)
 
 
 class StagingBuffers:
@@ -77,6 +110,71 @@ class StagingBuffers:
             views.update((name, self._dev_views[name][:num_sampled]) for name in _SAMPLED_FIELDS)
             self._step_views[key] = views
         return views
+
+    def stage(self, batch: BatchLike) -> StepHeader:
+        """The prefill rows' cu_seqlens (what only the runner writes for an eager step) and the
+        step's header, without a CUDA graph."""
+        nd, num_rows = batch.num_decodes, batch.num_seqs
+        max_prefill_query_len = 0
+        cu = self._host_views["prefill_cu_seqlens"]
+        if num_rows > nd:
+            qsl = batch.query_start_loc
+            cu[: num_rows - nd + 1] = qsl[nd:] - qsl[nd]
+            max_prefill_query_len = int(np.diff(cu[: num_rows - nd + 1]).max())
+        else:
+            cu[0] = 0
+        return StepHeader(
+            num_tokens=batch.num_tokens,
+            num_decodes=nd,
+            num_rows=num_rows,
+            num_sampled=batch.num_samples,
+            width=batch.max_blocks,
+            max_prefill_query_len=max_prefill_query_len,
+            graph_batch_size=0,
+            mixed_graph_tokens=0,
+            all_greedy=bool(batch.all_greedy),
+            any_top_k_or_p=bool(batch.any_top_k_or_p),
+            any_min_p=bool(batch.any_min_p),
+        )
+
+    def step_inputs(self, h: StepHeader) -> StepInputs:
+        """Upload the host buffer once and build the step's device views (every rank)."""
+        self.upload()
+        nd, num_rows, width = h.num_decodes, h.num_rows, h.width
+        meta = None
+        if not h.graph_batch_size and not h.mixed_graph_tokens:  # a graph has its own views
+            bt, seq_lens = self.dev_block_tables, self.dev("seq_lens")
+            meta = AttentionMetadata(
+                num_decodes=nd,
+                slot_mapping=self.dev("slot_mapping")[: h.num_tokens],
+                decode_seq_lens=seq_lens[:nd],
+                decode_block_tables=bt[:nd, :width],
+                prefill_cu_seqlens_q=self.dev("prefill_cu_seqlens")[: num_rows - nd + 1],
+                prefill_seq_lens=seq_lens[nd:num_rows],
+                prefill_block_tables=bt[nd:num_rows, :width],
+                max_prefill_query_len=h.max_prefill_query_len,
+            )
+        views = self.step_views(h.num_tokens, h.num_sampled)
+        sampling = SamplingTensors(
+            temperature=views["temperature"],
+            top_k=views["top_k"],
+            top_p=views["top_p"],
+            min_p=views["min_p"],
+            uniforms=views["uniforms"],
+            all_greedy=h.all_greedy,
+            any_top_k_or_p=h.any_top_k_or_p,
+            any_min_p=h.any_min_p,
+        )
+        return StepInputs(
+            input_ids=views["input_ids"],
+            positions=views["positions"],
+            attn_metadata=meta,
+            logits_indices=views["logits_indices"],
+            sampling=sampling,
+            graph_batch_size=h.graph_batch_size,
+            mixed_graph=h.mixed_graph_tokens > 0,
+            samples_every_token=h.num_sampled == h.num_tokens,
+        )
 
     def neutralise_tokens(self, start: int, stop: int) -> None:
         """Padding tokens of a replayed graph: id 0, position 0, slot -1 (writes no KV)."""

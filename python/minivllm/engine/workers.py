@@ -241,7 +241,7 @@ _ACK = b"\x01"  # a worker finished a step
 
 
 def _process_state(pid: int) -> str:
-    """", stopped" for a stopped process (SIGSTOP, a debugger), from /proc where there is one."""
+    """ ", stopped" for a stopped process (SIGSTOP, a debugger), from /proc where there is one."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
