@@ -12,12 +12,12 @@ class Progress:
 
     WINDOW_S = 2.0
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int | None, enabled: bool, desc: str = "Processed prompts"):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
         self.last_refresh = 0.0
         self.window: deque[tuple[float, int, int]] = deque([(time.perf_counter(), 0, 0)])
         self.prefill_tokens = 0
