@@ -50,6 +50,7 @@ Key = str | int  # a custom_id, or the line number of a line that owns none
 class InputLine(NamedTuple):
     number: int  # 1-based, counting every line of the file
     text: str
+    obj: dict[str, Any] | None = None  # the parsed line, when the reader parsed it already
 
 
 class Result(NamedTuple):
@@ -188,18 +189,18 @@ class BatchOutput:
             f.truncate(end)
         self.num_resumed = len(self.done)
 
-    def write(self, results: Iterable[Result]) -> int:
-        """Append each result not written yet, then flush; returns how many were written."""
-        n = 0
+    def write(self, results: Iterable[Result]) -> list[Result]:
+        """Append each result not written yet, then flush; returns those written."""
+        written = []
         for r in results:
             if r.key in self.done:
                 logger.warning("a second result for %r was dropped", r.key)
                 continue
             self._file.write(r.text + "\n")
             self.done.add(r.key)
-            n += 1
+            written.append(r)
         self._file.flush()
-        return n
+        return written
 
     def close(self) -> None:
         self._file.close()
@@ -214,6 +215,8 @@ class BatchOutput:
 def parse_line(line: InputLine) -> dict[str, Any] | Result:
     """The line's JSON object (with a non-empty string custom_id), or the error of a line that
     owns no custom_id."""
+    if line.obj is not None:
+        return line.obj
     n = line.number
     try:
         obj = json.loads(line.text)
@@ -248,4 +251,4 @@ def pending_lines(
             continue
         seen.add(parsed["custom_id"])
         if parsed["custom_id"] not in done:
-            yield line
+            yield InputLine(line.number, line.text, parsed)

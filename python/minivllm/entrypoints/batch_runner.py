@@ -10,7 +10,9 @@ prompt finishes (a completion body may hold several prompts, each with `n` choic
 run-batch process, one per data-parallel process, one per Ray actor): it takes lines while
 fewer than `max_lines_in_flight` are unfinished (default: twice max_num_seqs, so the engine's
 running set stays full as lines finish), steps the engine, and puts each line's result as soon
-as it exists.
+as it exists. Lines are taken a slice at a time (an eighth of max_num_seqs, at least 16), one
+slice per engine step: with async scheduling, parsing and tokenizing the next slice overlaps the
+GPU's work on the step in flight instead of holding back the first step.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class BatchRunner:
         if limit < 1:
             raise ValueError(f"max_lines_in_flight must be >= 1, got {limit}")
         self.max_lines_in_flight = limit
+        self.lines_per_take = max(16, llm.config.max_num_seqs // 8)
         self.max_model_len = int(llm.config.max_model_len)
         self.sampling_defaults = generation_config_defaults(llm.config.model)
         tok = llm.tokenizer
@@ -105,7 +108,7 @@ class BatchRunner:
         with self.llm.open_stream() as rs:
             while True:
                 results: list[Result] = []
-                room = self.max_lines_in_flight - len(running)
+                room = min(self.max_lines_in_flight - len(running), self.lines_per_take)
                 if not is_ended and room > 0:
                     lines = take(room, not rs.num_unfinished)
                     if lines is None:

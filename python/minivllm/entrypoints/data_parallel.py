@@ -15,7 +15,6 @@ it wrote (a rerun resumes).
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
-from minivllm.entrypoints.batch_file import InputLine, Result, error_result
+from minivllm.entrypoints.batch_file import InputLine, Result, error_result, parse_line
 from minivllm.entrypoints.batch_runner import Put
 
 if TYPE_CHECKING:
@@ -261,7 +260,7 @@ def _lost(r: _Replica, retry: deque[InputLine], attempts: dict[int, int], write:
         if attempts[number] < MAX_ATTEMPTS:
             retry.append(line)
             continue
-        custom_id = json.loads(line.text)["custom_id"]  # the driver sends only such lines
+        custom_id = parse_line(line)["custom_id"]  # the driver sends only lines that own one
         why = f"the replicas running this line died {MAX_ATTEMPTS} times"
         failed.append(error_result(custom_id, number, REPLICA_FAILED, why, 500))
     r.outstanding.clear()

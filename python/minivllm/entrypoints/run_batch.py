@@ -73,8 +73,7 @@ class _Job:
         return pending_lines(read_lines(input_path), self.output.done, self.write)
 
     def write(self, results: list[Any]) -> None:
-        results = [r for r in results if r.key not in self.output.done]
-        self.output.write(results)
+        results = self.output.write(results)
         s = self.summary
         num_prompt = sum(r.num_prompt_tokens for r in results)
         num_output = sum(r.num_output_tokens for r in results)
