@@ -167,6 +167,36 @@ def test_pending_lines_skip_done_and_answer_keyless_lines():
     ]
 
 
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no input", "the input file"),
+        ("no output folder", "the output file's folder"),
+        ("no model", "does not exist"),
+        ("bad engine argument", "max_num_seqs"),
+    ],
+)
+def test_bad_command_lines_fail_before_any_output(case, message, tiny_qwen3, tmp_path, capsys):
+    from minivllm.cli import main
+
+    inp, out, model = tmp_path / "in.jsonl", tmp_path / "out.jsonl", str(tiny_qwen3)
+    inp.write_text("{}\n")
+    extra = []
+    if case == "no input":
+        inp = tmp_path / "missing.jsonl"
+    elif case == "no output folder":
+        out = tmp_path / "missing" / "out.jsonl"
+    elif case == "no model":
+        model = str(tmp_path / "no-such-model")
+    else:
+        extra = ["--max-num-seqs", "0"]
+    argv = ["run-batch", "-i", str(inp), "-o", str(out), "--model", model, *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_data_parallel_without_ray_installed_says_how(monkeypatch, tiny_qwen3, tmp_path, capsys):
     from minivllm.cli import main
 

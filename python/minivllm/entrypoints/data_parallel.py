@@ -3,14 +3,15 @@
 The same replica code as over Ray (batch_runner.BatchRunner, one LLM per replica), with
 processes and pipes for transport, for hosts where Ray is not installed (our GPU machines) and
 for the benchmark. Replica i is a spawned process that sees GPUs [i * tp, (i + 1) * tp) of the
-visible ones (CUDA_VISIBLE_DEVICES), or the CPU. Lines go to the replica with room (each holds
+visible ones (CUDA_VISIBLE_DEVICES), or the CPU. Lines go to the replicas with room (each holds
 at most its engine's look-ahead plus a margin, so its running set stays full while the driver
-refills it and memory stays bounded); results come back line by line as they finish.
+refills it, and memory stays bounded); results come back line by line as they finish.
 
-Faults: a replica that dies (a killed process, a failed step) costs only its unfinished lines,
-which go to the other replicas; a line that was running on `MAX_ATTEMPTS` replicas that died
-gets an error line instead of a fourth try. When every replica is gone the run stops with what
-it wrote (a rerun resumes).
+Faults, as Ray Data handles them: a replica whose process dies (killed, or a step that raised)
+costs only its unfinished lines, which go to the other replicas, and a new process takes its
+place (at most `MAX_RESTARTS` times per replica; the others carry on meanwhile). A line that was
+running on `MAX_ATTEMPTS` replicas that died gets an error line instead of another try. When
+every replica is gone for good the run stops with what it wrote (a rerun resumes).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +36,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 3  # replicas a line may be running on when they die
+MAX_RESTARTS = 3  # new processes per replica
 STARTUP_TIMEOUT_S = 900.0
 REPLICA_FAILED = "replica_failed"
 
@@ -87,16 +90,6 @@ def _replica_main(
 # ---- the driver -------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class _Replica:
-    index: int
-    proc: BaseProcess
-    conn: Connection
-    window: int = 0  # lines it may hold
-    outstanding: dict[int, InputLine] = field(default_factory=dict)  # by line number
-    is_alive: bool = True
-
-
 def replica_devices(num_replicas: int, engine_args: dict[str, Any]) -> list[str | None]:
     """Each replica's CUDA_VISIBLE_DEVICES (None: leave it as it is, e.g. on the CPU)."""
     tp = int(engine_args.get("tensor_parallel_size", 1))
@@ -125,30 +118,173 @@ def replica_devices(num_replicas: int, engine_args: dict[str, Any]) -> list[str 
     return [",".join(ids[i * tp : (i + 1) * tp]) for i in range(num_replicas)]
 
 
-def _start(
-    index: int, devices: str | None, model: str, names: list[str], engine_args: dict[str, Any]
-) -> _Replica:
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe(duplex=True)
-    # Not a daemon: a daemonic process may not start tensor-parallel workers.
-    proc = ctx.Process(
-        target=_replica_main,
-        args=(child, model, names, engine_args),
-        name=f"minivllm-replica-{index}",
-    )
-    with _env_lock:
-        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-        try:
-            if devices is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = devices
-            proc.start()
-        finally:
-            if saved is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = saved
-    child.close()
-    return _Replica(index, proc, conn)
+@dataclass(eq=False)
+class _Replica:
+    index: int
+    proc: BaseProcess
+    conn: Connection
+    started: float
+    window: int = 0  # lines it may hold; 0 until it is ready
+    outstanding: dict[int, InputLine] = field(default_factory=dict)  # by line number
+
+
+class _Pool:
+    """The replica processes, the lines each holds, and what to do when one dies."""
+
+    def __init__(
+        self,
+        num_replicas: int,
+        model: str,
+        names: list[str],
+        engine_args: dict[str, Any],
+        write: Put,
+    ):
+        self.devices = replica_devices(num_replicas, engine_args)
+        self.model, self.names, self.engine_args, self.write = model, names, engine_args, write
+        self.restarts = [0] * num_replicas
+        self.live: list[_Replica] = []
+        self.retry: deque[InputLine] = deque()
+        self.attempts: dict[int, int] = {}
+        for i in range(num_replicas):
+            self.live.append(self._start(i))
+
+    def _start(self, index: int) -> _Replica:
+        ctx = mp.get_context("spawn")
+        conn, child = ctx.Pipe(duplex=True)
+        # Not a daemon: a daemonic process may not start tensor-parallel workers.
+        proc = ctx.Process(
+            target=_replica_main,
+            args=(child, self.model, self.names, self.engine_args),
+            name=f"minivllm-replica-{index}",
+        )
+        devices = self.devices[index]
+        with _env_lock:
+            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+            try:
+                if devices is not None:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = devices
+                proc.start()
+            finally:
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        child.close()
+        return _Replica(index, proc, conn, time.monotonic())
+
+    def wait_ready(self) -> None:
+        """Until every replica has started (a start-up failure raises)."""
+        while any(not r.window for r in self.live):
+            self.poll(timeout=1.0)
+            for r in self.live:
+                if not r.window and time.monotonic() - r.started > STARTUP_TIMEOUT_S:
+                    raise RuntimeError(f"replica {r.index} did not start in {STARTUP_TIMEOUT_S} s")
+
+    def dispatch(self, lines: Iterator[InputLine]) -> None:
+        """Hand out lines and collect results until every line has a result."""
+        is_exhausted = False
+        while True:
+            for r in self.live:
+                room = r.window - len(r.outstanding)
+                chunk: list[InputLine] = []
+                while len(chunk) < room and self.retry:
+                    chunk.append(self.retry.popleft())
+                if len(chunk) < room and not is_exhausted:
+                    for line in lines:
+                        chunk.append(line)
+                        if len(chunk) == room:
+                            break
+                    else:
+                        is_exhausted = True
+                if chunk:
+                    r.outstanding.update((line.number, line) for line in chunk)
+                    try:
+                        r.conn.send(("lines", chunk))
+                    except OSError:
+                        pass  # it died: poll() finds out
+            if is_exhausted and not self.retry and not any(r.outstanding for r in self.live):
+                return
+            self.poll(timeout=None)
+
+    def poll(self, timeout: float | None) -> None:
+        """Take the messages the replicas sent (waiting up to `timeout` for one); replace the
+        replicas that died."""
+        if not self.live:
+            raise RuntimeError(
+                "every replica died; the results so far are written (a rerun resumes)"
+            )
+        ready = wait([r.conn for r in self.live] + [r.proc.sentinel for r in self.live], timeout)
+        for r in list(self.live):
+            if r.conn not in ready and r.proc.sentinel not in ready:
+                continue
+            try:
+                while r.conn.poll(0):
+                    self._receive(r, *r.conn.recv())
+                if r.proc.sentinel not in ready:
+                    continue
+            except (EOFError, OSError):
+                pass
+            self._lost(r)
+
+    def _receive(self, r: _Replica, kind: str, payload: Any) -> None:
+        if kind == "results":
+            for res in payload:
+                r.outstanding.pop(res.number, None)
+            self.write(payload)
+        elif kind == "ready":
+            r.window = payload + max(1, payload // 2)
+        else:  # "error": it could not start
+            if not any(x.window for x in self.live):
+                raise RuntimeError(f"replica {r.index} failed to start:\n{payload}")
+            logger.error("replica %d failed to start:\n%s", r.index, payload)
+            self.restarts[r.index] = MAX_RESTARTS  # it would fail again
+
+    def _lost(self, r: _Replica) -> None:
+        """A replica died: its unfinished lines go to the others (or fail after MAX_ATTEMPTS);
+        a new process takes its place unless it has had its restarts."""
+        self.live.remove(r)
+        r.proc.join(5)
+        r.conn.close()
+        index = r.index
+        restart = self.restarts[index] < MAX_RESTARTS
+        logger.warning(
+            "replica %d died (exit code %s); its %d unfinished lines go to the others%s",
+            index,
+            r.proc.exitcode,
+            len(r.outstanding),
+            "; restarting it" if restart else "",
+        )
+        failed = []
+        for number, line in sorted(r.outstanding.items()):
+            self.attempts[number] = self.attempts.get(number, 0) + 1
+            if self.attempts[number] < MAX_ATTEMPTS:
+                self.retry.append(line)
+                continue
+            custom_id = parse_line(line)["custom_id"]  # the driver sends only lines that own one
+            why = f"the replicas running this line died {MAX_ATTEMPTS} times"
+            failed.append(error_result(custom_id, number, REPLICA_FAILED, why, 500))
+        if failed:
+            self.write(failed)
+        if restart:
+            self.restarts[index] += 1
+            self.live.append(self._start(index))
+
+    def stop(self) -> None:
+        for r in self.live:
+            if not r.window:  # still starting: nothing to finish
+                r.proc.kill()
+                continue
+            try:
+                r.conn.send(("end", None))
+            except OSError:
+                pass
+        for r in self.live:
+            r.proc.join(30)
+            if r.proc.exitcode is None:
+                r.proc.kill()
+                r.proc.join(10)
+            r.conn.close()
+        self.live = []
 
 
 def run_processes(
@@ -162,122 +298,11 @@ def run_processes(
 ) -> None:
     """Run `lines` on `num_replicas` engine processes, `write`-ing each result as it comes;
     `on_ready` is called once every replica has started."""
-    from minivllm.config import EngineConfig
-
-    EngineConfig.create(model, **engine_args)  # a bad argument fails here, not N times
-    devices = replica_devices(num_replicas, engine_args)
-    names = list(served_model_names)
-    replicas = [_start(i, devices[i], model, names, engine_args) for i in range(num_replicas)]
+    pool = _Pool(num_replicas, model, list(served_model_names), engine_args, write)
     try:
-        _wait_ready(replicas)
+        pool.wait_ready()
         if on_ready is not None:
             on_ready()
-        _dispatch(lines, write, replicas)
+        pool.dispatch(lines)
     finally:
-        _stop(replicas)
-
-
-def _wait_ready(replicas: list[_Replica]) -> None:
-    waiting = {r.conn: r for r in replicas}
-    while waiting:
-        ready = wait(list(waiting), timeout=STARTUP_TIMEOUT_S)
-        if not ready:
-            raise RuntimeError(f"the replicas did not start in {STARTUP_TIMEOUT_S:.0f} s")
-        for conn in ready:
-            r = waiting.pop(conn)
-            try:
-                kind, payload = conn.recv()
-            except EOFError:
-                r.proc.join(5)
-                raise RuntimeError(
-                    f"replica {r.index} exited during start-up (code {r.proc.exitcode})"
-                ) from None
-            if kind == "error":
-                raise RuntimeError(f"replica {r.index} failed to start:\n{payload}")
-            r.window = payload + max(1, payload // 2)
-
-
-def _dispatch(lines: Iterator[InputLine], write: Put, replicas: list[_Replica]) -> None:
-    retry: deque[InputLine] = deque()
-    attempts: dict[int, int] = {}
-    is_exhausted = False
-    while True:
-        live = [r for r in replicas if r.is_alive]
-        for r in live:
-            chunk: list[InputLine] = []
-            room = r.window - len(r.outstanding)
-            while len(chunk) < room and retry:
-                chunk.append(retry.popleft())
-            if len(chunk) < room and not is_exhausted:
-                for line in lines:
-                    chunk.append(line)
-                    if len(chunk) == room:
-                        break
-                else:
-                    is_exhausted = True
-            if chunk:
-                r.outstanding.update((line.number, line) for line in chunk)
-                try:
-                    r.conn.send(("lines", chunk))
-                except OSError:
-                    pass  # it died; wait() reports it below
-        if is_exhausted and not retry and not any(r.outstanding for r in live):
-            return
-        if not live:
-            raise RuntimeError(
-                "every replica died; the results so far are written (a rerun resumes)"
-            )
-        ready = wait([r.conn for r in live] + [r.proc.sentinel for r in live])
-        for r in live:
-            if r.conn in ready:
-                try:
-                    while r.conn.poll(0):
-                        _, results = r.conn.recv()
-                        for res in results:
-                            r.outstanding.pop(res.number, None)
-                        write(results)
-                    continue
-                except (EOFError, OSError):
-                    pass
-            elif r.proc.sentinel not in ready:
-                continue
-            _lost(r, retry, attempts, write)
-
-
-def _lost(r: _Replica, retry: deque[InputLine], attempts: dict[int, int], write: Put) -> None:
-    """A replica died: its unfinished lines go to the others (or fail after MAX_ATTEMPTS)."""
-    r.is_alive = False
-    r.proc.join(5)
-    logger.warning(
-        "replica %d died (exit code %s); its %d unfinished lines go to the other replicas",
-        r.index,
-        r.proc.exitcode,
-        len(r.outstanding),
-    )
-    failed = []
-    for number, line in sorted(r.outstanding.items()):
-        attempts[number] = attempts.get(number, 0) + 1
-        if attempts[number] < MAX_ATTEMPTS:
-            retry.append(line)
-            continue
-        custom_id = parse_line(line)["custom_id"]  # the driver sends only lines that own one
-        why = f"the replicas running this line died {MAX_ATTEMPTS} times"
-        failed.append(error_result(custom_id, number, REPLICA_FAILED, why, 500))
-    r.outstanding.clear()
-    if failed:
-        write(failed)
-
-
-def _stop(replicas: list[_Replica]) -> None:
-    for r in replicas:
-        if r.proc.is_alive():
-            try:
-                r.conn.send(("end", None))
-            except OSError:
-                pass
-    for r in replicas:
-        r.proc.join(30)
-        if r.proc.exitcode is None:
-            r.proc.kill()
-            r.proc.join(10)
-        r.conn.close()
+        pool.stop()

@@ -19,8 +19,9 @@ before it takes the next, so a batch several times the running set keeps the set
 of its run (the drained tail is a small part of it).
 
 Faults: Ray Data restarts an actor whose process died and retries the batch it was running (its
-defaults for actor pools), so a dead replica costs only its batch in flight; a batch returns its
-results only once it has finished, so none are written twice.
+defaults for an actor pool: max_restarts and max_task_retries of -1, as of Ray 2.60 where this is
+tested), so a dead replica costs only its batch in flight; a batch returns its results only once
+it has finished, so none are written twice.
 
 This module imports Ray only inside the functions that need it: the predictors also work
 without Ray (called on a batch dict directly).
@@ -161,9 +162,8 @@ def map_batches_args(
     batch_size: int | None = None,
     use_gpus: bool = True,
 ) -> dict[str, Any]:
-    """`Dataset.map_batches` arguments for `data_parallel_size` replicas of an engine. Ray
-    Data's own defaults for an actor pool restart a replica whose process died and retry the
-    batch it held (max_restarts and max_task_retries of -1)."""
+    """`Dataset.map_batches` arguments for `data_parallel_size` replicas of an engine (fault
+    handling is Ray Data's own: see the module docstring)."""
     import ray.data
 
     if data_parallel_size < 1:
@@ -231,9 +231,10 @@ def run_over_ray(
     ray_address: str | None = None,
     batch_size: int | None = None,
 ) -> None:
-    """run-batch's Ray path: the pending lines go into the object store one batch per block
-    (the driver holds one batch at a time; Ray spills to disk), through `BatchLinePredictor`
-    replicas, and each finished batch's results are written as they come back."""
+    """run-batch's Ray path: the pending lines go into Ray's object store, one batch per
+    block (the driver holds a batch per replica at most; the store spills to disk), before the
+    replicas start; they run through `BatchLinePredictor` and each finished batch's results are
+    written as they come back."""
     import pyarrow as pa
     import ray
     import ray.data

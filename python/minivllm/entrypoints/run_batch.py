@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -118,12 +119,23 @@ def run_batch(
         raise ValueError(
             "llm= runs one engine in this process: no data parallelism, no engine_args"
         )
-    if data_parallel_size > 1 and use_ray:
+    is_ray = data_parallel_size > 1 and use_ray
+    if is_ray:
         try:
             import ray
             import ray.data  # noqa: F401
         except ImportError:
             raise ValueError(RAY_MISSING) from None
+    if not Path(input_path).is_file():
+        raise ValueError(f"the input file {input_path!r} does not exist")
+    if not Path(output_path).resolve().parent.is_dir():
+        raise ValueError(
+            f"the output file's folder {str(Path(output_path).parent)!r} does not exist"
+        )
+    if llm is None and not (is_ray and ray_address):  # a cluster may hold the model elsewhere
+        from minivllm.config import EngineConfig
+
+        EngineConfig.create(model, **engine_args)  # a bad argument fails here, before any output
     names = list(served_model_names or [model])
     start = time.perf_counter()
     job = _Job(input_path, output_path, use_tqdm)
