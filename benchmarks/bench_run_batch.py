@@ -222,10 +222,8 @@ def main() -> None:
             "prompt_tokens": sum(map(len, prompts)),
             "output_tokens": sum(max_tokens),
         }
-        repeats = 1 if args.smoke else args.repeats
-        results["one_engine"] = one_engine(
-            model, engine_args, prompts, max_tokens, vocab_size, repeats, tmp
-        )
+        # The replicas first: this process has not touched a GPU yet, so each replica has its
+        # card to itself.
         counts = [int(k) for k in args.replicas.split(",")]
         counts = [1, 2] if args.smoke else [k for k in counts if k <= num_gpus]
         scaling = ["strong", "weak"] if args.scaling == "both" else [args.scaling]
@@ -237,6 +235,10 @@ def main() -> None:
             )
         else:
             results["replicas"] = f"not run: {num_gpus} GPU(s)"
+        repeats = 1 if args.smoke else args.repeats
+        results["one_engine"] = one_engine(
+            model, engine_args, prompts, max_tokens, vocab_size, repeats, tmp
+        )
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
