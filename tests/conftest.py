@@ -14,6 +14,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 # Engine test fixtures (tiny random Qwen3 checkpoints, a shared engine); see engine_fixtures.py.
-from engine_fixtures import gpu_qwen3, tiny_llm, tiny_qwen3, tiny_qwen3_sharded  # noqa: E402, F401
-# run-batch: a 200-line batch file and its answers through one engine; see batch_testing.py.
+# run-batch's (a 200-line batch file, its answers through one engine); see batch_testing.py.
 from batch_testing import batch_file, one_engine_output  # noqa: E402, F401
+from engine_fixtures import gpu_qwen3, tiny_llm, tiny_qwen3, tiny_qwen3_sharded  # noqa: E402, F401

@@ -47,7 +47,9 @@ class BatchSummary:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     elapsed_s: float = 0.0  # the whole run, engine start-up included
-    run_s: float | None = None  # from when the engines were ready (None: not known, over Ray)
+    # From when the engines were up to the last result (None: not known, over Ray): the run
+    # without the engines' start-up and shut-down.
+    run_s: float | None = None
 
 
 class _Job:
@@ -63,6 +65,7 @@ class _Job:
         self.progress.step(0, 0, self.summary.num_resumed)
         self.count_tokens = True  # False when the engine's steps report them (on_step)
         self.ready_time: float | None = None
+        self.last_write_time: float | None = None
 
     def ready(self) -> None:
         """The engines are up: the run's own time starts."""
@@ -75,6 +78,7 @@ class _Job:
 
     def write(self, results: list[Any]) -> None:
         results = self.output.write(results)
+        self.last_write_time = time.perf_counter()
         s = self.summary
         num_prompt = sum(r.num_prompt_tokens for r in results)
         num_output = sum(r.num_output_tokens for r in results)
@@ -167,7 +171,7 @@ def run_batch(
     end = time.perf_counter()
     job.summary.elapsed_s = end - start
     if job.ready_time is not None:
-        job.summary.run_s = end - job.ready_time
+        job.summary.run_s = max(job.last_write_time or end, job.ready_time) - job.ready_time
     return job.summary
 
 
