@@ -148,19 +148,23 @@ class ModelRunner:
         from minivllm.kernels.flash_prefill import tile_config
 
         config, mc = self.config, self.config.model_config
-        inputs = GraphInputs.from_staging(self.staging)
         group = mc.num_attention_heads // mc.num_key_value_heads
-        block_m = tile_config(
-            config.block_size, group, self.num_kv_heads, config.max_num_batched_tokens, self.device
-        )[0]
+
+        def tokens_per_tile(num_tokens: int) -> int:  # the prefill kernel's, for a launch
+            block_m = tile_config(
+                config.block_size, group, self.num_kv_heads, num_tokens, self.device
+            )[0]
+            return block_m // group
+
         # The tile table packs rows into 15 bits, and its length is a grid dimension (< 2^16).
-        fits = config.max_num_seqs < 1 << 15 and inputs.tiles.shape[0] < 1 << 16
+        num_tiles = self.staging.layout.size("prefill_tiles")
+        fits = config.max_num_seqs < 1 << 15 and num_tiles < 1 << 16
         runner = CudaGraphRunner(
             self._forward,
-            inputs,
+            GraphInputs.from_staging(self.staging),
             config.max_num_seqs,
             mixed_tokens=config.max_num_batched_tokens if fits else 0,
-            tokens_per_tile=block_m // group,
+            tokens_per_tile=tokens_per_tile,
         )
         runner.capture()
         return runner
