@@ -26,11 +26,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from minivllm._core import StagingLayout
 from minivllm.config import EngineConfig
-from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
 from minivllm.distributed import SINGLE_DEVICE, TPGroup, building_model
-from minivllm.engine.reference import STAGING_LAYOUT, write_staging
+from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
 from minivllm.engine.reference import Scheduler as TwinScheduler
+from minivllm.engine.reference import write_staging
 from minivllm.engine.workers import CMD_STEP, SHUTDOWN_TIMEOUT_S, TPWorkers, WorkerError
 from minivllm.layers import use_fused_kernels
 from minivllm.layers.attention import AttentionMetadata, get_attention_backend
@@ -152,11 +153,14 @@ class _StepBuffers:
         self._step_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._host_block_tables = self._host_views["block_tables"].reshape(max_seqs, max_blocks)
         self._dev_block_tables = self._dev_views["block_tables"].view(max_seqs, max_blocks)
-        # Where a scheduler's schedule_into writes (the order is reference.STAGING_LAYOUT).
-        extra = {"block_tables_stride": max_blocks, "max_tokens": max_tokens, "max_seqs": max_seqs}
-        self.layout = np.array(
-            [extra[f] if f in extra else self.offsets[f][0] for f in STAGING_LAYOUT],
-            dtype=np.int64,
+        # Where a scheduler's schedule_into writes: the core's packed layout, which the offsets
+        # above follow field for field.
+        self.layout = StagingLayout(
+            max_tokens,
+            max_seqs,
+            max_blocks,
+            max(max_tiles, 1),
+            offsets={name: start for name, (start, _) in self.offsets.items()},
         )
 
     def host_view(self, name: str) -> np.ndarray:
