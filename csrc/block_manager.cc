@@ -15,8 +15,9 @@ BlockManager::BlockManager(int32_t num_blocks, int32_t block_size)
       hashes_(num_blocks, 0),
       parent_hashes_(num_blocks, 0),
       token_ids_(num_blocks),
-      lru_prev_(num_blocks + 1, num_blocks),
-      lru_next_(num_blocks + 1, num_blocks) {
+      // One more node, the sentinel (in size_t: num_blocks may be INT32_MAX).
+      lru_prev_(static_cast<size_t>(num_blocks) + 1, num_blocks),
+      lru_next_(static_cast<size_t>(num_blocks) + 1, num_blocks) {
   free_block_ids_.reserve(num_blocks);
   for (int32_t b = num_blocks - 1; b >= 0; --b) free_block_ids_.push_back(b);
   hash_to_block_.reserve(static_cast<size_t>(num_blocks));

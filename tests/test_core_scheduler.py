@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from minivllm.engine.reference import STAGING_LAYOUT
+from minivllm._core import StagingLayout
 from test_core_invariants import IMPLS, check_invariants
 
 pytestmark = pytest.mark.parametrize("Scheduler", IMPLS)
@@ -480,6 +480,17 @@ _ANY_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sample
     vocab_size=st.one_of(st.none(), _ANY_INT),
     tokens=st.lists(_INT64, min_size=1, max_size=3),
 )
+@example(  # float32 rounds this temperature to infinity: refused by both, without a warning
+    seq_id=0,
+    prompt=[0],
+    max_tokens=1,
+    temperature=3.4028235677973366e38,
+    top_p=1.0,
+    top_k=0,
+    min_p=0.0,
+    vocab_size=None,
+    tokens=[0],
+)
 def test_arbitrary_arguments_never_break_the_core(
     Scheduler: Any,
     seq_id: int,
@@ -559,29 +570,10 @@ def test_batch_sampling_flags(Scheduler: Any, params: dict, flags: tuple) -> Non
     assert (batch.all_greedy, batch.any_top_k_or_p, batch.any_min_p) == flags
 
 
-def _layout(sched_args: tuple, host_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def _layout(sched_args: tuple, host_size: int = 4096) -> tuple[StagingLayout, np.ndarray]:
     _, block_size, max_seqs, max_tokens, max_model_len = sched_args
-    stride = -(-max_model_len // block_size)
-    offsets, pos = {}, 0
-    for name, n in [
-        ("input_ids", max_tokens),
-        ("positions", max_tokens),
-        ("slot_mapping", max_tokens),
-        ("seq_lens", max_seqs),
-        ("block_tables", max_seqs * stride),
-        ("logits_indices", max_seqs),
-        ("temperature", max_seqs),
-        ("top_p", max_seqs),
-        ("top_k", max_seqs),
-        ("min_p", max_seqs),
-        ("uniforms", max_seqs),
-    ]:
-        offsets[name] = pos
-        pos += n
-    values = {**offsets, "block_tables_stride": stride, "max_tokens": max_tokens}
-    values["max_seqs"] = max_seqs
-    layout = np.array([values[f] for f in STAGING_LAYOUT], dtype=np.int64)
-    return layout, np.full(max(pos, host_size), -9, dtype=np.int32)
+    layout = StagingLayout(max_tokens, max_seqs, -(-max_model_len // block_size))
+    return layout, np.full(max(layout.total, host_size), -9, dtype=np.int32)
 
 
 def test_schedule_into_writes_the_batch_at_the_layout(Scheduler: Any) -> None:
@@ -595,7 +587,7 @@ def test_schedule_into_writes_the_batch_at_the_layout(Scheduler: Any) -> None:
     for step_index in range(3):
         ref = twin.schedule()
         staged = sched.schedule_into(host, layout)
-        at = dict(zip(STAGING_LAYOUT, layout.tolist()))
+        at = {name: layout.offset(name) for name in layout.fields}
         t, b, s = ref.num_tokens, ref.num_seqs, ref.num_samples
         floats = host.view(np.float32)
         for name in ("input_ids", "positions", "slot_mapping"):
@@ -609,7 +601,7 @@ def test_schedule_into_writes_the_batch_at_the_layout(Scheduler: Any) -> None:
         assert np.array_equal(host[at["top_k"] : at["top_k"] + s], ref.top_k)
         for name in ("temperature", "top_p", "min_p", "uniforms"):
             assert np.array_equal(floats[at[name] : at[name] + s], getattr(ref, name)), name
-        stride = at["block_tables_stride"]
+        stride = layout.max_blocks
         tables = host[at["block_tables"] :][: 4 * stride].reshape(4, stride)
         assert np.array_equal(tables[:b, : ref.max_blocks], ref.block_tables)
         for name in ("seq_ids", "sample_seq_ids", "query_start_loc"):
@@ -629,21 +621,20 @@ def test_schedule_into_rejects_bad_buffers_and_changes_nothing(Scheduler: Any) -
     layout, host = _layout(args)
     sched = Scheduler(*args)
     sched.add_request(0, [1, 2, 3], 3)
-    small = layout.copy()
-    small[-1] = 3  # fewer rows than max_num_seqs
-    outside = layout.copy()
-    outside[0] = len(host) - 2
+    small = StagingLayout(16, 3, 6)  # fewer rows than max_num_seqs
+    offsets = {name: layout.offset(name) for name in layout.fields}
+    outside = StagingLayout(16, 4, 6, offsets={**offsets, "input_ids": len(host) - 2})
     cases = [
         (host.astype(np.int64), layout, "host must be a numpy int32 array"),
-        (host, layout.astype(np.int32), "layout must be a numpy int64 array"),
         (host[::2], layout, "contiguous"),
-        (host, layout[:-1], "entries"),
         (host, small, "below the scheduler's"),
-        (host, outside, "outside the host buffer"),
+        (host, outside, "the staging layout needs"),
     ]
     for h, lay, message in cases:
         with pytest.raises(ValueError, match=message):
             sched.schedule_into(h, lay)
+    with pytest.raises(TypeError, match="StagingLayout"):
+        sched.schedule_into(host, np.zeros(14, dtype=np.int64))
     assert sched.debug_state()["waiting"] == [0]  # nothing was scheduled
     assert sched.schedule_into(host, layout).num_tokens == 3
 
