@@ -97,6 +97,19 @@ void BlockManager::register_block(int32_t block_id, uint64_t block_hash, uint64_
   token_ids_[block_id].assign(token_ids, token_ids + block_size_);
 }
 
+int32_t BlockManager::reset_prefix_cache() {
+  const auto dropped = static_cast<int32_t>(hash_to_block_.size());
+  for (int32_t b = lru_next_[num_blocks_]; b != num_blocks_;) {
+    const int32_t next = lru_next_[b];
+    lru_unlink(b);
+    free_block_ids_.push_back(b);
+    b = next;
+  }
+  std::fill(has_hash_.begin(), has_hash_.end(), 0);
+  hash_to_block_.clear();
+  return dropped;
+}
+
 std::optional<uint64_t> BlockManager::block_hash(int32_t block_id) const {
   if (!has_hash_[block_id]) return std::nullopt;
   return hashes_[block_id];

@@ -286,6 +286,30 @@ def test_lru_eviction_order(Scheduler: Any) -> None:
     assert sched.stats["prefix_cache_hits"] == 2
 
 
+def test_reset_prefix_cache(Scheduler: Any) -> None:
+    """Every hash goes; cached-free blocks return to the free stack oldest first; a referenced
+    block loses its hash and is not offered again; later prompts miss."""
+    sched = Scheduler(8, 2, 4, 64, 64)
+    sched.add_request(0, [1, 2, 3, 4, 5], max_tokens=1)
+    step(sched)  # blocks [0, 1] cached, [2] free again
+    sched.add_request(1, [7, 8, 9, 10, 11], max_tokens=3)
+    step(sched)  # running: its two full blocks registered
+    st = check_invariants(sched)
+    assert st["cached_block_ids"] == [1, 0] and len(st["hash_to_block"]) == 4
+    free_before = sched.num_free_blocks
+    assert sched.reset_prefix_cache() == 4
+    st = check_invariants(sched)
+    assert st["cached_block_ids"] == [] and st["hash_to_block"] == {}
+    assert all(h is None for h in st["block_hashes"])
+    assert st["free_block_ids"][-2:] == [1, 0] and sched.num_free_blocks == free_before
+    queries, hits = sched.stats["prefix_cache_queries"], sched.stats["prefix_cache_hits"]
+    sched.add_request(2, [1, 2, 3, 4, 5], max_tokens=1)
+    run_to_end(sched)
+    assert sched.stats["prefix_cache_hits"] == hits and sched.stats["prefix_cache_queries"] > queries
+    assert sched.reset_prefix_cache() >= 2  # prompt 2's blocks registered again
+    assert check_invariants(sched)["hash_to_block"] == {}
+
+
 def test_abort(Scheduler: Any) -> None:
     sched = Scheduler(8, 2, 4, 64, 64)
     sched.add_request(0, [1, 2, 3], max_tokens=5)

@@ -484,6 +484,7 @@ PYBIND11_MODULE(_core, m) {
           "abort", [](Scheduler& s, const py::object& seq_id) { s.abort(int64_arg(seq_id, "seq_id")); },
           py::arg("seq_id"))
       .def("has_unfinished", &Scheduler::has_unfinished)
+      .def("reset_prefix_cache", &Scheduler::reset_prefix_cache)
       .def_property_readonly("num_free_blocks", &Scheduler::num_free_blocks)
       .def_property_readonly("num_running", &Scheduler::num_running)
       .def_property_readonly("num_waiting", &Scheduler::num_waiting)

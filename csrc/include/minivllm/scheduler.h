@@ -184,6 +184,9 @@ class Scheduler {
   void abort(int64_t seq_id);
 
   bool has_unfinished() const { return !seqs_.empty(); }
+  // Forgets the prefix cache (BlockManager::reset_prefix_cache): after a step that was scheduled
+  // but never ran, the blocks it registered hold no valid K/V. Returns the hashes dropped.
+  int64_t reset_prefix_cache() { return blocks_.reset_prefix_cache(); }
   int64_t num_free_blocks() const { return blocks_.num_free_blocks(); }
   int64_t num_running() const { return static_cast<int64_t>(running_.size()); }
   int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }

@@ -262,7 +262,10 @@ class ModelRunner:
         inputs = self.staging.step_inputs(header)
         hidden = self.run_model(inputs)
         if header.num_sampled == 0:
-            return None, None
+            if logprobs is None or self.tp.rank != 0:
+                return None, None
+            # A prefill chunk that samples nothing may still score prompt tokens.
+            return None, compute_logprobs(logprobs, None, None, hidden, self.model.compute_logits)
         # logits_indices is strictly increasing, so S == T means every row: skip the gather.
         sampled_hidden = hidden if inputs.samples_every_token else hidden[inputs.logits_indices]
         logits = self.model.compute_logits(sampled_hidden)  # every rank: the LM head gathers
@@ -284,20 +287,25 @@ class ModelRunner:
         """Keep the step's samples on the device for the next step's placeholders, and start
         copying them (and any logprobs) to the host: the ids into one of two pinned buffers,
         so a step's copy never lands on the previous step's ids before they are read."""
-        if token_ids is None:
-            return StepResult(np.zeros(num_sampled if self.tp.rank == 0 else 0, dtype=np.int64))
-        self.last_sampled[:num_sampled].copy_(token_ids)
         pending = None
         if scored is not None:
             pending = (logprobs, start_copy(scored[0]), start_copy(scored[1]))
-        if self.device.type != "cuda":
-            return StepResult(token_ids.numpy().astype(np.int64), None, pending)
-        self._read_back_slot ^= 1
-        host = self._read_back_host[self._read_back_slot][:num_sampled]
-        host.copy_(self.last_sampled[:num_sampled], non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return StepResult(host.numpy(), done, pending)
+        if token_ids is None:
+            ids = np.zeros(num_sampled if self.tp.rank == 0 else 0, dtype=np.int64)
+        else:
+            self.last_sampled[:num_sampled].copy_(token_ids)
+            if self.device.type != "cuda":
+                ids = token_ids.numpy().astype(np.int64)
+            else:
+                self._read_back_slot ^= 1
+                host = self._read_back_host[self._read_back_slot][:num_sampled]
+                host.copy_(self.last_sampled[:num_sampled], non_blocking=True)
+                ids = host.numpy()
+        done = None
+        if self.device.type == "cuda" and (token_ids is not None or pending is not None):
+            done = torch.cuda.Event()
+            done.record()
+        return StepResult(ids, done, pending)
 
 
 class StepResult:
@@ -332,8 +340,9 @@ class StepResult:
         return self._ids
 
     def logprobs(self) -> StepLogprobs | None:
-        """The step's logprobs, once `result()` returned."""
+        """The step's logprobs (waits like `result()`)."""
         if self._logprobs is None:
             return None
+        self.result()
         plan, sample, prompt = self._logprobs
         return StepLogprobs(plan.sample_rows, as_numpy(sample), plan.prompt_spans, as_numpy(prompt))

@@ -183,8 +183,9 @@ class OutputProcessor:
             c.request.first_token_time = now
             res.to_add.extend(c.request.waiting_children)
             c.request.waiting_children = []
-        if out.logprobs is not None and out.logprobs.prompt is not None:
-            self._prompt_logprobs(out.logprobs)
+        for lp in out.logprobs:
+            if lp.prompt is not None:
+                self._prompt_logprobs(lp)
         if self._tracked:
             self._follow(out, res, updated)
         for seq_id, reason, output_ids in out.finished:
@@ -205,7 +206,8 @@ class OutputProcessor:
         """Append each followed sequence's token, grow its text, end it at a stop string."""
         tracked = self._tracked
         now = time.perf_counter()
-        lp = out.logprobs
+        # The read-back step's sampled-token logprobs (the last entry, if it scored any rows).
+        lp = out.logprobs[-1] if out.logprobs else None
         lp_row: dict[int, int] = {}  # sampled row -> its row in lp.sample
         if lp is not None and lp.sample is not None:
             lp_row = {int(k): j for j, k in enumerate(lp.sample_rows.tolist())}

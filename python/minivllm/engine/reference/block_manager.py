@@ -78,3 +78,15 @@ class BlockManager:
         self.block_parent_hash[block_id] = parent_hash
         self.block_token_ids[block_id] = token_ids
         self.hash_to_block[block_hash] = block_id
+
+    def reset_prefix_cache(self) -> int:
+        """Forgets every prefix: all hashes are dropped, and the cached-free blocks go back to
+        the free stack, least recently freed first. Returns the hashes dropped."""
+        dropped = len(self.hash_to_block)
+        for block_id in self.cached_block_ids:
+            self.free_block_ids.append(block_id)
+        self.cached_block_ids.clear()
+        self.block_hash = [None] * self.num_blocks
+        self.block_token_ids = [None] * self.num_blocks
+        self.hash_to_block.clear()
+        return dropped

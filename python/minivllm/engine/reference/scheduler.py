@@ -76,6 +76,11 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         return dict(self._stats)
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets the prefix cache (after a step that was scheduled but never ran, the blocks
+        it registered hold no valid K/V). Returns the hashes dropped."""
+        return self.block_manager.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 
