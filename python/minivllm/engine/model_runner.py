@@ -348,7 +348,7 @@ class ModelRunner:
         if config.load_format == "dummy":
             init_dummy_weights(self.model, seed=config.seed)
         else:
-            load_weights(self.model, config.model)
+            load_weights(self.model, config.model, allow_unused=config.allow_unused_weights)
         self.sampler = Sampler()
         self.vocab_size = mc.vocab_size
         max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
