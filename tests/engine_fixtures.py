@@ -16,7 +16,7 @@ import pytest
 import torch
 from minivllm import LLM
 from minivllm.demo import save_demo_tokenizer
-from minivllm.engine.cuda_graphs import CudaGraphRunner
+from minivllm.engine.cuda_graphs import CudaGraphRunner, GraphInputs
 
 # hidden 64, 2 layers, 4 heads / 2 KV heads (GQA), head_dim 16, vocab 512 = the demo tokenizer's.
 # initializer_range 0.3 makes greedy outputs varied rather than one repeated token.
@@ -144,11 +144,11 @@ def interrupt_launch(llm: LLM, monkeypatch: pytest.MonkeyPatch, at_call: int) ->
     calls = {"n": 0}
     real_launch = llm.model_runner.launch
 
-    def flaky(batch, staged=False):
+    def flaky(batch):
         calls["n"] += 1
         if calls["n"] == at_call:
             raise KeyboardInterrupt
-        return real_launch(batch, staged)
+        return real_launch(batch)
 
     monkeypatch.setattr(llm.model_runner, "launch", flaky)
 
@@ -197,8 +197,6 @@ class EagerGraphRunner(CudaGraphRunner):
     after checking the padding the runner staged; they record what they ran."""
 
     def __init__(self, runner, mixed_tokens: int = 0):
-        super().__init__(runner._forward, runner.buffers.graph_inputs(),
-                         runner.config.max_num_seqs, mixed_tokens)
         # What the Triton launch of `mixed_tokens` query tokens tiles by (flash_prefill).
         from minivllm.kernels.flash_prefill import tile_config
 
@@ -206,7 +204,8 @@ class EagerGraphRunner(CudaGraphRunner):
         group = mc.num_attention_heads // mc.num_key_value_heads
         block_m = tile_config(runner.config.block_size, group, mc.num_key_value_heads,
                               mixed_tokens, runner.device)[0]
-        self.tokens_per_tile = block_m // group
+        super().__init__(runner._forward, GraphInputs.from_staging(runner.staging),
+                         runner.config.max_num_seqs, mixed_tokens, block_m // group)
         self.replayed: list[tuple[int, int]] = []
         self.replayed_mixed: list[int] = []
 

@@ -18,6 +18,7 @@ from engine_fixtures import (
 from minivllm import LLMEngine, RequestOutput, SamplingParams
 from minivllm.cli import main
 from minivllm.demo import make_demo_checkpoint
+from minivllm.engine import warmup
 from transformers import AutoTokenizer
 
 
@@ -303,7 +304,7 @@ def test_start_up_warm_up_steps(tiny_qwen3, monkeypatch, kwargs):
     real_step = runner._step
     monkeypatch.setattr(runner, "_step", lambda h: (steps.append(h), real_step(h))[1])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    runner._warm_up_step_kinds()
+    warmup.warm_up_step_kinds(runner)
     assert steps and steps[0].num_decodes == 0
     if kwargs["max_num_seqs"] > 5:
         mixed = steps[-1]

@@ -26,7 +26,8 @@ from engine_fixtures import (
     mixed_prompts,
 )
 from minivllm import LLM, SamplingParams
-from minivllm.engine.workers import CMD_STEP, WorkerError
+from minivllm.distributed import WorkerError
+from minivllm.engine.staging import CMD_STEP
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
@@ -174,3 +175,24 @@ def test_more_ranks_than_gpus(tiny_qwen3):
     n = torch.cuda.device_count() + 1
     with pytest.raises(ValueError, match=f"tensor_parallel_size={n} needs {n} GPUs"):
         LLM(str(tiny_qwen3), device="cuda", tensor_parallel_size=n)
+
+
+def test_hung_worker_raises_naming_it(tiny_qwen3):
+    """A stopped worker (SIGSTOP: a stuck collective looks the same to rank 0) makes the step
+    raise WorkerError naming it within the step timeout, not the collectives' 10 minutes; close()
+    then leaves no process behind."""
+    import time
+
+    llm = tp_llm(tiny_qwen3, tp_step_timeout_s=2.0)
+    proc = llm.model_runner.workers.procs[0]
+    llm.generate(mixed_prompts(2), GREEDY, use_tqdm=False)  # a healthy start
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=rf"rank 1 \(pid {proc.pid}, stopped\)"):
+            llm.generate(mixed_prompts(2), GREEDY, use_tqdm=False)
+        assert time.monotonic() - start < 20
+        assert_all_blocks_free(llm)
+    finally:
+        llm.close()
+    assert proc.exitcode is not None  # killed: a stopped process ignores SIGTERM

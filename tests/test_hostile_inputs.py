@@ -60,10 +60,20 @@ or, in the last rows of a layer marked "accepted", handled as stated.
 | SamplingParams | `stop_token_ids=[1.0]` | ValueError: stop_token_ids must be an integer |
 | SamplingParams | `stop_token_ids=[True]` | ValueError: stop_token_ids must be an integer |
 | SamplingParams | `stop_token_ids=['1']` | ValueError: stop_token_ids must be an integer |
+| SamplingParams | `n=0` | ValueError: n must be in [1, 2**31 - 1], got 0 |
+| SamplingParams | `n=2**31` | ValueError: got 2147483648 |
+| SamplingParams | `n=2.0` | ValueError: n must be an integer |
+| SamplingParams | `logprobs=-1` | ValueError: logprobs must be None or in [0, 2**31 - 1] |
+| SamplingParams | `logprobs=2**40` | ValueError: got 1099511627776 |
+| SamplingParams | `logprobs=True` | ValueError: logprobs must be an integer |
+| SamplingParams | `prompt_logprobs=-5` | ValueError: prompt_logprobs must be None or in [0, 2**31 - 1] |
+| SamplingParams | `prompt_logprobs='5'` | ValueError: prompt_logprobs must be an integer |
 | SamplingParams | `ignore_eos='no'` | ValueError: ignore_eos must be a bool, got 'no' |
 | SamplingParams | `skip_special_tokens=None` | ValueError: skip_special_tokens must be |
 | SamplingParams.verify | `stop_token_ids=[vocab_size]` | ValueError: 512 is outside the vocabulary |
 | SamplingParams.verify | `stop_token_ids=[0, 10**6]` | ValueError: 1000000 is outside |
+| SamplingParams.verify | `logprobs=vocab_size + 1` | ValueError: logprobs=513 is more than the vocabulary's 512 tokens |
+| SamplingParams.verify | `prompt_logprobs=10**6` | ValueError: prompt_logprobs=1000000 is more than the vocabulary's 512 tokens |
 | engine arguments | `max_num_seq=4 (typo)` | ValueError: unknown engine argument 'max_num_seq' |
 | engine arguments | `dtype='float64'` | ValueError: unsupported dtype 'float64' |
 | engine arguments | `dtype=5` | ValueError: unsupported dtype 5 |
@@ -101,6 +111,10 @@ or, in the last rows of a layer marked "accepted", handled as stated.
 | engine arguments | `allow_unused_weights='no'` | ValueError: allow_unused_weights must |
 | engine arguments | `tensor_parallel_size=0` | ValueError: tensor_parallel_size must be |
 | engine arguments | `tensor_parallel_size=3` | ValueError: must divide the checkpoint's |
+| engine arguments | `tp_step_timeout_s=0` | ValueError: tp_step_timeout_s must be a positive number of seconds |
+| engine arguments | `tp_step_timeout_s=inf` | ValueError: got inf |
+| engine arguments | `tp_step_timeout_s=nan` | ValueError: got nan |
+| engine arguments | `tp_step_timeout_s='60'` | ValueError: got '60' |
 | engine arguments | `tensor_parallel_size=2**40` | ValueError: at most 2147483647 |
 | engine arguments | `seed=-1` | ValueError: seed must be an integer >= 0 |
 | engine arguments | `seed=2**64` | ValueError: seed must be at most 18446744073709551615 |
@@ -267,6 +281,14 @@ SAMPLING_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("stop_token_ids=[1.0]", {"stop_token_ids": [1.0]}, "stop_token_ids must be an integer"),
     ("stop_token_ids=[True]", {"stop_token_ids": [True]}, "stop_token_ids must be an integer"),
     ("stop_token_ids=['1']", {"stop_token_ids": ["1"]}, "stop_token_ids must be an integer"),
+    ("n=0", {"n": 0}, r"n must be in \[1, 2\*\*31 - 1\], got 0"),
+    ("n=2**31", {"n": 2**31}, "got 2147483648"),
+    ("n=2.0", {"n": 2.0}, "n must be an integer"),
+    ("logprobs=-1", {"logprobs": -1}, r"logprobs must be None or in \[0, 2\*\*31 - 1\]"),
+    ("logprobs=2**40", {"logprobs": 2**40}, "got 1099511627776"),
+    ("logprobs=True", {"logprobs": True}, "logprobs must be an integer"),
+    ("prompt_logprobs=-5", {"prompt_logprobs": -5}, "prompt_logprobs must be None or in"),
+    ("prompt_logprobs='5'", {"prompt_logprobs": "5"}, "prompt_logprobs must be an integer"),
     ("ignore_eos='no'", {"ignore_eos": "no"}, "ignore_eos must be a bool, got 'no'"),
     ("skip_special_tokens=None", {"skip_special_tokens": None}, "skip_special_tokens must be"),
 ]
@@ -281,6 +303,8 @@ def test_sampling_params_refuse(kwargs, match):
 VERIFY_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("stop_token_ids=[vocab_size]", {"stop_token_ids": [VOCAB]}, "512 is outside the vocabulary"),
     ("stop_token_ids=[0, 10**6]", {"stop_token_ids": [0, 10**6]}, "1000000 is outside"),
+    ("logprobs=vocab_size + 1", {"logprobs": VOCAB + 1}, "logprobs=513 is more than the"),
+    ("prompt_logprobs=10**6", {"prompt_logprobs": 10**6}, "prompt_logprobs=1000000 is more"),
 ]
 
 
@@ -402,6 +426,10 @@ ENGINE_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("allow_unused_weights='no'", {"allow_unused_weights": "no"}, "allow_unused_weights must"),
     ("tensor_parallel_size=0", {"tensor_parallel_size": 0}, "tensor_parallel_size must be"),
     ("tensor_parallel_size=3", {"tensor_parallel_size": 3}, "must divide the checkpoint's"),
+    ("tp_step_timeout_s=0", {"tp_step_timeout_s": 0}, "tp_step_timeout_s must be a positive"),
+    ("tp_step_timeout_s=inf", {"tp_step_timeout_s": math.inf}, "got inf"),
+    ("tp_step_timeout_s=nan", {"tp_step_timeout_s": math.nan}, "got nan"),
+    ("tp_step_timeout_s='60'", {"tp_step_timeout_s": "60"}, "got '60'"),
     ("tensor_parallel_size=2**40", {"tensor_parallel_size": 2**40}, "at most 2147483647"),
     ("seed=-1", {"seed": -1}, "seed must be an integer >= 0"),
     ("seed=2**64", {"seed": 2**64}, "seed must be at most 18446744073709551615"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from minivllm.compat import LLMEngine
 from minivllm.config import EngineConfig, ModelConfig
 from minivllm.llm import LLM
-from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from minivllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __all__ = [
     "LLM",
     "LLMEngine",
     "CompletionOutput",
+    "Logprob",
     "EngineConfig",
     "ModelConfig",
     "RequestMetrics",

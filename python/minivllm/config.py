@@ -271,6 +271,9 @@ class EngineConfig:
     # Plan step N+1 while step N runs on the GPU (None: on for CUDA with one GPU, off otherwise).
     async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
+    # With tensor parallelism: a step that has not finished after this long raises WorkerError
+    # naming the worker that holds it up (start-up waits longer: STARTUP_TIMEOUT_S).
+    tp_step_timeout_s: float = 120.0
     scheduler: str = "cpp"
     attention_backend: str | None = None  # None: triton on CUDA, torch on CPU
     load_format: str = "auto"
@@ -320,6 +323,9 @@ class EngineConfig:
             )
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         self._check_tensor_parallel()
+        t = self.tp_step_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ValueError(f"tp_step_timeout_s must be a positive number of seconds, got {t!r}")
         _check_int("seed", self.seed, 0, SEED_LIMIT - 1)
         if self.num_kv_blocks is not None:
             _check_int("num_kv_blocks", self.num_kv_blocks, 1)

@@ -26,7 +26,11 @@ import torch.distributed as dist
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
-@dataclass(frozen=True, eq=False)
+class WorkerError(RuntimeError):
+    """A tensor-parallel worker died or failed."""
+
+
+@dataclass(eq=False)
 class TPGroup:
     """One rank's view of its engine's tensor-parallel group."""
 
@@ -34,11 +38,14 @@ class TPGroup:
     size: int = 1
     backend: Any = None  # ProcessGroupGloo / ProcessGroupNCCL; None on one device
     store: Any = None  # the TCPStore the group was made from (kept alive with it)
+    # How long a collective may wait on the host (gloo); the runner shortens it to the step
+    # timeout once start-up is over. NCCL collectives do not block the host.
+    timeout: datetime.timedelta = COLLECTIVE_TIMEOUT
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place."""
         if self.size > 1:
-            self.backend.allreduce([x]).wait()
+            self.backend.allreduce([x]).wait(self.timeout)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +54,7 @@ class TPGroup:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        self.backend.allgather([parts], [x]).wait()
+        self.backend.allgather([parts], [x]).wait(self.timeout)
         return torch.cat(parts, dim=-1)
 
     def min_int(self, value: int, device: torch.device) -> int:
@@ -57,7 +64,7 @@ class TPGroup:
         t = torch.tensor([value], dtype=torch.int64, device=device)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
-        self.backend.allreduce([t], opts).wait()
+        self.backend.allreduce([t], opts).wait(self.timeout)
         return int(t.item())
 
 

@@ -5,6 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One token's log-probability under the model's raw logits (log_softmax, no temperature),
+    its rank among all tokens (1 = the most likely) and its text."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+# Per position: the sampled (or prompt) token and the top-N tokens, by token id.
+SampleLogprobs = list[dict[int, Logprob]]
+PromptLogprobs = list[dict[int, Logprob] | None]  # None for the first prompt token
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -12,6 +27,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop" (eos, stop token or stop string) | "length"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    logprobs: SampleLogprobs | None = None  # one dict per token, when SamplingParams.logprobs
 
     @property
     def finished(self) -> bool:
@@ -48,3 +64,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     metrics: RequestMetrics | None = field(default=None, repr=False)
+    prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs

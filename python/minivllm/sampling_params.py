@@ -28,11 +28,15 @@ class SamplingParams:
     draws depend only on the seed and the request's own tokens, not on the rest of the batch (on
     a GPU the logits' rounding still depends on the batch size, so a draw on a token boundary can
     move). stop: strings that end the completion (not included in the text). max_model_length:
-    MinivLLM's per-request cap on prompt + completion tokens.
+    MinivLLM's per-request cap on prompt + completion tokens. n: completions of the prompt
+    (completion i draws with seed + i). logprobs: the sampled token's log-probability and the
+    `logprobs` most likely tokens' per generated token; prompt_logprobs: the same for each prompt
+    token (both log_softmax of the model's raw logits, as vLLM reports by default).
 
-    Integer fields are bounded by the core's fields (top_k, stop token ids and max_model_length
-    int32, max_tokens int64, seed uint64). `verify(vocab_size)` adds the checks that need the
-    model (stop token ids inside the vocabulary).
+    Integer fields are bounded by the core's fields (top_k, stop token ids, max_model_length, n
+    and the logprobs counts int32, max_tokens int64, seed uint64). `verify(vocab_size)` adds the
+    checks that need the model (stop token ids inside the vocabulary, logprobs counts at most
+    its size).
     """
 
     temperature: float = 1.0
@@ -46,6 +50,9 @@ class SamplingParams:
     seed: int | None = None
     max_model_length: int | None = None
     skip_special_tokens: bool = True
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +98,19 @@ class SamplingParams:
             seed = _integer("seed", seed)
             if not 0 <= seed < SEED_LIMIT:
                 raise ValueError(f"seed must be in [0, 2**64), got {self.seed!r}")
+        n = _integer("n", self.n)
+        if not 1 <= n <= INT32_MAX:
+            raise ValueError(f"n must be in [1, 2**31 - 1], got {self.n!r}")
+        counts = {}
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                value = _integer(name, value)
+                if not 0 <= value <= INT32_MAX:
+                    raise ValueError(
+                        f"{name} must be None or in [0, 2**31 - 1], got {getattr(self, name)!r}"
+                    )
+            counts[name] = value
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -115,15 +135,24 @@ class SamplingParams:
         self.max_model_length = max_model_length
         self.seed = seed
         self.stop_token_ids = stop_token_ids
+        self.n = n
+        self.logprobs = counts["logprobs"]
+        self.prompt_logprobs = counts["prompt_logprobs"]
 
     def verify(self, vocab_size: int) -> None:
         """`validate()` plus the checks that need the model: every stop token id must be in
-        the vocabulary [0, vocab_size)."""
+        the vocabulary [0, vocab_size), and no more top logprobs asked for than it has."""
         self.validate()
         for tid in self.stop_token_ids or ():
             if tid >= vocab_size:
                 raise ValueError(
                     f"stop_token_ids: {tid} is outside the vocabulary [0, {vocab_size})"
+                )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > vocab_size:
+                raise ValueError(
+                    f"{name}={value} is more than the vocabulary's {vocab_size} tokens"
                 )
 
     @property

@@ -13,6 +13,7 @@ import pytest
 import torch
 from engine_fixtures import hf_model, mixed_prompts
 from minivllm import LLM, SamplingParams
+from minivllm.engine.staging import schedule_into
 
 pytestmark = pytest.mark.gpu
 
@@ -99,8 +100,8 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
         runner = llm.model_runner
         for i, p in enumerate(prompts):
             llm.scheduler.add_request(i, p, 1, ignore_eos=True, temperature=0.0)
-        batch = llm.scheduler.schedule()
-        inputs = runner.prepare(batch)
+        batch = schedule_into(llm.scheduler, runner.staging)
+        inputs = runner._inputs(runner._stage(batch, eager=True))
         with torch.inference_mode():
             hidden = runner.run_model(inputs)
             logits[backend] = runner.model.compute_logits(hidden[inputs.logits_indices]).float()

@@ -31,7 +31,8 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _norm(hidden: int, seed: int) -> RMSNorm:
-    norm = RMSNorm(hidden, eps=1e-6).to(device="cuda", dtype=DT)
+    with torch.device("cuda"):  # built on CUDA: the fused kernels
+        norm = RMSNorm(hidden, eps=1e-6).to(dtype=DT)
     norm.weight.copy_(torch.rand(hidden, generator=_gen(seed), device="cuda") + 0.5)
     return norm
 
@@ -74,7 +75,8 @@ def test_row_parallel_split_k_into_rmsnorm_bf16(rows: int, k: int) -> None:
     (a different float32 summation order), the norm then as usual."""
     from minivllm.layers.linear import RowParallelLinear, SplitKPartials
 
-    proj = RowParallelLinear(k, HIDDEN).to(device="cuda", dtype=DT)
+    with torch.device("cuda"):
+        proj = RowParallelLinear(k, HIDDEN).to(dtype=DT)
     proj.weight.copy_(0.02 * torch.randn(HIDDEN, k, generator=_gen(5), device="cuda"))
     x = torch.randn(rows, k, generator=_gen(6), device="cuda").to(DT)
     residual = torch.randn(rows, HIDDEN, generator=_gen(7), device="cuda").to(DT)
@@ -102,7 +104,8 @@ def test_column_parallel_triton_gemm_bf16(rows: int, n: int) -> None:
     agrees to a bf16 rounding (a different float32 summation order); past 128, cuBLAS itself."""
     from minivllm.layers.linear import ColumnParallelLinear
 
-    proj = ColumnParallelLinear(HIDDEN, n).to(device="cuda", dtype=DT)
+    with torch.device("cuda"):
+        proj = ColumnParallelLinear(HIDDEN, n).to(dtype=DT)
     proj.weight.copy_(0.02 * torch.randn(n, HIDDEN, generator=_gen(9), device="cuda"))
     x = torch.randn(rows, HIDDEN, generator=_gen(10), device="cuda").to(DT)
     y, expect = proj(x), F.linear(x, proj.weight)
@@ -118,7 +121,7 @@ def test_qk_norm_rope_bf16(with_norm: bool) -> None:
     """Against a float32 oracle on the same bf16 inputs: the kernel rounds once where the torch
     path rounds after every op (and the compiler may contract a*b+c into an FMA), so the two
     bf16 results differ by an ulp here and there; the kernel must be at least as accurate."""
-    rope = RotaryEmbedding(HEAD_DIM, 40960, 1_000_000.0).to(device="cuda", dtype=DT)
+    rope = RotaryEmbedding(HEAD_DIM, 40960, 1_000_000.0, fused=True).to(device="cuda", dtype=DT)
     q_norm, k_norm = (_norm(HEAD_DIM, 4), _norm(HEAD_DIM, 5)) if with_norm else (None, None)
     q, k = _split(_qkv())
     positions = torch.randint(0, 40960, (T,), generator=_gen(6), device="cuda", dtype=torch.int32)
@@ -164,7 +167,7 @@ def test_qk_norm_rope_store_kv_bf16(with_norm: bool) -> None:
     from minivllm.kernels.qk_norm_rope import qk_norm_rope
     from minivllm.layers.attention import KVCacheWrite
 
-    rope = RotaryEmbedding(HEAD_DIM, 40960, 1_000_000.0).to(device="cuda", dtype=DT)
+    rope = RotaryEmbedding(HEAD_DIM, 40960, 1_000_000.0, fused=True).to(device="cuda", dtype=DT)
     q_norm, k_norm = (_norm(HEAD_DIM, 4), _norm(HEAD_DIM, 5)) if with_norm else (None, None)
     qkv = _qkv()
     q, k = _split(qkv)
@@ -218,7 +221,7 @@ def test_sampling_bf16_full_vocab() -> None:
     temperature[::8] = 0.0
     u = torch.rand(T, generator=_gen(10), device="cuda")
     st = _sampling(temperature, u)
-    got = Sampler()(logits, st)  # CUDA, no filters: the fused kernel
+    got = Sampler(fused=True)(logits, st)  # CUDA, no filters: the fused kernel
     expect = sample_torch(logits, st)
     greedy = temperature == 0
     assert torch.equal(got[greedy], logits.float().argmax(dim=-1)[greedy])
@@ -241,7 +244,7 @@ def test_sampling_exact_inside_intervals() -> None:
     rows = torch.arange(T, device="cuda")
     u = (cdf[rows, wanted] - probs[rows, wanted] / 2).float()
     st = _sampling(temperature, u)
-    assert torch.equal(Sampler()(logits, st), wanted)
+    assert torch.equal(Sampler(fused=True)(logits, st), wanted)
     assert torch.equal(sample_torch(logits, st), wanted)
 
 
@@ -253,7 +256,7 @@ def test_graph_capture_and_replay() -> None:
     from minivllm.kernels.sampling import sample_from_logits
 
     norm, q_norm, k_norm = _norm(HIDDEN, 12), _norm(HEAD_DIM, 13), _norm(HEAD_DIM, 14)
-    rope = RotaryEmbedding(HEAD_DIM, 40960, 1_000_000.0).to(device="cuda", dtype=DT)
+    rope = RotaryEmbedding(HEAD_DIM, 40960, 1_000_000.0, fused=True).to(device="cuda", dtype=DT)
     x = torch.empty(T, HIDDEN, device="cuda", dtype=DT)
     residual = torch.empty_like(x)
     qkv = torch.empty_like(_qkv())

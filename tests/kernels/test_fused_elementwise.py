@@ -198,19 +198,16 @@ def _decode_step(
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_norm", [True, False])  # Qwen3, Qwen2
-def test_rotary_layer_stores_kv_for_attention(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, with_norm: bool
-) -> None:
+def test_rotary_layer_stores_kv_for_attention(dtype: torch.dtype, with_norm: bool) -> None:
     """The model's route on the fused path (triton backend): the rotary layer, handed the
     attention layer's kv_write, writes the cache and returns k = None, and the attention layer
     skips its store. Caches, q and attention output equal the unfused route (rotary returns k,
     the attention layer stores it), padding row included."""
-    from minivllm.layers import rotary
     from minivllm.layers.attention import Attention, get_attention_backend
 
-    monkeypatch.setattr(rotary, "use_fused_kernels", lambda x: True)  # CUDA's choice, on the CPU
     num_heads, num_kv_heads, head_dim = 8, 2, 64
-    rope = RotaryEmbedding(head_dim, 64, base=10000.0).to(dtype=dtype, device=DEVICE)
+    # CUDA's choice, on the CPU too
+    rope = RotaryEmbedding(head_dim, 64, base=10000.0, fused=True).to(dtype=dtype, device=DEVICE)
     q_norm = k_norm = None
     if with_norm:
         q_norm = RMSNorm(head_dim, eps=1e-6).to(dtype=dtype, device=DEVICE)

@@ -1,7 +1,8 @@
 """The engine's moving parts: scheduler selection and what start-up measured.
 
-`make_scheduler` picks the C++ core (`minivllm._core.Scheduler`, scheduler="cpp") or its pure-Python
-twin (`minivllm.engine.reference.Scheduler`, scheduler="python"); both follow docs/interfaces.md.
+`new_scheduler` makes the C++ core (`minivllm._core.Scheduler`, scheduler="cpp") or its
+pure-Python twin (`minivllm.engine.reference.Scheduler`, scheduler="python"); both follow
+docs/interfaces.md.
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ def scheduler_class(name: str) -> Any:
     raise ValueError(f"scheduler must be 'cpp' or 'python', got {name!r}")
 
 
-def make_scheduler(config: EngineConfig, num_kv_blocks: int) -> Any:
+def new_scheduler(
+    config: EngineConfig,
+    num_kv_blocks: int,
+    enable_prefix_caching: bool | None = None,
+    async_scheduling: bool | None = None,
+) -> Any:
+    """The configured scheduler over a pool of num_kv_blocks (the flags default to config's)."""
     cls = scheduler_class(config.scheduler)
     return cls(
         num_kv_blocks,
@@ -41,6 +48,6 @@ def make_scheduler(config: EngineConfig, num_kv_blocks: int) -> Any:
         config.max_num_seqs,
         config.max_num_batched_tokens,
         config.max_model_len,
-        config.enable_prefix_caching,
-        config.async_scheduling,
+        config.enable_prefix_caching if enable_prefix_caching is None else enable_prefix_caching,
+        config.async_scheduling if async_scheduling is None else async_scheduling,
     )

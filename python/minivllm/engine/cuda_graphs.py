@@ -13,7 +13,9 @@ a "prefill" row of the flash kernel (a decode is a one-token query), whose fixed
 per-step tile table; padding tokens belong to no row and have slot -1.
 
 The graphs read their inputs from the model runner's persistent device buffers (fixed addresses),
-so a replay needs no copy beyond the one upload the runner does anyway.
+so a replay needs no copy beyond the one upload the runner does anyway. `plan` decides which graph
+(if any) runs a step and writes what that graph reads besides the scheduler's arrays into the
+staging buffer: padding rows, the decode rows' order, the mixed step's tile table.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 
+from minivllm.engine.staging import StagingBuffers
 from minivllm.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -51,13 +56,37 @@ class GraphInputs:
     tiles: torch.Tensor  # [max_tiles] int32: a mixed step's tile table
     decode_order: torch.Tensor  # [max_seqs] int32: a decode step's rows, longest context first
 
+    @classmethod
+    def from_staging(cls, staging: StagingBuffers) -> GraphInputs:
+        """The whole of every field the graphs read, on the device."""
+        return cls(
+            input_ids=staging.dev("input_ids"),
+            positions=staging.dev("positions"),
+            slot_mapping=staging.dev("slot_mapping"),
+            seq_lens=staging.dev("seq_lens"),
+            block_tables=staging.dev_block_tables,
+            cu_seqlens=staging.dev("prefill_cu_seqlens"),
+            tiles=staging.dev("prefill_tiles"),
+            decode_order=staging.dev("decode_order"),
+        )
+
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
 
+class StepShape(Protocol):
+    """What `plan` reads of a scheduler Batch (a full Batch or the core's StagedBatch)."""
+
+    num_tokens: int
+    num_decodes: int
+    num_seqs: int
+    query_start_loc: np.ndarray  # [B + 1] int32
+
+
 class CudaGraphRunner:
     """Captures `forward(input_ids, positions, meta) -> hidden` for each decode batch bucket,
-    and with `mixed_tokens` for steps with prefill of up to that many tokens."""
+    and with `mixed_tokens` for steps with prefill of up to that many tokens (their tile table
+    counts `tokens_per_tile` query tokens a tile: the prefill kernel's for that launch)."""
 
     def __init__(
         self,
@@ -65,12 +94,14 @@ class CudaGraphRunner:
         inputs: GraphInputs,
         max_num_seqs: int,
         mixed_tokens: int = 0,
+        tokens_per_tile: int = 1,
     ):
         self.forward = forward
         self.inputs = inputs
         self.max_num_seqs = max_num_seqs
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         self.mixed_tokens = mixed_tokens
+        self.tokens_per_tile = tokens_per_tile
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.mixed_graph: torch.cuda.CUDAGraph | None = None
@@ -84,6 +115,46 @@ class CudaGraphRunner:
     def bucket(self, num_decodes: int) -> int:
         """The captured batch size a step of num_decodes decodes replays."""
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_decodes)]
+
+    def plan(
+        self, batch: StepShape, staging: StagingBuffers, allow_mixed: bool = True
+    ) -> tuple[int, int]:
+        """(decode bucket, mixed token count) of the graph that runs this step, 0 for none; what
+        that graph reads besides the scheduler's arrays is written into `staging` here."""
+        num_tokens, nd, num_rows = batch.num_tokens, batch.num_decodes, batch.num_seqs
+        if nd == num_rows == num_tokens and 0 < nd <= self.max_batch_size:
+            bs = self.bucket(nd)
+            seq_lens = staging.host_view("seq_lens")
+            if bs > nd:
+                # Padded graph rows: seq_len 0 and slot -1 read no KV and write nowhere.
+                staging.neutralise_tokens(nd, bs)
+                seq_lens[nd:bs] = 0
+            # Longest context first (padding last): the decode kernel's programs take the rows in
+            # this order, so the longest rows do not form the grid's tail.
+            staging.host_view("decode_order")[:bs] = np.argsort(-seq_lens[:bs], kind="stable")
+            return bs, 0
+        # A step with prefill replays the mixed graph unless so few tokens that padding them up
+        # costs more than the eager launch saves.
+        mixed = self.mixed_tokens
+        if not allow_mixed or not mixed or num_tokens == nd:
+            return 0, 0
+        if 2 * num_tokens < mixed or num_tokens > mixed:
+            return 0, 0
+        # Every row is a "prefill" row (a decode is a one-token query) named by the tile table;
+        # padding tokens past the step have no row and write no KV.
+        from minivllm.kernels.flash_prefill import build_tile_table
+
+        qsl = batch.query_start_loc
+        cu = staging.host_view("prefill_cu_seqlens")
+        cu[: num_rows + 1] = qsl
+        cu[num_rows + 1 :] = num_tokens  # empty rows
+        seq_lens = staging.host_view("seq_lens")
+        seq_lens[num_rows:] = 0
+        build_tile_table(
+            qsl, seq_lens[:num_rows], self.tokens_per_tile, staging.host_view("prefill_tiles")
+        )
+        staging.neutralise_tokens(num_tokens, mixed)
+        return 0, mixed
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         x = self.inputs

@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from minivllm.config import EngineConfig
-from minivllm.distributed import TPGroup, connect_store, create_group, create_store
+from minivllm.distributed import (
+    TPGroup,
+    WorkerError,
+    connect_store,
+    create_group,
+    create_store,
+)
+from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.staging import CMD_SHUTDOWN
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -40,8 +48,6 @@ STARTUP_TIMEOUT_S = 300.0
 # How long close() waits for a worker to leave its loop before terminating it.
 SHUTDOWN_TIMEOUT_S = 10.0
 
-CMD_STEP, CMD_SHUTDOWN = 1, 2
-
 _live: weakref.WeakSet[TPWorkers] = weakref.WeakSet()
 
 
@@ -51,10 +57,6 @@ def _close_all() -> None:
     # shutdown instead of a terminate.
     for workers in list(_live):
         workers.close()
-
-
-class WorkerError(RuntimeError):
-    """A tensor-parallel worker died or failed."""
 
 
 class TPWorkers:
@@ -68,6 +70,9 @@ class TPWorkers:
         self.conns: list[Connection] = []
         self.group: TPGroup | None = None
         self.failed: str | None = None
+        self.num_steps = 0  # steps sent, and each worker's acks of them
+        self.num_acked = [0] * (size - 1)
+        self.tracebacks: list[str | None] = [None] * (size - 1)
         _live.add(self)
         try:
             for rank in range(1, size):
@@ -116,12 +121,9 @@ class TPWorkers:
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
             if proc.exitcode is None:
                 continue
-            detail = ""
-            try:
-                if conn.poll():
-                    detail = ":\n" + conn.recv_bytes().decode(errors="replace")
-            except (EOFError, OSError):
-                pass
+            self._drain(rank - 1)
+            traceback_text = self.tracebacks[rank - 1]
+            detail = f":\n{traceback_text}" if traceback_text else ""
             self.failed = (
                 f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code "
                 f"{proc.exitcode}{detail}"
@@ -129,8 +131,10 @@ class TPWorkers:
             raise WorkerError(self.failed)
 
     def send(self, message: np.ndarray) -> None:
-        """Hand one int32 message (header + payload) to every worker."""
+        """Hand one int32 message (a step: header + payload) to every worker."""
         self.check_alive()
+        self._drain_acks()
+        self.num_steps += 1
         data = memoryview(message).cast("B")
         for conn in self.conns:
             try:
@@ -139,9 +143,39 @@ class TPWorkers:
                 self.check_alive()
                 raise
 
-    def close(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+    def _drain_acks(self) -> None:
+        for i in range(len(self.conns)):
+            self._drain(i)
+
+    def _drain(self, i: int) -> None:
+        """Read what worker i sent: an ack per finished step, or its traceback."""
+        conn = self.conns[i]
+        try:
+            while conn.poll():
+                message = conn.recv_bytes()
+                if message == _ACK:
+                    self.num_acked[i] += 1
+                else:
+                    self.tracebacks[i] = message.decode(errors="replace")
+        except (EOFError, OSError):
+            pass
+
+    def describe_stuck(self) -> str:
+        """Which workers have not finished the last step sent, and their state."""
+        self._drain_acks()
+        stuck = []
+        for rank, (proc, acked) in enumerate(zip(self.procs, self.num_acked), start=1):
+            if acked < self.num_steps:
+                stuck.append(f"rank {rank} (pid {proc.pid}{_process_state(proc.pid)})")
+        if not stuck:
+            return "every worker finished it: rank 0 itself is behind"
+        return "not finished by tensor-parallel worker " + ", ".join(stuck)
+
+    def close(self, timeout_s: float | None = None) -> None:
         """Ask every worker to leave its loop, then reap it (terminate stragglers); a timeout
         of 0 terminates at once (start-up failed, workers may be inside a collective)."""
+        if timeout_s is None:
+            timeout_s = SHUTDOWN_TIMEOUT_S
         _live.discard(self)
         if not self.conns:
             return  # already closed
@@ -154,6 +188,8 @@ class TPWorkers:
                     pass
         deadline = time.monotonic() + timeout_s
         for proc in self.procs:
+            if _process_state(proc.pid):  # stopped: it will never read the shutdown
+                proc.kill()
             proc.join(max(deadline - time.monotonic(), 0.0))
             if proc.exitcode is None:
                 if timeout_s > 0:
@@ -162,6 +198,9 @@ class TPWorkers:
                     )
                 proc.terminate()
                 proc.join(SHUTDOWN_TIMEOUT_S)
+                if proc.exitcode is None:  # a stopped process ignores SIGTERM until continued
+                    proc.kill()
+                    proc.join(SHUTDOWN_TIMEOUT_S)
         for conn in self.conns:
             conn.close()
         self.conns = []
@@ -170,9 +209,6 @@ class TPWorkers:
 
 def _worker_main(config: EngineConfig, rank: int, port: int, conn: Connection) -> None:
     """A worker process: join the group, build the same runner as rank 0, serve steps."""
-    # Imported here: model_runner imports this module for rank 0's side.
-    from minivllm.engine.model_runner import ModelRunner
-
     try:
         store = connect_store(port, config.tensor_parallel_size)
         store.set(f"joined/{rank}", "1")
@@ -190,7 +226,8 @@ def _worker_main(config: EngineConfig, rank: int, port: int, conn: Connection) -
                 break
             if message[0] == CMD_SHUTDOWN:
                 break
-            runner.execute_worker_step(message)
+            runner.run_worker_step(message)
+            conn.send_bytes(_ACK)
     except BaseException:  # noqa: BLE001 - any failure goes up the pipe, then exit 1
         try:
             conn.send_bytes(traceback.format_exc().encode())
@@ -198,6 +235,19 @@ def _worker_main(config: EngineConfig, rank: int, port: int, conn: Connection) -
             pass
         _exit(1)
     _exit(0)
+
+
+_ACK = b"\x01"  # a worker finished a step
+
+
+def _process_state(pid: int) -> str:
+    """", stopped" for a stopped process (SIGSTOP, a debugger), from /proc where there is one."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+    return ", stopped" if state in ("T", "t") else ""
 
 
 def _exit(code: int) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed import get_tp_group, get_tp_size
-from minivllm.layers import use_fused_kernels
+from minivllm.layers import fused_kernels
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -39,8 +39,17 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        tp_dim: int | None,
+        fused: bool | None = None,
+    ):
         super().__init__()
+        # The Triton GEMM of kernels/linear.py at decode sizes (no bias); cuBLAS otherwise.
+        self.gemm = None if bias else fused_kernels("linear", fused)
         self.tp_group = get_tp_group()  # the group of the model being built
         self.tp_rank = self.tp_group.rank
         self.tp_size = self.tp_group.size
@@ -73,19 +82,13 @@ class LinearBase(nn.Module):
         param.data.copy_(self._shard(param, loaded))
 
     def _triton_linear(self, x: torch.Tensor, partials: bool = False) -> bool:
-        """Whether x @ W^T goes to the Triton GEMM (kernels/linear.py): decode batch sizes on
-        CUDA, fp16/bf16, no bias. Larger GEMMs stay on cuBLAS."""
-        if self.bias is not None or not use_fused_kernels(x):
-            return False
-        from minivllm.kernels.linear import supports
-
-        return supports(x, self.weight, partials)
+        """Whether x @ W^T goes to the Triton GEMM: decode batch sizes, fp16/bf16 (its
+        `supports`). Larger GEMMs stay on cuBLAS."""
+        return self.gemm is not None and self.gemm.supports(x, self.weight, partials)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._triton_linear(x):
-            from minivllm.kernels.linear import linear
-
-            return linear(x, self.weight)
+            return self.gemm.linear(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -194,10 +197,8 @@ class RowParallelLinear(LinearBase):
         the GPU (kernels/linear.py)."""
         partials = partials and self.tp_size == 1
         if self._triton_linear(x, partials):
-            from minivllm.kernels.linear import linear
-
             if partials:
-                return SplitKPartials(linear(x, self.weight, partials=True), x.dtype)
-            return self.tp_group.all_reduce(linear(x, self.weight))
+                return SplitKPartials(self.gemm.linear(x, self.weight, partials=True), x.dtype)
+            return self.tp_group.all_reduce(self.gemm.linear(x, self.weight))
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return self.tp_group.all_reduce(y)

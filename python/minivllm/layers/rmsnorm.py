@@ -10,14 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minivllm.layers import use_fused_kernels
+from minivllm.layers import fused_kernels
 from minivllm.layers.linear import SplitKPartials
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, fused: bool | None = None):
         super().__init__()
         self.eps = eps
+        self.kernels = fused_kernels("fused_norm", fused)
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,33 +34,29 @@ class RMSNorm(nn.Module):
         """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
         if isinstance(x, SplitKPartials):
             assert residual is not None, "split-K partial sums come with a residual"
-            if not use_fused_kernels(residual):
+            if self.kernels is None:
                 x = x.materialize()
             else:
-                from minivllm.kernels.fused_norm import fused_add_rmsnorm
-
                 shape = residual.shape
-                out, new_residual = fused_add_rmsnorm(
+                out, new_residual = self.kernels.fused_add_rmsnorm(
                     x.parts, residual.reshape(-1, shape[-1]), self.weight, self.eps
                 )
                 return out.view(shape), new_residual.view(shape)
-        if use_fused_kernels(x):
-            return self._forward_cuda(x, residual)
+        if self.kernels is not None:
+            return self._forward_fused(x, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
 
-    def _forward_cuda(
+    def _forward_fused(
         self, x: torch.Tensor, residual: torch.Tensor | None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
-
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [T, hidden]
         if residual is None:
-            return rmsnorm(x2, self.weight, self.eps).view(shape)
-        out, new_residual = fused_add_rmsnorm(
+            return self.kernels.rmsnorm(x2, self.weight, self.eps).view(shape)
+        out, new_residual = self.kernels.fused_add_rmsnorm(
             x2, residual.reshape(-1, shape[-1]), self.weight, self.eps
         )
         return out.view(shape), new_residual.view(shape)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from minivllm.layers import use_fused_kernels
+from minivllm.layers import fused_kernels
 
 if TYPE_CHECKING:
     from minivllm.layers.attention import KVCacheWrite
@@ -27,9 +27,10 @@ class RotaryEmbedding(nn.Module):
     what transformers does per call (float32 math, then a cast to the activation dtype).
     """
 
-    def __init__(self, head_dim: int, max_position: int, base: float):
+    def __init__(self, head_dim: int, max_position: int, base: float, fused: bool | None = None):
         super().__init__()
         self.head_dim = head_dim
+        self.kernels = fused_kernels("qk_norm_rope", fused)
         inv_freq = 1.0 / (
             base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
         )
@@ -59,12 +60,10 @@ class RotaryEmbedding(nn.Module):
         """
         assert (q_norm is None) == (k_norm is None)
         if (
-            use_fused_kernels(q)
+            self.kernels is not None
             and q.dtype == self.cos_cache.dtype
             and (q_norm is None or q_norm.weight.dtype == k_norm.weight.dtype == q.dtype)
         ):
-            from minivllm.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_store_kv
-
             norm_args = {
                 "q_weight": q_norm.weight if q_norm is not None else None,
                 "k_weight": k_norm.weight if k_norm is not None else None,
@@ -72,7 +71,7 @@ class RotaryEmbedding(nn.Module):
                 "k_eps": k_norm.eps if k_norm is not None else 0.0,
             }
             if kv_write is not None and kv_write.k_cache.dtype == q.dtype:
-                q = qk_norm_rope_store_kv(
+                q = self.kernels.qk_norm_rope_store_kv(
                     q,
                     k,
                     kv_write.value,
@@ -85,7 +84,9 @@ class RotaryEmbedding(nn.Module):
                     **norm_args,
                 )
                 return q, None
-            return qk_norm_rope(q, k, positions, self.cos_cache, self.sin_cache, **norm_args)
+            return self.kernels.qk_norm_rope(
+                q, k, positions, self.cos_cache, self.sin_cache, **norm_args
+            )
         if q_norm is not None:
             q = q_norm(q)
             k = k_norm(k)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minivllm.layers import use_fused_kernels
+from minivllm.layers import fused_kernels
 
 
 @dataclass
@@ -32,11 +32,25 @@ class SamplingTensors:
 
 
 class Sampler(nn.Module):
+    def __init__(self, fused: bool | None = None):
+        super().__init__()
+        self.kernels = fused_kernels("sampling", fused)
+
     def forward(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         """logits [S, V] -> sampled token ids [S] (int64)."""
-        if use_fused_kernels(logits) and not (st.any_top_k_or_p or st.any_min_p):
-            return _sample_cuda(logits, st)
+        if self.kernels is not None and not (st.any_top_k_or_p or st.any_min_p):
+            return self._sample_fused(logits, st)
         return sample_torch(logits, st)
+
+    def _sample_fused(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+        """No row filters: argmax, or the fused Triton sampler (softmax + inverse CDF, split
+        over vocabulary chunks)."""
+        if st.all_greedy:
+            return logits.argmax(dim=-1)  # exact in the logits' dtype: no float copy needed
+        # top_k == 1 rows are greedy; any other top_k reaching here keeps the whole vocabulary.
+        return self.kernels.sample_from_logits(
+            logits, st.temperature, st.uniforms, st.top_k.to(torch.int32)
+        )
 
 
 def sample_torch(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -58,17 +72,6 @@ def sample_torch(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         probs = _filtered_probs(logits, st, is_sorted=False)
         sampled = _invert_cdf(probs, u)
     return torch.where(is_greedy, greedy, sampled)
-
-
-def _sample_cuda(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """No row filters: argmax, or the fused Triton sampler (softmax + inverse CDF, split over
-    vocabulary chunks)."""
-    if st.all_greedy:
-        return logits.argmax(dim=-1)  # exact in the logits' dtype: no float copy needed
-    from minivllm.kernels.sampling import sample_from_logits
-
-    # top_k == 1 rows are greedy; any other top_k reaching here keeps the whole vocabulary.
-    return sample_from_logits(logits, st.temperature, st.uniforms, st.top_k.to(torch.int32))
 
 
 def _filtered_probs(logits: torch.Tensor, st: SamplingTensors, is_sorted: bool) -> torch.Tensor:
