@@ -1,6 +1,6 @@
 """Hostile inputs, layer by layer: each is refused with the exception and message fragment below
 before anything runs (no model is built for a bad SamplingParams, engine argument or config.json),
-or, in the last rows of a layer marked "accepted", handled as stated.
+or, in the rows marked "accepted" at the end, handled as stated.
 
 | layer | input | expected |
 |-------|-------|----------|
