@@ -368,7 +368,7 @@ def configs(draw: Any) -> Config:
     )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs(), seed=st.integers(0, 2**32 - 1))
 def test_cpp_matches_twin_on_random_traces(cfg: Config, seed: int) -> None:
     Trace(cfg, seed).run(num_steps=40)

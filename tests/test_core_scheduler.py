@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from minivllm._core import StagingLayout
 from test_core_invariants import IMPLS, check_invariants
@@ -492,7 +492,6 @@ _ANY_INT = st.one_of(st.integers(-3, 40), _INT64)
 _ANY_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.5, 1.0]))
 
 
-@settings(max_examples=150, deadline=None)
 @given(
     seq_id=_ANY_INT,
     prompt=st.lists(_ANY_INT, max_size=20),

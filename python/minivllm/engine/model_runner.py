@@ -101,7 +101,7 @@ class ModelRunner:
         if config.load_format == "dummy":
             init_dummy_weights(self.model, seed=config.seed)
         else:
-            load_weights(self.model, config.model)
+            load_weights(self.model, config.model, allow_unused=config.allow_unused_weights)
         fused = fused_kernels_on(self.device)
         self.sampler = Sampler(fused=fused)
         placeholders = "minivllm.kernels.input_ids" if fused else "minivllm.kernels.reference"
