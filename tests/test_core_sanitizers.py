@@ -181,6 +181,7 @@ def _python_env(build: SanitizedBuild) -> dict[str, str]:
     return env
 
 
+@pytest.mark.timeout(1200)  # the sanitized build (module fixture) and the core tests under ASan
 def test_core_tests_pass_against_the_sanitized_core(
     build: SanitizedBuild, fuzzer: subprocess.Popen
 ) -> None:
@@ -215,6 +216,7 @@ def test_core_tests_pass_against_the_sanitized_core(
     )
 
 
+@pytest.mark.timeout(900)
 def test_fuzzer_finds_nothing(build: SanitizedBuild, fuzzer: subprocess.Popen) -> None:
     try:
         returncode = fuzzer.wait(timeout=FUZZ_SECONDS + 300)

@@ -154,7 +154,9 @@ class LLM:
         back in prompt order.
         """
         prompt_list = as_prompt_list(prompts)
-        params_list = as_params_list(sampling_params, len(prompt_list))
+        params_list = as_params_list(
+            sampling_params, len(prompt_list), self.config.model_config.vocab_size
+        )
         base = self._next_request
         requests = [
             self.inputs.request(str(base + i), p, sp, name=f"prompt {i}")

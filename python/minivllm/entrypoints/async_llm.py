@@ -85,7 +85,7 @@ class AsyncLLM:
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params is {type(params).__name__}, not SamplingParams")
-        params.validate()
+        params.verify(self.config.model_config.vocab_size)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._streams or request_id in self.processor:
             raise ValueError(f"request id {request_id!r} is already in use")
