@@ -106,6 +106,7 @@ class EngineLoop:
         self._in_flight: deque[tuple[Any, StepResult | None]] = deque()
         self._depth = 2 if config.async_scheduling else 1
         self._active: set[int] = set()  # sequences added and not finished or aborted
+        self.num_scheduled_seqs = 0  # sequences in the last step launched (for /metrics)
 
     # ---- intake (any thread) ---------------------------------------------------------------
 
@@ -126,6 +127,10 @@ class EngineLoop:
 
     # ---- the loop (one thread) -------------------------------------------------------------
 
+    @property
+    def num_unfinished_seqs(self) -> int:
+        return len(self._active)
+
     def has_work(self) -> bool:
         return bool(self._intake) or self.scheduler.has_unfinished() or bool(self._in_flight)
 
@@ -140,6 +145,7 @@ class EngineLoop:
             batch = schedule_into(scheduler, runner.staging)
             if batch is None and not in_flight:
                 raise RuntimeError("the scheduler has unfinished requests but scheduled none")
+        self.num_scheduled_seqs = 0 if batch is None else int(batch.num_seqs)
         if batch is not None:
             launched = batch.seq_ids[batch.num_decodes :]
             if batch.num_samples:
