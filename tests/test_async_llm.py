@@ -13,6 +13,9 @@ from minivllm import SamplingParams
 from minivllm.entrypoints.async_llm import AsyncLLM
 from serving_utils import ENGINE_ARGS, boundary_stop
 
+# Bounded in time, the module's server (or engine) start-up included: a hang fails.
+pytestmark = pytest.mark.timeout(240)
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 
 
@@ -56,7 +59,6 @@ def joined(deltas, index: int = 0) -> tuple[list[int], str]:
     return ids, text
 
 
-@pytest.mark.timeout(120)
 def test_deltas_join_to_the_offline_output(engine, tiny_llm):
     prompts = mixed_prompts(6, seed=3)
     expected = tiny_llm.generate(prompts, GREEDY, use_tqdm=False)
@@ -80,7 +82,6 @@ def test_deltas_join_to_the_offline_output(engine, tiny_llm):
     assert engine.stats["num_free_blocks"] == engine.runtime.num_kv_blocks
 
 
-@pytest.mark.timeout(120)
 def test_stop_string_text_is_held_back(engine, tiny_llm):
     """A stop string that spans two tokens: no delta shows its first half before the second
     decides, and the final text equals LLM.generate's."""
@@ -110,7 +111,6 @@ def test_stop_string_text_is_held_back(engine, tiny_llm):
         assert (final.finish_reason, final.stop_reason) == ("stop", stop)
 
 
-@pytest.mark.timeout(120)
 def test_abort_and_a_consumer_that_stops_free_the_blocks(engine):
     long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
 
@@ -137,7 +137,6 @@ def test_abort_and_a_consumer_that_stops_free_the_blocks(engine):
     assert sum(len(d.outputs[0].token_ids) for d in again) == GREEDY.max_tokens
 
 
-@pytest.mark.timeout(120)
 def test_requests_join_a_running_batch(engine, tiny_llm):
     """A request added while another is mid-generation: both equal LLM.generate's outputs."""
     first, second = mixed_prompts(2, seed=9, min_len=10)
@@ -171,7 +170,6 @@ def test_requests_join_a_running_batch(engine, tiny_llm):
     assert joined(second_deltas) == (want[1].outputs[0].token_ids, want[1].outputs[0].text)
 
 
-@pytest.mark.timeout(120)
 def test_one_event_loop_after_another(engine, tiny_llm):
     """asyncio.run twice on one engine: messages that arrived after the first loop ended must
     not leave the second waiting forever."""
@@ -183,7 +181,6 @@ def test_one_event_loop_after_another(engine, tiny_llm):
         time.sleep(0.2)  # late messages (counters) land while no loop runs
 
 
-@pytest.mark.timeout(60)
 def test_bad_requests_raise_before_anything_starts(engine):
     with pytest.raises(ValueError, match="max_model_len=512"):
         engine.make_request([5] * 512, GREEDY)
