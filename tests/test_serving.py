@@ -190,7 +190,7 @@ def test_multibyte_character_split_across_tokens(server, client, tiny_llm):
     """A greedy continuation with a UTF-8 character whose bytes come from two tokens: streamed,
     it arrives whole (never as U+FFFD halves), and the text equals LLM.generate's."""
     tok = tiny_llm.tokenizer
-    prompts = mixed_prompts(64, seed=7, min_len=4, max_len=24)
+    prompts = mixed_prompts(24, seed=7, min_len=4, max_len=24)
     outs = offline(tiny_llm, prompts, max_tokens=24)
     cases = [
         (p, o.text, ch)
@@ -198,7 +198,7 @@ def test_multibyte_character_split_across_tokens(server, client, tiny_llm):
         if (ch := split_multibyte_char(tok, o.token_ids)) is not None
     ]
     assert cases, "no greedy output splits a multi-byte character across tokens"
-    for prompt, text, char in cases[:3]:
+    for prompt, text, char in cases[:2]:
         assert char in text
         chunks = list(
             client.completions.create(

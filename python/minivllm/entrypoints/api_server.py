@@ -56,6 +56,7 @@ from minivllm.entrypoints.protocol import (
     completion_logprobs,
     completion_response,
     error_body,
+    generation_config_defaults,
     validation_message,
 )
 from minivllm.outputs import RequestOutput
@@ -139,8 +140,6 @@ class OpenAIServer:
     """The routes' state: the engine, the names it answers to, metrics."""
 
     def __init__(self, engine: AsyncLLM, served_model_names: Sequence[str]):
-        from minivllm.entrypoints.protocol import generation_config_defaults
-
         self.engine = engine
         self.model_names = list(served_model_names)
         self.max_model_len = int(engine.config.max_model_len)
@@ -160,11 +159,9 @@ class OpenAIServer:
 
     def check_model(self, name: str) -> None:
         if name not in self.model_names:
-            raise APIError(
-                404, f"the model {name!r} does not exist; this server serves "
-                f"{', '.join(map(repr, self.model_names))}", param="model",
-                code="model_not_found",
-            )  # fmt: skip
+            served = ", ".join(map(repr, self.model_names))
+            message = f"the model {name!r} does not exist; this server serves {served}"
+            raise APIError(404, message, param="model", code="model_not_found")
 
     def make_requests(
         self,
