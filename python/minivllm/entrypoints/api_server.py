@@ -352,7 +352,9 @@ async def _stream_completion(
                     lp = logprobs.model_dump_json()
                 if c.finish_reason is not None:
                     finished.add(index)
-                elif not c.text and lp == "null":
+                # A chunk for every output with tokens, text or not (half a character has none
+                # yet), as vLLM does: a client timing the stream sees each engine output.
+                elif not c.token_ids and not c.text and lp == "null":
                     continue
                 lines.append(
                     f'{prefix}{{"index":{index},"text":{json.dumps(c.text)},"logprobs":{lp},'
