@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true")
     _add_engine_args(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from minivllm.entrypoints import cli_serve
+
+    cli_serve.add_parsers(sub)
     return parser
 
 

@@ -136,6 +136,10 @@ class EngineLoop:
 
     # ---- the loop (one thread) -------------------------------------------------------------
 
+    @property
+    def num_unfinished_seqs(self) -> int:
+        return len(self._active)
+
     def has_work(self) -> bool:
         return bool(self._intake) or self.scheduler.has_unfinished() or bool(self._in_flight)
 

@@ -285,10 +285,12 @@ class OutputProcessor:
     def _final_text(self, c: _Completion) -> str:
         """The completion's text; a stop string found in it ends it there."""
         sp = c.request.request.params
-        if c.detokenizer is not None:
+        text = self.decode(c.token_ids, sp.skip_special_tokens)
+        # The incremental text lacks the bytes of a character the completion ended halfway
+        # through (the full decode shows them as U+FFFD, as LLM.generate does). What a stream
+        # already sent must stay a prefix of the final text.
+        if c.detokenizer is not None and not text.startswith(c.detokenizer.text):
             text = c.detokenizer.text
-        else:
-            text = self.decode(c.token_ids, sp.skip_special_tokens)
         if sp.stop_strings:
             hit = find_stop(text, sp.stop_strings, 0)
             if hit is not None:

@@ -1,0 +1,713 @@
+"""The OpenAI API's bodies for POST /v1/completions and /v1/chat/completions, and their
+conversion to and from the engine's terms.
+
+Request models mirror OpenAI's schema field for field, with OpenAI's limits where vLLM is looser
+(`top_logprobs` at most 20, a completion's `logprobs` at most 5, at most 4 stop strings, a user
+message needs `content`), plus vLLM's extra body fields `top_k`, `min_p`, `ignore_eos` and
+`stop_token_ids`. A field OpenAI has and minivllm cannot honour (penalties, logit_bias, tools,
+echo, ...) is accepted only at its neutral value; anything else is refused with a message naming
+it, as is an unknown field. Validation errors (pydantic's, and the ValueErrors raised here) carry
+the message a client sees in a 400.
+
+Conversions: `completion_inputs` / `chat_inputs` turn a request into prompts (or messages) and a
+`SamplingParams`; `completion_response` / `chat_response` turn the engine's final
+`RequestOutput`s into a response body; the logprob helpers build each endpoint's own logprobs
+format (used per chunk when streaming). The HTTP server and run-batch share this module, so it
+knows neither FastAPI nor the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from minivllm.outputs import CompletionOutput, Logprob, RequestOutput
+from minivllm.sampling_params import SamplingParams
+
+# OpenAI's limits.
+MAX_STOP_STRINGS = 4
+MAX_COMPLETION_LOGPROBS = 5
+MAX_TOP_LOGPROBS = 20
+MAX_N = 128
+# JSON has no -inf: a token the model rules out is reported at this log-probability (as vLLM does).
+MIN_LOGPROB = -9999.0
+_INT64 = 2**63
+
+# The sampling fields the model's generation_config.json may set as defaults (as vLLM does).
+GENERATION_CONFIG_DEFAULTS = ("temperature", "top_p", "top_k", "min_p")
+
+Decode = Callable[[int], str]  # one token id -> its text (the tokenizer's view)
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def validation_message(error: ValidationError) -> tuple[str, str | None]:
+    """A pydantic error as one line for the client, and the field it names (OpenAI's `param`)."""
+    parts, param = [], None
+    for e in error.errors(include_url=False):
+        loc = ".".join(str(x) for x in e["loc"] if not _is_union_tag(x))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (not in OpenAI's API, nor one of minivllm's extra fields)"
+        elif e["type"] == "json_invalid":
+            msg = f"the body is not valid JSON: {e.get('ctx', {}).get('error', msg)}"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+        if param is None and loc:
+            param = loc
+    return "; ".join(parts), param
+
+
+def _is_union_tag(x: Any) -> bool:
+    # pydantic names the union member it tried ("str", "list[int]", "function-after[...]").
+    return isinstance(x, str) and ("[" in x or x in ("str", "int", "float", "bool", "list"))
+
+
+# ---- requests --------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    """Requests: an unknown field is an error (OpenAI answers 400 "Unrecognized request
+    argument"), as is a value of the wrong JSON type."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # OpenAI's; minivllm's chunks carry no padding
+
+
+# OpenAI fields minivllm accepts only at their neutral value: name -> the values that are neutral.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+}
+
+
+class _SamplingRequest(_Strict):
+    """The fields both endpoints share."""
+
+    model: StrictStr
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: int | None = Field(None, ge=-_INT64, lt=2 * _INT64)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extra body fields.
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+
+    @field_validator("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
+                     mode="before")  # fmt: skip
+    @classmethod
+    def _int_is_a_number(cls, v: Any) -> Any:
+        # JSON has one number type: 1 is as good a temperature as 1.0 (but true is not).
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _check_shared(self) -> _SamplingRequest:
+        for name, neutral in _NEUTRAL.items():
+            if getattr(self, name) not in neutral:
+                raise ValueError(f"{name} is not supported by minivllm (leave it unset)")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _sampling_params(
+        self, max_tokens: int, logprobs: int | None, defaults: Mapping[str, Any]
+    ) -> SamplingParams:
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
+        seed = self.seed % (2 * _INT64) if self.seed is not None else None
+        return SamplingParams(
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0),
+            max_tokens=max_tokens,
+            ignore_eos=self.ignore_eos,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            seed=seed,
+            n=self.n if self.n is not None else 1,
+            logprobs=logprobs,
+        )
+
+
+TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. `prompt`: a string, a list of strings, token ids, or a list of
+    token-id lists (one choice group per prompt)."""
+
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, v: Any) -> Any:
+        # One message instead of pydantic's four (one per member of the union).
+        def is_ids(x: Any) -> bool:
+            return isinstance(x, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x
+            )
+
+        if isinstance(v, str) or (isinstance(v, list) and not v):
+            return v
+        if isinstance(v, list) and (
+            all(isinstance(x, str) for x in v) or is_ids(v) or all(is_ids(x) for x in v)
+        ):
+            return v
+        raise ValueError(
+            "must be a string, a list of strings, a list of token ids (integers >= 0) or a "
+            "list of token-id lists"
+        )
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported by minivllm")
+        if self.suffix:
+            raise ValueError("suffix is not supported by minivllm")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of is not supported by minivllm (leave it unset or equal to n)")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt is empty")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+    @property
+    def max_output_tokens(self) -> int:
+        """The completion budget the prompt must leave room for."""
+        return self.max_tokens if self.max_tokens is not None else 16
+
+
+def _content_text(content: str | list[dict[str, Any]] | None, role: str) -> str | None:
+    """A message's content as one string: text parts joined by newlines (as vLLM does)."""
+    if content is None or isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        kind = part.get("type")
+        if kind not in ("text", "input_text"):
+            raise ValueError(
+                f"{role} message: content part type {kind!r} is not supported (text only)"
+            )
+        text = part.get("text")
+        if isinstance(text, str):
+            texts.append(text)
+        else:
+            why = f"{role} message: a text content part needs a string 'text'"
+            raise ValueError(why)  # noqa: TRY004 - pydantic reports ValueErrors only
+    return "\n".join(texts)
+
+
+Content = StrictStr | list[dict[str, Any]]
+
+
+class _Message(_Strict):
+    name: str | None = None
+
+    @property
+    def text(self) -> str | None:
+        return _content_text(getattr(self, "content", None), getattr(self, "role", ""))
+
+    @model_validator(mode="after")
+    def _check_parts(self) -> _Message:
+        _ = self.text  # a non-text part is refused while validating, with the others
+        return self
+
+
+class SystemMessage(_Message):
+    role: Literal["system"]
+    content: Content
+
+
+class DeveloperMessage(_Message):
+    role: Literal["developer"]
+    content: Content
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Content | None = None
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_assistant(self) -> AssistantMessage:
+        if self.tool_calls or self.function_call:
+            raise ValueError("tool calls are not supported by minivllm")
+        if self.content is None:
+            raise ValueError("an assistant message needs content")
+        return self
+
+
+class ToolMessage(_Message):
+    role: Literal["tool", "function"]
+    content: Content | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _refuse(self) -> ToolMessage:
+        raise ValueError(f"{self.role} messages are not supported by minivllm (no tool calling)")
+
+
+ChatMessage = Annotated[
+    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage,
+    Field(discriminator="role"),
+]
+
+# Chat fields OpenAI has that minivllm accepts only unset (or at their neutral value).
+_CHAT_UNSUPPORTED = ("tools", "functions", "audio", "prediction", "web_search_options")
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for max_completion_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> ChatCompletionRequest:
+        for name in _CHAT_UNSUPPORTED:
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by minivllm")
+        if self.tool_choice not in (None, "none"):
+            raise ValueError("tool_choice is not supported by minivllm (no tool calling)")
+        if self.function_call not in (None, "none"):
+            raise ValueError("function_call is not supported by minivllm (no tool calling)")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format other than {'type': 'text'} is not supported")
+        if self.modalities not in (None, ["text"]):
+            raise ValueError("modalities other than ['text'] are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        if self.messages[-1].role == "assistant":
+            raise ValueError("the last message must not be the assistant's (nothing to answer)")
+        return self
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        """The completion budget asked for (max_completion_tokens wins); None: up to the end of
+        the context."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them (developer is OpenAI's new name for
+        system)."""
+        out = []
+        for m in self.messages:
+            role = "system" if m.role == "developer" else m.role
+            msg = {"role": role, "content": m.text or ""}
+            if m.name:
+                msg["name"] = m.name
+            out.append(msg)
+        return out
+
+
+def completion_inputs(
+    req: CompletionRequest, defaults: Mapping[str, Any] | None = None
+) -> tuple[list[str | list[int]], SamplingParams]:
+    """The prompts of a completion request and the SamplingParams every one of them gets.
+    `defaults`: sampling values for fields the request leaves unset (the model's
+    generation_config; OpenAI's defaults otherwise)."""
+    return req.prompts, req._sampling_params(req.max_output_tokens, req.logprobs, defaults or {})
+
+
+def chat_inputs(
+    req: ChatCompletionRequest, max_model_len: int, defaults: Mapping[str, Any] | None = None
+) -> tuple[list[dict[str, str]], SamplingParams]:
+    """The conversation (for the chat template) and the SamplingParams of a chat request. With
+    no max_completion_tokens the completion may run to the end of the context."""
+    max_tokens = req.max_output_tokens
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = req._sampling_params(
+        max_tokens if max_tokens is not None else max_model_len, logprobs, defaults or {}
+    )
+    return req.conversation(), params
+
+
+def check_context_length(
+    req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int, max_model_len: int
+) -> None:
+    """ValueError when the prompt and the completion asked for do not fit the context."""
+    asked = req.max_output_tokens
+    if asked is not None and num_prompt_tokens + asked > max_model_len:
+        what = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+        raise ValueError(
+            f"this model's maximum context length is {max_model_len} tokens, but "
+            f"{num_prompt_tokens + asked} were requested ({num_prompt_tokens} in the {what}, "
+            f"{asked} for the completion); shorten the {what} or the completion"
+        )
+
+
+def generation_config_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """The sampling defaults a checkpoint's generation_config.json sets (temperature, top_p,
+    top_k, min_p), for requests that leave them unset; {} when it sets none."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(raw, dict) or raw.get("do_sample") is False:
+        return {}
+    out = {}
+    for name in GENERATION_CONFIG_DEFAULTS:
+        value = raw.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class CompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatCompletionTokenLogprob] | None = None
+    refusal: list[ChatCompletionTokenLogprob] | None = None
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "minivllm"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- engine outputs -> responses --------------------------------------------------------------
+
+
+def _token_text(token_id: int, lp: Logprob, decode: Decode) -> str:
+    return lp.decoded_token if lp.decoded_token is not None else decode(token_id)
+
+
+def _clamp(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+def completion_logprobs(
+    token_ids: Sequence[int],
+    logprobs: Sequence[Mapping[int, Logprob]],
+    num_top: int,
+    decode: Decode,
+    text_offset: int = 0,
+) -> CompletionLogprobs:
+    """The completions endpoint's logprobs of generated tokens: each token's text and
+    logprob, the sampled token and the `num_top` most likely ones by text, and where each token
+    starts in the completion text (counting from `text_offset`, for streamed chunks)."""
+    out = CompletionLogprobs()
+    offset = text_offset
+    for token_id, entries in zip(token_ids, logprobs):
+        sampled = entries.get(token_id)
+        text = _token_text(token_id, sampled, decode) if sampled else decode(token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(_clamp(sampled.logprob) if sampled else None)
+        out.text_offset.append(offset)
+        offset += len(text)
+        top = {
+            _token_text(t, lp, decode): _clamp(lp.logprob)
+            for t, lp in entries.items()
+            if t == token_id or lp.rank <= num_top
+        }
+        out.top_logprobs.append(top)
+    return out
+
+
+def chat_logprobs(
+    token_ids: Sequence[int],
+    logprobs: Sequence[Mapping[int, Logprob]],
+    num_top: int,
+    decode: Decode,
+) -> ChoiceLogprobs:
+    """The chat endpoint's logprobs: per generated token its text, bytes and logprob, and the
+    `num_top` most likely tokens in rank order."""
+    content = []
+    for token_id, entries in zip(token_ids, logprobs):
+        sampled = entries.get(token_id)
+        text = _token_text(token_id, sampled, decode) if sampled else decode(token_id)
+        ranked = sorted((lp.rank, t, lp) for t, lp in entries.items() if lp.rank <= num_top)
+        top = []
+        for _, t, lp in ranked[:num_top]:
+            tt = _token_text(t, lp, decode)
+            top.append(TopLogprob(token=tt, logprob=_clamp(lp.logprob), bytes=_utf8(tt)))
+        content.append(
+            ChatCompletionTokenLogprob(
+                token=text,
+                logprob=_clamp(sampled.logprob) if sampled else MIN_LOGPROB,
+                bytes=_utf8(text),
+                top_logprobs=top,
+            )
+        )
+    return ChoiceLogprobs(content=content)
+
+
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def usage_of(outputs: Sequence[RequestOutput]) -> UsageInfo:
+    """Prompt tokens counted once per prompt; completion tokens over every choice."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def _choices(outputs: Sequence[RequestOutput], n: int) -> list[tuple[int, CompletionOutput]]:
+    """(choice index, completion) over every prompt: prompt i's completion j is i * n + j."""
+    return [(i * n + c.index, c) for i, o in enumerate(outputs) for c in o.outputs]
+
+
+def completion_response(
+    request_id: str,
+    model: str,
+    req: CompletionRequest,
+    outputs: Sequence[RequestOutput],
+    decode: Decode,
+    created: int | None = None,
+) -> CompletionResponse:
+    """The response to a completion request from each prompt's final output, in prompt order."""
+    choices = []
+    for index, c in _choices(outputs, req.n or 1):
+        lp = None
+        if req.logprobs is not None and c.logprobs is not None:
+            lp = completion_logprobs(c.token_ids, c.logprobs, req.logprobs, decode)
+        choices.append(
+            CompletionChoice(index=index, text=c.text, logprobs=lp, finish_reason=c.finish_reason)
+        )
+    return CompletionResponse(
+        id=request_id,
+        created=created if created is not None else int(time.time()),
+        model=model,
+        choices=choices,
+        usage=usage_of(outputs),
+    )
+
+
+def chat_response(
+    request_id: str,
+    model: str,
+    req: ChatCompletionRequest,
+    output: RequestOutput,
+    decode: Decode,
+    created: int | None = None,
+) -> ChatCompletionResponse:
+    """The response to a chat request from its final output."""
+    choices = []
+    for c in output.outputs:
+        lp = None
+        if req.logprobs and c.logprobs is not None:
+            lp = chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0, decode)
+        choices.append(
+            ChatCompletionChoice(
+                index=c.index,
+                message=ChatCompletionMessage(content=c.text),
+                logprobs=lp,
+                finish_reason=c.finish_reason,
+            )
+        )
+    return ChatCompletionResponse(
+        id=request_id,
+        created=created if created is not None else int(time.time()),
+        model=model,
+        choices=choices,
+        usage=usage_of([output]),
+    )
