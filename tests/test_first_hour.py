@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from minivllm import LLM, LLMEngine, SamplingParams
+
 placeholder_token = lambda i: f"<|id_{i}|>"
 
 
@@ -40,6 +41,23 @@ def test_tokenizer_folder_is_used(tiny_qwen3, tmp_path):
     save_demo_tokenizer(tmp_path, vocab_size=300)
     llm = LLM(str(tiny_qwen3), device="cpu", tokenizer=str(tmp_path), max_model_len=64)
     assert len(llm.get_tokenizer()) == 300
+
+
+def test_demo_checkpoint_decodes_every_id(tmp_path):
+    """`minivllm demo` on a GPU runs Qwen3-0.6B's vocabulary over the small demo tokenizer: every
+    id the model can sample decodes to text that names it."""
+    from minivllm.demo import make_demo_checkpoint
+    from transformers import AutoTokenizer
+
+    path = make_demo_checkpoint(tmp_path, "tiny", write_weights=False, vocab_size=4096)
+    assert len(AutoTokenizer.from_pretrained(path)) == 512
+    make_demo_checkpoint(
+        tmp_path, "tiny", write_weights=False, vocab_size=4096, decode_every_id=True
+    )
+    tok = AutoTokenizer.from_pretrained(path)
+    assert len(tok) == 4096
+    assert tok.decode([4095, 1000, 2], skip_special_tokens=True) == "<|id_4095|><|id_1000|>"
+    assert tok.decode(tok.encode("Hello there")) == "Hello there"
 
 
 # MinivLLM's Qwen3-0.6B dictionary, narrowed to one small layer: the vocabulary (151936 ids) is

@@ -137,7 +137,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # Qwen3-0.6B's shape gets random weights in memory (no 1.5 GB file); tiny is written to
         # safetensors and loaded back, exercising the checkpoint loader.
         write_weights = size == "tiny"
-        make_demo_checkpoint(folder, size=size, write_weights=write_weights, seed=args.seed or 0)
+        make_demo_checkpoint(
+            folder,
+            size=size,
+            write_weights=write_weights,
+            seed=args.seed or 0,
+            decode_every_id=True,
+        )
         print(
             f"minivllm demo: a random-weight Qwen3 ({size}) made offline in {folder}, on {device}"
         )

@@ -4,8 +4,8 @@
 (Qwen3ForCausalLM), generation_config.json, model.safetensors (unless write_weights=False, for
 load_format="dummy") and a tokenizer that transformers.AutoTokenizer loads offline: a byte-level
 BPE trained here on a small built-in corpus, with Qwen's <|im_start|>/<|im_end|> chat template.
-When the model's vocabulary is larger than the trained one, every id past it decodes as a
-placeholder `<|id_N|>`, so the text of a completion always shows every sampled id.
+A model vocabulary larger than the trained one (Qwen3-0.6B's shape) leaves most sampled ids
+without text; `decode_every_id=True` gives each of them a placeholder `<|id_N|>` instead.
 Random weights produce noise; the point is a real end-to-end run with no download.
 """
 
@@ -130,7 +130,9 @@ def save_demo_tokenizer(
         vocab[token] = token_id
         if token_id in special_ids:
             special[token] = token_id
-            spec["added_tokens"].append({**spec["added_tokens"][0], "id": token_id, "content": token})
+            spec["added_tokens"].append(
+                {**spec["added_tokens"][0], "id": token_id, "content": token}
+            )
     (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
     added = {
         str(token_id): {
@@ -184,11 +186,15 @@ def make_demo_checkpoint(
     size: str = "tiny",
     write_weights: bool = True,
     seed: int = 0,
+    decode_every_id: bool = False,
     **config_overrides: Any,
 ) -> Path:
     """Write a random-weight Qwen3 checkpoint folder at `path` (created if needed).
 
     write_weights=False leaves out model.safetensors: load it with load_format="dummy".
+    decode_every_id=True extends the tokenizer to the model's vocabulary with placeholder tokens
+    (see save_demo_tokenizer), for output that people read; it is off by default because the
+    placeholders make the tokenizer large and their text costs time to build.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -202,7 +208,7 @@ def make_demo_checkpoint(
         path,
         tokenizer_vocab,
         config["max_position_embeddings"],
-        num_ids=config["vocab_size"],
+        num_ids=config["vocab_size"] if decode_every_id else None,
         special_ids=[eos_id],
     )
     if write_weights:
