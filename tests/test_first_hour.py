@@ -76,7 +76,7 @@ def test_minivllm_shim_without_a_tokenizer_says_so_once_and_shows_every_id(caplo
         engine = LLMEngine(config=SEED_CONFIG)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert "'Qwen/Qwen3-0.6B'" in warnings[0] and "demo tokenizer" in warnings[0]
+    assert "model_name_or_path='Qwen/Qwen3-0.6B'" in warnings[0] and "demo tokenizer" in warnings[0]
     assert "<|id_N|>" in warnings[0] and "151936" in warnings[0]
 
     tok = engine.tokenizer
@@ -96,6 +96,15 @@ def test_minivllm_shim_without_a_tokenizer_says_so_once_and_shows_every_id(caplo
     position = 0
     for token in placeholders:
         position = text.index(token, position) + len(token)
+
+
+def test_minivllm_shim_with_a_folder_without_tokenizer(tmp_path, caplog):
+    config = {**SEED_CONFIG, "vocab_size": 4096, "model_name_or_path": str(tmp_path)}
+    with caplog.at_level(logging.WARNING):
+        engine = LLMEngine(config=config)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"{str(tmp_path)!r} holds no usable tokenizer" in warnings[0]
+    assert len(engine.tokenizer) == 4096
 
 
 def test_minivllm_shim_with_a_local_tokenizer_warns_nothing(tiny_qwen3, caplog):

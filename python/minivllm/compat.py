@@ -141,11 +141,15 @@ class LLMEngine:
             num_ids=hf_config["vocab_size"],
             special_ids=eos if isinstance(eos, list) else [] if eos is None else [eos],
         )
-        why = (
-            f"tokenizer {name!r} is neither a local folder nor in the local Hugging Face cache"
-            if name
-            else "the config has no model_name_or_path"
-        )
+        if not name:
+            why = "the config has no model_name_or_path"
+        elif Path(name).is_dir():
+            why = f"model_name_or_path={name!r} holds no usable tokenizer"
+        else:
+            why = (
+                f"model_name_or_path={name!r} is neither a local folder nor in the local "
+                "Hugging Face cache"
+            )
         logger.warning(
             "%s, so minivllm's demo tokenizer is used: a small byte-level BPE whose ids past its "
             "own vocabulary decode as placeholders <|id_N|> (up to the model's %d ids). Text "
