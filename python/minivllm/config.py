@@ -291,6 +291,11 @@ class EngineConfig:
                 raise ValueError(
                     f"unknown engine argument {name!r}; known: {', '.join(sorted(known))}"
                 )
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError(
+                f"model must be the path of a local Hugging Face checkpoint folder, got "
+                f"{model!r}; for example LLM('path/to/Qwen3-0.6B')"
+            )
         model = os.fspath(model)
         return cls(model=model, model_config=ModelConfig.from_model_dir(model), **engine_args)
 
@@ -359,6 +364,24 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be 'torch', 'triton' or None, got "
                 f"{self.attention_backend!r}"
+            )
+        if (
+            self.attention_backend == "triton"
+            and self.torch_device.type == "cpu"
+            and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")
+        ):
+            raise ValueError(
+                "attention_backend='triton' needs a CUDA GPU (on the CPU its kernels run only "
+                "under the Triton interpreter, TRITON_INTERPRET=1, which the tests use); on "
+                "the CPU use attention_backend='torch', the default there"
+            )
+        if self.tokenizer is not None and not (
+            isinstance(self.tokenizer, (str, os.PathLike)) and Path(self.tokenizer).is_dir()
+        ):
+            raise ValueError(
+                f"tokenizer={self.tokenizer!r} is not a folder; give a local folder with the "
+                "tokenizer's files (tokenizer.json, tokenizer_config.json), or leave tokenizer "
+                "out to use the model folder's"
             )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
