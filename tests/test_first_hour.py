@@ -151,7 +151,6 @@ print("ran without triton")
 """
 
 
-@pytest.mark.xfail(strict=True, reason="model runner imports triton on the CPU path")
 def test_cpu_path_runs_without_triton(tiny_qwen3: Path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(

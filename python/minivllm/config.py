@@ -306,7 +306,11 @@ class EngineConfig:
                 raise ValueError(f"tokenizer must be a folder path, got {self.tokenizer!r}")
             object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
             if not Path(self.tokenizer).is_dir():
-                raise ValueError(f"tokenizer folder {self.tokenizer!r} does not exist")
+                raise ValueError(
+                    f"tokenizer={self.tokenizer!r} is not a folder (it does not exist); give a "
+                    "local folder with the tokenizer's files (tokenizer.json, "
+                    "tokenizer_config.json), or leave tokenizer out to use the model folder's"
+                )
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         if self.device is not None:
@@ -374,14 +378,6 @@ class EngineConfig:
                 "attention_backend='triton' needs a CUDA GPU (on the CPU its kernels run only "
                 "under the Triton interpreter, TRITON_INTERPRET=1, which the tests use); on "
                 "the CPU use attention_backend='torch', the default there"
-            )
-        if self.tokenizer is not None and not (
-            isinstance(self.tokenizer, (str, os.PathLike)) and Path(self.tokenizer).is_dir()
-        ):
-            raise ValueError(
-                f"tokenizer={self.tokenizer!r} is not a folder; give a local folder with the "
-                "tokenizer's files (tokenizer.json, tokenizer_config.json), or leave tokenizer "
-                "out to use the model folder's"
             )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
