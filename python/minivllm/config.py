@@ -369,6 +369,9 @@ class EngineConfig:
                 f"attention_backend must be 'torch', 'triton' or None, got "
                 f"{self.attention_backend!r}"
             )
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        self._check_block_size()
         if (
             self.attention_backend == "triton"
             and self.torch_device.type == "cpu"
@@ -379,9 +382,6 @@ class EngineConfig:
                 "under the Triton interpreter, TRITON_INTERPRET=1, which the tests use); on "
                 "the CPU use attention_backend='torch', the default there"
             )
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        self._check_block_size()
         for name in ("enable_prefix_caching", "enforce_eager", "allow_unused_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
