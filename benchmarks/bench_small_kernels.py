@@ -5,7 +5,7 @@ KV store, SiLU-and-mul, and the down projection's split-K.
 
 A variant that folded silu(gate) * up into the split-K's operand loads was tried and dropped: each
 output-tile program recomputes the activation of its K slice, and it ran 1.6-3x slower than
-SiLU-and-mul followed by the plain split-K (RESULTS.md, fourth session).
+SiLU-and-mul followed by the plain split-K (docs/benchmark_history.md, session 4).
 
     python benchmarks/bench_small_kernels.py --m 8 64 128 256
 """

@@ -173,7 +173,7 @@ def _default_config(
     block_size: int, num_tiles_at_128: int, device: torch.device
 ) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages), from tile sweeps on an H100 (bf16, d=128;
-    bench_prefill_attention.py --sweep, figures in docs/benchmark_history.md).
+    bench_prefill_attention.py --sweep; the figures are in benchmarks/README.md).
 
     16-token cache blocks: 128 packed rows with a narrow key tile (32) and 8 warps won (lowest
     register pressure per warp, 3-stage cp.async prefetch of K/V). Blocks >= 64 tokens: 64 rows x

@@ -2,7 +2,7 @@
 
 Same constructor, methods and outputs as the C++ core, written for clarity. It is the oracle in the
 differential tests (tests/test_core_differential.py) and the baseline in
-benchmarks/bench_host_overhead.py; `LLM(..., scheduler="python")` runs the engine on it. Any change
+benchmarks/bench_host.py; `LLM(..., scheduler="python")` runs the engine on it. Any change
 here must be mirrored in csrc/ (and the other way round): the tests compare every Batch array,
 every update result and the whole block-manager state after every step.
 
