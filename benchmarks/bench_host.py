@@ -9,7 +9,7 @@
     its own cost: schedule (into the staging buffer), launch (upload, graph replay or eager
     kernel launches), launch to idle (the launch plus the GPU's work), read back, update; for
     decode steps at --running sequences of --context tokens, and for 8192-token prefill steps;
-    then the host time to launch each captured decode graph.
+    then the host time to launch the decode graph of each --running batch size.
 Runs on the CPU too (the scheduler part needs no GPU; --smoke makes the rest a tiny model on the
 CPU, in seconds). Prints the tables; writes JSON to --out.
 
@@ -153,8 +153,7 @@ def bench_engine(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
             loop.scheduler.add_request(i, prompt, 10**3, ignore_eos=True, temperature=0.6, seed=i)
         loop.step_until_decoding()
         rows.append(phase_row(f"decode @ {n}", loop, sync, args.steps))
-        if not graph_launch:  # right after the largest decode step, see graph_launch_seconds
-            graph_launch = loop.graph_launch_seconds(sync, n)
+        graph_launch.update(loop.graph_launch_seconds(sync, n))  # right after a step of n rows
         loop.drain()
         for i in ids:
             loop.scheduler.abort(i)

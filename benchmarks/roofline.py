@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from bench_common import copy_bandwidth_gbs, matmul_tflops, read_bandwidth_gbs
+from bench_common import copy_bandwidth_gbs, empty_cache, matmul_tflops, read_bandwidth_gbs
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,9 @@ class Ceilings:
 
     @classmethod
     def measure(cls) -> Ceilings:
-        return cls(copy_bandwidth_gbs(), read_bandwidth_gbs(), matmul_tflops())
+        ceilings = cls(copy_bandwidth_gbs(), read_bandwidth_gbs(), matmul_tflops())
+        empty_cache()  # the engine sizes its KV pool from the free memory
+        return ceilings
 
     @property
     def bandwidth(self) -> float:

@@ -84,26 +84,26 @@ class StepLoop:
             "update": t5 - t4,
         }
 
-    def graph_launch_seconds(self, sync: Callable[[], None], max_batch: int) -> dict[int, float]:
-        """Host seconds to launch each captured decode graph of up to `max_batch` rows (median of
-        10, the GPU idle before each). Replays the last staged step's inputs: call it right after
-        a decode step of at least `max_batch` rows, before any other step."""
+    def graph_launch_seconds(self, sync: Callable[[], None], rows: int) -> dict[int, float]:
+        """Host seconds to launch the decode graph a step of `rows` decodes replays (median of
+        10, the GPU idle before each), as {batch size: seconds}; empty without graphs. It
+        replays the last staged step (its KV slots are written again): call it right after a
+        decode-only step of `rows` rows, while its sequences still run. Another bucket's graph
+        would read that step's row order out of its own bounds."""
         graphs = self.runner.graph_runner
-        if graphs is None:
+        batch_size = (
+            min((b for b in graphs.batch_sizes if b >= rows), default=None) if graphs else None
+        )
+        if batch_size is None:
             return {}
-        launch = {}
-        for batch_size in graphs.batch_sizes:
-            if batch_size > max_batch:
-                continue
-            samples = []
-            for _ in range(10):
-                sync()
-                t0 = time.perf_counter()
-                graphs.replay(batch_size)
-                samples.append(time.perf_counter() - t0)
+        samples = []
+        for _ in range(10):
             sync()
-            launch[batch_size] = float(np.median(samples))
-        return launch
+            t0 = time.perf_counter()
+            graphs.replay(batch_size)
+            samples.append(time.perf_counter() - t0)
+        sync()
+        return {batch_size: float(np.median(samples))}
 
 
 @dataclass
