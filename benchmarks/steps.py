@@ -1,5 +1,6 @@
 """How the engine benchmarks drive and watch engine steps: the only code in benchmarks/ that uses
-the model runner's step API (`runner.staging`, `runner.launch`, `runner.graph_runner`)."""
+the model runner's step API (`runner.staging` with `engine.staging.schedule_into`,
+`runner.launch`, `runner.graph_runner`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from minivllm import LLM
+from minivllm.engine.staging import schedule_into
 
 
 class StepLoop:
@@ -26,8 +28,7 @@ class StepLoop:
 
     def schedule(self) -> Any:
         """The next Batch, written into the staging buffer once its last upload has left it."""
-        self.staging.wait_for_upload()
-        return self.scheduler.schedule_into(self.staging.host, self.staging.layout)
+        return schedule_into(self.scheduler, self.staging)
 
     def step(self) -> tuple[Any, float]:
         """One schedule + launch; then, while `depth` steps are in flight, the oldest is read
@@ -131,12 +132,12 @@ class StepRecorder:
     def __enter__(self) -> StepRecorder:  # noqa: PYI034 - py310 has no typing.Self
         real_launch, staging, records = self.runner.launch, self.runner.staging, self.records
 
-        def launch(batch: Any) -> _TimedResult:
+        def launch(batch: Any, *args: Any) -> _TimedResult:  # args: the runner's own
             seq_lens = staging.host_view("seq_lens")[: batch.num_seqs].astype(np.int64)
             new = np.diff(batch.query_start_loc).astype(np.int64)
             pairs = int((new * (seq_lens - (new - 1) / 2)).sum())
             launched = time.perf_counter()
-            result = real_launch(batch)
+            result = real_launch(batch, *args)
             record = StepRecord(
                 launched=launched,
                 host_s=time.perf_counter() - launched,
