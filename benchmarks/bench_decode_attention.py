@@ -5,8 +5,9 @@ size 16 with shuffled block tables: a naive PyTorch loop over the paged cache, t
 PyTorch gather (kernels/reference.py), our Triton paged decode (eager and replayed from a CUDA
 graph), and SDPA on contiguous K/V as the peer. Reported: microseconds and GB/s of KV read against
 the device-to-device copy bandwidth measured in the same run (bytes read + written). Every timed
-call starts with a cold L2 (triton's do_bench zeroes 256 MB before each call). Also: storing the
-K/V of an 8192-token prefill chunk into the cache (bytes read + written).
+call starts with a cold L2: a 256 MB buffer is summed before it (the `us_wflush` column: triton's
+do_bench, which zeroes the buffer instead and so also pays for writing back dirty lines). Also:
+storing the K/V of an 8192-token prefill chunk into the cache (bytes read + written).
 
     python benchmarks/bench_decode_attention.py [--plot] [--sweep] [--out PATH]
 """
