@@ -13,9 +13,12 @@
 #               small_kernels (bench_<name>.py; each can be named alone)
 # Extra arguments per step: <STEP>_ARGS, e.g. THROUGHPUT_ARGS="--model-shape 8b --no-python"
 # (throughput defaults to --no-peer; PREFILL_ATTENTION_ARGS="--sweep --plot" and the like).
+# BUDGET_S (default 570): no step runs past this many seconds from the start, so the summary
+# comes back within the device's 10-minute command limit; steps left without time are skipped.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/out}
+BUDGET_S=${BUDGET_S:-570}
 mkdir -p "$OUT"
 : >"$OUT/steps.txt"
 if [ $# -gt 0 ]; then steps=("$@"); else read -ra steps <<<"${STEPS:-tests throughput latency}"; fi
@@ -32,7 +35,13 @@ fi
 
 run() {  # run NAME SECONDS COMMAND...: the command's output to $OUT/NAME.log
   local name=$1 limit=$2 start=$SECONDS rc
+  local left=$((BUDGET_S - SECONDS))
   shift 2
+  if [ "$left" -lt 20 ]; then
+    echo "$name skipped: ${left}s of the budget left" | tee -a "$OUT/steps.txt"
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
   echo "$name rc=$rc $((SECONDS - start))s (limit ${limit}s)" | tee -a "$OUT/steps.txt"
