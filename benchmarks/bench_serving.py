@@ -1,8 +1,8 @@
 """Online serving: `minivllm serve` under load, measured as `vllm bench serve` measures it.
 
-Workload (nano-vllm's bench.py, as bench_throughput.py runs it offline): seed 0; 256 requests;
-prompt ids uniform 0..10000 with lengths uniform 100..1024; max_tokens uniform 100..1024,
-ignore_eos, temperature 0.6 (request i with seed i). Every request streams (SSE) through
+Workload (workload.py: nano-vllm's bench.py, as bench_throughput.py runs it offline): seed 0;
+256 requests; prompt ids uniform 0..10000 with lengths uniform 100..1024; max_tokens uniform
+100..1024, ignore_eos, temperature 0.6 (request i with seed i). Every request streams (SSE) through
 /v1/completions with usage in its last chunk. The client is httpx on asyncio, one process; it
 reads raw bytes and parses only the usage chunk, so it stays cheaper than the server.
 
@@ -32,7 +32,6 @@ import asyncio
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -43,22 +42,12 @@ from typing import Any
 
 import httpx
 import numpy as np
+from workload import NUM_SEQS, nano_vllm_workload
 
-NUM_SEQS, MAX_INPUT_LEN, MAX_OUTPUT_LEN, TEMPERATURE = 256, 1024, 1024, 0.6
+TEMPERATURE = 0.6
 SERVED_NAME = "bench"
 # --smoke: the first requests of the workload, short, on the tiny checkpoint on the CPU.
 SMOKE_NUM_SEQS, SMOKE_PROMPT_LEN, SMOKE_OUTPUT_LEN = 8, 32, 16
-
-
-def nano_vllm_workload(num_seqs: int = NUM_SEQS) -> tuple[list[list[int]], list[int]]:
-    """nano-vllm's bench.py draws: all prompts first, then all max_tokens."""
-    random.seed(0)
-    prompts = [
-        [random.randint(0, 10000) for _ in range(random.randint(100, MAX_INPUT_LEN))]
-        for _ in range(num_seqs)
-    ]
-    max_tokens = [random.randint(100, MAX_OUTPUT_LEN) for _ in range(num_seqs)]
-    return prompts, max_tokens
 
 
 @dataclass

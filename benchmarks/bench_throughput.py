@@ -338,7 +338,7 @@ def main() -> None:
             n = min(args.peer_requests, len(prompts))
             try:
                 results["peer"] = run_peer(model_dir, prompts[:n], max_tokens[:n])
-            except Exception as e:  # noqa: BLE001 -- the peer's API moves between transformers releases
+            except Exception as e:  # noqa: BLE001 -- its API moves between transformers releases
                 results["peer"] = {"error": f"{type(e).__name__}: {e}"}
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -154,10 +154,8 @@ def main() -> None:
     for i, r in enumerate(records):
         if i < 24 or r.num_tokens != r.num_decodes:
             gpu = "  ".join(f"{ms:.2f}" for ms in step_gpu_ms[i]) if i < len(step_gpu_ms) else ""
-            launched = (r.launched - t0) * 1e3
-            print(
-                f"   {i}  {r.num_tokens}  {r.num_decodes}  {launched:.2f}  {r.host_s * 1e3:.2f}  {gpu}"
-            )
+            at, host = (r.launched - t0) * 1e3, r.host_s * 1e3
+            print(f"   {i}  {r.num_tokens}  {r.num_decodes}  {at:.2f}  {host:.2f}  {gpu}")
     llm.close()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

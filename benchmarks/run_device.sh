@@ -8,7 +8,8 @@
 # Steps (default: tests throughput latency):
 #   tests       tests/gpu
 #   throughput  bench_throughput.py          latency   bench_latency.py
-#   host        bench_host.py                workload  profile_workload.py
+#   serving     bench_serving.py             host      bench_host.py
+#   workload    profile_workload.py
 #   kernels     all of: prefill_attention decode_attention decode_varlen gemm layer_chain
 #               small_kernels (bench_<name>.py; each can be named alone)
 # Extra arguments per step: <STEP>_ARGS, e.g. THROUGHPUT_ARGS="--model-shape 8b --no-python"
@@ -65,6 +66,9 @@ for step in "${steps[@]}"; do
       latency)
         run latency 200 python3 benchmarks/bench_latency.py --out "$OUT/latency.json" \
           $(extra latency) ;;
+      serving)
+        run serving 300 python3 benchmarks/bench_serving.py --out "$OUT/serving.json" \
+          $(extra serving) ;;
       host)
         run host 200 python3 benchmarks/bench_host.py --out "$OUT/host.json" $(extra host) ;;
       workload)

@@ -59,6 +59,15 @@ def latency(r: dict[str, Any]) -> None:
     ))  # fmt: skip
 
 
+def serving(r: dict[str, Any]) -> None:
+    print("\nserving (ms, p50)")
+    for run in r.get("runs", []):
+        m = run["summary"]
+        print(f"  {run['name']:<18}{m['output_tok_s']:>9,.0f} out tok/s"
+              f"  TTFT {m['ttft_ms']['p50']:>8.1f}  TPOT {m['tpot_ms']['p50']:>6.2f}"
+              f"  ITL {m['itl_ms']['p50']:>6.2f}  failed {m['failed']}")  # fmt: skip
+
+
 def host(r: dict[str, Any]) -> None:
     print("\nhost, median us per step")
     for row in r.get("scheduler", []):
@@ -91,7 +100,8 @@ def main() -> None:
         lines = [ln for ln in tests.read_text().splitlines() if ln.strip()]
         print("tests/gpu:", lines[-1] if lines else "(no output)")
     for name, show in (("throughput.json", throughput), ("latency.json", latency),
-                       ("host.json", host), ("profile_workload.json", workload)):  # fmt: skip
+                       ("serving.json", serving), ("host.json", host),
+                       ("profile_workload.json", workload)):  # fmt: skip
         r = load(out, name)
         if r is not None:
             show(r)
