@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel benchmarks: timing, copy bandwidth, peak memory, output."""
+"""Helpers shared by the benchmarks: timing, the card's ceilings (copy and read-only bandwidth,
+matmul rate), peak memory, run information, output."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import json
 import logging
 import os
 import platform
+import subprocess
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +27,9 @@ _FLUSH_BYTES = 256 << 20
 _flush_buffer: torch.Tensor | None = None
 
 
-def time_ms(fn: Callable[[], Any], warmup_ms: float = 10, rep_ms: float = 60,
-            flush: str = "read") -> float:
+def time_ms(
+    fn: Callable[[], Any], warmup_ms: float = 10, rep_ms: float = 60, flush: str = "read"
+) -> float:
     """Median milliseconds of fn() on the GPU, each call timed with CUDA events after the L2 was
     flushed so that it holds none of fn's inputs.
 
@@ -42,8 +48,9 @@ def time_ms(fn: Callable[[], Any], warmup_ms: float = 10, rep_ms: float = 60,
     if flush == "write":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
-                                             return_mode="median"))
+        return float(
+            triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        )
     global _flush_buffer
     if _flush_buffer is None:
         _flush_buffer = torch.ones(_FLUSH_BYTES // 4, dtype=torch.float32, device=DEVICE)
@@ -105,14 +112,73 @@ def graph_replay_us(fn: Callable[[], Any], reps: int = 10, samples: int = 20) ->
     return graph_calls_us([fn] * reps, samples) / reps
 
 
+def best_seconds(fn: Callable[[], Any], runs: int = 5, calls: int = 10) -> float:
+    """Seconds per fn() in the fastest of `runs` runs of `calls` back-to-back calls (after a
+    warm-up run): a single run of a bandwidth-bound kernel swings by a few percent."""
+    cuda = DEVICE == "cuda"
+    best = float("inf")
+    for run in range(runs + 1):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if cuda:
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) * 1e-3
+        else:
+            seconds = time.perf_counter() - t0
+        if run > 0:  # run 0 warms up
+            best = min(best, seconds / calls)
+    return best
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy of `nbytes`, counting bytes read plus bytes written (GB/s)."""
     if DEVICE != "cuda":
         nbytes = 1 << 24
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), warmup_ms=20, rep_ms=200, flush="write")
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    seconds = best_seconds(lambda: dst.copy_(src))
+    return 2 * nbytes / seconds / 1e9
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    # Each program streams BLOCK * 8 elements and keeps one partial sum: nothing but reads.
+    base = tl.program_id(0).to(tl.int64) * BLOCK * 8
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(8):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
+
+
+def read_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """A kernel that only reads `nbytes` (a sum of bf16 values): bytes read per second (GB/s).
+    On the CPU, torch's own float32 sum stands in for the Triton kernel."""
+    if DEVICE != "cuda":
+        x = torch.ones((1 << 24) // 4, dtype=torch.float32)
+        return x.numel() * 4 / best_seconds(lambda: x.sum()) / 1e9
+    block = 4096
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
+    sums = torch.empty(triton.cdiv(x.numel(), block * 8), dtype=torch.float32, device=DEVICE)
+    seconds = best_seconds(lambda: _read_kernel[(sums.numel(),)](x, sums, x.numel(), BLOCK=block))
+    return nbytes / seconds / 1e9
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """A bf16 n x n x n matmul of random data (float32 and n = 512 on the CPU): TFLOP/s."""
+    dtype = torch.bfloat16
+    if DEVICE != "cuda":
+        n, dtype = 512, torch.float32
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    seconds = best_seconds(lambda: a @ b, runs=3)
+    return 2 * n**3 / seconds / 1e12
 
 
 def peak_memory_bytes(fn: Callable[[], Any]) -> int:
@@ -128,15 +194,38 @@ def peak_memory_bytes(fn: Callable[[], Any]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def device_info() -> dict[str, Any]:
-    import triton
+def git_commit() -> str | None:
+    """The checkout's commit (with "+changes" for a dirty tree), or None outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if dirty else "")
 
+
+def device_info() -> dict[str, Any]:
     if DEVICE == "cuda":
         props = torch.cuda.get_device_properties(0)
         name, num_sms = props.name, props.multi_processor_count
     else:
         name, num_sms = "cpu (TRITON_INTERPRET dry run)", 0
     return {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
         "device": name,
         "num_sms": num_sms,
         "torch": torch.__version__,

@@ -5,8 +5,9 @@ size 16 with shuffled block tables: a naive PyTorch loop over the paged cache, t
 PyTorch gather (kernels/reference.py), our Triton paged decode (eager and replayed from a CUDA
 graph), and SDPA on contiguous K/V as the peer. Reported: microseconds and GB/s of KV read against
 the device-to-device copy bandwidth measured in the same run (bytes read + written). Every timed
-call starts with a cold L2 (triton's do_bench zeroes 256 MB before each call). Also: storing the
-K/V of an 8192-token prefill chunk into the cache (bytes read + written).
+call starts with a cold L2: a 256 MB buffer is summed before it (the `us_wflush` column: triton's
+do_bench, which zeroes the buffer instead and so also pays for writing back dirty lines). Also:
+storing the K/V of an 8192-token prefill chunk into the cache (bytes read + written).
 
     python benchmarks/bench_decode_attention.py [--plot] [--sweep] [--out PATH]
 """
@@ -15,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (  # noqa: E402
+from bench_common import (
     DEVICE,
     check_close,
     copy_bandwidth_gbs,
@@ -32,16 +30,20 @@ from bench_common import (  # noqa: E402
     time_ms,
     write_json,
 )
-
-from minivllm.kernels import reference  # noqa: E402
-from minivllm.kernels.kv_store import store_kvcache  # noqa: E402
-from minivllm.kernels.paged_decode import decode_attention  # noqa: E402
+from minivllm.kernels import reference
+from minivllm.kernels.kv_store import store_kvcache
+from minivllm.kernels.paged_decode import _decode_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 # (block_n, num_warps, num_stages, min_partition, max_num_splits, select_lookup) tried by --sweep;
 # None = the launcher's default. Each is timed as a CUDA-graph replay (GPU time only).
-SWEEP = [None, (32, 4, 4, 256, None, True), (64, 4, 2, 256, None, True),
-         (128, 4, 3, 512, None, False), (64, 4, 3, 256, None, False)]
+SWEEP = [
+    None,
+    (32, 4, 4, 256, None, True),
+    (64, 4, 2, 256, None, True),
+    (128, 4, 3, 512, None, False),
+    (64, 4, 3, 256, None, False),
+]
 # extra split counts, for batches with fewer (sequence, kv head) pairs than SMs
 SPLIT_SWEEP = [(64, 4, 3, 128, 128, True), (64, 4, 3, 512, 32, True)]
 STORE_SWEEP = [None, (4, 4), (8, 4), (16, 4), (32, 8)]  # (block_t, num_warps)
@@ -68,8 +70,11 @@ def sdpa_peer(q, k4, v4, scale, backend):
     b, h, d = q.shape
     kvh = k4.shape[1]
     q4 = q.view(b, kvh, h // kvh, d)
-    which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    which = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }[backend]
 
     def call():
         with sdpa_kernel([which]):
@@ -79,7 +84,7 @@ def sdpa_peer(q, k4, v4, scale, backend):
     try:
         call()
         sync()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- the backend refuses these inputs (or this machine)
         print(f"sdpa {backend}: unavailable ({str(e).splitlines()[0][:100]})")
         return None
     return call
@@ -122,8 +127,16 @@ def bench_decode(batch, ctx, args, dtype, copy_gbs, sweep):
         err = 0.0 if expect is None else check_close(f"{case} {name}", got, expect)
         ms = time_ms(fn)
         gbs = kv_bytes / (ms * 1e-3) / 1e9
-        row = {"case": case, "batch": batch, "ctx": ctx, "impl": name, "us": ms * 1e3,
-               "gbs": gbs, "frac_copy": gbs / copy_gbs, "rel_err": err}
+        row = {
+            "case": case,
+            "batch": batch,
+            "ctx": ctx,
+            "impl": name,
+            "us": ms * 1e3,
+            "gbs": gbs,
+            "frac_copy": gbs / copy_gbs,
+            "rel_err": err,
+        }
         if rows is not sweep_rows:  # also under triton's dirty-L2 (zeroing) flush
             row["us_wflush"] = time_ms(fn, flush="write") * 1e3
         rows.append(row)
@@ -131,40 +144,58 @@ def bench_decode(batch, ctx, args, dtype, copy_gbs, sweep):
 
     out = torch.empty_like(q)
     best = None
-    expect = reference.decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
+    expect = reference._decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
     if batch * NUM_KV_HEADS < 132 and len(sweep) > 1:
         sweep = sweep + SPLIT_SWEEP
     for cfg in sweep:
-        kw = {} if cfg is None else dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2],
-                                         min_partition=cfg[3], max_num_splits=cfg[4],
-                                         select_lookup=cfg[5])
-        fn = (lambda kw=kw: decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale,
-                                             out=out, **kw))
+        kw = (
+            {}
+            if cfg is None
+            else {
+                "block_n": cfg[0],
+                "num_warps": cfg[1],
+                "num_stages": cfg[2],
+                "min_partition": cfg[3],
+                "max_num_splits": cfg[4],
+                "select_lookup": cfg[5],
+            }
+        )
+        fn = lambda kw=kw: _decode_attention(
+            q, k_cache, v_cache, seq_lens, block_tables, scale, out=out, **kw
+        )
         try:
             if DEVICE == "cuda":
                 replay = graph_of(fn)
-                timed = lambda replay=replay: (replay(), out)[1]  # noqa: E731
+                timed = lambda replay=replay: (replay(), out)[1]
             else:
                 timed = fn
             record(f"ours {cfg} graph", timed, expect, rows=sweep_rows)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- out of shared memory and the like
             print(f"{case} {cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
             continue
         if best is None or sweep_rows[-1]["us"] < best[1]["us"]:
             best = (kw, sweep_rows[-1])
     kw = best[0]
+
     def ours():
-        return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, out=out, **kw)
+        return _decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, out=out, **kw)
+
     record("triton paged decode (ours)", ours, expect)
     if DEVICE == "cuda":
         replay = graph_of(ours)
         record("triton paged decode (ours, CUDA graph)", lambda: (replay(), out)[1], expect)
     if batch * ctx <= args.gather_max_tokens:
-        record("torch vectorized gather", lambda: reference.decode_attention(
-            q, k_cache, v_cache, seq_lens, block_tables, scale), expect)
+        record(
+            "torch vectorized gather",
+            lambda: reference._decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale),
+            expect,
+        )
     seq_host = seq_lens.tolist()
-    record("torch naive loop", lambda: naive_loop(q, k_cache, v_cache, seq_host, block_tables,
-                                                 scale), expect)
+    record(
+        "torch naive loop",
+        lambda: naive_loop(q, k_cache, v_cache, seq_host, block_tables, scale),
+        expect,
+    )
     # contiguous peer: [B, KVH, ctx, D]
     idx = block_tables.long()
     k4 = k_cache[idx].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
@@ -173,11 +204,12 @@ def bench_decode(batch, ctx, args, dtype, copy_gbs, sweep):
         fn = sdpa_peer(q, k4, v4, scale, backend)
         if fn is not None:
             record(f"sdpa {backend} (contiguous)", fn, expect)
-    print_table(sweep_rows + rows, ["case", "impl", "us", "gbs", "frac_copy", "us_wflush",
-                                    "rel_err"])
+    print_table(
+        sweep_rows + rows, ["case", "impl", "us", "gbs", "frac_copy", "us_wflush", "rel_err"]
+    )
     best_row = rows[0]
     best_row["config"] = str(best[0])
-    del k4, v4, k_cache, v_cache
+    del k4, v4
     empty_cache()
     return rows, sweep_rows
 
@@ -187,8 +219,9 @@ def bench_store(num_tokens, args, dtype, copy_gbs, sweep):
     num_blocks = 4 * num_tokens // block_size
     key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
     value = torch.randn_like(key)
-    k_cache = torch.zeros(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, device=DEVICE,
-                          dtype=dtype)
+    k_cache = torch.zeros(
+        num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype
+    )
     v_cache = torch.zeros_like(k_cache)
     # whole blocks, scattered over the pool, like a prefill chunk's slots
     blocks = torch.randperm(num_blocks, device=DEVICE)[: num_tokens // block_size]
@@ -200,48 +233,70 @@ def bench_store(num_tokens, args, dtype, copy_gbs, sweep):
     def record(name, fn):
         ms = time_ms(fn)
         gbs = nbytes / (ms * 1e-3) / 1e9
-        rows.append({"case": f"kv store {num_tokens}", "impl": name, "us": ms * 1e3, "gbs": gbs,
-                     "frac_copy": gbs / copy_gbs, "us_wflush": time_ms(fn, flush="write") * 1e3})
+        rows.append(
+            {
+                "case": f"kv store {num_tokens}",
+                "impl": name,
+                "us": ms * 1e3,
+                "gbs": gbs,
+                "frac_copy": gbs / copy_gbs,
+                "us_wflush": time_ms(fn, flush="write") * 1e3,
+            }
+        )
 
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     reference.store_kvcache(key, value, k_ref, v_ref, slots)
     best = None
     for cfg in sweep:
-        kw = {} if cfg is None else dict(block_t=cfg[0], num_warps=cfg[1])
+        kw = {} if cfg is None else {"block_t": cfg[0], "num_warps": cfg[1]}
         k_cache.zero_()
         v_cache.zero_()
         store_kvcache(key, value, k_cache, v_cache, slots, **kw)
         if not (torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)):
             print(f"MISMATCH kv store {cfg}")
-        record(f"ours {cfg}", lambda kw=kw: store_kvcache(key, value, k_cache, v_cache, slots,
-                                                          **kw))
+        record(
+            f"ours {cfg}", lambda kw=kw: store_kvcache(key, value, k_cache, v_cache, slots, **kw)
+        )
         if best is None or rows[-1]["us"] < best[1]["us"]:
             best = (kw, rows[-1])
     rows.append(dict(best[1], impl="triton kv_store (ours)", config=str(best[0])))
-    record("torch reference (boolean mask + index_put)",
-           lambda: reference.store_kvcache(key, value, k_cache, v_cache, slots))
+    record(
+        "torch reference (boolean mask + index_put)",
+        lambda: reference.store_kvcache(key, value, k_cache, v_cache, slots),
+    )
     flat_k = k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)
     flat_v = v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)
     long_slots = slots.long()
     k_dst, v_dst = torch.empty_like(key), torch.empty_like(value)
-    record("torch copy_ of the same bytes (contiguous)",
-           lambda: (k_dst.copy_(key), v_dst.copy_(value)))
-    record("torch index_copy_ (no skip)", lambda: (flat_k.index_copy_(0, long_slots, key),
-                                                   flat_v.index_copy_(0, long_slots, value)))
+    record(
+        "torch copy_ of the same bytes (contiguous)", lambda: (k_dst.copy_(key), v_dst.copy_(value))
+    )
+    record(
+        "torch index_copy_ (no skip)",
+        lambda: (flat_k.index_copy_(0, long_slots, key), flat_v.index_copy_(0, long_slots, value)),
+    )
     print_table(rows, ["case", "impl", "us", "gbs", "frac_copy", "us_wflush"])
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="64x2048,16x8192,1x32768,256x512",
-                        help="BATCHxCTX cases with targets")
-    parser.add_argument("--curve", default="16x1024,16x2048,16x4096,16x16384,16x32768",
-                        help="extra cases for the GB/s-vs-context plot")
+    parser.add_argument(
+        "--cases", default="64x2048,16x8192,1x32768,256x512", help="BATCHxCTX cases with targets"
+    )
+    parser.add_argument(
+        "--curve",
+        default="16x1024,16x2048,16x4096,16x16384,16x32768",
+        help="extra cases for the GB/s-vs-context plot",
+    )
     parser.add_argument("--store-tokens", type=int, default=8192)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--gather-max-tokens", type=int, default=1 << 19,
-                        help="skip the vectorized gather (float32 copies of K/V) above this")
+    parser.add_argument(
+        "--gather-max-tokens",
+        type=int,
+        default=1 << 19,
+        help="skip the vectorized gather (float32 copies of K/V) above this",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--plot", action="store_true")
@@ -265,12 +320,14 @@ def main() -> None:
         r, s = bench_decode(b, c, args, dtype, copy_gbs, SWEEP if args.sweep else [None])
         rows += [x for x in r if "ours" in x["impl"] or "sdpa" in x["impl"]]
         sweep_rows += s
-    store_rows = bench_store(args.store_tokens, args, dtype, copy_gbs,
-                             STORE_SWEEP if args.sweep else [None])
+    store_rows = bench_store(
+        args.store_tokens, args, dtype, copy_gbs, STORE_SWEEP if args.sweep else [None]
+    )
 
     print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s")
-    print_table(rows + store_rows, ["case", "impl", "us", "gbs", "frac_copy", "us_wflush",
-                                    "config"])
+    print_table(
+        rows + store_rows, ["case", "impl", "us", "gbs", "frac_copy", "us_wflush", "config"]
+    )
     write_json(args.out, {"info": info, "rows": rows, "store": store_rows, "sweep": sweep_rows})
     if args.plot:
         plot(rows, copy_gbs, os.path.splitext(args.out)[0] + ".png", info)

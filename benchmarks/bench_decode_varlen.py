@@ -17,21 +17,15 @@ from __future__ import annotations
 import argparse
 import itertools
 
-import os
-import sys
-
 import torch
 import triton
 import triton.language as tl
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import graph_replay_us, time_ms  # noqa: E402
-
-from minivllm.kernels.block_table import tile_row_offsets  # noqa: E402
-from minivllm.kernels.paged_decode import decode_attention  # noqa: E402
+from bench_common import copy_bandwidth_gbs, graph_replay_us, read_bandwidth_gbs
+from minivllm.kernels.block_table import tile_row_offsets
+from minivllm.kernels.paged_decode import _decode_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
-# name -> keyword overrides of decode_attention
+# name -> keyword overrides of _decode_attention
 VARIANTS = {
     "default": {},
     "rows first": {"heads_first": False},
@@ -63,20 +57,21 @@ VARIANTS = {
 
 
 @triton.jit
-def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    # Each program streams BLOCK * 8 elements and keeps one partial sum: a read-only ceiling.
-    base = tl.program_id(0).to(tl.int64) * BLOCK * 8
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.static_range(8):
-        offs = base + i * BLOCK + tl.arange(0, BLOCK)
-        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
-
-
-@triton.jit
-def _gather_read_kernel(k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, stride_block, stride_tok,
-                        stride_head, stride_bt, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, HEADS_FIRST: tl.constexpr = False):
+def _gather_read_kernel(
+    k_ptr,
+    v_ptr,
+    seq_lens_ptr,
+    bt_ptr,
+    out_ptr,
+    stride_block,
+    stride_tok,
+    stride_head,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEADS_FIRST: tl.constexpr = False,
+):
     # The decode kernel's K/V loads (same tiles, same block-table lookup) with a plain sum for
     # compute: what the access pattern alone allows.
     b = tl.program_id(1 if HEADS_FIRST else 0)
@@ -88,8 +83,9 @@ def _gather_read_kernel(k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, stride_bloc
     offs_d = tl.arange(0, HEAD_DIM)
     acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for tile_start in range(0, seq_len, BLOCK_N):
-        rows = tile_row_offsets(bt_row, tile_start, seq_len, stride_block, stride_tok,
-                                BLOCK_SIZE, BLOCK_N, True, True)
+        rows = tile_row_offsets(
+            bt_row, tile_start, seq_len, stride_block, stride_tok, BLOCK_SIZE, BLOCK_N, True, True
+        )
         mask = (tile_start + offs_n < seq_len)[:, None]
         off = head_off + rows[:, None] + offs_d[None, :]
         acc += tl.load(k_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -104,29 +100,27 @@ def main() -> None:
     ap.add_argument("--hi", type=int, default=2048)
     ap.add_argument("--block-size", type=int, nargs="+", default=[16])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    ap.add_argument("--layout", nargs="+", default=["nhd"], choices=["nhd", "hnd"],
-                    help="cache layout: nhd = [blocks, block_size, kv_heads, dim] (the engine's), "
-                    "hnd = [blocks, kv_heads, block_size, dim] (passed as a permuted view)")
+    ap.add_argument(
+        "--layout",
+        nargs="+",
+        default=["nhd"],
+        choices=["nhd", "hnd"],
+        help="cache layout: nhd = [blocks, block_size, kv_heads, dim] (the engine's), "
+        "hnd = [blocks, kv_heads, block_size, dim] (passed as a permuted view)",
+    )
     args = ap.parse_args()
     variants = {k: VARIANTS[k] for k in args.variants}
     torch.manual_seed(0)
     dtype = torch.bfloat16
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    # Timed eagerly: replayed from a CUDA graph the same copy measured ~2,700 GB/s on the
-    # 2026-11-28 fifth-session H200s, against ~4,150 for bench_throughput.py's eager copy.
-    copy_us = time_ms(lambda: dst.copy_(src)) * 1e3
-    print(f"copy bandwidth {2 * (1 << 30) / copy_us / 1e3:,.0f} GB/s (read + written)")
-    src.resize_(0)
-    dst.resize_(0)
-    x = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda").normal_()
-    sums = torch.empty(triton.cdiv(x.numel(), 4096 * 8), device="cuda")
-    read_us = graph_replay_us(lambda: _read_kernel[(sums.numel(),)](x, sums, x.numel(), BLOCK=4096),
-                        reps=3)
-    print(f"read-only bandwidth {2 * x.numel() / read_us / 1e3:,.0f} GB/s")
-    x.resize_(0)
-    print(f"{'layout':<6} {'block':>5} {'batch':>5} {'order':<8}{'gather-read':>12}{'gather hf':>10}"
-          + "".join(f"{v:>16}" for v in variants) + "   (GB/s)")
+    print(
+        f"copy bandwidth {copy_bandwidth_gbs():,.0f} GB/s (read + written), "
+        f"read-only {read_bandwidth_gbs():,.0f} GB/s"
+    )
+    print(
+        f"{'layout':<6} {'block':>5} {'batch':>5} {'order':<8}{'gather-read':>12}{'gather hf':>10}"
+        + "".join(f"{v:>16}" for v in variants)
+        + "   (GB/s)"
+    )
     for layout, block, batch in itertools.product(args.layout, args.block_size, args.batch):
         lens = torch.randint(args.lo, args.hi + 1, (batch,))
         blocks = (lens + block - 1) // block
@@ -145,7 +139,7 @@ def main() -> None:
         pos = 0
         for b in range(batch):
             n = int(blocks[b])
-            bt[b, :n] = perm[pos:pos + n]
+            bt[b, :n] = perm[pos : pos + n]
             pos += n
         q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=dtype)
         kv_bytes = 2 * int(lens.sum()) * NUM_KV_HEADS * HEAD_DIM * 2
@@ -156,40 +150,105 @@ def main() -> None:
             idx = torch.argsort(lens, descending=True) if longest else torch.arange(batch)
             seq_lens = lens[idx].to(torch.int32).cuda()
             tables = bt[idx].contiguous().cuda()
-            row_order = (torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32)
-                         if order == "row_order" else None)
+            row_order = (
+                torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32)
+                if order == "row_order"
+                else None
+            )
             out = torch.empty_like(q)
-            ref = decode_attention(q, k_cache, v_cache, seq_lens, tables, HEAD_DIM**-0.5)
+            ref = _decode_attention(q, k_cache, v_cache, seq_lens, tables, HEAD_DIM**-0.5)
             sums = torch.empty(batch * NUM_KV_HEADS, device="cuda")
 
-            def gather(seq_lens=seq_lens, tables=tables, k=k_cache, v=v_cache, sums=sums,
-                       batch=batch, block=block):
+            def gather(
+                seq_lens=seq_lens,
+                tables=tables,
+                k=k_cache,
+                v=v_cache,
+                sums=sums,
+                batch=batch,
+                block=block,
+            ):
                 _gather_read_kernel[(batch, NUM_KV_HEADS)](
-                    k, v, seq_lens, tables, sums, k.stride(0), k.stride(1), k.stride(2),
-                    tables.stride(0), BLOCK_SIZE=block, BLOCK_N=64, HEAD_DIM=HEAD_DIM,
-                    num_warps=4, num_stages=3)
+                    k,
+                    v,
+                    seq_lens,
+                    tables,
+                    sums,
+                    k.stride(0),
+                    k.stride(1),
+                    k.stride(2),
+                    tables.stride(0),
+                    BLOCK_SIZE=block,
+                    BLOCK_N=64,
+                    HEAD_DIM=HEAD_DIM,
+                    num_warps=4,
+                    num_stages=3,
+                )
 
-            def gather_hf(seq_lens=seq_lens, tables=tables, k=k_cache, v=v_cache, sums=sums,
-                          batch=batch, block=block):
+            def gather_hf(
+                seq_lens=seq_lens,
+                tables=tables,
+                k=k_cache,
+                v=v_cache,
+                sums=sums,
+                batch=batch,
+                block=block,
+            ):
                 _gather_read_kernel[(NUM_KV_HEADS, batch)](
-                    k, v, seq_lens, tables, sums, k.stride(0), k.stride(1), k.stride(2),
-                    tables.stride(0), BLOCK_SIZE=block, BLOCK_N=64, HEAD_DIM=HEAD_DIM,
-                    HEADS_FIRST=True, num_warps=4, num_stages=3)
+                    k,
+                    v,
+                    seq_lens,
+                    tables,
+                    sums,
+                    k.stride(0),
+                    k.stride(1),
+                    k.stride(2),
+                    tables.stride(0),
+                    BLOCK_SIZE=block,
+                    BLOCK_N=64,
+                    HEAD_DIM=HEAD_DIM,
+                    HEADS_FIRST=True,
+                    num_warps=4,
+                    num_stages=3,
+                )
 
-            row = [kv_bytes / graph_replay_us(gather) / 1e3,
-                   kv_bytes / graph_replay_us(gather_hf) / 1e3]
+            row = [
+                kv_bytes / graph_replay_us(gather) / 1e3,
+                kv_bytes / graph_replay_us(gather_hf) / 1e3,
+            ]
             for kw in variants.values():
-                def call(kw=kw, seq_lens=seq_lens, tables=tables, out=out, q=q, k=k_cache,
-                         v=v_cache, row_order=row_order):
-                    decode_attention(q, k, v, seq_lens, tables, HEAD_DIM**-0.5, out=out,
-                                     row_order=row_order, **kw)
+
+                def call(
+                    kw=kw,
+                    seq_lens=seq_lens,
+                    tables=tables,
+                    out=out,
+                    q=q,
+                    k=k_cache,
+                    v=v_cache,
+                    row_order=row_order,
+                ):
+                    _decode_attention(
+                        q,
+                        k,
+                        v,
+                        seq_lens,
+                        tables,
+                        HEAD_DIM**-0.5,
+                        out=out,
+                        row_order=row_order,
+                        **kw,
+                    )
+
                 call()
                 torch.cuda.synchronize()
                 err = (out.float() - ref.float()).abs().max().item()
                 assert err < 2e-2, (kw, err)
                 row.append(kv_bytes / graph_replay_us(call) / 1e3)
-            print(f"{layout:<6} {block:>5} {batch:>5} {order:<8}{row[0]:>12,.0f}{row[1]:>10,.0f}"
-                  + "".join(f"{v:>16,.0f}" for v in row[2:]))
+            print(
+                f"{layout:<6} {block:>5} {batch:>5} {order:<8}{row[0]:>12,.0f}{row[1]:>10,.0f}"
+                + "".join(f"{v:>16,.0f}" for v in row[2:])
+            )
 
 
 if __name__ == "__main__":

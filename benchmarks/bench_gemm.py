@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import sys
 import time
 
 import torch
 import triton
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import DEVICE, graph_calls_us  # noqa: E402
-
-import minivllm.kernels.pdl as pdl  # noqa: E402
-from minivllm.kernels.linear import GemmConfig, gemm_config, linear  # noqa: E402
+from bench_common import DEVICE, graph_calls_us
+from minivllm.kernels import pdl
+from minivllm.kernels.linear import GemmConfig, gemm_config, linear
 
 SHAPES = {  # Qwen3-0.6B: name -> (N, K, partials) of y = x @ W^T
     "qkv": (4096, 1024, False),
@@ -47,14 +42,19 @@ def configs(m: int, k: int, partials: bool):
     kept to what fits (stages x (BM + BN) x BK x 2 bytes <= 200 KB)."""
     xm = max(16, triton.next_power_of_2(m))
     for bm, bn, bk, stages, splits in itertools.product(
-            sorted({min(xm, 128), min(xm, 64), 16 if xm <= 32 else 32}), (64, 128), (64, 128),
-            (2, 3, 4, 5), (1, 2, 4, 8) if partials else (1,)):
+        sorted({min(xm, 128), min(xm, 64), 16 if xm <= 32 else 32}),
+        (64, 128),
+        (64, 128),
+        (2, 3, 4, 5),
+        (1, 2, 4, 8) if partials else (1,),
+    ):
         if k % (splits * bk) or (bm + bn) * bk * 2 * stages > 200_000:
             continue
         yield GemmConfig(splits, bm, bn, bk, 4, stages, True)
     if m >= 64 and not partials:  # token rows on the MMA's M side
         for bm, bn, bk, stages, warps in itertools.product(
-                (64, 128), (64, 128, 256), (64, 128), (2, 3, 4), (4, 8)):
+            (64, 128), (64, 128, 256), (64, 128), (2, 3, 4), (4, 8)
+        ):
             if bm > xm or (bm == 128 and warps == 4) or (bm + bn) * bk * 2 * stages > 200_000:
                 continue
             yield GemmConfig(1, bm, bn, bk, warps, stages, False)
@@ -85,39 +85,45 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.time()
     per_layer: dict[int, list[float]] = {}
-    print(f"{'layer':<8}{'M':>5}{'cublas':>8}{'engine':>8}{'best':>8}  best sweep configs "
-          "(splits, BM, BN, BK, warps, stages, swap): us")
+    print(
+        f"{'layer':<8}{'M':>5}{'cublas':>8}{'engine':>8}{'best':>8}  best sweep configs "
+        "(splits, BM, BN, BK, warps, stages, swap): us"
+    )
     for m in args.m:
         for name in args.shapes:
             n, k, partials = SHAPES[name]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-                  for _ in range(COPIES)]
+            ws = [
+                torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)
+            ]
             ref = torch.mm(x, ws[0].t()).float()
             outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in ws]
             t_cublas = cold_replay_us(
-                [lambda x=x, w=w, o=o: torch.mm(x, w.t(), out=o) for w, o in zip(ws, outs)])
+                [lambda x=x, w=w, o=o: torch.mm(x, w.t(), out=o) for w, o in zip(ws, outs)]
+            )
 
             t_engine = time_config(x, ws, ref, partials, gemm_config(m, n, k, partials), name)
             results = []
-            for cfg in ([] if args.no_sweep else configs(m, k, partials)):
+            for cfg in [] if args.no_sweep else configs(m, k, partials):
                 try:
                     results.append((time_config(x, ws, ref, partials, cfg, name), cfg))
                 except Exception as e:  # noqa: BLE001 -- out of resources and the like
                     print("failed", name, m, cfg, type(e).__name__, str(e)[:80])
             results.sort()
             best = results[0][0] if results else float("nan")
-            tops = "; ".join(f"{tuple(c)}: {t:.2f}" for t, c in results[:args.top])
-            print(f"{name:<8}{m:>5}{t_cublas:>8.2f}{t_engine:>8.2f}{best:>8.2f}  {tops}",
-                  flush=True)
+            tops = "; ".join(f"{tuple(c)}: {t:.2f}" for t, c in results[: args.top])
+            print(
+                f"{name:<8}{m:>5}{t_cublas:>8.2f}{t_engine:>8.2f}{best:>8.2f}  {tops}", flush=True
+            )
             s = per_layer.setdefault(m, [0.0, 0.0])
             s[0] += t_cublas
             s[1] += t_engine
             del ws, outs
             torch.cuda.empty_cache()
     for m, (c, e) in per_layer.items():
-        print(f"per layer at M={m}: cuBLAS {c:.1f} us, engine {e:.1f} us "
-              "(partials' sum not included)")
+        print(
+            f"per layer at M={m}: cuBLAS {c:.1f} us, engine {e:.1f} us (partials' sum not included)"
+        )
     print(f"took {time.time() - t0:.0f} s")
 
 

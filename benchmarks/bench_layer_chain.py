@@ -18,18 +18,13 @@ the first one's.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import DEVICE, check_close, graph_calls_us  # noqa: E402
-
-import minivllm.kernels.pdl as pdl  # noqa: E402
-from minivllm.kernels.activation import silu_and_mul  # noqa: E402
-from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm  # noqa: E402
-from minivllm.kernels.linear import linear, supports  # noqa: E402
+from bench_common import DEVICE, check_close, graph_calls_us
+from minivllm.kernels import pdl
+from minivllm.kernels.activation import silu_and_mul
+from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
+from minivllm.kernels.linear import linear, supports
 
 HIDDEN, QKV, ATTN, INTER, LAYERS = 1024, 4096, 2048, 3072, 28
 
@@ -42,17 +37,26 @@ class Chain:
         def rnd(*shape, scale=0.02):
             return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g) * scale
 
-        self.w = [{"qkv": rnd(QKV, HIDDEN), "o": rnd(HIDDEN, ATTN),
-                   "gate_up": rnd(2 * INTER, HIDDEN), "down": rnd(HIDDEN, INTER)}
-                  for _ in range(LAYERS)]
+        self.w = [
+            {
+                "qkv": rnd(QKV, HIDDEN),
+                "o": rnd(HIDDEN, ATTN),
+                "gate_up": rnd(2 * INTER, HIDDEN),
+                "down": rnd(HIDDEN, INTER),
+            }
+            for _ in range(LAYERS)
+        ]
         self.norm_w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
         self.attn = rnd(m, ATTN, scale=1.0)
         self.res0 = rnd(m, HIDDEN, scale=1.0)
 
     def gemm(self, x, layer, name, partials=False):
         w = self.w[layer][name]
-        if (self.mode == "cublas" or (self.mode.startswith("mix") and not partials)
-                or not supports(x, w, partials)):  # where the engine keeps cuBLAS too
+        if (
+            self.mode == "cublas"
+            or (self.mode.startswith("mix") and not partials)
+            or not supports(x, w, partials)
+        ):  # where the engine keeps cuBLAS too
             return torch.mm(x, w.t())
         return linear(x, w, partials=partials)
 
@@ -71,8 +75,9 @@ class Chain:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--m", type=int, nargs="+",
-                    default=[1, 2, 4, 8, *range(16, 257, 16)])  # the decode graph buckets
+    ap.add_argument(
+        "--m", type=int, nargs="+", default=[1, 2, 4, 8, *range(16, 257, 16)]
+    )  # the decode graph buckets
     ap.add_argument("--modes", nargs="+", default=["cublas", "triton", "triton+pdl", "mix+pdl"])
     args = ap.parse_args()
     if DEVICE != "cuda":

@@ -17,14 +17,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (  # noqa: E402
+from bench_common import (
     DEVICE,
     check_close,
     copy_bandwidth_gbs,
@@ -37,18 +34,31 @@ from bench_common import (  # noqa: E402
     time_ms,
     write_json,
 )
-
-from minivllm.kernels.flash_prefill import prefill_attention  # noqa: E402
+from minivllm.kernels.flash_prefill import _prefill_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 DTYPE = torch.bfloat16
 # Tile configurations tried by --sweep: (block_m, block_n, num_warps, num_stages, select_lookup).
-SWEEP = [None, (128, 32, 4, 3, True), (64, 64, 4, 3, True), (128, 32, 4, 4, True),
-         (128, 32, 8, 3, True), (64, 32, 4, 3, True), (128, 64, 4, 3, True),
-         (128, 64, 8, 2, False), (128, 32, 4, 3, False)]
+SWEEP = [
+    None,
+    (128, 32, 4, 3, True),
+    (64, 64, 4, 3, True),
+    (128, 32, 4, 4, True),
+    (128, 32, 8, 3, True),
+    (64, 32, 4, 3, True),
+    (128, 64, 4, 3, True),
+    (128, 64, 8, 2, False),
+    (128, 32, 4, 3, False),
+]
 # block_size >= block_n: one block-table lookup per tile either way
-SWEEP_LARGE_BLOCKS = [None, (128, 64, 4, 3, True), (128, 32, 4, 3, True), (64, 64, 4, 3, True),
-                      (128, 64, 8, 2, True)]
+SWEEP_LARGE_BLOCKS = [
+    None,
+    (128, 64, 4, 3, True),
+    (128, 32, 4, 3, True),
+    (64, 64, 4, 3, True),
+    (128, 64, 8, 2, True),
+]
+
 
 # ---- naive Triton attention: S and P materialized in device memory (O(N^2)) ---------------------
 @triton.jit
@@ -67,15 +77,24 @@ def _naive_scores_kernel(
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + offs_m[:, None] * NUM_HEADS * D + h * D + offs_d[None, :],
-                mask=offs_m[:, None] < n_ctx, other=0.0)
-    k = tl.load(k_ptr + offs_n[:, None] * (NUM_HEADS // GROUP) * D + (h // GROUP) * D
-                + offs_d[None, :], mask=offs_n[:, None] < n_ctx, other=0.0)
+    q = tl.load(
+        q_ptr + offs_m[:, None] * NUM_HEADS * D + h * D + offs_d[None, :],
+        mask=offs_m[:, None] < n_ctx,
+        other=0.0,
+    )
+    k = tl.load(
+        k_ptr + offs_n[:, None] * (NUM_HEADS // GROUP) * D + (h // GROUP) * D + offs_d[None, :],
+        mask=offs_n[:, None] < n_ctx,
+        other=0.0,
+    )
     s = tl.dot(q, tl.trans(k)) * scale
     s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     mask = (offs_m[:, None] < n_ctx) & (offs_n[None, :] < n_ctx)
-    tl.store(s_ptr + h.to(tl.int64) * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :],
-             s, mask=mask)
+    tl.store(
+        s_ptr + h.to(tl.int64) * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :],
+        s,
+        mask=mask,
+    )
 
 
 @triton.jit
@@ -110,14 +129,22 @@ def _naive_pv_kernel(
     acc = tl.zeros([BLOCK, D], dtype=tl.float32)
     for start in range(0, n_ctx, BLOCK):  # every key, masked zeros included: it is naive
         offs_n = start + tl.arange(0, BLOCK)
-        p = tl.load(p_ptr + h.to(tl.int64) * n_ctx * n_ctx + offs_m[:, None] * n_ctx
-                    + offs_n[None, :], mask=(offs_m[:, None] < n_ctx) & (offs_n[None, :] < n_ctx),
-                    other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * (NUM_HEADS // GROUP) * D + (h // GROUP) * D
-                    + offs_d[None, :], mask=offs_n[:, None] < n_ctx, other=0.0)
+        p = tl.load(
+            p_ptr + h.to(tl.int64) * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :],
+            mask=(offs_m[:, None] < n_ctx) & (offs_n[None, :] < n_ctx),
+            other=0.0,
+        )
+        v = tl.load(
+            v_ptr + offs_n[:, None] * (NUM_HEADS // GROUP) * D + (h // GROUP) * D + offs_d[None, :],
+            mask=offs_n[:, None] < n_ctx,
+            other=0.0,
+        )
         acc = tl.dot(p, v, acc)
-    tl.store(o_ptr + offs_m[:, None] * NUM_HEADS * D + h * D + offs_d[None, :],
-             acc.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < n_ctx)
+    tl.store(
+        o_ptr + offs_m[:, None] * NUM_HEADS * D + h * D + offs_d[None, :],
+        acc.to(o_ptr.dtype.element_ty),
+        mask=offs_m[:, None] < n_ctx,
+    )
 
 
 def naive_triton_attention(q, k, v, scale):
@@ -129,10 +156,12 @@ def naive_triton_attention(q, k, v, scale):
     o = torch.empty_like(q)
     block = 64
     _naive_scores_kernel[(triton.cdiv(n, block), triton.cdiv(n, block), h)](
-        q, k, s, n, scale, NUM_HEADS=h, GROUP=group, D=d, BLOCK=block, num_warps=4)
+        q, k, s, n, scale, NUM_HEADS=h, GROUP=group, D=d, BLOCK=block, num_warps=4
+    )
     _naive_softmax_kernel[(h * n,)](s, p, n, BLOCK=triton.next_power_of_2(n), num_warps=8)
     _naive_pv_kernel[(triton.cdiv(n, block), h)](
-        p, v, o, n, NUM_HEADS=h, GROUP=group, D=d, BLOCK=block, num_warps=4)
+        p, v, o, n, NUM_HEADS=h, GROUP=group, D=d, BLOCK=block, num_warps=4
+    )
     return o
 
 
@@ -163,7 +192,7 @@ def sdpa(q4, k4, v4, backend, **kwargs):
     try:
         call()
         sync()
-    except Exception as e:  # the backend refuses these inputs (or this machine)
+    except Exception as e:  # noqa: BLE001 -- the backend refuses these inputs (or this machine)
         print(f"sdpa {backend}: unavailable ({str(e).splitlines()[0][:100]})")
         return None
     return call
@@ -178,8 +207,9 @@ def paged_cache(k, v, seq_lens, block_size, shuffle=True):
     shape = (total, block_size, k.shape[1], k.shape[2])
     k_cache = torch.zeros(shape, dtype=k.dtype, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)
-    block_tables = torch.full((len(seq_lens), max(blocks_per_seq)), -1, dtype=torch.int32,
-                              device=DEVICE)
+    block_tables = torch.full(
+        (len(seq_lens), max(blocks_per_seq)), -1, dtype=torch.int32, device=DEVICE
+    )
     used, start = 0, 0
     for b, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
         ids = order[used : used + nb]
@@ -197,10 +227,16 @@ def ours(q, k_cache, v_cache, q_lens, seq_lens, block_tables, scale, cfg=None):
     out = torch.empty_like(q)
     kw = {}
     if cfg is not None:
-        kw = dict(block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3],
-                  select_lookup=cfg[4])
-    return lambda: prefill_attention(q, k_cache, v_cache, cu, lens, block_tables, scale,
-                                     max(q_lens), out=out, **kw)
+        kw = {
+            "block_m": cfg[0],
+            "block_n": cfg[1],
+            "num_warps": cfg[2],
+            "num_stages": cfg[3],
+            "select_lookup": cfg[4],
+        }
+    return lambda: _prefill_attention(
+        q, k_cache, v_cache, cu, lens, block_tables, scale, max(q_lens), out=out, **kw
+    )
 
 
 def best_config(make_fn, flops, label, sweep):
@@ -212,7 +248,7 @@ def best_config(make_fn, flops, label, sweep):
             fn()
             sync()
             ms = time_ms(fn)
-        except Exception as e:  # out of shared memory etc.
+        except Exception as e:  # noqa: BLE001 -- out of shared memory and the like
             print(f"{label} {cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
             continue
         rows.append({"case": label, "config": str(cfg), "ms": ms, "tflops": flops / ms / 1e9})
@@ -256,8 +292,12 @@ def main() -> None:
     for block_size in sorted({bs, 256}):
         kc, vc, bt = paged_cache(k, v, [n], block_size)
         this_sweep = sweep if block_size < 128 or not args.sweep else SWEEP_LARGE_BLOCKS
-        cfg, rows = best_config(lambda c: ours(q, kc, vc, [n], [n], bt, scale, c), flops,
-                                f"{n} bs{block_size}", this_sweep)
+        cfg, rows = best_config(
+            lambda c, kc=kc, vc=vc, bt=bt: ours(q, kc, vc, [n], [n], bt, scale, c),
+            flops,
+            f"{n} bs{block_size}",
+            this_sweep,
+        )
         best_by_bs[block_size] = cfg
         sweep_rows += rows
     cfg = best_by_bs[bs]
@@ -275,17 +315,20 @@ def main() -> None:
         v4 = v.repeat_interleave(h // kvh, dim=1).transpose(0, 1)[None].contiguous()
         impls = {"flash_prefill (ours, paged)": ours(q, kc, vc, [n], [n], bt, scale, cfg)}
         if n == args.headline and cfg is not None:
-            impls["flash_prefill (ours, paged, launcher default)"] = ours(q, kc, vc, [n], [n], bt,
-                                                                         scale)
+            impls["flash_prefill (ours, paged, launcher default)"] = ours(
+                q, kc, vc, [n], [n], bt, scale
+            )
         for backend in ("flash", "cudnn"):
             fn = sdpa(q4, k4, v4, backend, is_causal=True, scale=scale)
             if fn is not None:
                 impls[f"sdpa {backend} (contiguous)"] = fn
         if n <= args.naive_max:
-            impls["torch standard O(N^2)"] = lambda q=q, k=k, v=v: standard_attention(q, k, v,
-                                                                                     scale)
-            impls["triton naive O(N^2)"] = lambda q=q, k=k, v=v: naive_triton_attention(q, k, v,
-                                                                                      scale)
+            impls["torch standard O(N^2)"] = lambda q=q, k=k, v=v: standard_attention(
+                q, k, v, scale
+            )
+            impls["triton naive O(N^2)"] = lambda q=q, k=k, v=v: naive_triton_attention(
+                q, k, v, scale
+            )
         expect = None
         for name, fn in impls.items():
             got = fn()
@@ -298,9 +341,18 @@ def main() -> None:
             ms = time_ms(fn)
             ms_w = time_ms(fn, flush="write")
             mem = peak_memory_bytes(fn)
-            rows.append({"case": f"causal {n}", "impl": name, "seq_len": n, "ms": ms,
-                         "tflops": flops / ms / 1e9, "tflops_wflush": flops / ms_w / 1e9,
-                         "peak_mib": mem / 2**20, "rel_err": err})
+            rows.append(
+                {
+                    "case": f"causal {n}",
+                    "impl": name,
+                    "seq_len": n,
+                    "ms": ms,
+                    "tflops": flops / ms / 1e9,
+                    "tflops_wflush": flops / ms_w / 1e9,
+                    "peak_mib": mem / 2**20,
+                    "rel_err": err,
+                }
+            )
             del got
         del impls, kc, vc, q4, k4, v4
         empty_cache()
@@ -312,14 +364,16 @@ def main() -> None:
     v = torch.randn(b * n, kvh, d, device=DEVICE, dtype=DTYPE)
     flops = b * 2.0 * h * d * n * n
     kc, vc, bt = paged_cache(k, v, [n] * b, bs)
-    varlen_cfg, vrows = best_config(lambda c: ours(q, kc, vc, [n] * b, [n] * b, bt, scale, c),
-                                    flops, f"{b}x{n}", sweep)
+    varlen_cfg, vrows = best_config(
+        lambda c: ours(q, kc, vc, [n] * b, [n] * b, bt, scale, c), flops, f"{b}x{n}", sweep
+    )
     sweep_rows += vrows
     q4 = q.view(b, n, h, d).transpose(1, 2)
     k4 = k.view(b, n, kvh, d).repeat_interleave(h // kvh, dim=2).transpose(1, 2).contiguous()
     v4 = v.view(b, n, kvh, d).repeat_interleave(h // kvh, dim=2).transpose(1, 2).contiguous()
-    impls = {"flash_prefill (ours, paged)": ours(q, kc, vc, [n] * b, [n] * b, bt, scale,
-                                                  varlen_cfg)}
+    impls = {
+        "flash_prefill (ours, paged)": ours(q, kc, vc, [n] * b, [n] * b, bt, scale, varlen_cfg)
+    }
     for backend in ("flash", "cudnn"):
         fn = sdpa(q4, k4, v4, backend, is_causal=True, scale=scale)
         if fn is not None:
@@ -331,9 +385,18 @@ def main() -> None:
         err = 0.0 if expect is None else check_close(name, got, expect)
         expect = got.clone() if expect is None else expect
         ms, ms_w = time_ms(fn), time_ms(fn, flush="write")
-        rows.append({"case": f"varlen {b}x{n}", "impl": name, "seq_len": n, "ms": ms,
-                     "tflops": flops / ms / 1e9, "tflops_wflush": flops / ms_w / 1e9,
-                     "peak_mib": peak_memory_bytes(fn) / 2**20, "rel_err": err})
+        rows.append(
+            {
+                "case": f"varlen {b}x{n}",
+                "impl": name,
+                "seq_len": n,
+                "ms": ms,
+                "tflops": flops / ms / 1e9,
+                "tflops_wflush": flops / ms_w / 1e9,
+                "peak_mib": peak_memory_bytes(fn) / 2**20,
+                "rel_err": err,
+            }
+        )
     del kc, vc, q4, k4, v4
     empty_cache()
 
@@ -345,8 +408,12 @@ def main() -> None:
     v = torch.randn(total, kvh, d, device=DEVICE, dtype=DTYPE)
     flops = 4.0 * h * d * (new * prefix + new * (new + 1) / 2)
     kc, vc, bt = paged_cache(k, v, [total], bs)
-    prefix_cfg, prows = best_config(lambda c: ours(q, kc, vc, [new], [total], bt, scale, c),
-                                    flops, f"{new} over {prefix}", sweep)
+    prefix_cfg, prows = best_config(
+        lambda c: ours(q, kc, vc, [new], [total], bt, scale, c),
+        flops,
+        f"{new} over {prefix}",
+        sweep,
+    )
     sweep_rows += prows
     # contiguous: the whole context in one cache block, in order
     big = 1 << math.ceil(math.log2(total))
@@ -356,8 +423,9 @@ def main() -> None:
     bt1 = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
     impls = {
         "flash_prefill (ours, paged)": ours(q, kc, vc, [new], [total], bt, scale, prefix_cfg),
-        "flash_prefill (ours, contiguous)": ours(q, kc1, vc1, [new], [total], bt1, scale,
-                                                 prefix_cfg),
+        "flash_prefill (ours, contiguous)": ours(
+            q, kc1, vc1, [new], [total], bt1, scale, prefix_cfg
+        ),
     }
     try:
         from torch.nn.attention.bias import causal_lower_right
@@ -379,14 +447,31 @@ def main() -> None:
         err = 0.0 if expect is None else check_close(name, got, expect)
         expect = got.clone() if expect is None else expect
         ms, ms_w = time_ms(fn), time_ms(fn, flush="write")
-        rows.append({"case": f"{new} over {prefix} prefix", "impl": name, "seq_len": total,
-                     "ms": ms, "tflops": flops / ms / 1e9, "tflops_wflush": flops / ms_w / 1e9,
-                     "peak_mib": peak_memory_bytes(fn) / 2**20, "rel_err": err})
+        rows.append(
+            {
+                "case": f"{new} over {prefix} prefix",
+                "impl": name,
+                "seq_len": total,
+                "ms": ms,
+                "tflops": flops / ms / 1e9,
+                "tflops_wflush": flops / ms_w / 1e9,
+                "peak_mib": peak_memory_bytes(fn) / 2**20,
+                "rel_err": err,
+            }
+        )
 
     print_table(rows, ["case", "impl", "ms", "tflops", "tflops_wflush", "peak_mib", "rel_err"])
-    write_json(args.out, {"info": info, "block_size": bs, "config": str(cfg),
-                          "best_by_block_size": {str(k): str(c) for k, c in best_by_bs.items()},
-                          "rows": rows, "sweep": sweep_rows})
+    write_json(
+        args.out,
+        {
+            "info": info,
+            "block_size": bs,
+            "config": str(cfg),
+            "best_by_block_size": {str(k): str(c) for k, c in best_by_bs.items()},
+            "rows": rows,
+            "sweep": sweep_rows,
+        },
+    )
     if args.plot:
         plot(rows, os.path.splitext(args.out)[0] + ".png", info)
 

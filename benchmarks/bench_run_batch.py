@@ -15,9 +15,9 @@
     shared by the k replicas; weak scaling: 256 per replica (the workload's draws extended).
     Scaling efficiency: throughput at k over k times the throughput at 1 (same path).
 
-Qwen3-0.6B's shape, dummy weights, bf16. Prints a table; writes JSON to --out. --smoke: a tiny
-random model on the CPU, 16 short requests, one timed round, replicas 1 and 2 (strong) on the
-CPU: a check of the script, not a measurement.
+Qwen3-0.6B's shape, dummy weights, bf16 (workload.py). Prints a table; writes JSON to --out.
+--smoke: the tiny random model on the CPU, workload.py's smoke requests, one timed round,
+replicas 1 and 2 (strong) on the CPU: a check of the script, not a measurement.
 
     python benchmarks/bench_run_batch.py [--out benchmarks/out/run_batch.json]
     python benchmarks/bench_run_batch.py --smoke
@@ -34,26 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import device_info, write_json
 from minivllm import LLM, SamplingParams
-from minivllm.demo import make_demo_checkpoint
 from minivllm.entrypoints.run_batch import run_batch
+from workload import NUM_SEQS, engine_args, make_model_dir, nano_vllm_workload, smoke_workload
 
-try:  # the benchmarks' workload module, where it exists
-    from workload import nano_vllm_workload
-except ImportError:
-    from bench_throughput import nano_vllm_workload
-
-NUM_REQUESTS = 256
-SMOKE_REQUESTS, SMOKE_PROMPT_LEN, SMOKE_OUTPUT_LEN = 16, 32, 8
 MAX_OVERHEAD = 0.03
 
 
 def workload(num: int, smoke: bool, vocab_size: int) -> tuple[list[list[int]], list[int]]:
-    prompts, max_tokens = nano_vllm_workload(num)
-    if smoke:  # cut short and folded into the tiny model's vocabulary
-        prompts = [[t % vocab_size for t in p[:SMOKE_PROMPT_LEN]] for p in prompts]
-        max_tokens = [min(m, SMOKE_OUTPUT_LEN) for m in max_tokens]
-    return prompts, max_tokens
+    """The nano-vllm workload's first `num` requests (all of the smoke workload's with --smoke)."""
+    return smoke_workload(vocab_size) if smoke else nano_vllm_workload(num)
 
 
 def variant(prompts: list[list[int]], v: int, vocab_size: int) -> list[list[int]]:
@@ -153,13 +144,14 @@ def replicas(
 ) -> list[dict[str, Any]]:
     """Each replica count and scaling through the no-Ray data-parallel path."""
     rows = []
-    base = SMOKE_REQUESTS if smoke else NUM_REQUESTS
     for k in counts:
         for mode in scaling:
             if k == 1 and mode == "weak":
                 continue  # the same run as strong at 1
-            num = base * (k if mode == "weak" else 1)
-            prompts, max_tokens = workload(num, smoke, vocab_size)
+            prompts, max_tokens = workload(
+                NUM_SEQS * (k if mode == "weak" else 1), smoke, vocab_size
+            )
+            num = len(prompts)
             path = write_batch_file(tmp / f"dp_{mode}_{k}.jsonl", model, prompts, max_tokens)
             out = path.with_suffix(".out.jsonl")
             s = run_batch(
@@ -201,23 +193,14 @@ def main() -> None:
     if not cuda and not args.smoke:
         raise SystemExit("bench_run_batch needs a CUDA GPU (or --smoke on the CPU)")
     num_gpus = torch.cuda.device_count() if cuda else 0
-    results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"),
-        "card": torch.cuda.get_device_name() if cuda else "cpu",
-        "num_gpus": num_gpus,
-        "smoke": args.smoke,
-    }
+    results: dict[str, Any] = {"num_gpus": num_gpus, "smoke": args.smoke}
     with tempfile.TemporaryDirectory(prefix="bench-run-batch-") as tmp_dir:
         tmp = Path(tmp_dir)
-        if args.smoke:
-            model = str(make_demo_checkpoint(tmp / "tiny", "tiny"))
-            engine_args: dict[str, Any] = {"device": "cpu", "seed": 0}
-        else:
-            model = str(make_demo_checkpoint(tmp / "qwen3-0.6b", "qwen3-0.6b", write_weights=False))
-            engine_args = {"dtype": "bfloat16", "load_format": "dummy", "seed": 0}
+        model = str(make_model_dir(tmp, smoke=args.smoke))
+        eargs = engine_args(args.smoke)
         vocab_size = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-        num = SMOKE_REQUESTS if args.smoke else NUM_REQUESTS
-        prompts, max_tokens = workload(num, args.smoke, vocab_size)
+        prompts, max_tokens = workload(NUM_SEQS, args.smoke, vocab_size)
+        num = len(prompts)
         results["workload"] = {
             "requests": num,
             "prompt_tokens": sum(map(len, prompts)),
@@ -232,20 +215,19 @@ def main() -> None:
             scaling = ["strong"]
         if len(counts) > 1:
             results["replicas"] = replicas(
-                model, engine_args, counts, scaling, args.smoke, vocab_size, tmp
+                model, eargs, counts, scaling, args.smoke, vocab_size, tmp
             )
         else:
             results["replicas"] = f"not run: {num_gpus} GPU(s)"
         repeats = 1 if args.smoke else args.repeats
         results["one_engine"] = one_engine(
-            model, engine_args, prompts, max_tokens, vocab_size, repeats, tmp
+            model, eargs, prompts, max_tokens, vocab_size, repeats, tmp
         )
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    results = {**device_info(), **results}
+    write_json(args.out, results)
     one = results["one_engine"]
     print(
-        f"\n{results['card']} x {num_gpus}; {num} requests, "
+        f"\n{results['device']} x {num_gpus}; {num} requests, "
         f"{results['workload']['output_tokens']:,} output tokens"
     )
     print(f"{'one engine':<28}{'median s':>10}{'out tok/s':>12}")
@@ -272,7 +254,6 @@ def main() -> None:
             )
     else:
         print(f"replicas: {results['replicas']}")
-    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ KV store, SiLU-and-mul, and the down projection's split-K.
 
 A variant that folded silu(gate) * up into the split-K's operand loads was tried and dropped: each
 output-tile program recomputes the activation of its K slice, and it ran 1.6-3x slower than
-SiLU-and-mul followed by the plain split-K (RESULTS.md, fourth session).
+SiLU-and-mul followed by the plain split-K (docs/benchmark_history.md, session 4).
 
     python benchmarks/bench_small_kernels.py --m 8 64 128 256
 """
@@ -13,18 +13,13 @@ SiLU-and-mul followed by the plain split-K (RESULTS.md, fourth session).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import graph_replay_us  # noqa: E402
-
-from minivllm.kernels.activation import silu_and_mul  # noqa: E402
-from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm  # noqa: E402
-from minivllm.kernels.linear import linear  # noqa: E402
-from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv  # noqa: E402
+from bench_common import graph_replay_us
+from minivllm.kernels.activation import silu_and_mul
+from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
+from minivllm.kernels.linear import linear
+from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 1024, 16, 8, 128, 3072
 BLOCK_SIZE, NUM_BLOCKS = 16, 4096
@@ -44,8 +39,10 @@ def main() -> None:
     cache_shape = (NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
     k_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
     v_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
-    print(f"{'M':>5}{'rmsnorm':>9}{'add+norm':>10}{'+8 parts':>10}{'qk+rope+kv':>12}{'silu':>7}"
-          f"{'down':>7}   (us per launch)")
+    print(
+        f"{'M':>5}{'rmsnorm':>9}{'add+norm':>10}{'+8 parts':>10}{'qk+rope+kv':>12}{'silu':>7}"
+        f"{'down':>7}   (us per launch)"
+    )
     for m in args.m:
         x = torch.randn(m, HIDDEN, device=dev, dtype=dt)
         res = torch.randn(m, HIDDEN, device=dev, dtype=dt)
@@ -62,8 +59,11 @@ def main() -> None:
             graph_replay_us(lambda x=x: rmsnorm(x, w_norm, 1e-6)),
             graph_replay_us(lambda x=x, res=res: fused_add_rmsnorm(x, res, w_norm, 1e-6)),
             graph_replay_us(lambda p=parts, res=res: fused_add_rmsnorm(p, res, w_norm, 1e-6)),
-            graph_replay_us(lambda q=q, k=k, v=v, pos=positions, s=slots: qk_norm_rope_store_kv(
-                q, k, v, pos, cos, sin, k_cache, v_cache, s, w_head, w_head)),
+            graph_replay_us(
+                lambda q=q, k=k, v=v, pos=positions, s=slots: qk_norm_rope_store_kv(
+                    q, k, v, pos, cos, sin, k_cache, v_cache, s, w_head, w_head
+                )
+            ),
             graph_replay_us(lambda g=gate_up: silu_and_mul(g)),
         ]
         row.append(graph_replay_us(lambda a=act: linear(a, w_down, partials=True)))

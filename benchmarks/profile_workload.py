@@ -1,31 +1,36 @@
-"""Where the GPU time of the whole throughput workload goes, by kind of step and kind of kernel.
+"""Where does the GPU time of the throughput workload go, by kind of step and kind of kernel?
 
-Runs bench_throughput's workload (nano-vllm bench, Qwen3-0.6B shape, dummy weights, bf16) once
-under torch.profiler (CUDA activity only, so host timings are not inflated much) and splits the
-GPU timeline into steps at each step's one staging upload (the pinned host-to-device copy that
-starts every step). For each kind of step it prints the wall time on the GPU timeline, the time
-in kernels by category (decode attention, prefill attention, GEMMs, norms, rotary, activation,
-sampler, copies) and the idle time; then the top kernels of each kind.
+Runs bench_throughput's workload (workload.py: nano-vllm's bench on Qwen3-0.6B's shape, dummy
+weights, bf16) once under torch.profiler (CUDA activity only, so host timings are not inflated
+much) and splits the GPU timeline into steps at each step's one staging upload (the pinned
+host-to-device copy that starts every step). For each kind of step it prints the wall time on the
+GPU timeline, the time in kernels by category (decode attention, prefill attention, GEMMs,
+norms, rotary, activation, sampler, copies) and the idle time; then the top kernels of each kind.
+With programmatic dependent launch a kernel's interval starts when it is scheduled, before it
+waits, so the categories overlap: compare the wall and idle columns across runs.
+--smoke: the workload's first requests on a tiny model on the CPU, steps recorded, no GPU
+timeline (a check of the script).
 
-    python benchmarks/profile_workload.py --out bench_out/profile_workload.json
+    python benchmarks/profile_workload.py [--out benchmarks/out/profile_workload.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
+from bench_common import device_info
+from bench_throughput import step_kind
 from minivllm import LLM, SamplingParams
-from minivllm.demo import make_demo_checkpoint
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_throughput import nano_vllm_workload
+from steps import StepRecord, StepRecorder
+from workload import engine_args, make_model_dir, nano_vllm_workload, smoke_workload
 
 CATEGORIES = (
     ("decode attn", ("_paged_decode",)),
@@ -37,6 +42,12 @@ CATEGORIES = (
     ("sampler", ("_chunk_stats", "_sample_chunks", "_resolve_placeholders")),
     ("copies", ("Memcpy", "Memset")),
 )
+SHORT = {
+    "decode attn": "dec-attn",
+    "prefill attn": "pre-attn",
+    "qk-norm+rope+kv": "rope",
+    "silu*mul": "silu",
+}
 
 
 def category(name: str) -> str:
@@ -46,87 +57,37 @@ def category(name: str) -> str:
     return "other"
 
 
-def step_kind(tokens: int, decodes: int) -> str:
-    if tokens != decodes:
-        return "prefill / mixed"
-    for lo, hi in ((1, 16), (17, 64), (65, 160), (161, 256)):
-        if decodes <= hi:
-            return f"decode {lo}-{hi}"
-    return "decode >256"
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/out/profile_workload.json")
-    ap.add_argument("--num-seqs", type=int, default=256)
-    ap.add_argument("--enforce-eager", action="store_true")
-    args = ap.parse_args()
-    from torch.profiler import ProfilerActivity, profile
-
-    prompts, max_tokens = nano_vllm_workload(args.num_seqs)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_demo_checkpoint(Path(tmp) / "m", "qwen3-0.6b", write_weights=False)
-        llm = LLM(str(model_dir), dtype="bfloat16", load_format="dummy", max_model_len=4096,
-                  seed=0, enforce_eager=args.enforce_eager)
-        warm = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=16)] * 8
-        llm.generate([p[:128] for p in prompts[:8]], warm, use_tqdm=False)
-        runner = llm.model_runner
-        real_launch = runner.launch
-        launches: list[tuple[int, int]] = []
-        host_ms: list[tuple[float, float]] = []  # (launch start since t0, host ms in launch)
-
-        def recording_launch(batch, staged: bool = False):
-            launches.append((int(batch.num_tokens), int(batch.num_decodes)))
-            start = time.perf_counter()
-            result = real_launch(batch, staged)
-            host_ms.append(((start - t0) * 1e3, (time.perf_counter() - start) * 1e3))
-            return result
-
-        runner.launch = recording_launch
-        params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n)
-                  for n in max_tokens]
-        torch.cuda.synchronize()
-        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
-        t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            llm.generate(prompts, params, use_tqdm=False)
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
-        del runner.launch
-        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
-    t1 = time.perf_counter()
+def gpu_timeline(prof: Any, records: list[StepRecord]) -> dict[str, Any]:
+    """GPU events split into steps at each upload, summed by kind of step and kernel category."""
     events = sorted(
         (e.start_ns(), e.start_ns() + e.duration_ns(), e.name())
         for e in prof.profiler.kineto_results.events()
         if e.device_type() == torch.autograd.DeviceType.CUDA
     )
     uploads = [i for i, ev in enumerate(events) if "Memcpy HtoD" in ev[2]]
-    print(f"{len(events)} GPU events, {len(uploads)} uploads, {len(launches)} launches; "
-          f"wall {wall:.2f} s; parsed in {time.perf_counter() - t1:.1f} s")
-    if len(uploads) != len(launches):
+    print(f"{len(events)} GPU events, {len(uploads)} uploads, {len(records)} launches")
+    if len(uploads) != len(records):
         print("warning: uploads != launches; steps are matched in order and may drift")
-    print(f"allocator retries (cudaFree + retry) during the run: {retries}")
-    n = min(len(uploads), len(launches))
-    per_step = []
     cats = [c for c, _ in CATEGORIES] + ["other"]
-    kinds: dict[str, dict] = {}
+    kinds: dict[str, dict[str, float]] = {}
     names: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for s in range(n):
+    step_ms = []  # per step: (GPU segment, kernel time) in ms
+    for s in range(min(len(uploads), len(records))):
         lo = uploads[s]
         hi = uploads[s + 1] if s + 1 < len(uploads) else len(events)
         seg = events[lo:hi]
-        start = seg[0][0]
         end = events[hi][0] if hi < len(events) else max(e for _, e, _ in seg)
-        kind = step_kind(*launches[s])
-        k = kinds.setdefault(kind, {"steps": 0, "wall_s": 0.0, "busy_s": 0.0,
-                                    **{c: 0.0 for c in cats}})
+        kind = step_kind(records[s].num_tokens, records[s].num_decodes)
+        k = kinds.setdefault(
+            kind, {"steps": 0, "wall_s": 0.0, "busy_s": 0.0, **dict.fromkeys(cats, 0.0)}
+        )
         k["steps"] += 1
-        k["wall_s"] += (end - start) * 1e-9
+        k["wall_s"] += (end - seg[0][0]) * 1e-9
+        step_ms.append(((end - seg[0][0]) * 1e-6, sum(b - a for a, b, _ in seg) * 1e-6))
         cur_s = cur_e = None
         for a, b, name in seg:
-            d = (b - a) * 1e-9
-            k[category(name)] += d
-            names[kind][name[:60]] += d
+            k[category(name)] += (b - a) * 1e-9
+            names[kind][name[:60]] += (b - a) * 1e-9
             if cur_e is None or a > cur_e:
                 if cur_e is not None:
                     k["busy_s"] += (cur_e - cur_s) * 1e-9
@@ -135,34 +96,89 @@ def main() -> None:
                 cur_e = max(cur_e, b)
         if cur_e is not None:
             k["busy_s"] += (cur_e - cur_s) * 1e-9
-        if s < 24 or kind == "prefill / mixed":
-            per_step.append((s, *launches[s], *host_ms[s], (end - start) * 1e-6,
-                             sum(b - a for a, b, _ in seg) * 1e-6))
-    print("first steps and every prefill/mixed step: step, tokens, decodes, launch at ms, host ms "
-          "in launch, GPU segment ms, kernel ms")
-    for row in per_step:
-        print("   " + "  ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row))
-    total = {c: sum(k[c] for k in kinds.values()) for c in ["steps", "wall_s", "busy_s", *cats]}
-    kinds["all"] = total
-    out = {"wall_s": wall, "kinds": kinds,
-           "top_kernels": {kd: sorted(v.items(), key=lambda x: -x[1])[:12]
-                           for kd, v in names.items()}}
+    kinds["all"] = {
+        c: sum(k[c] for k in kinds.values()) for c in ["steps", "wall_s", "busy_s", *cats]
+    }
+    top = {kd: sorted(v.items(), key=lambda x: -x[1])[:12] for kd, v in names.items()}
+    return {"kinds": kinds, "top_kernels": top, "step_gpu_ms": step_ms}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/out/profile_workload.json")
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, no GPU timeline")
+    args = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = not args.smoke
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("profile_workload needs a CUDA GPU (or --smoke)")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model_dir(tmp, smoke=args.smoke)
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        llm = LLM(
+            str(model_dir),
+            max_model_len=4096,
+            enforce_eager=args.enforce_eager,
+            **engine_args(args.smoke),
+        )
+    if args.smoke:
+        prompts, max_tokens = smoke_workload(vocab)
+    else:
+        prompts, max_tokens = nano_vllm_workload(args.num_seqs)
+    warm = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=16)
+    llm.generate([p[:128][::-1] for p in prompts[:8]], warm, use_tqdm=False)
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in max_tokens]
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
+    with StepRecorder(llm) as recorder:
+        profiler = profile(activities=[ProfilerActivity.CUDA]) if cuda else contextlib.nullcontext()
+        with profiler as prof:
+            t0 = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+    records = recorder.records
+    out: dict[str, Any] = {**device_info(), "wall_s": wall}
+    if cuda:
+        out["allocator_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
+        print(f"allocator retries (cudaFree + retry) during the run: {out['allocator_retries']}")
+        out.update(gpu_timeline(prof, records))
+    print(
+        "first steps and every step with prefill: step, tokens, decodes, launched at ms, host ms "
+        "in launch[, GPU segment ms, kernel ms]"
+    )
+    step_gpu_ms = out.get("step_gpu_ms", [])
+    for i, r in enumerate(records):
+        if i < 24 or r.num_tokens != r.num_decodes:
+            gpu = "  ".join(f"{ms:.2f}" for ms in step_gpu_ms[i]) if i < len(step_gpu_ms) else ""
+            at, host = (r.launched - t0) * 1e3, r.host_s * 1e3
+            print(f"   {i}  {r.num_tokens}  {r.num_decodes}  {at:.2f}  {host:.2f}  {gpu}")
+    llm.close()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
+    if not cuda:
+        print(f"\n{len(records)} steps in {wall:.2f} s (no GPU timeline on the CPU)")
+        return
     for kd, top in out["top_kernels"].items():
         print(f"\n{kd}: top kernels (s)")
         for name, s in top:
             print(f"   {s:8.4f}  {name}")
-    short = {"decode attn": "dec-attn", "prefill attn": "pre-attn", "qk-norm+rope+kv": "rope",
-             "silu*mul": "silu"}
-    print(f"\nGPU timeline by kind of step (seconds; wall = upload to next upload), "
-          f"run {wall:.2f} s")
-    print(f"{'kind':<16}{'steps':>6}{'wall':>7}{'idle':>7}"
-          + "".join(f"{short.get(c, c):>9}" for c in cats))
-    for kd in sorted(kinds):
-        k = kinds[kd]
-        print(f"{kd:<16}{k['steps']:>6}{k['wall_s']:>7.2f}{k['wall_s'] - k['busy_s']:>7.2f}"
-              + "".join(f"{k[c]:>9.3f}" for c in cats))
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    print(
+        f"\nGPU timeline by kind of step (seconds; wall = upload to next upload), run {wall:.2f} s"
+    )
+    print(
+        f"{'kind':<16}{'steps':>6}{'wall':>7}{'idle':>7}"
+        + "".join(f"{SHORT.get(c, c):>9}" for c in cats)
+    )
+    for kd, k in sorted(out["kinds"].items()):
+        print(
+            f"{kd:<16}{k['steps']:>6.0f}{k['wall_s']:>7.2f}{k['wall_s'] - k['busy_s']:>7.2f}"
+            + "".join(f"{k[c]:>9.3f}" for c in cats)
+        )
 
 
 if __name__ == "__main__":

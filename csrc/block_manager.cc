@@ -15,8 +15,9 @@ BlockManager::BlockManager(int32_t num_blocks, int32_t block_size)
       hashes_(num_blocks, 0),
       parent_hashes_(num_blocks, 0),
       token_ids_(num_blocks),
-      lru_prev_(num_blocks + 1, num_blocks),
-      lru_next_(num_blocks + 1, num_blocks) {
+      // One more node, the sentinel (in size_t: num_blocks may be INT32_MAX).
+      lru_prev_(static_cast<size_t>(num_blocks) + 1, num_blocks),
+      lru_next_(static_cast<size_t>(num_blocks) + 1, num_blocks) {
   free_block_ids_.reserve(num_blocks);
   for (int32_t b = num_blocks - 1; b >= 0; --b) free_block_ids_.push_back(b);
   hash_to_block_.reserve(static_cast<size_t>(num_blocks));
@@ -94,6 +95,19 @@ void BlockManager::register_block(int32_t block_id, uint64_t block_hash, uint64_
   hashes_[block_id] = block_hash;
   parent_hashes_[block_id] = parent_hash;
   token_ids_[block_id].assign(token_ids, token_ids + block_size_);
+}
+
+int32_t BlockManager::reset_prefix_cache() {
+  const auto dropped = static_cast<int32_t>(hash_to_block_.size());
+  for (int32_t b = lru_next_[num_blocks_]; b != num_blocks_;) {
+    const int32_t next = lru_next_[b];
+    lru_unlink(b);
+    free_block_ids_.push_back(b);
+    b = next;
+  }
+  std::fill(has_hash_.begin(), has_hash_.end(), 0);
+  hash_to_block_.clear();
+  return dropped;
 }
 
 std::optional<uint64_t> BlockManager::block_hash(int32_t block_id) const {

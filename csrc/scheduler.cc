@@ -12,6 +12,8 @@ namespace minivllm {
 namespace {
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+// The smallest double that rounds to float32 infinity: halfway between FLT_MAX and 2^128.
+constexpr double kFloat32Overflow = 0x1.ffffffp+127;
 constexpr int32_t kPlaceholder = -1;  // a token scheduled to be sampled, not delivered yet
 
 template <typename... Parts>
@@ -21,7 +23,8 @@ std::string cat(const Parts&... parts) {
   return os.str();
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// For a >= 0 and b >= 1; never overflows.
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 bool contains(const std::vector<int64_t>& ids, int64_t id) {
   return std::find(ids.begin(), ids.end(), id) != ids.end();
@@ -56,8 +59,11 @@ const char* finish_reason_name(FinishReason reason) {
 Scheduler::Scheduler(const SchedulerConfig& config)
     : config_(validated(config)),
       blocks_(static_cast<int32_t>(config.num_blocks), static_cast<int32_t>(config.block_size)) {
-  running_.reserve(static_cast<size_t>(config_.max_num_seqs));
-  rows_.reserve(static_cast<size_t>(config_.max_num_seqs));
+  // A running sequence holds at least one block, so no more than num_blocks ever run.
+  const auto max_running =
+      static_cast<size_t>(std::min(config_.max_num_seqs, config_.num_blocks));
+  running_.reserve(max_running);
+  rows_.reserve(max_running);
 }
 
 // --------------------------------------------------------------------------------------------
@@ -68,11 +74,14 @@ void Scheduler::add_request(const Request& r) {
     throw InvalidArgument(cat("seq_id ", r.seq_id, " is already in use by an unfinished request"));
   }
   if (r.max_tokens < 1) throw InvalidArgument(cat("max_tokens must be >= 1, got ", r.max_tokens));
-  if (!(std::isfinite(r.temperature) && r.temperature >= 0.0)) {
-    throw InvalidArgument(cat("temperature must be finite and >= 0, got ", r.temperature));
+  // The Batch carries float32: a temperature that rounds to infinity or a top_p that rounds to
+  // 0 is refused, and the casts below stay in range.
+  if (!(r.temperature >= 0.0 && r.temperature < kFloat32Overflow)) {
+    throw InvalidArgument(
+        cat("temperature must be finite and >= 0 (as float32), got ", r.temperature));
   }
-  if (!(r.top_p > 0.0 && r.top_p <= 1.0)) {
-    throw InvalidArgument(cat("top_p must be in (0, 1], got ", r.top_p));
+  if (!(r.top_p > 0.0 && r.top_p <= 1.0 && static_cast<float>(r.top_p) > 0.0f)) {
+    throw InvalidArgument(cat("top_p must be in (0, 1] (and > 0 as float32), got ", r.top_p));
   }
   if (!(r.top_k >= 0 && r.top_k <= kInt32Max)) {
     throw InvalidArgument(cat("top_k must be in [0, 2**31 - 1] (0 = off), got ", r.top_k));
@@ -117,6 +126,8 @@ void Scheduler::add_request(const Request& r) {
   seq->num_prompt_tokens = num_prompt;
   seq->max_tokens = r.max_tokens;
   seq->ignore_eos = r.ignore_eos;
+  seq->skip_prefix_cache = r.skip_prefix_cache;
+  seq->vocab_size = r.vocab_size;
   seq->eos_token_ids = r.eos_token_ids;
   seq->stop_token_ids = r.stop_token_ids;
   SamplingParams& sp = seq->sampling;
@@ -279,13 +290,45 @@ std::optional<BatchShape> Scheduler::schedule(const BatchAllocator& allocate) {
   return shape;
 }
 
+std::optional<BatchShape> Scheduler::schedule_into(int32_t* host, int64_t host_size,
+                                                   const StagingLayout& layout,
+                                                   const UnstagedAllocator& allocate) {
+  layout.check_size(host_size);
+  const int64_t width = ceil_div(config_.max_model_len, config_.block_size);
+  if (layout.max_tokens() < config_.max_num_batched_tokens ||
+      layout.max_seqs() < config_.max_num_seqs || layout.max_blocks() < width) {
+    throw InvalidArgument(cat("layout capacities (tokens ", layout.max_tokens(), ", rows ",
+                              layout.max_seqs(), ", blocks ", layout.max_blocks(),
+                              ") are below the scheduler's (", config_.max_num_batched_tokens,
+                              ", ", config_.max_num_seqs, ", ", width, ")"));
+  }
+  const auto at = [host, &layout](StagingField field) { return host + layout.offset(field); };
+  const auto at_float = [&at](StagingField field) { return reinterpret_cast<float*>(at(field)); };
+  return schedule([&](const BatchShape& s) {
+    // The capacity check above and the scheduler's limits guarantee this.
+    if (s.num_tokens > layout.max_tokens() || s.num_seqs > layout.max_seqs() ||
+        s.max_blocks > layout.max_blocks()) {
+      throw std::logic_error("schedule_into: a Batch larger than the scheduler's limits");
+    }
+    const UnstagedBuffers u = allocate(s);
+    BatchBuffers out{u.seq_ids,          at(kInputIds),          at(kPositions),
+                     at(kSlotMapping),   u.query_start_loc,      at(kSeqLens),
+                     at(kBlockTables),   at(kLogitsIndices),     u.sample_seq_ids,
+                     at_float(kTemperature), at_float(kTopP),    at(kTopK),
+                     at_float(kMinP),    at_float(kUniforms)};
+    out.block_tables_stride = layout.max_blocks();
+    return out;
+  });
+}
+
 bool Scheduler::admit(Sequence* seq) {
   // A preempted sequence waits for its outstanding tokens before it is recomputed.
   if (seq->num_unknown > 0) return false;
   const int64_t bs = config_.block_size;
   const int64_t num_tokens = seq->num_tokens();
   hits_.clear();
-  if (config_.enable_prefix_caching) {
+  const bool reads_cache = config_.enable_prefix_caching && !seq->skip_prefix_cache;
+  if (reads_cache) {
     uint64_t parent = 0;
     const int64_t max_hits = (num_tokens - 1) / bs;  // never the block of the last token
     for (int64_t j = 0; j < max_hits; ++j) {
@@ -311,7 +354,7 @@ bool Scheduler::admit(Sequence* seq) {
   seq->num_computed_tokens = num_hits * bs;
   seq->num_prefill_tokens = num_tokens;
   seq->num_registered_blocks = num_hits;
-  if (config_.enable_prefix_caching) {
+  if (reads_cache) {
     stats_.prefix_cache_queries += num_tokens;
     stats_.prefix_cache_hits += num_hits * bs;
   }
@@ -386,14 +429,16 @@ void Scheduler::write_batch(const BatchShape& shape, const BatchBuffers& out) co
 // --------------------------------------------------------------------------------------------
 std::vector<FinishedSequence> Scheduler::update(const int64_t* sampled_token_ids,
                                                 int64_t num_sampled) {
-  if (pending_.empty()) {
-    if (!empty_batch_outstanding_) throw ProtocolError("update() called without a scheduled Batch");
-    if (num_sampled != 0) {
-      throw InvalidArgument(cat("sampled_token_ids has shape (", num_sampled,
-                                ",), expected (0,), one per Batch.sample_seq_ids row"));
-    }
+  if (num_sampled == 0 && empty_batch_outstanding_) {
+    // Right after a Batch without sampled rows: that Batch's (optional) update. With async
+    // scheduling an older Batch may await its tokens, but never zero of them.
     empty_batch_outstanding_ = false;
     return {};
+  }
+  if (pending_.empty()) {
+    if (!empty_batch_outstanding_) throw ProtocolError("update() called without a scheduled Batch");
+    throw InvalidArgument(cat("sampled_token_ids has shape (", num_sampled,
+                              ",), expected (0,), one per Batch.sample_seq_ids row"));
   }
   const std::vector<Sequence*>& batch = pending_.front();
   if (num_sampled != static_cast<int64_t>(batch.size())) {
@@ -401,9 +446,14 @@ std::vector<FinishedSequence> Scheduler::update(const int64_t* sampled_token_ids
                               batch.size(), ",), one per Batch.sample_seq_ids row"));
   }
   for (int64_t i = 0; i < num_sampled; ++i) {
-    if (sampled_token_ids[i] < 0 || sampled_token_ids[i] > kInt32Max) {
-      throw InvalidArgument(
-          cat("sampled token id ", sampled_token_ids[i], " is out of range [0, 2**31 - 1]"));
+    const int64_t token = sampled_token_ids[i];
+    if (token < 0 || token > kInt32Max) {
+      throw InvalidArgument(cat("sampled token id ", token, " is out of range [0, 2**31 - 1]"));
+    }
+    const Sequence* seq = batch[static_cast<size_t>(i)];
+    if (seq != nullptr && seq->vocab_size && token >= *seq->vocab_size) {
+      throw InvalidArgument(cat("sampled token id ", token, " of seq_id ", seq->seq_id,
+                                " is out of range [0, vocab_size ", *seq->vocab_size, ")"));
     }
   }
   const std::vector<Sequence*> seqs = std::move(pending_.front());

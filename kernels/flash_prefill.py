@@ -100,8 +100,17 @@ def _flash_prefill_kernel(
     # Keys below the tile's first position are visible to every row: no masks.
     full_end = ((ctx_len + m0) // BLOCK_N) * BLOCK_N
     for tile_start in range(0, full_end, BLOCK_N):
-        rows = tile_row_offsets(bt_row, tile_start, seq_len, stride_cache_block, stride_cache_tok,
-                                BLOCK_SIZE, BLOCK_N, False, SELECT_LOOKUP)
+        rows = tile_row_offsets(
+            bt_row,
+            tile_start,
+            seq_len,
+            stride_cache_block,
+            stride_cache_tok,
+            BLOCK_SIZE,
+            BLOCK_N,
+            False,
+            SELECT_LOOKUP,
+        )
         kv_off = head_off + rows[:, None] + offs_d[None, :]  # [BLOCK_N, HEAD_DIM]
         k = tl.load(k_cache_ptr + kv_off)
         v = tl.load(v_cache_ptr + kv_off)
@@ -119,8 +128,17 @@ def _flash_prefill_kernel(
     for tile_start in range(full_end, diag_end, BLOCK_N):
         key_pos = tile_start + offs_n
         n_mask = key_pos < seq_len
-        rows = tile_row_offsets(bt_row, tile_start, seq_len, stride_cache_block, stride_cache_tok,
-                                BLOCK_SIZE, BLOCK_N, True, SELECT_LOOKUP)
+        rows = tile_row_offsets(
+            bt_row,
+            tile_start,
+            seq_len,
+            stride_cache_block,
+            stride_cache_tok,
+            BLOCK_SIZE,
+            BLOCK_N,
+            True,
+            SELECT_LOOKUP,
+        )
         kv_off = head_off + rows[:, None] + offs_d[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
@@ -154,8 +172,8 @@ def _num_sms(device: torch.device) -> int:
 def _default_config(
     block_size: int, num_tiles_at_128: int, device: torch.device
 ) -> tuple[int, int, int, int]:
-    """(block_m, block_n, num_warps, num_stages), from tile sweeps on an H100 (bf16, d=128; see
-    benchmarks/NOTES_kernels.md).
+    """(block_m, block_n, num_warps, num_stages), from tile sweeps on an H100 (bf16, d=128;
+    bench_prefill_attention.py --sweep; the figures are in benchmarks/README.md).
 
     16-token cache blocks: 128 packed rows with a narrow key tile (32) and 8 warps won (lowest
     register pressure per warp, 3-stage cp.async prefetch of K/V). Blocks >= 64 tokens: 64 rows x
@@ -221,7 +239,6 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    select_lookup: bool = True,
     tiles: torch.Tensor | None = None,  # [max_tiles] int32, from build_tile_table
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequence's whole paged context.
@@ -231,8 +248,47 @@ def prefill_attention(
     CUDA graph's step): its entries name the (row, query tile) of each program, built with the
     tokens per tile of `tile_config` over all of q's tokens, and max_seqlen_q is not read.
     """
+    return _prefill_attention(
+        q,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seq_lens,
+        block_tables,
+        scale,
+        max_seqlen_q,
+        out,
+        block_m=block_m,
+        block_n=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        tiles=tiles,
+    )
+
+
+def _prefill_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    cu_seqlens_q: torch.Tensor,  # [B+1] int32
+    seq_lens: torch.Tensor,  # [B] int32, whole context (cached prefix + new tokens)
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    scale: float,
+    max_seqlen_q: int,
+    out: torch.Tensor | None = None,  # [T, num_heads, head_dim]
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    tiles: torch.Tensor | None = None,  # [max_tiles] int32, from build_tile_table
+    select_lookup: bool = True,
+) -> torch.Tensor:
+    """`prefill_attention` with the variant only the benchmarks' sweep compares: the block-table
+    lookup of a key tile wider than a cache block (`select_lookup`, see
+    block_table.tile_row_offsets)."""
     num_tokens, num_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     assert q.stride(2) == 1 and num_heads % num_kv_heads == 0

@@ -76,8 +76,8 @@ def store_kvcache(
     if num_tokens == 0:
         return
     # Default 16 tokens x 8 heads x 128 dims = 32 KB per tensor per program over 8 warps: four
-    # 16-byte loads in flight per thread and tensor, 512 programs for an 8192-token chunk. Best
-    # of the H100 sweep (4..64 tokens, 4..16 warps), though the spread was only ~3%.
+    # 16-byte loads in flight per thread and tensor, 512 programs for an 8192-token chunk. The
+    # best of bench_decode_attention.py's sweep (4..64 tokens, 4..16 warps), by a small margin.
     block_h, block_d = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_dim)
     flat = (
         block_h == num_kv_heads

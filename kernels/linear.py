@@ -1,8 +1,8 @@
 """Triton: the model's GEMMs at decode batch sizes (y = x @ W^T, up to 256 tokens).
 
-cuBLAS runs these small GEMMs at 1-2 TB/s of weight reads: too few output tiles to fill the GPU
-(o_proj and down_proj have N = hidden = 1024 outputs), and a launch that cannot overlap the kernel
-before it. This kernel:
+cuBLAS reads the weights of these small GEMMs well below the card's bandwidth: too few output
+tiles to fill the GPU (o_proj and down_proj have N = hidden = 1024 outputs), and a launch that
+cannot overlap the kernel before it. This kernel:
 - loads its tiles with the tensor-memory accelerator (host tensor descriptors; rows past M and
   columns past K read as zeros), and puts the weight rows on the MMA's M side ("swap AB"), so even
   16 tokens fill a 64-row wgmma;
@@ -11,9 +11,8 @@ before it. This kernel:
   these projections, adds the S partials up in split order (deterministic) as it reads them;
 - launches as a programmatic dependent (kernels/pdl.py), like every other kernel of the layer.
 
-Measured on an H200 (`benchmarks/bench_layer_chain.py`: a layer's norms, four GEMMs and SiLU, 28
-layers of cold weights in one CUDA graph, us per layer): cuBLAS 33.8 / 30.5 / 31.7 / 33.4 us
-against 21.4 / 22.0 / 23.9 / 25.5 us here with PDL at 1 / 16 / 64 / 128 tokens. Past 128 tokens
+`benchmarks/bench_layer_chain.py` measures what this buys a decoder layer against cuBLAS (its
+norms, four GEMMs and SiLU over 28 layers of cold weights in one CUDA graph). Past 128 tokens
 cuBLAS keeps qkv and gate/up (MAX_COLUMN_TOKENS). `gemm_config` holds the tile shapes
 `benchmarks/bench_gemm.py` found (cold weights, one GEMM at a time).
 """
@@ -33,8 +32,8 @@ from .pdl import device_index, pdl_enabled, pdl_start, sm90_or_newer
 # Largest M (tokens) given to this kernel; bigger GEMMs (prefill) fill the GPU under cuBLAS.
 MAX_TOKENS = 256
 # Past this many tokens the column-parallel GEMMs (qkv, gate/up: N = 4096, 6144) are faster under
-# cuBLAS, even with the launch overlap lost (bench_layer_chain.py: 30-34 against 34-39 us per
-# layer at 144-224 tokens); the split-K row-parallel ones stay here up to MAX_TOKENS.
+# cuBLAS, even with the launch overlap lost (bench_layer_chain.py); the split-K row-parallel ones
+# stay here up to MAX_TOKENS.
 MAX_COLUMN_TOKENS = 128
 
 
@@ -112,9 +111,7 @@ def _num_sms(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def gemm_config(
-    m: int, n: int, k: int, partials: bool, num_sms: int = 132
-) -> GemmConfig | None:
+def gemm_config(m: int, n: int, k: int, partials: bool, num_sms: int = 132) -> GemmConfig | None:
     """The configuration for an [m, k] x [n, k]^T GEMM, or None where cuBLAS is faster (above
     MAX_TOKENS; above MAX_COLUMN_TOKENS without partials). Tuned on an H200 for Qwen3-0.6B's
     shapes (bench_gemm.py with cold weights, then bench_layer_chain.py)."""

@@ -15,8 +15,8 @@ does not depend on the order.
 
 The grid's first (fastest-varying) dimension is the KV head: the programs of one row's heads are
 dispatched side by side and read the interleaved heads of the same cache blocks at about the same
-time, which the memory likes better than one head of many rows at a time (H200, 256 rows of
-100-2048 tokens: 4,351 against 4,037 GB/s; `heads_first=False` gives the old order).
+time, which the memory serves faster than one head of many rows at a time
+(`benchmarks/bench_decode_varlen.py` compares the two through `_decode_attention`'s `heads_first`).
 """
 
 from __future__ import annotations
@@ -227,14 +227,13 @@ def _default_split(
     """(max_num_splits, min_partition) for a launch of `batch` rows: fixed by the batch size and
     the block-table width (`max_context`), never by the data.
 
-    Tuned with bench_decode_varlen.py (H200, rows of 100-2048 tokens taken longest first,
-    heads-first grid, GB/s):
-    - one split once the (row, KV head) programs alone give every SM five: 128 rows 4,140
-      against 3,737 with ~4 splits;
-    - from three per SM, at most two splits of >= 512 tokens: 64 rows 3,764 against 3,503 with
-      ~9 splits of >= 256;
+    Each rule was the fastest in bench_decode_varlen.py's sweep (rows of mixed lengths taken
+    longest first; the figures are in benchmarks/README.md):
+    - one split once the (row, KV head) programs alone give every SM five: more splits only add
+      a reduce;
+    - from three per SM, at most two splits of >= 512 tokens;
     - below that, enough splits of >= 256 tokens for ~32 programs per SM (the short splits keep
-      the long rows from forming the grid's tail): 32 rows 3,140 against 2,962 with two.
+      the long rows from forming the grid's tail).
     """
     if device.type == "cuda":
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -263,9 +262,7 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int | None = None,
-    select_lookup: bool = True,
     row_order: torch.Tensor | None = None,  # [B] int32, a permutation of range(B)
-    heads_first: bool = True,
 ) -> torch.Tensor:
     """Attention of one query per sequence (position seq_lens[b] - 1) over its paged context.
 
@@ -273,9 +270,47 @@ def decode_attention(
     per split; both default from the batch size and the block-table width, so a fixed-shape call
     has a fixed grid), the key tile `block_n` and the launch's `num_warps` / `num_stages` (default
     2 with one split, 3 with several); `row_order` (longest context first) is the order the
-    programs take the rows in; `heads_first` puts the KV heads in the grid's fastest dimension
-    (the default, see the module docstring).
+    programs take the rows in.
     """
+    return _decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        seq_lens,
+        block_tables,
+        scale,
+        out,
+        max_num_splits=max_num_splits,
+        min_partition=min_partition,
+        block_n=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        row_order=row_order,
+    )
+
+
+def _decode_attention(
+    q: torch.Tensor,  # [B, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    seq_lens: torch.Tensor,  # [B] int32; 0 marks a padding row
+    block_tables: torch.Tensor,  # [B, max_blocks] int32, padded with -1
+    scale: float,
+    out: torch.Tensor | None = None,  # [B, num_heads, head_dim]
+    *,
+    max_num_splits: int | None = None,
+    min_partition: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int | None = None,
+    row_order: torch.Tensor | None = None,  # [B] int32, a permutation of range(B)
+    select_lookup: bool = True,
+    heads_first: bool = True,
+) -> torch.Tensor:
+    """`decode_attention` with the variants only the benchmarks' sweeps compare: the block-table
+    lookup of a key tile wider than a cache block (`select_lookup`, see
+    block_table.tile_row_offsets) and the grid order (`heads_first=False`: the rows in the
+    grid's fastest dimension instead of the KV heads)."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
@@ -308,8 +343,8 @@ def decode_attention(
     assert min_partition % block_n == 0, (min_partition, block_n)
     single_split = max_num_splits == 1
     if num_stages is None:
-        # One split: fewer stages leave room for more programs per SM (H200, 128 rows: 4,325
-        # against 4,181 GB/s with 3; equal at 192-256 rows).
+        # One split: fewer stages leave room for more programs per SM (faster from ~128 rows,
+        # never slower in the sweep).
         num_stages = 2 if single_split else 3
     if single_split:  # the kernel writes `out` itself; the partial pointers are never read
         part_out = part_lse = out

@@ -5,8 +5,8 @@ is still running: its programs start, and wait (`griddepcontrol.wait`) until tha
 finished and its writes are visible. Each per-layer kernel calls `pdl_start` first, so none of it
 runs before the wait, and its own dependents may launch at once. With every kernel of a layer in
 the chain (the GEMMs are Triton too, kernels/linear.py), a kernel's launch and ramp-up overlap the
-tail of the one before: 2-5 us per layer of a decode step (`benchmarks/bench_layer_chain.py`),
-0.12 s of the 4.8 s benchmark run on an H200.
+tail of the one before, which shortens every layer of a decode step (`bench_layer_chain.py`, and
+`bench_throughput.py` run with MINIVLLM_PDL=0 against without).
 
 The wait covers the previous kernel only; since every kernel in the chain waits before it ends,
 the kernels before that one have finished too. A kernel after a non-PDL one (cuBLAS, NCCL, torch)

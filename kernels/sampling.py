@@ -56,8 +56,8 @@ def _chunk_stats_kernel(
         other=-float("inf"),
     )
     z = x.to(tl.float32) * scale
-    # Greedy rows need only the argmax, sampling rows only max and sum: skipping the argmax took
-    # both kernels at 256 rows x 151936 bf16 from 39 to 32 us on an H200.
+    # Greedy rows need only the argmax, sampling rows only max and sum: each skips the other's
+    # reduction, a measurable share of both kernels' time.
     if is_greedy:
         m, arg = tl.max(z, axis=0, return_indices=True, return_indices_tie_break_left=True)
         s = 0.0
@@ -166,8 +166,8 @@ def sample_from_logits(
     scratch = torch.empty(3, num_rows, num_chunks, dtype=torch.float32, device=logits.device)
     chunk_max, chunk_sum, chunk_argmax = scratch[0], scratch[1], scratch[2].view(torch.int32)
     # 4096 logits per chunk over 4 warps: 32 per thread (four 16-byte bf16 loads in flight), 38
-    # chunks for Qwen's 151936-entry vocabulary, one chunk's tl.cumsum in registers. On an H200
-    # this beat 2048 and 8192 (and 8 warps) at 256 rows and was within 1 us of the best at 8.
+    # chunks for Qwen's 151936-entry vocabulary, one chunk's tl.cumsum in registers. The best of
+    # 2048 / 4096 / 8192 logits and 4 / 8 warps at 256 rows, and near the best at 8.
     top_k_ptr = top_k if top_k is not None else temperature
     _chunk_stats_kernel[(num_rows, num_chunks)](
         logits_ptr=logits,

@@ -1,7 +1,27 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# Hypothesis: CI runs one fixed set of examples (derandomized, no example database), so its result
+# depends only on the commit; local runs draw new examples each time and keep failing ones in
+# .hypothesis/. The example counts are set here, per profile, not on the tests. No deadline:
+# tests never assert timings. HYPOTHESIS_PROFILE=ci|dev picks a profile explicitly.
+settings.register_profile(
+    "ci", max_examples=200, derandomize=True, database=None, deadline=None, print_blob=True
+)
+settings.register_profile("dev", max_examples=100, deadline=None)
+
+
+def _in_ci() -> bool:
+    """CI services set CI (to "true", or "1"); unset, empty or a false word means a local run."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _in_ci() else "dev"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -208,6 +208,7 @@ class EagerGraphRunner(CudaGraphRunner):
                          runner.config.max_num_seqs, mixed_tokens, block_m // group)
         self.replayed: list[tuple[int, int]] = []
         self.replayed_mixed: list[int] = []
+        self.replayed_buckets: list[int] = []
 
     def replay(self, num_decodes: int) -> torch.Tensor:
         bs = self.bucket(num_decodes)
@@ -224,15 +225,17 @@ class EagerGraphRunner(CudaGraphRunner):
     def replay_mixed(self, num_tokens: int) -> torch.Tensor:
         from minivllm.kernels.flash_prefill import build_tile_table
 
-        x, total = self.inputs, self.mixed_tokens
+        x, total = self.inputs, self.mixed_bucket(num_tokens)
         assert x.slot_mapping[num_tokens:total].eq(-1).all()
         cu = x.cu_seqlens.numpy()
         rows = int((cu[1:] > cu[:-1]).sum())
         assert cu[rows] == num_tokens and (cu[rows:] == num_tokens).all()
         assert x.seq_lens[rows:].eq(0).all()
         expect = np.zeros(x.tiles.shape[0], dtype=np.int32)
-        build_tile_table(cu[: rows + 1], x.seq_lens.numpy()[:rows], self.tokens_per_tile, expect)
+        build_tile_table(cu[: rows + 1], x.seq_lens.numpy()[:rows], self.tokens_per_tile(total),
+                         expect)
         assert np.array_equal(x.tiles.numpy(), expect)
         self.replayed_mixed.append(num_tokens)
-        meta = self._mixed_metadata()
+        self.replayed_buckets.append(total)
+        meta = self._mixed_metadata(total)
         return self.forward(x.input_ids[:total], x.positions[:total], meta)[:num_tokens]

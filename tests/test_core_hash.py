@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xxhash
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from minivllm import _core
 from minivllm.engine import reference
@@ -31,13 +31,11 @@ def test_xxh64_known_vectors() -> None:
     assert _core.xxh64(b"abc") == 0x44BC2CF5AD770999
 
 
-@settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=300), seed=st.integers(0, 2**64 - 1))
 def test_xxh64_random(data: bytes, seed: int) -> None:
     assert _core.xxh64(data, seed) == xxhash.xxh64_intdigest(data, seed)
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     parent=st.integers(0, 2**64 - 1),
     tokens=st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=300),

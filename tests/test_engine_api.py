@@ -270,6 +270,24 @@ def test_mixed_graph_path_on_cpu(tiny_qwen3):
     assert_all_blocks_free(llm)
 
 
+def test_mixed_graph_buckets_on_cpu(tiny_qwen3):
+    """Steps with prefill replay the smallest mixed graph that holds them (token counts 128, 256,
+    512 here: padded at most twofold), so a lone short prompt is not padded to a full step; fewer
+    than 64 tokens run eagerly. Greedy outputs match transformers through every bucket."""
+    llm = make_llm(tiny_qwen3, block_size=16, max_num_seqs=8, max_num_batched_tokens=512)
+    runner = llm.model_runner
+    runner.graph_runner = replay = EagerGraphRunner(runner, mixed_tokens=512)
+    assert replay.mixed_sizes == [128, 256, 512]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    for n in (70, 200, 300, 500, 20):  # one prompt at a time: a lone prefill
+        prompt = mixed_prompts(1, seed=n, min_len=n, max_len=n)[0]
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == hf_greedy(tiny_qwen3, prompt, params.max_tokens)
+    assert replay.replayed_buckets == [128, 256, 512, 512]
+    assert replay.replayed_mixed == [70, 200, 300, 500]
+    assert_all_blocks_free(llm)
+
+
 def test_cli_bench(capsys):
     args = ["bench", "--num-prompts", "4", "--min-input", "5", "--max-input", "12",
             "--min-output", "3", "--max-output", "6", "--device", "cpu", "--no-progress"]  # fmt: skip

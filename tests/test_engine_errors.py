@@ -110,6 +110,12 @@ GOOD = [5, 6, 7, 8]
         ([GOOD, list(range(3, 300)) * 2], None, "max_model_len=512"),
         ([GOOD, GOOD], [SamplingParams()], "got 1 SamplingParams for 2 prompts"),
         ([GOOD, GOOD], SamplingParams(max_model_length=4), "max_model_length=4"),
+        (b"hello", None, "prompts is bytes"),
+        ([GOOD, b"hello"], None, "prompt 1 is bytes"),
+        ([GOOD], SamplingParams(stop_token_ids=[512]), "stop_token_ids: 512 is outside"),
+        ([GOOD], SamplingParams(logprobs=513), "logprobs"),
+        ([GOOD] * 1000 + [[1, 600]], None, "prompt 1000: token id 600 is outside"),
+        ([GOOD], {"temperature": 0}, "sampling_params is a dict; pass SamplingParams"),
     ],
 )
 def test_bad_requests_leave_engine_clean(tiny_llm, tiny_qwen3, prompts, params, match):
@@ -172,3 +178,24 @@ def test_text_prompt_without_tokenizer(tmp_path):
         llm.generate("hello", use_tqdm=False)
     out = llm.generate([GOOD], SamplingParams(max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3 and out[0].outputs[0].text == ""
+
+
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([{"role": "user"}], "message 0 \\(user\\) needs a 'content' string, got NoneType"),
+        ([{"role": "user", "content": "hi"}, {"content": "x"}], "message 1 needs a 'role'"),
+        ([{"role": "user", "content": 5}], "needs a 'content' string, got int"),
+        ([{"role": "user", "content": [{"type": "image"}]}], "content parts"),
+    ],
+)
+def test_bad_chat_messages(tiny_llm, messages, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_llm.chat(messages, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert_all_blocks_free(tiny_llm)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"text": "lo"}]}]
+    joined = [{"role": "user", "content": "Hello"}]
+    sp = SamplingParams(temperature=0, max_tokens=3)
+    assert tiny_llm.chat(parts, sp, use_tqdm=False)[0].prompt_token_ids == (
+        tiny_llm.chat(joined, sp, use_tqdm=False)[0].prompt_token_ids
+    )

@@ -1,6 +1,6 @@
 """The OpenAI request and response models (entrypoints/protocol.py): what validates, what is
 refused with which message, the SamplingParams a request becomes, the responses and logprobs
-built from engine outputs."""
+built from engine outputs; and the server's metrics (entrypoints/metrics.py)."""
 
 from __future__ import annotations
 
@@ -268,3 +268,30 @@ def test_streamed_logprob_offsets_continue():
     assert got.text_offset == [10, 16] and got.top_logprobs == [{" world": -0.2}, {"!": -0.3}]
     chat = chat_logprobs([7], entries[:1], 0, decode)
     assert chat.content[0].top_logprobs == []
+
+
+def test_metrics_histograms_and_counters():
+    from minivllm.entrypoints.metrics import ServerMetrics
+    from minivllm.outputs import RequestMetrics
+
+    stats = {"num_running": 1, "num_waiting": 2, "num_free_blocks": 6, "num_kv_blocks": 8,
+             "prefix_cache_queries": 40, "prefix_cache_hits": 10}  # fmt: skip
+    m = ServerMetrics(lambda: stats, 8)
+    for gap in (0.001, 0.0011, 7.0):  # on a bound (le: counted there), just above, past all
+        m.itl.observe(gap)
+    out = fake_output(n=2)
+    out.metrics = RequestMetrics(arrival_time=1.0, first_token_time=1.5, finished_time=2.5)
+    m.observe_finished(out, [3, 5])
+    lines = dict(line.rsplit(" ", 1) for line in m.render().decode().splitlines() if line[0] != "#")
+    assert float(lines['minivllm:inter_token_latency_seconds_bucket{le="0.001"}']) == 1
+    assert float(lines['minivllm:inter_token_latency_seconds_bucket{le="0.0025"}']) == 2
+    assert float(lines['minivllm:inter_token_latency_seconds_bucket{le="5.0"}']) == 2
+    assert float(lines['minivllm:inter_token_latency_seconds_bucket{le="+Inf"}']) == 3
+    assert float(lines["minivllm:inter_token_latency_seconds_sum"]) == pytest.approx(7.0021)
+    assert float(lines["minivllm:time_to_first_token_seconds_sum"]) == 0.5
+    assert float(lines["minivllm:time_per_output_token_seconds_sum"]) == 0.25  # 1 s / 4 gaps
+    assert float(lines["minivllm:generation_tokens_total"]) == 8
+    assert float(lines['minivllm:request_success_total{finished_reason="length"}']) == 2
+    assert float(lines["minivllm:kv_cache_usage_perc"]) == 0.25
+    assert float(lines["minivllm:prefix_cache_hit_rate"]) == 0.25
+    assert float(lines["minivllm:num_requests_waiting"]) == 2

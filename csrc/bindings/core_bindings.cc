@@ -3,18 +3,25 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "minivllm/hash.h"
 #include "minivllm/scheduler.h"
+#include "minivllm/staging.h"
 
 namespace py = pybind11;
 using minivllm::BatchBuffers;
 using minivllm::BatchShape;
+using minivllm::kStagingFields;
 using minivllm::Scheduler;
+using minivllm::StagingField;
+using minivllm::StagingLayout;
+using minivllm::UnstagedBuffers;
 
 namespace minivllm {
 const char* version();
@@ -46,20 +53,45 @@ struct StagedBatch {
   py::array_t<int32_t> query_start_loc;
 };
 
-// The order of schedule_into()'s `layout`: int32-element offsets into the staging buffer, the
-// block-table row stride, then the capacities (tokens, rows) the fields were sized for.
-enum Layout : int {
-  kInputIds, kPositions, kSlotMapping, kSeqLens, kBlockTables, kBlockTablesStride,
-  kLogitsIndices, kTemperature, kTopP, kTopK, kMinP, kUniforms, kMaxTokens, kMaxSeqs,
-  kLayoutSize
-};
-
 std::string describe(const py::handle& obj) {
   if (py::isinstance<py::array>(obj)) return py::str(obj.attr("dtype"));
   return py::str(py::type::handle_of(obj).attr("__name__"));
 }
 
-std::vector<int64_t> to_int_vector(const py::handle& obj, const char* name) {
+// `obj` as an int64: TypeError unless operator.index accepts it, ValueError naming `name` and
+// the value when it does not fit.
+int64_t int64_arg(const py::handle& obj, const std::string& name) {
+  PyObject* index = PyNumber_Index(obj.ptr());
+  if (index == nullptr) {
+    PyErr_Clear();
+    throw py::type_error(name + " must be an int, got " + std::string(py::repr(obj)));
+  }
+  const auto value = py::reinterpret_steal<py::int_>(index);
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
+  if (overflow != 0) {
+    throw py::value_error(name + " " + std::string(py::str(value)) + " does not fit int64");
+  }
+  return v;
+}
+
+// `obj` as a double, as float() takes a number: TypeError for anything else (strings too),
+// ValueError naming `name` for an int too large for a double.
+double float_arg(const py::handle& obj, const std::string& name) {
+  const double v = PyFloat_AsDouble(obj.ptr());
+  if (v == -1.0 && PyErr_Occurred()) {
+    const bool overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
+    PyErr_Clear();
+    if (overflow) {
+      throw py::value_error(name + " " + std::string(py::str(obj)) + " does not fit a float");
+    }
+    throw py::type_error(name + " must be a float, got " + std::string(py::repr(obj)));
+  }
+  return v;
+}
+
+// A 1-D integer array or an iterable of ints, as int64 values; `item` names one element.
+std::vector<int64_t> to_int_vector(const py::handle& obj, const char* name, const char* item) {
   if (py::isinstance<py::array>(obj)) {
     const auto arr = py::reinterpret_borrow<py::array>(obj);
     const char kind = arr.dtype().kind();
@@ -68,18 +100,20 @@ std::vector<int64_t> to_int_vector(const py::handle& obj, const char* name) {
                             std::string(py::str(arr.dtype())) + " of shape " +
                             std::string(py::str(obj.attr("shape"))));
     }
+    if (kind == 'u' && arr.itemsize() == 8) {  // the one integer dtype int64 cannot hold
+      const auto u = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
+      for (py::ssize_t i = 0; i < u.size(); ++i) {
+        if (u.data()[i] > static_cast<uint64_t>(INT64_MAX)) {
+          throw py::value_error(std::string(item) + " " + std::to_string(u.data()[i]) +
+                                " does not fit int64");
+        }
+      }
+    }
     const auto ints = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
     return std::vector<int64_t>(ints.data(), ints.data() + ints.size());
   }
   std::vector<int64_t> out;
-  for (const py::handle item : py::iter(obj)) {
-    try {
-      out.push_back(item.cast<int64_t>());
-    } catch (const py::cast_error&) {
-      throw py::type_error(std::string(name) + " must hold ints, got " +
-                           std::string(py::repr(item)));
-    }
-  }
+  for (const py::handle element : py::iter(obj)) out.push_back(int64_arg(element, item));
   return out;
 }
 
@@ -120,59 +154,79 @@ py::object schedule(Scheduler& sched) {
   return py::cast(std::move(batch));
 }
 
-// schedule() with the big arrays written straight into `host` (an int32 staging buffer; float
-// fields are float32 bit patterns) at the offsets of `layout`. Everything is checked before the
-// scheduler runs: a bad layout raises ValueError and changes nothing.
-py::object schedule_into(Scheduler& sched, const py::object& host_obj, const py::object& layout_obj) {
-  if (!py::isinstance<py::array_t<int32_t>>(host_obj)) {
-    throw py::value_error("host must be a numpy int32 array, got " + describe(host_obj));
-  }
-  if (!py::isinstance<py::array_t<int64_t>>(layout_obj)) {
-    throw py::value_error("layout must be a numpy int64 array, got " + describe(layout_obj));
-  }
-  auto host = py::reinterpret_borrow<py::array_t<int32_t>>(host_obj);
-  const auto layout = py::reinterpret_borrow<py::array_t<int64_t>>(layout_obj);
-  if (host.ndim() != 1 || !(host.flags() & py::array::c_style) || !host.writeable()) {
-    throw py::value_error("host must be a writeable, contiguous 1-D int32 array");
-  }
-  if (layout.ndim() != 1 || layout.shape(0) != kLayoutSize) {
-    throw py::value_error("layout must have " + std::to_string(kLayoutSize) + " entries");
-  }
-  const auto L = [&layout](int i) { return layout.at(i); };
-  const auto& cfg = sched.config();
-  const int64_t width = (cfg.max_model_len + cfg.block_size - 1) / cfg.block_size;
-  const int64_t stride = L(kBlockTablesStride), max_tokens = L(kMaxTokens), max_seqs = L(kMaxSeqs);
-  if (max_tokens < cfg.max_num_batched_tokens || max_seqs < cfg.max_num_seqs || stride < width) {
-    throw py::value_error(
-        "layout capacities (tokens " + std::to_string(max_tokens) + ", rows " +
-        std::to_string(max_seqs) + ", block-table stride " + std::to_string(stride) +
-        ") are below the scheduler's (" + std::to_string(cfg.max_num_batched_tokens) + ", " +
-        std::to_string(cfg.max_num_seqs) + ", " + std::to_string(width) + ")");
-  }
-  const int64_t size = host.shape(0);
-  const auto fits = [size](int64_t offset, int64_t n) { return offset >= 0 && offset + n <= size; };
-  bool ok = fits(L(kBlockTables), max_seqs * stride);
-  for (const int f : {kInputIds, kPositions, kSlotMapping}) ok = ok && fits(L(f), max_tokens);
-  for (const int f : {kSeqLens, kLogitsIndices, kTemperature, kTopP, kTopK, kMinP, kUniforms}) {
-    ok = ok && fits(L(f), max_seqs);
-  }
-  if (!ok) throw py::value_error("layout places a field outside the host buffer");
+// ---- the staging layout ----------------------------------------------------------------------
 
-  int32_t* base = host.mutable_data();
-  const auto as_float = [base, &L](int f) { return reinterpret_cast<float*>(base + L(f)); };
+StagingField field_arg(const std::string& name) {
+  const auto field = minivllm::find_staging_field(name);
+  if (!field) throw py::value_error("unknown staging field '" + name + "'");
+  return *field;
+}
+
+StagingLayout make_layout(const py::object& max_tokens, const py::object& max_seqs,
+                          const py::object& max_blocks, const py::object& max_tiles,
+                          const py::object& offsets) {
+  const int64_t tokens = int64_arg(max_tokens, "max_tokens");
+  const int64_t seqs = int64_arg(max_seqs, "max_seqs");
+  const int64_t blocks = int64_arg(max_blocks, "max_blocks");
+  const int64_t tiles = int64_arg(max_tiles, "max_tiles");
+  if (offsets.is_none()) return StagingLayout(tokens, seqs, blocks, tiles);
+  if (!py::isinstance<py::dict>(offsets)) {
+    throw py::type_error("offsets must be a dict of field name -> int, got " + describe(offsets));
+  }
+  StagingLayout::Offsets at{};
+  std::array<bool, minivllm::kNumStagingFields> given{};
+  for (const auto& [key, value] : py::reinterpret_borrow<py::dict>(offsets)) {
+    if (!py::isinstance<py::str>(key)) {
+      throw py::type_error("offsets keys must be field names, got " + std::string(py::repr(key)));
+    }
+    const auto name = key.cast<std::string>();
+    const StagingField field = field_arg(name);
+    at[field] = int64_arg(value, "offset of " + name);
+    given[field] = true;
+  }
+  std::string missing;
+  for (int f = 0; f < minivllm::kNumStagingFields; ++f) {
+    if (!given[f]) missing += std::string(missing.empty() ? "" : ", ") + kStagingFields[f].name;
+  }
+  if (!missing.empty()) throw py::value_error("offsets is missing field(s) " + missing);
+  return StagingLayout(tokens, seqs, blocks, tiles, at);
+}
+
+// The one validation of a staging buffer: `host` as the int32 array the layout can write.
+py::array_t<int32_t> checked_host(const StagingLayout& layout, const py::object& host) {
+  const std::string expected =
+      "host must be a numpy int32 array (1-D, C-contiguous, writeable, aligned), got ";
+  if (!py::isinstance<py::array_t<int32_t>>(host)) {
+    throw py::value_error(expected + describe(host));
+  }
+  auto arr = py::reinterpret_borrow<py::array_t<int32_t>>(host);
+  if (arr.ndim() != 1) {
+    throw py::value_error(expected + "shape " + std::string(py::str(host.attr("shape"))));
+  }
+  if (!(arr.flags() & py::array::c_style)) throw py::value_error(expected + "a non-contiguous array");
+  if (!arr.writeable()) throw py::value_error(expected + "a read-only array");
+  if (!(arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
+    throw py::value_error(expected + "a misaligned array");
+  }
+  layout.check_size(arr.shape(0));
+  return arr;
+}
+
+// schedule() with the big arrays written straight into `host` at `layout`. Everything is
+// checked before the scheduler runs: a bad buffer or layout raises ValueError, nothing changes.
+py::object schedule_into(Scheduler& sched, const py::object& host_obj,
+                         const StagingLayout& layout) {
+  auto host = checked_host(layout, host_obj);
   StagedBatch staged;
-  const auto shape = sched.schedule([&](const BatchShape& s) {
-    staged.seq_ids = py::array_t<int64_t>(s.num_seqs);
-    staged.sample_seq_ids = py::array_t<int64_t>(s.num_samples);
-    staged.query_start_loc = py::array_t<int32_t>(s.num_seqs + 1);
-    BatchBuffers out{staged.seq_ids.mutable_data(), base + L(kInputIds), base + L(kPositions),
-                     base + L(kSlotMapping), staged.query_start_loc.mutable_data(),
-                     base + L(kSeqLens), base + L(kBlockTables), base + L(kLogitsIndices),
-                     staged.sample_seq_ids.mutable_data(), as_float(kTemperature),
-                     as_float(kTopP), base + L(kTopK), as_float(kMinP), as_float(kUniforms)};
-    out.block_tables_stride = stride;
-    return out;
-  });
+  const auto shape = sched.schedule_into(
+      host.mutable_data(), host.shape(0), layout, [&staged](const BatchShape& s) {
+        staged.seq_ids = py::array_t<int64_t>(s.num_seqs);
+        staged.sample_seq_ids = py::array_t<int64_t>(s.num_samples);
+        staged.query_start_loc = py::array_t<int32_t>(s.num_seqs + 1);
+        return UnstagedBuffers{staged.seq_ids.mutable_data(),
+                               staged.query_start_loc.mutable_data(),
+                               staged.sample_seq_ids.mutable_data()};
+      });
   if (!shape) return py::none();
   staged.num_seqs = shape->num_seqs;
   staged.num_tokens = shape->num_tokens;
@@ -183,6 +237,24 @@ py::object schedule_into(Scheduler& sched, const py::object& host_obj, const py:
   staged.any_top_k_or_p = shape->any_top_k_or_p;
   staged.any_min_p = shape->any_min_p;
   return py::cast(std::move(staged));
+}
+
+// ---- the Scheduler ---------------------------------------------------------------------------
+
+std::unique_ptr<Scheduler> make_scheduler(const py::object& num_blocks, const py::object& block_size,
+                                          const py::object& max_num_seqs,
+                                          const py::object& max_num_batched_tokens,
+                                          const py::object& max_model_len,
+                                          bool enable_prefix_caching, bool async_scheduling) {
+  minivllm::SchedulerConfig c;
+  c.num_blocks = int64_arg(num_blocks, "num_blocks");
+  c.block_size = int64_arg(block_size, "block_size");
+  c.max_num_seqs = int64_arg(max_num_seqs, "max_num_seqs");
+  c.max_num_batched_tokens = int64_arg(max_num_batched_tokens, "max_num_batched_tokens");
+  c.max_model_len = int64_arg(max_model_len, "max_model_len");
+  c.enable_prefix_caching = enable_prefix_caching;
+  c.async_scheduling = async_scheduling;
+  return std::make_unique<Scheduler>(c);
 }
 
 py::list update(Scheduler& sched, const py::object& sampled_token_ids) {
@@ -204,22 +276,15 @@ py::list update(Scheduler& sched, const py::object& sampled_token_ids) {
   return out;
 }
 
-void add_request(Scheduler& sched, int64_t seq_id, const py::object& prompt_token_ids,
-                 int64_t max_tokens, bool ignore_eos, const py::object& eos_token_ids,
-                 const py::object& stop_token_ids, double temperature, double top_p,
-                 int64_t top_k, double min_p, std::optional<int64_t> vocab_size,
-                 const py::object& seed) {
+// Argument conversion in the twin's order (so both raise the same error first); the core
+// validates the values.
+void add_request(Scheduler& sched, const py::object& seq_id, const py::object& prompt_token_ids,
+                 const py::object& max_tokens, bool ignore_eos, const py::object& eos_token_ids,
+                 const py::object& stop_token_ids, const py::object& temperature,
+                 const py::object& top_p, const py::object& top_k, const py::object& min_p,
+                 const py::object& vocab_size, const py::object& seed, bool skip_prefix_cache) {
   minivllm::Request r;
-  r.seq_id = seq_id;
-  r.eos_token_ids = to_int_vector(eos_token_ids, "eos_token_ids");
-  r.stop_token_ids = to_int_vector(stop_token_ids, "stop_token_ids");
-  r.prompt_token_ids = to_int_vector(prompt_token_ids, "prompt_token_ids");
-  r.max_tokens = max_tokens;
-  r.ignore_eos = ignore_eos;
-  r.temperature = temperature;
-  r.top_p = top_p;
-  r.top_k = top_k;
-  r.min_p = min_p;
+  r.seq_id = int64_arg(seq_id, "seq_id");
   PyObject* index = PyNumber_Index(seed.ptr());  // what operator.index accepts, as the twin
   if (index == nullptr) {
     PyErr_Clear();
@@ -230,7 +295,17 @@ void add_request(Scheduler& sched, int64_t seq_id, const py::object& prompt_toke
     throw py::value_error("seed must be in [0, 2**64), got " + std::string(py::str(seed_int)));
   }
   r.seed = seed_int.cast<uint64_t>();
-  r.vocab_size = vocab_size;
+  r.max_tokens = int64_arg(max_tokens, "max_tokens");
+  r.top_k = int64_arg(top_k, "top_k");
+  r.temperature = float_arg(temperature, "temperature");
+  r.top_p = float_arg(top_p, "top_p");
+  r.min_p = float_arg(min_p, "min_p");
+  r.eos_token_ids = to_int_vector(eos_token_ids, "eos_token_ids", "eos token id");
+  r.stop_token_ids = to_int_vector(stop_token_ids, "stop_token_ids", "stop token id");
+  if (!vocab_size.is_none()) r.vocab_size = int64_arg(vocab_size, "vocab_size");
+  r.prompt_token_ids = to_int_vector(prompt_token_ids, "prompt_token_ids", "prompt token id");
+  r.ignore_eos = ignore_eos;
+  r.skip_prefix_cache = skip_prefix_cache;
   sched.add_request(r);
 }
 
@@ -274,7 +349,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "hash_block_tokens",
       [](uint64_t parent_hash, const py::object& token_ids) {
-        const auto ids = to_int_vector(token_ids, "token_ids");
+        const auto ids = to_int_vector(token_ids, "token_ids", "token id");
         for (const int64_t id : ids) {
           if (id < INT32_MIN || id > INT32_MAX) {
             throw py::value_error("token id " + std::to_string(id) + " does not fit int32");
@@ -333,28 +408,86 @@ PYBIND11_MODULE(_core, m) {
                ", num_tokens=" + std::to_string(b.num_tokens) + ")";
       });
 
+  py::tuple fields(static_cast<size_t>(minivllm::kNumStagingFields));
+  for (int f = 0; f < minivllm::kNumStagingFields; ++f) {
+    const auto& info = kStagingFields[f];
+    fields[f] = py::make_tuple(info.name, minivllm::staging_dtype_name(info.dtype),
+                               minivllm::staging_extent_name(info.extent));
+  }
+  m.attr("STAGING_FIELDS") = fields;
+
+  py::class_<StagingLayout>(m, "StagingLayout")
+      .def(py::init(&make_layout), py::arg("max_tokens"), py::arg("max_seqs"),
+           py::arg("max_blocks"), py::arg("max_tiles") = 1, py::arg("offsets") = py::none())
+      .def_property_readonly("fields",
+                             [](const StagingLayout&) {
+                               py::tuple names(static_cast<size_t>(minivllm::kNumStagingFields));
+                               for (int f = 0; f < minivllm::kNumStagingFields; ++f) {
+                                 names[f] = kStagingFields[f].name;
+                               }
+                               return names;
+                             })
+      .def(
+          "dtype",
+          [](const StagingLayout&, const std::string& name) {
+            return minivllm::staging_dtype_name(kStagingFields[field_arg(name)].dtype);
+          },
+          py::arg("name"))
+      .def(
+          "extent",
+          [](const StagingLayout&, const std::string& name) {
+            return minivllm::staging_extent_name(kStagingFields[field_arg(name)].extent);
+          },
+          py::arg("name"))
+      .def(
+          "offset",
+          [](const StagingLayout& l, const std::string& name) { return l.offset(field_arg(name)); },
+          py::arg("name"))
+      .def(
+          "size",
+          [](const StagingLayout& l, const std::string& name) { return l.size(field_arg(name)); },
+          py::arg("name"))
+      .def_property_readonly("total", &StagingLayout::total)
+      .def_property_readonly("max_tokens", &StagingLayout::max_tokens)
+      .def_property_readonly("max_seqs", &StagingLayout::max_seqs)
+      .def_property_readonly("max_blocks", &StagingLayout::max_blocks)
+      .def_property_readonly("max_tiles", &StagingLayout::max_tiles)
+      .def(
+          "check", [](const StagingLayout& l, const py::object& host) { checked_host(l, host); },
+          py::arg("host"))
+      .def("__repr__", [](const StagingLayout& l) {
+        std::string out = "StagingLayout(max_tokens=" + std::to_string(l.max_tokens()) +
+                          ", max_seqs=" + std::to_string(l.max_seqs()) +
+                          ", max_blocks=" + std::to_string(l.max_blocks()) +
+                          ", max_tiles=" + std::to_string(l.max_tiles()) + ", offsets={";
+        for (int f = 0; f < minivllm::kNumStagingFields; ++f) {
+          out += std::string(f ? ", '" : "'") + kStagingFields[f].name +
+                 "': " + std::to_string(l.offset(static_cast<StagingField>(f)));
+        }
+        return out + "})";
+      });
+
   py::class_<Scheduler>(m, "Scheduler")
-      .def(py::init([](int64_t num_blocks, int64_t block_size, int64_t max_num_seqs,
-                       int64_t max_num_batched_tokens, int64_t max_model_len,
-                       bool enable_prefix_caching, bool async_scheduling) {
-             return std::make_unique<Scheduler>(minivllm::SchedulerConfig{
-                 num_blocks, block_size, max_num_seqs, max_num_batched_tokens, max_model_len,
-                 enable_prefix_caching, async_scheduling});
-           }),
-           py::arg("num_blocks"), py::arg("block_size"), py::arg("max_num_seqs"),
+      .def(py::init(&make_scheduler), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_num_seqs"),
            py::arg("max_num_batched_tokens"), py::arg("max_model_len"),
            py::arg("enable_prefix_caching") = true, py::arg("async_scheduling") = false)
       .def("add_request", &add_request, py::arg("seq_id"), py::arg("prompt_token_ids"),
            py::arg("max_tokens"), py::arg("ignore_eos") = false,
            py::arg("eos_token_ids") = py::tuple(), py::arg("stop_token_ids") = py::tuple(),
            py::arg("temperature") = 1.0, py::arg("top_p") = 1.0, py::arg("top_k") = 0,
-           py::arg("min_p") = 0.0, py::arg("vocab_size") = py::none(), py::arg("seed") = 0)
+           py::arg("min_p") = 0.0, py::arg("vocab_size") = py::none(), py::arg("seed") = 0,
+           py::arg("skip_prefix_cache") = false)
       .def("schedule", &schedule)
       .def("schedule_into", &schedule_into, py::arg("host"), py::arg("layout"))
       .def("update", &update, py::arg("sampled_token_ids"))
-      .def("abort", &Scheduler::abort, py::arg("seq_id"))
+      .def(
+          "abort", [](Scheduler& s, const py::object& seq_id) { s.abort(int64_arg(seq_id, "seq_id")); },
+          py::arg("seq_id"))
       .def("has_unfinished", &Scheduler::has_unfinished)
+      .def("reset_prefix_cache", &Scheduler::reset_prefix_cache)
       .def_property_readonly("num_free_blocks", &Scheduler::num_free_blocks)
+      .def_property_readonly("num_running", &Scheduler::num_running)
+      .def_property_readonly("num_waiting", &Scheduler::num_waiting)
       .def_property_readonly("stats", &stats)
       .def("debug_state", &debug_state);
 }

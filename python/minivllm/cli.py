@@ -4,7 +4,9 @@
     minivllm generate --model DIR --prompt "Hello" [--chat] [--max-tokens 64] ...
     minivllm bench [--model DIR] [--num-prompts 64]   synthetic throughput run
 
-The CLI is the one place that prints; the library only logs.
+The CLI is the one place that prints; the library only logs. torch and the engine are imported
+inside the commands, so `--help`, `--version` and argument errors answer at once. Every error is
+one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
+
+from minivllm import __version__
 
 DEMO_QUESTIONS = [
     "Introduce yourself.",
@@ -27,6 +31,23 @@ DEMO_QUESTIONS = [
     "Tell me a joke about programmers.",
     "How does a paged KV cache work?",
 ]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) that points at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +86,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--max-tokens", type=_positive_int, default=max_tokens)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--top-k", type=int, default=0)
@@ -95,8 +116,9 @@ def _report(outputs: list[Any], elapsed: float) -> None:
     num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
     ttfts = [o.metrics.time_to_first_token for o in outputs if o.metrics]
     ttft = sum(t for t in ttfts if t is not None) / max(len(ttfts), 1)
+    requests = "1 request" if len(outputs) == 1 else f"{len(outputs)} requests"
     print(
-        f"\n{len(outputs)} requests, {num_prompt} prompt + {num_output} output tokens in "
+        f"\n{requests}, {num_prompt} prompt + {num_output} output tokens in "
         f"{elapsed:.2f} s: {num_output / elapsed:,.0f} output tok/s, "
         f"{(num_prompt + num_output) / elapsed:,.0f} total tok/s, mean TTFT {ttft * 1000:.0f} ms"
     )
@@ -115,7 +137,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # Qwen3-0.6B's shape gets random weights in memory (no 1.5 GB file); tiny is written to
         # safetensors and loaded back, exercising the checkpoint loader.
         write_weights = size == "tiny"
-        make_demo_checkpoint(folder, size=size, write_weights=write_weights, seed=args.seed or 0)
+        make_demo_checkpoint(
+            folder,
+            size=size,
+            write_weights=write_weights,
+            seed=args.seed or 0,
+            decode_every_id=True,
+        )
         print(
             f"minivllm demo: a random-weight Qwen3 ({size}) made offline in {folder}, on {device}"
         )
@@ -143,6 +171,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"{completion.finish_reason}]"
             )
         _report(outputs, elapsed)
+        if args.keep:
+            load = "" if write_weights else ', load_format="dummy"'
+            print(f"\nThe checkpoint stays in {folder}: LLM({folder!r}{load}) loads it.")
     return 0
 
 
@@ -168,6 +199,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    for kind in ("input", "output"):
+        low, high = getattr(args, f"min_{kind}"), getattr(args, f"max_{kind}")
+        if low > high:
+            raise ValueError(
+                f"--min-{kind}={low} is greater than --max-{kind}={high}; lengths are drawn "
+                f"from [min, max], so give --min-{kind} <= --max-{kind}"
+            )
     import numpy as np
     import torch
 
@@ -206,7 +244,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minivllm", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="minivllm", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"minivllm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -217,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["tiny", "qwen3-0.6b"],
         help="default: qwen3-0.6b on a GPU, tiny on the CPU",
     )
-    demo.add_argument("--num-prompts", type=int, default=8)
-    demo.add_argument("--keep", default=None, help="write the checkpoint here and keep it")
+    demo.add_argument("--num-prompts", type=_positive_int, default=8)
+    demo.add_argument(
+        "--keep", default=None, metavar="DIR", help="write the checkpoint to DIR and keep it"
+    )
     demo.add_argument("--no-progress", action="store_true")
     _add_engine_args(demo)
     _add_sampling_args(demo, max_tokens=48)
@@ -235,17 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="synthetic throughput run (random token prompts)")
     bench.add_argument("--model", default=None, help="checkpoint folder (default: demo shape)")
-    bench.add_argument("--num-prompts", type=int, default=64)
-    bench.add_argument("--min-input", type=int, default=100)
-    bench.add_argument("--max-input", type=int, default=512)
-    bench.add_argument("--min-output", type=int, default=100)
-    bench.add_argument("--max-output", type=int, default=512)
+    bench.add_argument("--num-prompts", type=_positive_int, default=64)
+    bench.add_argument("--min-input", type=_positive_int, default=100, help="prompt tokens")
+    bench.add_argument("--max-input", type=_positive_int, default=512)
+    bench.add_argument("--min-output", type=_positive_int, default=100, help="output tokens")
+    bench.add_argument("--max-output", type=_positive_int, default=512)
     bench.add_argument("--no-progress", action="store_true")
     _add_engine_args(bench)
     bench.set_defaults(func=cmd_bench)
 
-    from minivllm.entrypoints import run_batch
+    from minivllm.entrypoints import cli_serve, run_batch
 
+    cli_serve.add_parsers(sub)
     run_batch.add_parser(sub)
     return parser
 

@@ -12,7 +12,9 @@ only; weights are random, load_format="dummy") and runs it on minivllm's LLM. Ke
     (minivllm sizes its warm-up from max_num_batched_tokens and uses Qwen3's head_dim**-0.5)
 
 model_name_or_path names the tokenizer: a local folder, or a hub name already in the local
-Hugging Face cache; anything else falls back to the demo tokenizer with a warning.
+Hugging Face cache. Without one, the shim uses minivllm's demo tokenizer, extended with
+placeholder tokens `<|id_N|>` to the model's vocabulary size so that every sampled id shows in the
+text, and says so in one warning.
 minivllm's own engine arguments (dtype, device, scheduler, attention_backend, seed,
 enable_prefix_caching) may be given too. Any other key is a ValueError naming it.
 """
@@ -127,17 +129,34 @@ class LLMEngine:
     def _write_tokenizer(self, name: str | None, hf_config: dict[str, Any], load: Any) -> None:
         from minivllm.demo import save_demo_tokenizer
 
-        tokenizer = load(name) if name else None
+        tokenizer = load(name, warn=False) if name else None
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self._dir))
             return
-        logger.warning(
-            "tokenizer %r is not available offline; using minivllm's demo tokenizer instead", name
-        )
+        eos = hf_config["eos_token_id"]
         save_demo_tokenizer(
             self._dir,
             vocab_size=min(2048, hf_config["vocab_size"]),
             model_max_length=hf_config["max_position_embeddings"],
+            num_ids=hf_config["vocab_size"],
+            special_ids=eos if isinstance(eos, list) else [] if eos is None else [eos],
+        )
+        if not name:
+            why = "the config has no model_name_or_path"
+        elif Path(name).is_dir():
+            why = f"model_name_or_path={name!r} holds no usable tokenizer"
+        else:
+            why = (
+                f"model_name_or_path={name!r} is neither a local folder nor in the local "
+                "Hugging Face cache"
+            )
+        logger.warning(
+            "%s, so minivllm's demo tokenizer is used: a small byte-level BPE whose ids past its "
+            "own vocabulary decode as placeholders <|id_N|> (up to the model's %d ids). Text "
+            "prompts do not tokenize as the real tokenizer would; pass model_name_or_path=<a "
+            "tokenizer folder> for real text.",
+            why,
+            hf_config["vocab_size"],
         )
 
     def generate(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,13 @@ logger = logging.getLogger(__name__)
 
 # Architectures minivllm can run, and whether their attention has a q/k RMSNorm and a qkv bias.
 SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2"}
+
+# What the C++ core's fields hold: token ids, positions, slots and lengths are int32, max_tokens
+# and sequence ids int64.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+# Seeds (the engine's, a request's) are unsigned 64-bit, as torch generators and the core take them.
+SEED_LIMIT = 2**64
 
 # max_model_len when neither the user nor a small checkpoint limit says otherwise.
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -105,48 +113,82 @@ class ModelConfig:
         return self.model_type == "qwen3" and self.attention_bias
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    def from_dict(cls, raw: Any, source: str = "config.json") -> ModelConfig:
+        """Read a parsed config.json; any key of the wrong type or value is a ValueError naming
+        `source` and the key."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        get = _ConfigReader(raw, source)
         architectures = raw.get("architectures") or []
+        if not isinstance(architectures, list):
+            raise ValueError(f"{source}: architectures must be a list, got {architectures!r}")
         arch = architectures[0] if architectures else None
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
             supported = ", ".join(SUPPORTED_ARCHITECTURES)
             raise ValueError(
                 f"{source}: architecture {arch!r} is not supported; minivllm runs {supported}"
             )
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only default)")
-        rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
-        if raw.get("use_sliding_window"):
-            raise ValueError(f"{source}: sliding-window attention is not supported")
-        try:
-            hidden = int(raw["hidden_size"])
-            heads = int(raw["num_attention_heads"])
-            head_dim = raw.get("head_dim") or hidden // heads
-            eos = raw.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-            dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
-            return cls(
-                architecture=arch,
-                vocab_size=int(raw["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]),
-                num_hidden_layers=int(raw["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(head_dim),
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                attention_bias=bool(raw.get("attention_bias", False)),
-                mlp_bias=bool(raw.get("mlp_bias", False)),
-                dtype=parse_dtype(dtype_name),
-                eos_token_ids=tuple(int(i) for i in eos_ids),
+        # transformers 5 writes rope_parameters, older versions rope_scaling; either may
+        # carry rope_theta, and neither may ask for scaled rotary embeddings.
+        rope_theta = raw.get("rope_theta")
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = raw.get(key)
+            if rope is None:
+                continue
+            if not isinstance(rope, dict):
+                raise ValueError(f"{source}: {key} must be an object, got {rope!r}")
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in ("default", None):
+                raise ValueError(
+                    f"{source}: rope type {rope_type!r} is not supported (only default)"
+                )
+            if rope_theta is None:
+                rope_theta = rope.get("rope_theta")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"{source}: hidden_act {raw['hidden_act']!r} is not supported (Qwen uses silu)"
             )
-        except KeyError as e:
-            raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+        if get.flag("use_sliding_window", False):
+            raise ValueError(f"{source}: sliding-window attention is not supported")
+        hidden = get.integer("hidden_size")
+        heads = get.integer("num_attention_heads")
+        if raw.get("head_dim") is not None:
+            head_dim = get.integer("head_dim")
+        elif hidden % heads:
+            raise ValueError(
+                f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads="
+                f"{heads} and there is no head_dim"
+            )
+        else:
+            head_dim = hidden // heads
+        eos = raw.get("eos_token_id")
+        eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        for i in eos_ids:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise ValueError(f"{source}: eos_token_id must hold token ids, got {eos!r}")
+        dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
+        try:
+            dtype = parse_dtype(dtype_name)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        return cls(
+            architecture=arch,
+            vocab_size=get.integer("vocab_size", maximum=INT32_MAX),
+            hidden_size=hidden,
+            intermediate_size=get.integer("intermediate_size"),
+            num_hidden_layers=get.integer("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=get.integer("num_key_value_heads", heads),
+            head_dim=head_dim,
+            rms_norm_eps=get.number("rms_norm_eps", 1e-6),
+            rope_theta=get.number("rope_theta", 10000.0 if rope_theta is None else rope_theta),
+            max_position_embeddings=get.integer("max_position_embeddings", 32768),
+            tie_word_embeddings=get.flag("tie_word_embeddings", False),
+            attention_bias=get.flag("attention_bias", False),
+            mlp_bias=get.flag("mlp_bias", False),
+            dtype=dtype,
+            eos_token_ids=tuple(eos_ids),
+        )
 
     @classmethod
     def from_model_dir(cls, model: str | os.PathLike[str]) -> ModelConfig:
@@ -161,9 +203,52 @@ class ModelConfig:
             raise ValueError(f"{path} has no config.json; is it a Hugging Face model folder?")
         try:
             raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{config_file} is not valid JSON: {e}") from None
         return cls.from_dict(raw, source=str(config_file))
+
+
+_MISSING: Any = object()
+
+
+class _ConfigReader:
+    """Typed reads of config.json keys: a missing key without a default, or a value of the
+    wrong type, is a ValueError naming the file and the key (JSON null means "use the default")."""
+
+    def __init__(self, raw: dict[str, Any], source: str):
+        self.raw, self.source = raw, source
+
+    def _value(self, key: str, default: Any) -> Any:
+        value = self.raw.get(key)
+        if value is None:
+            if default is _MISSING:
+                raise ValueError(f"{self.source}: missing key {key!r}")
+            return default
+        return value
+
+    def integer(self, key: str, default: Any = _MISSING, maximum: int | None = None) -> int:
+        value = self._value(key, default)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 2048.0: some exporters write integers as floats
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{self.source}: {key} must be a positive integer, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{self.source}: {key}={value} is larger than {maximum}")
+        return value
+
+    def number(self, key: str, default: Any = _MISSING) -> float:
+        value = self._value(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{self.source}: {key} must be a number, got {value!r}")
+        if not 0.0 < value < math.inf:
+            raise ValueError(f"{self.source}: {key} must be positive and finite, got {value!r}")
+        return float(value)
+
+    def flag(self, key: str, default: Any = _MISSING) -> bool:
+        value = self._value(key, default)
+        if not isinstance(value, bool):
+            raise ValueError(f"{self.source}: {key} must be true or false, got {value!r}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -193,6 +278,9 @@ class EngineConfig:
     attention_backend: str | None = None  # None: triton on CUDA, torch on CPU
     load_format: str = "auto"
     seed: int = 0
+    # Load a checkpoint with tensors the model has no parameter for (by default an error: such a
+    # checkpoint usually does not match its config.json, e.g. more layers than num_hidden_layers).
+    allow_unused_weights: bool = False
 
     @classmethod
     def create(cls, model: str | os.PathLike[str], **engine_args: Any) -> EngineConfig:
@@ -203,11 +291,26 @@ class EngineConfig:
                 raise ValueError(
                     f"unknown engine argument {name!r}; known: {', '.join(sorted(known))}"
                 )
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError(
+                f"model must be the path of a local Hugging Face checkpoint folder, got "
+                f"{model!r}; for example LLM('path/to/Qwen3-0.6B')"
+            )
         model = os.fspath(model)
         return cls(model=model, model_config=ModelConfig.from_model_dir(model), **engine_args)
 
     def __post_init__(self) -> None:
         mc = self.model_config
+        if self.tokenizer is not None:
+            if not isinstance(self.tokenizer, (str, os.PathLike)):
+                raise ValueError(f"tokenizer must be a folder path, got {self.tokenizer!r}")
+            object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
+            if not Path(self.tokenizer).is_dir():
+                raise ValueError(
+                    f"tokenizer={self.tokenizer!r} is not a folder (it does not exist); give a "
+                    "local folder with the tokenizer's files (tokenizer.json, "
+                    "tokenizer_config.json), or leave tokenizer out to use the model folder's"
+                )
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         if self.device is not None:
@@ -232,9 +335,14 @@ class EngineConfig:
         t = self.tp_step_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
             raise ValueError(f"tp_step_timeout_s must be a positive number of seconds, got {t!r}")
-        _check_int("seed", self.seed, 0)
+        _check_int("seed", self.seed, 0, SEED_LIMIT - 1)
         if self.num_kv_blocks is not None:
             _check_int("num_kv_blocks", self.num_kv_blocks, 1)
+            if self.num_kv_blocks * self.block_size > INT32_MAX:
+                raise ValueError(
+                    f"num_kv_blocks * block_size = {self.num_kv_blocks} * {self.block_size} "
+                    "cache slots do not fit the core's int32 slot ids"
+                )
         if self.max_model_len is None:
             # Resolving the default here keeps a single source of truth for the limit.
             object.__setattr__(
@@ -246,7 +354,11 @@ class EngineConfig:
                 f"max_model_len={self.max_model_len} exceeds the checkpoint's "
                 f"max_position_embeddings={mc.max_position_embeddings}"
             )
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+        if (
+            isinstance(self.gpu_memory_utilization, bool)
+            or not isinstance(self.gpu_memory_utilization, (int, float))
+            or not 0.0 < self.gpu_memory_utilization <= 1.0
+        ):
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
@@ -259,7 +371,18 @@ class EngineConfig:
             )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        for name in ("enable_prefix_caching", "enforce_eager"):
+        self._check_block_size()
+        if (
+            self.attention_backend == "triton"
+            and self.torch_device.type == "cpu"
+            and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")
+        ):
+            raise ValueError(
+                "attention_backend='triton' needs a CUDA GPU (on the CPU its kernels run only "
+                "under the Triton interpreter, TRITON_INTERPRET=1, which the tests use); on "
+                "the CPU use attention_backend='torch', the default there"
+            )
+        for name in ("enable_prefix_caching", "enforce_eager", "allow_unused_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.async_scheduling is None:
@@ -274,6 +397,17 @@ class EngineConfig:
             raise ValueError(
                 "async_scheduling is not supported with tensor_parallel_size > 1 (only rank 0 "
                 "samples, so the workers cannot resolve the next step's input tokens)"
+            )
+
+    def _check_block_size(self) -> None:
+        """The Triton kernels walk the cache in key tiles of a power-of-two size, which must
+        divide a block or be divided by it: a power-of-two block_size. The torch backend takes
+        any size."""
+        bs = self.block_size
+        if self.attention_backend_name == "triton" and bs & (bs - 1):
+            raise ValueError(
+                f"block_size={bs}: the triton attention backend needs a power of two (1, 2, 4, "
+                "..., 16, 32, ...); the torch backend takes any block size"
             )
 
     def _check_tensor_parallel(self) -> None:
@@ -343,6 +477,9 @@ class EngineConfig:
         return self.tokenizer if self.tokenizer is not None else self.model
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def _check_int(name: str, value: Any, minimum: int, maximum: int = INT32_MAX) -> None:
+    """An int in [minimum, maximum]; the default maximum is what the core's int32 fields hold."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value}")

@@ -4,12 +4,15 @@
 (Qwen3ForCausalLM), generation_config.json, model.safetensors (unless write_weights=False, for
 load_format="dummy") and a tokenizer that transformers.AutoTokenizer loads offline: a byte-level
 BPE trained here on a small built-in corpus, with Qwen's <|im_start|>/<|im_end|> chat template.
+A model vocabulary larger than the trained one (Qwen3-0.6B's shape) leaves most sampled ids
+without text; `decode_every_id=True` gives each of them a placeholder `<|id_N|>` instead.
 Random weights produce noise; the point is a real end-to-end run with no download.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,24 +101,49 @@ def build_demo_tokenizer(vocab_size: int = 512) -> Any:
     return tok
 
 
+def placeholder_token(token_id: int) -> str:
+    """The text of a demo-tokenizer id past its trained vocabulary."""
+    return f"<|id_{token_id}|>"
+
+
 def save_demo_tokenizer(
-    path: str | Path, vocab_size: int = 512, model_max_length: int = 4096
+    path: str | Path,
+    vocab_size: int = 512,
+    model_max_length: int = 4096,
+    num_ids: int | None = None,
+    special_ids: Sequence[int] = (),
 ) -> Path:
-    """Write tokenizer.json + tokenizer_config.json (with the chat template) into `path`."""
+    """Write tokenizer.json + tokenizer_config.json (with the chat template) into `path`.
+
+    The small corpus may train fewer than `vocab_size` ids. `num_ids` (the model's vocabulary
+    size) extends the vocabulary with placeholder tokens up to that many ids, so that every id
+    decodes; the placeholders among `special_ids` (say, the model's eos ids) are special tokens,
+    left out of decoded text like the other special tokens.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_demo_tokenizer(vocab_size)
-    tok.save(str(path / "tokenizer.json"))
+    spec = json.loads(build_demo_tokenizer(vocab_size).to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    special = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    for token_id in range(max(vocab.values()) + 1, num_ids or 0):
+        token = placeholder_token(token_id)
+        vocab[token] = token_id
+        if token_id in special_ids:
+            special[token] = token_id
+            spec["added_tokens"].append(
+                {**spec["added_tokens"][0], "id": token_id, "content": token}
+            )
+    (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
     added = {
-        str(tok.token_to_id(t)): {
-            "content": t,
+        str(token_id): {
+            "content": token,
             "lstrip": False,
             "normalized": False,
             "rstrip": False,
             "single_word": False,
             "special": True,
         }
-        for t in SPECIAL_TOKENS
+        for token, token_id in special.items()
     }
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -158,11 +186,15 @@ def make_demo_checkpoint(
     size: str = "tiny",
     write_weights: bool = True,
     seed: int = 0,
+    decode_every_id: bool = False,
     **config_overrides: Any,
 ) -> Path:
     """Write a random-weight Qwen3 checkpoint folder at `path` (created if needed).
 
     write_weights=False leaves out model.safetensors: load it with load_format="dummy".
+    decode_every_id=True extends the tokenizer to the model's vocabulary with placeholder tokens
+    (see save_demo_tokenizer), for output that people read; it is off by default because the
+    placeholders make the tokenizer large and their text costs time to build.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -172,7 +204,13 @@ def make_demo_checkpoint(
     eos_id = config["eos_token_id"]
     generation_config = {"eos_token_id": [eos_id], "pad_token_id": config["pad_token_id"]}
     (path / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
-    save_demo_tokenizer(path, tokenizer_vocab, config["max_position_embeddings"])
+    save_demo_tokenizer(
+        path,
+        tokenizer_vocab,
+        config["max_position_embeddings"],
+        num_ids=config["vocab_size"] if decode_every_id else None,
+        special_ids=[eos_id],
+    )
     if write_weights:
         from safetensors.torch import save_file
 

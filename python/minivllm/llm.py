@@ -43,19 +43,24 @@ _END = object()  # the end of a `stream` input
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-def load_tokenizer(path: str) -> Any:
-    """The checkpoint folder's tokenizer through transformers, local files only; None if absent."""
+def load_tokenizer(path: str, *, warn: bool = True) -> Any:
+    """The tokenizer in a folder (or a name in the local Hugging Face cache) through
+    transformers, local files only; None if there is none, with a warning unless warn=False."""
     from transformers import AutoTokenizer
 
     folder = Path(path)
     if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         # transformers would build an empty tokenizer from config.json's model type.
-        logger.warning("no tokenizer files in %s; only token-id prompts will work", path)
+        if warn:
+            logger.warning("no tokenizer files in %s; only token-id prompts will work", path)
         return None
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        logger.warning("no usable tokenizer in %s (%s); only token-id prompts will work", path, e)
+        if warn:
+            logger.warning(
+                "no usable tokenizer in %s (%s); only token-id prompts will work", path, e
+            )
         return None
 
 
@@ -162,7 +167,9 @@ class LLM:
         back in prompt order.
         """
         prompt_list = as_prompt_list(prompts)
-        params_list = as_params_list(sampling_params, len(prompt_list))
+        params_list = as_params_list(
+            sampling_params, len(prompt_list), self.config.model_config.vocab_size
+        )
         base = self._next_request
         requests = [
             self.inputs.request(str(base + i), p, sp, name=f"prompt {i}")

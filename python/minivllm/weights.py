@@ -2,7 +2,9 @@
 
 Checkpoint names map to our parameters through the model's `packed_modules_mapping` (q/k/v into
 qkv_proj, gate/up into gate_up_proj); each parameter's `weight_loader` copies this rank's slice.
-Missing tensors, tensors of the wrong shape and unreadable files are ValueErrors naming the tensor.
+Every problem with the files is a ValueError naming the file and, where there is one, the tensor:
+an unreadable file or index, a shard outside the checkpoint folder, a missing tensor, a tensor of
+the wrong shape or dtype, one stored twice, and (unless allowed) a tensor the model does not use.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -22,34 +25,68 @@ logger = logging.getLogger(__name__)
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
+INDEX_FILE = "model.safetensors.index.json"
+
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder: from the index json when sharded."""
+    """The safetensors files of a checkpoint folder: from the index json when sharded.
+
+    An index may only name files directly in the folder (no path separators, no `..`), so its
+    data cannot point the loader elsewhere. Files in the folder may be symlinks, followed as
+    transformers follows them: the Hugging Face hub cache links its snapshot files into the
+    repository's `blobs/`, and a folder can share another's weights that way.
+    """
     model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
+    index = model_dir / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise ValueError(f"{index} names shard {f.name}, which does not exist")
-        return files
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(
-            f"{model_dir} has no *.safetensors weights (use load_format='dummy' for random weights)"
-        )
+        files = [model_dir / name for name in _index_file_names(index)]
+    elif (model_dir / "model.safetensors").is_file():
+        files = [model_dir / "model.safetensors"]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise ValueError(
+                f"{model_dir} has no *.safetensors weights (use load_format='dummy' for random "
+                "weights)"
+            )
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"checkpoint file {f} does not exist or is not a file")
     return files
 
 
-def load_weights(model: nn.Module, model_dir: str | Path) -> None:
-    """Copy every checkpoint tensor into `model`; every parameter must be covered exactly."""
+def _index_file_names(index: Path) -> list[str]:
+    """The shard names an index json maps tensors to, sorted and deduplicated."""
+    try:
+        raw: Any = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index} is not valid JSON: {e}") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(
+            f"{index} is not a safetensors index: it needs a 'weight_map' object of tensor name "
+            "-> file name"
+        )
+    if not weight_map:
+        raise ValueError(f"{index}: weight_map is empty")
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{index}: tensor {tensor} maps to {name!r}, not a file name")
+        if name in (".", "..") or Path(name).name != name or "\\" in name:
+            raise ValueError(
+                f"{index}: tensor {tensor} maps to {name!r}, which is not a file directly in "
+                "the checkpoint folder"
+            )
+    return sorted(set(weight_map.values()))
+
+
+def load_weights(model: nn.Module, model_dir: str | Path, allow_unused: bool = False) -> None:
+    """Copy every checkpoint tensor into `model`; every parameter must be covered exactly once.
+
+    Checkpoint tensors the model has no parameter for are an error unless `allow_unused` (then
+    they are skipped with a warning); recomputed rotary tables and the LM head copy of a
+    tied-embedding checkpoint are always skipped.
+    """
     params = dict(model.named_parameters())
     mapping: dict[str, tuple[str, int | str]] = getattr(model, "packed_modules_mapping", {})
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
@@ -63,7 +100,8 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
             needed.update((name, shard) for _, shard in packed)
         else:
             needed.add((name, None))
-    loaded: set[tuple[str, int | str | None]] = set()
+    loaded: dict[tuple[str, int | str | None], str] = {}  # -> where it came from
+    unused: list[str] = []
 
     for path in checkpoint_files(model_dir):
         try:
@@ -76,27 +114,55 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                     continue
                 if tied and ckpt_name == "lm_head.weight":
                     continue  # tied checkpoints may still carry a copy
+                where = f"checkpoint tensor {ckpt_name} in {path.name}"
                 name, shard = _param_name(ckpt_name, mapping)
                 if name not in params:
-                    logger.warning("ignoring checkpoint tensor %s (no such parameter)", ckpt_name)
+                    unused.append(ckpt_name)
                     continue
+                # A packed tensor (shard None) covers every shard of its parameter.
+                covers = (
+                    [(name, shard)]
+                    if shard is not None
+                    else [key for key in needed if key[0] == name]
+                )
+                done = [key for key in covers if key in loaded]
+                if done:
+                    raise ValueError(f"{where}: already loaded from {loaded[done[0]]}")
                 param = params[name]
-                tensor = f.get_tensor(ckpt_name).to(param.dtype)
+                try:
+                    tensor = f.get_tensor(ckpt_name)
+                except Exception as e:  # noqa: BLE001 - safetensors raises several types
+                    raise ValueError(f"{where} cannot be read: {e}") from None
+                if not tensor.is_floating_point():
+                    raise ValueError(f"{where} has dtype {tensor.dtype}, not a float type")
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 try:
                     if shard is None:
-                        loader(param, tensor)
+                        loader(param, tensor.to(param.dtype))
                     else:
-                        loader(param, tensor, shard)
+                        loader(param, tensor.to(param.dtype), shard)
                 except ValueError as e:
-                    raise ValueError(f"checkpoint tensor {ckpt_name} in {path.name}: {e}") from None
-                loaded.add((name, shard))
+                    raise ValueError(f"{where}: {e}") from None
+                loaded.update(dict.fromkeys(covers, f"{ckpt_name} in {path.name}"))
 
-    missing = sorted(needed - loaded, key=str)
+    if unused:
+        shown = _first(unused)
+        if not allow_unused:
+            raise ValueError(
+                f"checkpoint {model_dir} has tensors the model does not use: {shown} (does "
+                "config.json match the checkpoint? allow_unused_weights=True loads it anyway)"
+            )
+        logger.warning(
+            "ignoring %d checkpoint tensors the model does not use: %s", len(unused), shown
+        )
+    missing = sorted(needed - loaded.keys(), key=str)
     if missing:
         names = [_ckpt_name(name, shard, mapping) for name, shard in missing]
-        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-        raise ValueError(f"checkpoint {model_dir} is missing tensors: {shown}")
+        raise ValueError(f"checkpoint {model_dir} is missing tensors: {_first(names)}")
+
+
+def _first(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _param_name(

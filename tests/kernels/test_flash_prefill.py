@@ -7,10 +7,11 @@ import torch
 from kernel_testing import DEVICE, make_paged_batch, poison_like, tolerances
 
 from minivllm.kernels import reference
-from minivllm.kernels.flash_prefill import prefill_attention
+from minivllm.kernels.flash_prefill import _prefill_attention, prefill_attention
 
 
-def _check(prefix_new, num_heads, num_kv_heads, head_dim, block_size, dtype, q=None, **kwargs):
+def _check(prefix_new, num_heads, num_kv_heads, head_dim, block_size, dtype, q=None,
+           launch=prefill_attention, **kwargs):
     seq_lens = [p + n for p, n in prefix_new]
     q_lens = [n for _, n in prefix_new]
     k_cache, v_cache, block_tables = make_paged_batch(
@@ -23,8 +24,8 @@ def _check(prefix_new, num_heads, num_kv_heads, head_dim, block_size, dtype, q=N
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
     out = poison_like(q)
-    ret = prefill_attention(q, k_cache, v_cache, cu, lens, block_tables, scale, max(q_lens),
-                            out=out, **kwargs)
+    ret = launch(q, k_cache, v_cache, cu, lens, block_tables, scale, max(q_lens), out=out,
+                 **kwargs)
     assert ret is out
     expect = reference.prefill_attention(q, k_cache, v_cache, cu, lens, block_tables, scale,
                                          max(q_lens))
@@ -55,7 +56,8 @@ def test_prefill_tiles(block_m, block_n, block_size, select_lookup):
     """Tile shapes: BLOCK_N equal to, smaller than and larger than the cache block (block ids by
     per-block selects or by a per-row gather)."""
     _check([(0, 70), (block_size + 7, 33), (5, 3)], 8, 2, 32, block_size, torch.float32,
-           block_m=block_m, block_n=block_n, select_lookup=select_lookup)
+           launch=_prefill_attention, block_m=block_m, block_n=block_n,
+           select_lookup=select_lookup)
 
 
 def test_prefill_group_not_power_of_two():

@@ -6,10 +6,11 @@ import pytest
 import torch
 from kernel_testing import DEVICE, make_paged_batch, poison_like, tolerances
 from minivllm.kernels import reference
-from minivllm.kernels.paged_decode import decode_attention
+from minivllm.kernels.paged_decode import _decode_attention, decode_attention
 
 
-def _check(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, **kwargs):
+def _check(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
+           launch=decode_attention, **kwargs):
     k_cache, v_cache, block_tables = make_paged_batch(
         seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=len(seq_lens) + head_dim
     )
@@ -18,7 +19,7 @@ def _check(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, **kwa
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
     out = poison_like(q)
-    ret = decode_attention(q, k_cache, v_cache, lens, block_tables, scale, out=out, **kwargs)
+    ret = launch(q, k_cache, v_cache, lens, block_tables, scale, out=out, **kwargs)
     assert ret is out
     expect = reference.decode_attention(q, k_cache, v_cache, lens, block_tables, scale)
     torch.testing.assert_close(out, expect, **tolerances(dtype))
@@ -78,6 +79,7 @@ def test_decode_many_splits(select_lookup):
         max_num_splits=128,
         min_partition=32,
         block_n=16 if select_lookup else 32,
+        launch=_decode_attention,
         select_lookup=select_lookup,
     )
 
@@ -194,9 +196,9 @@ def test_decode_row_order_changes_nothing_but_the_schedule(max_num_splits, heads
     shuffled = torch.randperm(len(seq_lens), generator=torch.Generator().manual_seed(1))
     for order in (longest, shuffled, None):
         out = poison_like(q)
-        decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2, out=out,
-                         row_order=None if order is None else order.to(torch.int32).to(DEVICE),
-                         heads_first=heads_first, **kw)
+        _decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2, out=out,
+                          row_order=None if order is None else order.to(torch.int32).to(DEVICE),
+                          heads_first=heads_first, **kw)
         assert torch.equal(out, plain)
     expect = reference.decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2,
                                         row_order=longest)

@@ -43,6 +43,11 @@ class BlockManager {
   void register_block(int32_t block_id, uint64_t block_hash, uint64_t parent_hash,
                       const int32_t* token_ids);
 
+  // Forgets every prefix: all hashes are dropped, and the cached-free blocks go back to the free
+  // stack, least recently freed first (so the most recently freed is handed out first). Blocks
+  // still referenced lose their hash too and are not offered again. Returns the hashes dropped.
+  int32_t reset_prefix_cache();
+
   // Introspection, for tests.
   int32_t ref_count(int32_t block_id) const { return ref_counts_[block_id]; }
   std::optional<uint64_t> block_hash(int32_t block_id) const;

@@ -7,7 +7,7 @@
 //   hash(block j) = XXH64(token ids of block j as int32 little-endian bytes, seed = hash(block j-1))
 //
 // with seed 0 for block 0, so a block's hash covers the whole prefix up to and including it. The
-// pure-Python twin (minivllm/engine/reference.py) computes the same values.
+// pure-Python twin (minivllm/engine/reference/hash.py) computes the same values.
 #pragma once
 
 #include <cstddef>

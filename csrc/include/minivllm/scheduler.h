@@ -1,8 +1,9 @@
 // minivllm/scheduler.h — continuous batching over a paged KV cache.
 //
 // The host side of one engine step, with the contract of docs/interfaces.md and the same rules,
-// decision for decision, as the pure-Python twin minivllm/engine/reference.py (its docstring is
-// the prose specification; tests/test_core_differential.py holds the two to identical output):
+// decision for decision, as the pure-Python twin minivllm/engine/reference/scheduler.py (the
+// package docstring is the prose specification; tests/test_core_differential.py holds the two to
+// identical output):
 //
 //  * add_request() validates everything and rejects a request that can never fit (prompt >=
 //    max_model_len, more KV blocks than the pool) instead of leaving it waiting forever.
@@ -12,7 +13,8 @@
 //    sequences (FCFS; none in a step that preempted). Admission takes prefix-cache hits on full
 //    blocks that do not hold the last token, and allocates blocks for all remaining tokens.
 //  * update() delivers the sampled tokens and applies the stop checks: eos (unless ignore_eos)
-//    and stop_token_ids -> kStop (token kept); max_tokens and max_model_len -> kLength.
+//    and stop_token_ids -> kStop (token kept); max_tokens and max_model_len -> kLength. A token
+//    outside the sequence's vocabulary (when add_request got vocab_size) is refused.
 //  * Async scheduling (config.async_scheduling): schedule() may plan step N while Batch N-1
 //    awaits update(). A sampled row appends a placeholder token at schedule time; a decode whose
 //    input is a placeholder gets input id -(j + 1), "sampled row j of the previous Batch", for
@@ -21,8 +23,9 @@
 //    update(). Blocks join the prefix cache only once all their tokens are known.
 //
 // The Batch arrays are written straight into caller-owned buffers: schedule() computes the
-// shape, asks the allocator callback for buffers of that shape, and fills them. Nothing here
-// allocates per step once its scratch vectors have grown.
+// shape, asks the allocator callback for buffers of that shape, and fills them; schedule_into()
+// writes the big ones into a staging buffer laid out by a StagingLayout (staging.h). Nothing
+// here allocates per step once its scratch vectors have grown.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +39,7 @@
 #include "minivllm/block_manager.h"
 #include "minivllm/errors.h"
 #include "minivllm/sequence.h"
+#include "minivllm/staging.h"
 
 namespace minivllm {
 
@@ -62,7 +66,10 @@ struct Request {
   int64_t top_k = 0;
   double min_p = 0.0;
   uint64_t seed = 0;                  // the sampling seed (see sampling_uniform in hash.h)
-  std::optional<int64_t> vocab_size;  // when set, prompt ids must be < vocab_size
+  std::optional<int64_t> vocab_size;  // when set, prompt and sampled ids must be < vocab_size
+  // Take no prefix-cache hits at admission (the prompt is computed in full, e.g. for prompt
+  // logprobs); the request's own blocks still join the cache.
+  bool skip_prefix_cache = false;
 };
 
 // Sizes of the Batch arrays: B = num_seqs rows, T = num_tokens new tokens, S = num_samples rows
@@ -100,6 +107,16 @@ struct BatchBuffers {
 };
 
 using BatchAllocator = std::function<BatchBuffers(const BatchShape&)>;
+
+// The Batch arrays schedule_into() does not stage; every pointer must hold the size its comment
+// gives.
+struct UnstagedBuffers {
+  int64_t* seq_ids;          // [B]
+  int32_t* query_start_loc;  // [B + 1]
+  int64_t* sample_seq_ids;   // [S]
+};
+
+using UnstagedAllocator = std::function<UnstagedBuffers(const BatchShape&)>;
 
 enum class FinishReason { kStop, kLength };
 const char* finish_reason_name(FinishReason reason);  // "stop" / "length"
@@ -144,10 +161,22 @@ class Scheduler {
   // prefix cache.
   std::optional<BatchShape> schedule(const BatchAllocator& allocate);
 
+  // schedule(), with the fields the scheduler stages (staging.h) written into `host`, a buffer
+  // of `host_size` int32 elements, at `layout`'s offsets (block-table row stride
+  // layout.max_blocks()); `allocate` gives the buffers of the arrays that are not staged.
+  // Throws InvalidArgument, with nothing scheduled, unless host_size >= layout.total() and the
+  // layout's capacities cover this scheduler's: max_tokens >= max_num_batched_tokens, max_seqs
+  // >= max_num_seqs, max_blocks >= ceil(max_model_len / block_size).
+  std::optional<BatchShape> schedule_into(int32_t* host, int64_t host_size,
+                                          const StagingLayout& layout,
+                                          const UnstagedAllocator& allocate);
+
   // Delivers one sampled token per sampled row of the oldest Batch awaiting update(), in row
   // order. Returns the sequences that finished, in row order. Throws ProtocolError with no Batch
-  // outstanding and InvalidArgument on a wrong count or an id outside [0, 2^31); either way
-  // nothing changes. A Batch without sampled rows needs no update() (an empty one is accepted).
+  // outstanding and InvalidArgument on a wrong count, an id outside [0, 2^31) or an id >= the
+  // row's vocab_size; either way nothing changes. A Batch without sampled rows needs no
+  // update(); an empty one right after it is accepted (also while an older Batch with sampled
+  // rows awaits its update(), with async scheduling).
   std::vector<FinishedSequence> update(const int64_t* sampled_token_ids, int64_t num_sampled);
 
   // Drops a waiting or running sequence and frees its blocks; if it has a row in the Batch
@@ -155,7 +184,12 @@ class Scheduler {
   void abort(int64_t seq_id);
 
   bool has_unfinished() const { return !seqs_.empty(); }
+  // Forgets the prefix cache (BlockManager::reset_prefix_cache): after a step that was scheduled
+  // but never ran, the blocks it registered hold no valid K/V. Returns the hashes dropped.
+  int64_t reset_prefix_cache() { return blocks_.reset_prefix_cache(); }
   int64_t num_free_blocks() const { return blocks_.num_free_blocks(); }
+  int64_t num_running() const { return static_cast<int64_t>(running_.size()); }
+  int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
   const SchedulerStats& stats() const { return stats_; }
   const SchedulerConfig& config() const { return config_; }
   DebugState debug_state() const;

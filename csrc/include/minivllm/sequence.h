@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace minivllm {
@@ -40,6 +41,8 @@ struct alignas(64) Sequence {
   int64_t num_registered_blocks = 0;  // leading blocks already offered to the prefix cache
   bool ignore_eos = false;
   bool is_finished = false;
+  bool skip_prefix_cache = false;  // admission takes no prefix-cache hits
+  std::optional<int64_t> vocab_size;  // when known, sampled ids must be below it
   std::vector<int64_t> eos_token_ids;
   std::vector<int64_t> stop_token_ids;
 

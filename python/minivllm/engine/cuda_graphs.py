@@ -7,10 +7,11 @@ the largest one made. A step of n decodes replays the smallest bucket >= n; the 
 seq_len 0 and slot -1, so they read no KV and write nowhere.
 
 A step with prefill launches the same few hundred kernels with much larger shapes, and Python
-takes longer to launch them than the GPU to run them. With `mixed_tokens` set, one more graph
-(captured first: it is the largest) runs such steps padded up to mixed_tokens tokens: every row is
-a "prefill" row of the flash kernel (a decode is a one-token query), whose fixed grid walks a
-per-step tile table; padding tokens belong to no row and have slot -1.
+takes longer to launch them than the GPU to run them. With `mixed_tokens` set, more graphs run
+such steps: one per token count from mixed_tokens down by halves to MIN_MIXED_TOKENS, so a step
+is padded to at most twice its tokens (a lone short prompt does not pay for a full step). Every
+row is a "prefill" row of the flash kernel (a decode is a one-token query), whose fixed grid walks
+a per-step tile table; padding tokens belong to no row and have slot -1.
 
 The graphs read their inputs from the model runner's persistent device buffers (fixed addresses),
 so a replay needs no copy beyond the one upload the runner does anyway. `plan` decides which graph
@@ -32,6 +33,19 @@ from minivllm.engine.staging import BatchLike, StagingBuffers
 from minivllm.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
+
+
+# The smallest mixed graph: steps with prefill of fewer than half this many tokens run eagerly.
+MIN_MIXED_TOKENS = 128
+
+
+def mixed_graph_sizes(max_tokens: int) -> list[int]:
+    """Token counts of the mixed graphs, ascending: max_tokens and its halves down to
+    MIN_MIXED_TOKENS (max_tokens alone when it is smaller)."""
+    sizes = [max_tokens]
+    while sizes[-1] // 2 >= MIN_MIXED_TOKENS:
+        sizes.append(sizes[-1] // 2)
+    return sorted(sizes)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -75,8 +89,9 @@ ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tens
 
 class CudaGraphRunner:
     """Captures `forward(input_ids, positions, meta) -> hidden` for each decode batch bucket,
-    and with `mixed_tokens` for steps with prefill of up to that many tokens (their tile table
-    counts `tokens_per_tile` query tokens a tile: the prefill kernel's for that launch)."""
+    and with `mixed_tokens` for steps with prefill of up to that many tokens. A mixed graph's
+    tile table counts `tokens_per_tile(n)` query tokens a tile: what the prefill kernel takes for
+    a launch of n tokens (an int: the same for every size)."""
 
     def __init__(
         self,
@@ -84,19 +99,37 @@ class CudaGraphRunner:
         inputs: GraphInputs,
         max_num_seqs: int,
         mixed_tokens: int = 0,
-        tokens_per_tile: int = 1,
+        tokens_per_tile: int | Callable[[int], int] = 1,
     ):
         self.forward = forward
         self.inputs = inputs
         self.max_num_seqs = max_num_seqs
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         self.mixed_tokens = mixed_tokens
-        self.tokens_per_tile = tokens_per_tile
+        self.mixed_sizes = mixed_graph_sizes(mixed_tokens) if mixed_tokens else []
+        self._tokens_per_tile = tokens_per_tile
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.mixed_graph: torch.cuda.CUDAGraph | None = None
-        self.mixed_output: torch.Tensor | None = None
+        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.mixed_outputs: dict[int, torch.Tensor] = {}
         self.pool = None
+
+    def tokens_per_tile(self, num_tokens: int) -> int:
+        tpt = self._tokens_per_tile
+        return tpt if isinstance(tpt, int) else tpt(num_tokens)
+
+    def mixed_bucket(self, num_tokens: int) -> int:
+        """The mixed graph a step with prefill of num_tokens tokens replays; 0: eager (too few
+        tokens to be worth padding, or too many)."""
+        i = bisect.bisect_left(self.mixed_sizes, num_tokens)
+        if i == len(self.mixed_sizes) or 2 * num_tokens < self.mixed_sizes[0]:
+            return 0
+        return self.mixed_sizes[i]
+
+    def _num_tiles(self, size: int) -> int:
+        """Tile-table entries a mixed graph of `size` tokens has (its grid): one per query tile
+        of size tokens, plus one per row for the partial tiles."""
+        return -(-size // self.tokens_per_tile(size)) + self.max_num_seqs
 
     @property
     def max_batch_size(self) -> int:
@@ -123,12 +156,10 @@ class CudaGraphRunner:
             # this order, so the longest rows do not form the grid's tail.
             staging.host_view("decode_order")[:bs] = np.argsort(-seq_lens[:bs], kind="stable")
             return bs, 0
-        # A step with prefill replays the mixed graph unless so few tokens that padding them up
+        # A step with prefill replays a mixed graph unless so few tokens that padding them up
         # costs more than the eager launch saves.
-        mixed = self.mixed_tokens
-        if not allow_mixed or not mixed or num_tokens == nd:
-            return 0, 0
-        if 2 * num_tokens < mixed or num_tokens > mixed:
+        mixed = self.mixed_bucket(num_tokens) if allow_mixed and num_tokens > nd else 0
+        if not mixed:
             return 0, 0
         # Every row is a "prefill" row (a decode is a one-token query) named by the tile table;
         # padding tokens past the step have no row and write no KV.
@@ -141,7 +172,10 @@ class CudaGraphRunner:
         seq_lens = staging.host_view("seq_lens")
         seq_lens[num_rows:] = 0
         build_tile_table(
-            qsl, seq_lens[:num_rows], self.tokens_per_tile, staging.host_view("prefill_tiles")
+            qsl,
+            seq_lens[:num_rows],
+            self.tokens_per_tile(mixed),
+            staging.host_view("prefill_tiles"),
         )
         staging.neutralise_tokens(num_tokens, mixed)
         return 0, mixed
@@ -160,18 +194,19 @@ class CudaGraphRunner:
             decode_row_order=x.decode_order[:bs],
         )
 
-    def _mixed_metadata(self) -> AttentionMetadata:
+    def _mixed_metadata(self, size: int | None = None) -> AttentionMetadata:
         x, rows = self.inputs, self.max_num_seqs
+        size = self.mixed_tokens if size is None else size
         return AttentionMetadata(
             num_decodes=0,
-            slot_mapping=x.slot_mapping[: self.mixed_tokens],
+            slot_mapping=x.slot_mapping[:size],
             decode_seq_lens=x.seq_lens[:0],
             decode_block_tables=x.block_tables[:0],
             prefill_cu_seqlens_q=x.cu_seqlens[: rows + 1],
             prefill_seq_lens=x.seq_lens[:rows],
             prefill_block_tables=x.block_tables[:rows],
-            max_prefill_query_len=self.mixed_tokens,
-            prefill_tiles=x.tiles,
+            max_prefill_query_len=size,
+            prefill_tiles=x.tiles[: self._num_tiles(size)],
         )
 
     def _capture_one(
@@ -190,8 +225,8 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture the mixed graph (the largest), then every decode bucket, largest first, into
-        one shared memory pool. The inputs are set to harmless values (slot -1, seq_len 0, no
+        """Capture the mixed graphs (the largest steps), then every decode bucket, largest first,
+        into one shared memory pool. The inputs are set to harmless values (slot -1, seq_len 0, no
         tiles) so warm-up and capture touch no KV block."""
         x = self.inputs
         x.input_ids.zero_()
@@ -204,21 +239,17 @@ class CudaGraphRunner:
         # The identity: a permutation of every prefix, as each bucket's view needs.
         torch.arange(x.decode_order.shape[0], out=x.decode_order)
         torch.cuda.synchronize()
-        if self.mixed_tokens:
-            self.mixed_graph, self.mixed_output = self._capture_one(
-                self.mixed_tokens, self._mixed_metadata()
+        for size in reversed(self.mixed_sizes):
+            self.mixed_graphs[size], self.mixed_outputs[size] = self._capture_one(
+                size, self._mixed_metadata(size)
             )
         for bs in reversed(self.batch_sizes):
             self.graphs[bs], self.outputs[bs] = self._capture_one(bs, self._metadata(bs))
         torch.cuda.synchronize()
         logger.info(
-            "captured %d CUDA graphs for decode batch sizes %s..%s%s",
-            len(self.graphs),
-            self.batch_sizes[0],
-            self.batch_sizes[-1],
-            f" and one for steps with prefill of {self.mixed_tokens} tokens"
-            if self.mixed_tokens
-            else "",
+            "captured CUDA graphs for decode batch sizes %s and steps with prefill of %s tokens",
+            self.batch_sizes,
+            self.mixed_sizes,
         )
 
     def replay(self, num_decodes: int) -> torch.Tensor:
@@ -229,9 +260,8 @@ class CudaGraphRunner:
         return self.outputs[bs][:num_decodes]
 
     def replay_mixed(self, num_tokens: int) -> torch.Tensor:
-        """Run the mixed graph for a step of num_tokens <= mixed_tokens tokens (uploaded with
-        its tile table, padding tokens neutralised); returns hidden states [num_tokens, hidden]."""
-        assert self.mixed_graph is not None and self.mixed_output is not None
-        assert num_tokens <= self.mixed_tokens, (num_tokens, self.mixed_tokens)
-        self.mixed_graph.replay()
-        return self.mixed_output[:num_tokens]
+        """Run the mixed graph for a step of num_tokens tokens (uploaded with its tile table,
+        padding tokens neutralised); returns hidden states [num_tokens, hidden]."""
+        size = self.mixed_bucket(num_tokens)
+        self.mixed_graphs[size].replay()
+        return self.mixed_outputs[size][:num_tokens]

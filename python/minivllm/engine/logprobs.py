@@ -117,15 +117,15 @@ def score(logits: torch.Tensor, chosen: torch.Tensor, num_top: int) -> list[torc
 
 def compute(
     p: LogprobsPlan,
-    logits: torch.Tensor,  # [S, V]: the step's sampled rows
-    sampled: torch.Tensor,  # [S] int64
+    logits: torch.Tensor | None,  # [S, V]: the step's sampled rows (None: the step samples none)
+    sampled: torch.Tensor | None,  # [S] int64
     hidden: torch.Tensor,  # [T, hidden]: the step's tokens
     lm_head: Any,  # hidden [n, hidden] -> logits [n, V]
 ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """The device tensors of one step's logprobs (sample part, prompt part)."""
     sample = None
-    device = logits.device
-    if len(p.sample_rows):
+    device = hidden.device
+    if len(p.sample_rows) and logits is not None:
         rows = torch.from_numpy(p.sample_rows).to(device, non_blocking=True)
         sample = score(logits[rows], sampled[rows], p.num_top_sample)
     prompt = None

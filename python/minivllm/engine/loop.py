@@ -69,7 +69,9 @@ class StepOutput:
     launched_prefill_seq_ids: np.ndarray  # int64: sequences with a prefill row in the launch
     num_prefill_tokens: int  # prefill tokens of the steps read back or launched without samples
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (seq_id, why) at intake
-    logprobs: StepLogprobs | None = None  # of the step read back, for the rows that asked
+    # Of the step read back (and of a prefill chunk launched without samples), for the rows
+    # that asked.
+    logprobs: list[StepLogprobs] = field(default_factory=list)
 
     @classmethod
     def empty(cls) -> StepOutput:
@@ -134,6 +136,10 @@ class EngineLoop:
 
     # ---- the loop (one thread) -------------------------------------------------------------
 
+    @property
+    def num_unfinished_seqs(self) -> int:
+        return len(self._active)
+
     def has_work(self) -> bool:
         return bool(self._intake) or self.scheduler.has_unfinished() or bool(self._in_flight)
 
@@ -144,6 +150,7 @@ class EngineLoop:
         batch = None
         launched = np.zeros(0, dtype=np.int64)
         num_prefill = 0
+        chunk_logprobs = None
         if scheduler.has_unfinished():
             batch = schedule_into(scheduler, runner.staging)
             if batch is None and not in_flight:
@@ -158,12 +165,15 @@ class EngineLoop:
                 in_flight.append((batch, None))  # awaits update() from here on
                 in_flight[-1] = (batch, runner.launch(batch, plan))
             else:  # nothing to deliver: such a Batch needs no update()
-                runner.launch(batch)
+                result = runner.launch(batch, plan)
                 num_prefill += batch.num_tokens - batch.num_decodes
+                if plan is not None:  # prompt logprobs of a chunk: waited for here (rare)
+                    chunk_logprobs = result.logprobs()
         if not in_flight or (batch is not None and len(in_flight) < self._depth):
             out = StepOutput.empty()
             out.launched_prefill_seq_ids, out.num_prefill_tokens = launched, num_prefill
             out.rejected = rejected
+            out.logprobs = [chunk_logprobs] if chunk_logprobs is not None else []
             return out
         # Read back the oldest step (the GPU works on the newer one meanwhile). It leaves
         # in_flight only once update() took its ids: anything raised before leaves it for
@@ -182,7 +192,7 @@ class EngineLoop:
             launched_prefill_seq_ids=launched,
             num_prefill_tokens=num_prefill + done.num_tokens - done.num_decodes,
             rejected=rejected,
-            logprobs=result.logprobs(),
+            logprobs=[lp for lp in (chunk_logprobs, result.logprobs()) if lp is not None],
         )
 
     def _forget(self, seq_id: int) -> None:

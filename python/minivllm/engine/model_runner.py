@@ -101,7 +101,7 @@ class ModelRunner:
         if config.load_format == "dummy":
             init_dummy_weights(self.model, seed=config.seed)
         else:
-            load_weights(self.model, config.model)
+            load_weights(self.model, config.model, allow_unused=config.allow_unused_weights)
         fused = fused_kernels_on(self.device)
         self.sampler = Sampler(fused=fused)
         placeholders = "minivllm.kernels.input_ids" if fused else "minivllm.kernels.reference"
@@ -148,19 +148,23 @@ class ModelRunner:
         from minivllm.kernels.flash_prefill import tile_config
 
         config, mc = self.config, self.config.model_config
-        inputs = GraphInputs.from_staging(self.staging)
         group = mc.num_attention_heads // mc.num_key_value_heads
-        block_m = tile_config(
-            config.block_size, group, self.num_kv_heads, config.max_num_batched_tokens, self.device
-        )[0]
+
+        def tokens_per_tile(num_tokens: int) -> int:  # the prefill kernel's, for a launch
+            block_m = tile_config(
+                config.block_size, group, self.num_kv_heads, num_tokens, self.device
+            )[0]
+            return block_m // group
+
         # The tile table packs rows into 15 bits, and its length is a grid dimension (< 2^16).
-        fits = config.max_num_seqs < 1 << 15 and inputs.tiles.shape[0] < 1 << 16
+        num_tiles = self.staging.layout.size("prefill_tiles")
+        fits = config.max_num_seqs < 1 << 15 and num_tiles < 1 << 16
         runner = CudaGraphRunner(
             self._forward,
-            inputs,
+            GraphInputs.from_staging(self.staging),
             config.max_num_seqs,
             mixed_tokens=config.max_num_batched_tokens if fits else 0,
-            tokens_per_tile=block_m // group,
+            tokens_per_tile=tokens_per_tile,
         )
         runner.capture()
         return runner
@@ -258,7 +262,10 @@ class ModelRunner:
         inputs = self.staging.step_inputs(header)
         hidden = self.run_model(inputs)
         if header.num_sampled == 0:
-            return None, None
+            if logprobs is None or self.tp.rank != 0:
+                return None, None
+            # A prefill chunk that samples nothing may still score prompt tokens.
+            return None, compute_logprobs(logprobs, None, None, hidden, self.model.compute_logits)
         # logits_indices is strictly increasing, so S == T means every row: skip the gather.
         sampled_hidden = hidden if inputs.samples_every_token else hidden[inputs.logits_indices]
         logits = self.model.compute_logits(sampled_hidden)  # every rank: the LM head gathers
@@ -280,20 +287,25 @@ class ModelRunner:
         """Keep the step's samples on the device for the next step's placeholders, and start
         copying them (and any logprobs) to the host: the ids into one of two pinned buffers,
         so a step's copy never lands on the previous step's ids before they are read."""
-        if token_ids is None:
-            return StepResult(np.zeros(num_sampled if self.tp.rank == 0 else 0, dtype=np.int64))
-        self.last_sampled[:num_sampled].copy_(token_ids)
         pending = None
         if scored is not None:
             pending = (logprobs, start_copy(scored[0]), start_copy(scored[1]))
-        if self.device.type != "cuda":
-            return StepResult(token_ids.numpy().astype(np.int64), None, pending)
-        self._read_back_slot ^= 1
-        host = self._read_back_host[self._read_back_slot][:num_sampled]
-        host.copy_(self.last_sampled[:num_sampled], non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return StepResult(host.numpy(), done, pending)
+        if token_ids is None:
+            ids = np.zeros(num_sampled if self.tp.rank == 0 else 0, dtype=np.int64)
+        else:
+            self.last_sampled[:num_sampled].copy_(token_ids)
+            if self.device.type != "cuda":
+                ids = token_ids.numpy().astype(np.int64)
+            else:
+                self._read_back_slot ^= 1
+                host = self._read_back_host[self._read_back_slot][:num_sampled]
+                host.copy_(self.last_sampled[:num_sampled], non_blocking=True)
+                ids = host.numpy()
+        done = None
+        if self.device.type == "cuda" and (token_ids is not None or pending is not None):
+            done = torch.cuda.Event()
+            done.record()
+        return StepResult(ids, done, pending)
 
 
 class StepResult:
@@ -328,8 +340,9 @@ class StepResult:
         return self._ids
 
     def logprobs(self) -> StepLogprobs | None:
-        """The step's logprobs, once `result()` returned."""
+        """The step's logprobs (waits like `result()`)."""
         if self._logprobs is None:
             return None
+        self.result()
         plan, sample, prompt = self._logprobs
         return StepLogprobs(plan.sample_rows, as_numpy(sample), plan.prompt_spans, as_numpy(prompt))

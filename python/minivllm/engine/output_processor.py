@@ -183,8 +183,9 @@ class OutputProcessor:
             c.request.first_token_time = now
             res.to_add.extend(c.request.waiting_children)
             c.request.waiting_children = []
-        if out.logprobs is not None and out.logprobs.prompt is not None:
-            self._prompt_logprobs(out.logprobs)
+        for lp in out.logprobs:
+            if lp.prompt is not None:
+                self._prompt_logprobs(lp)
         if self._tracked:
             self._follow(out, res, updated)
         for seq_id, reason, output_ids in out.finished:
@@ -205,7 +206,8 @@ class OutputProcessor:
         """Append each followed sequence's token, grow its text, end it at a stop string."""
         tracked = self._tracked
         now = time.perf_counter()
-        lp = out.logprobs
+        # The read-back step's sampled-token logprobs (the last entry, if it scored any rows).
+        lp = out.logprobs[-1] if out.logprobs else None
         lp_row: dict[int, int] = {}  # sampled row -> its row in lp.sample
         if lp is not None and lp.sample is not None:
             lp_row = {int(k): j for j, k in enumerate(lp.sample_rows.tolist())}
@@ -283,10 +285,12 @@ class OutputProcessor:
     def _final_text(self, c: _Completion) -> str:
         """The completion's text; a stop string found in it ends it there."""
         sp = c.request.request.params
-        if c.detokenizer is not None:
+        text = self.decode(c.token_ids, sp.skip_special_tokens)
+        # The incremental text lacks the bytes of a character the completion ended halfway
+        # through (the full decode shows them as U+FFFD, as LLM.generate does). What a stream
+        # already sent must stay a prefix of the final text.
+        if c.detokenizer is not None and not text.startswith(c.detokenizer.text):
             text = c.detokenizer.text
-        else:
-            text = self.decode(c.token_ids, sp.skip_special_tokens)
         if sp.stop_strings:
             hit = find_stop(text, sp.stop_strings, 0)
             if hit is not None:

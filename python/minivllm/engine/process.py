@@ -4,8 +4,9 @@ The server's process spends its time on HTTP, JSON and text; the engine's loop m
 for it (nor share its interpreter lock), so `EngineProcess` runs `EngineLoop` in a spawned
 process and talks to it over one pipe. Down the pipe go batches of sequences to add and ids to
 abort; up come one message per step that produced anything (the loop's `StepOutput` and a few
-counters for /metrics), and a "failed" message when a step raised: the loop then recovered (every
-sequence aborted, the engine ready again) and the client fails those requests.
+counters for /metrics), the counters alone after a step that only changed them (an abort freed
+blocks), and a "failed" message when a step raised: the loop then recovered (every sequence
+aborted, the engine ready again) and the client fails those requests.
 
 The process ends when the client sends "shutdown" or goes away (end of file on the pipe).
 """
@@ -35,8 +36,8 @@ def engine_stats(loop: EngineLoop) -> dict[str, int]:
     """The counters /metrics shows, read between steps."""
     s = loop.scheduler
     stats = dict(s.stats)
-    stats["num_running"] = int(getattr(s, "num_running", 0))
-    stats["num_waiting"] = int(getattr(s, "num_waiting", 0))
+    stats["num_running"] = int(s.num_running)
+    stats["num_waiting"] = int(s.num_waiting)
     stats["num_free_blocks"] = int(s.num_free_blocks)
     stats["num_kv_blocks"] = loop.runtime.num_kv_blocks
     return stats
@@ -52,6 +53,7 @@ def _engine_main(config: EngineConfig, eos_token_ids: tuple[int, ...], conn: Con
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ready", loop.runtime))
+    last_stats: dict[str, int] | None = None
     try:
         while True:
             # Idle: block on the pipe. Busy: take what arrived, then step.
@@ -76,13 +78,17 @@ def _engine_main(config: EngineConfig, eos_token_ids: tuple[int, ...], conn: Con
                 seq_ids = loop.recover()
                 conn.send(("failed", seq_ids, f"{type(e).__name__}: {e}", engine_stats(loop)))
                 continue
+            stats = engine_stats(loop)
             if (
                 len(out.token_ids)
                 or out.finished
                 or out.rejected
                 or len(out.launched_prefill_seq_ids)
             ):
-                conn.send(("step", out, engine_stats(loop)))
+                conn.send(("step", out, stats))
+            elif stats != last_stats:  # e.g. an abort freed blocks: /metrics must see it
+                conn.send(("stats", stats))
+            last_stats = stats
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
     finally:

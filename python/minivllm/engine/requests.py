@@ -61,6 +61,8 @@ class InputProcessor:
                 ids = self.encode(text, name)
         elif isinstance(prompt, str):
             text, ids = prompt, self.encode(prompt, name)
+        elif isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise ValueError(f"{name} is bytes; pass a str or a list of token ids")
         else:
             text, ids = None, prompt
         try:
@@ -128,7 +130,7 @@ class InputProcessor:
         if not messages or not all(isinstance(m, dict) for m in messages):
             raise ValueError("each conversation must be a non-empty list of message dicts")
         text = self.tokenizer.apply_chat_template(
-            list(messages),
+            [_check_message(i, m) for i, m in enumerate(messages)],
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             chat_template=chat_template,
@@ -139,8 +141,28 @@ class InputProcessor:
         return {"prompt": text, "prompt_token_ids": ids}
 
 
+def _check_message(index: int, message: dict[str, Any]) -> dict[str, Any]:
+    """A chat message the template can render: a str role and a str content (a list of text
+    parts, OpenAI's other form, is joined)."""
+    role, content = message.get("role"), message.get("content")
+    if not isinstance(role, str) or not role:
+        raise ValueError(f"message {index} needs a 'role' string, got {role!r}")
+    if isinstance(content, list):
+        texts = [p.get("text") if isinstance(p, dict) else None for p in content]
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"message {index}: content parts must be {{'type': 'text', 'text'}}")
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise ValueError(
+            f"message {index} ({role}) needs a 'content' string, got {type(content).__name__}"
+        )
+    return {**message, "content": content}
+
+
 def as_prompt_list(prompts: Any) -> list[PromptType]:
     """A single prompt (string, token ids, dict) or a list of them -> a list of prompts."""
+    if isinstance(prompts, (bytes, bytearray, memoryview)):
+        raise ValueError("prompts is bytes; pass a str or a list of token ids")
     if isinstance(prompts, (str, dict)):
         return [prompts]
     if isinstance(prompts, np.ndarray):
@@ -158,11 +180,16 @@ def as_prompt_list(prompts: Any) -> list[PromptType]:
 
 
 def as_params_list(
-    sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int, vocab_size: int
 ) -> list[SamplingParams]:
-    """One SamplingParams per prompt, each validated (ValueError names the bad one)."""
+    """One SamplingParams per prompt, each validated against the model's vocabulary (ValueError
+    names the bad one)."""
     if sampling_params is None:
         params = [SamplingParams()] * n
+    elif isinstance(sampling_params, dict):
+        raise ValueError(
+            "sampling_params is a dict; pass SamplingParams(**params) (or a list of them)"
+        )
     elif isinstance(sampling_params, SamplingParams):
         params = [sampling_params] * n
     else:
@@ -175,7 +202,7 @@ def as_params_list(
         if not isinstance(sp, SamplingParams):
             raise ValueError(f"sampling_params[{i}] is {type(sp).__name__}, not SamplingParams")
         try:
-            sp.validate()
+            sp.verify(vocab_size)
         except ValueError as e:
             raise ValueError(f"sampling_params[{i}]: {e}") from None
     return params

@@ -22,10 +22,7 @@ import torch
 from minivllm.layers.attention import AttentionMetadata
 from minivllm.layers.sampler import SamplingTensors
 
-try:
-    from minivllm._core import StagingLayout
-except ImportError:  # TEMPORARY: until the core exports the layout
-    from minivllm.engine._staging_shim import StagingLayout
+from minivllm._core import StagingLayout
 
 # Commands of the tensor-parallel wire format: the first int32 of every message to a worker.
 CMD_STEP, CMD_SHUTDOWN = 1, 2
@@ -264,7 +261,4 @@ class StepHeader:
 def schedule_into(scheduler: object, staging: StagingBuffers) -> object:
     """The scheduler's next Batch, written into the staging buffer once its last upload left."""
     staging.wait_for_upload()
-    layout = staging.layout
-    if hasattr(layout, "legacy_array"):  # TEMPORARY: the core's old layout argument
-        return scheduler.schedule_into(staging.host, layout.legacy_array())
-    return scheduler.schedule_into(staging.host, layout)
+    return scheduler.schedule_into(staging.host, staging.layout)

@@ -85,7 +85,7 @@ class AsyncLLM:
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params is {type(params).__name__}, not SamplingParams")
-        params.validate()
+        params.verify(self.config.model_config.vocab_size)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._streams or request_id in self.processor:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -107,8 +107,8 @@ class AsyncLLM:
         request = prompt if isinstance(prompt, Request) else None
         if request is None:
             request = self.make_request(prompt, sampling_params, request_id)
-        self._check_capacity()
-        self._loop = asyncio.get_running_loop()
+        self.check_capacity()
+        self._bind_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         rid = request.request_id
         self._streams[rid] = (queue, stream)
@@ -144,7 +144,9 @@ class AsyncLLM:
             except OSError:  # the engine is gone; nothing holds its blocks any more
                 pass
 
-    def _check_capacity(self) -> None:
+    def check_capacity(self) -> None:
+        """EngineOverloadedError when the waiting queue is full (EngineDeadError when the engine
+        is gone): what a server checks before it opens a stream."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         limit = self.max_waiting_requests
@@ -159,6 +161,17 @@ class AsyncLLM:
         return len(self._streams)
 
     # ---- messages from the engine process ------------------------------------------------
+
+    def _bind_loop(self) -> None:
+        """Dispatch on the running event loop. A new loop (asyncio.run again) also takes what
+        reached the inbox after the old one stopped, whose dispatch it would never run."""
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        with self._inbox_lock:
+            self._loop = loop
+            self._dispatch_scheduled = True
+        loop.call_soon(self._dispatch)
 
     def _on_message(self, msg: tuple[Any, ...]) -> None:
         """The reader thread: queue the message; one dispatch on the event loop takes all."""
@@ -182,6 +195,8 @@ class AsyncLLM:
             if kind == "step":
                 self.stats = msg[2]
                 self._handle_step(msg[1])
+            elif kind == "stats":
+                self.stats = msg[1]
             elif kind == "failed":
                 self.stats = msg[3]
                 self._fail(msg[1], RequestFailedError(f"the engine aborted the request: {msg[2]}"))

@@ -601,11 +601,11 @@ def completion_logprobs(
         out.token_logprobs.append(_clamp(sampled.logprob) if sampled else None)
         out.text_offset.append(offset)
         offset += len(text)
-        top = {
-            _token_text(t, lp, decode): _clamp(lp.logprob)
-            for t, lp in entries.items()
-            if t == token_id or lp.rank <= num_top
-        }
+        top: dict[str, float] = {}
+        for t, lp in sorted(entries.items(), key=lambda item: item[1].rank):
+            if t == token_id or lp.rank <= num_top:
+                # Two tokens with the same text: the more likely one keeps the key.
+                top.setdefault(_token_text(t, lp, decode), _clamp(lp.logprob))
         out.top_logprobs.append(top)
     return out
 

@@ -27,16 +27,14 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-def _check_shape(param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
-    if tuple(param.shape) != tuple(loaded.shape):
-        raise ValueError(
-            f"tensor {name or '?'} has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}"
-        )
+def _check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(loaded.shape) != tuple(expected):
+        raise ValueError(f"shape {tuple(loaded.shape)}, expected {tuple(expected)}")
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     """Whole-tensor copy (replicated parameters: norms, unsharded weights)."""
-    _check_shape(param, loaded)
+    _check_shape(loaded, param.shape)
     param.data.copy_(loaded)
 
 
@@ -78,13 +76,10 @@ class LinearBase(nn.Module):
         return loaded.narrow(self.tp_dim, self.tp_rank * size, size)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        shard = self._shard(param, loaded)
-        if tuple(shard.shape) != tuple(param.shape):
-            full = list(param.shape)
-            if self.tp_dim is not None and not (self.tp_dim == 1 and loaded.dim() == 1):
-                full[self.tp_dim] *= self.tp_size
-            raise ValueError(f"shape {tuple(loaded.shape)}, expected {tuple(full)}")
-        param.data.copy_(shard)
+        # The whole checkpoint tensor is checked before it is sliced, so a transposed or
+        # truncated tensor is named rather than failing inside narrow().
+        _check_shape(loaded, param.full_shape)
+        param.data.copy_(self._shard(param, loaded))
 
     def _triton_linear(self, x: torch.Tensor, partials: bool = False) -> bool:
         """Whether x @ W^T goes to the Triton GEMM: decode batch sizes, fp16/bf16 (its
@@ -125,15 +120,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None
     ) -> None:
         if shard_id is None:  # packed: load each projection at its own offset
+            _check_shape(loaded, param.full_shape)
             pieces = loaded.split(self.output_sizes, dim=0)
             for i, piece in enumerate(pieces):
                 self.weight_loader(param, piece, i)
             return
         sizes = [s // self.tp_size for s in self.output_sizes]
         offset, size = sum(sizes[:shard_id]), sizes[shard_id]
-        expected = (self.output_sizes[shard_id], *param.shape[1:])
-        if tuple(loaded.shape) != expected:
-            raise ValueError(f"shape {tuple(loaded.shape)}, expected {expected}")
+        _check_shape(loaded, (self.output_sizes[shard_id], *param.shape[1:]))
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
 
 
@@ -162,10 +156,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None
     ) -> None:
         if shard_id is None:  # packed: load each projection at its own offset
+            _check_shape(loaded, param.full_shape)
             full = self.tp_size * self.head_dim
             sizes = [self.num_heads * full, self.num_kv_heads * full, self.num_kv_heads * full]
-            if loaded.shape[0] != sum(sizes):
-                raise ValueError(f"shape {tuple(loaded.shape)}, expected {sum(sizes)} rows")
             for shard, piece in zip("qkv", loaded.split(sizes, dim=0)):
                 self.weight_loader(param, piece, shard)
             return
@@ -174,9 +167,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[
             shard_id
         ]
-        expected = (size * self.tp_size, *param.shape[1:])
-        if tuple(loaded.shape) != expected:
-            raise ValueError(f"shape {tuple(loaded.shape)}, expected {expected}")
+        _check_shape(loaded, (size * self.tp_size, *param.shape[1:]))
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
 
 

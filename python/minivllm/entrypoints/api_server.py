@@ -1,0 +1,578 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one `AsyncLLM`.
+
+    POST /v1/completions, POST /v1/chat/completions    (stream or not)
+    GET /v1/models, GET /health, GET /metrics
+
+A route parses and validates the body (protocol.py), checks the model name, tokenizes the
+prompt and checks that it fits (engine.make_request), and checks the waiting queue, all before it
+answers, so a bad request gets its 4xx (or 503) even when it asked for a stream. Then it hands
+the request to the engine and converts what comes back. The app holds no engine state beyond
+the AsyncLLM handle.
+
+Streams are Server-Sent Events: `data: {chunk}` lines, one finish_reason per choice, a usage
+chunk when `stream_options.include_usage`, then `data: [DONE]`. The per-token path builds its
+lines as strings around a per-request prefix (pydantic only for logprobs), and a stream that
+fell behind gets what piled up in one chunk (AsyncLLM merges queued deltas). A client that goes
+away cancels its stream (or, not streaming, its wait), which aborts the request: its KV blocks
+return to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minivllm.engine.requests import Request
+from minivllm.entrypoints.async_llm import (
+    AsyncLLM,
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestFailedError,
+)
+from minivllm.entrypoints.metrics import ServerMetrics
+from minivllm.entrypoints.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    chat_inputs,
+    chat_logprobs,
+    chat_response,
+    check_context_length,
+    completion_inputs,
+    completion_logprobs,
+    completion_response,
+    error_body,
+    generation_config_defaults,
+    validation_message,
+)
+from minivllm.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_DONE = "data: [DONE]\n\n"
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type, param, code)
+
+
+def _engine_error(e: Exception) -> APIError:
+    if isinstance(e, EngineOverloadedError):
+        return APIError(503, str(e), "server_error", code="engine_overloaded")
+    return APIError(500, str(e), "server_error")
+
+
+@dataclass
+class _Tracker:
+    """One engine request's bookkeeping: output tokens so far, the last output's time (for
+    the inter-token latency), its log line and metrics when it ends."""
+
+    request: Request
+    metrics: ServerMetrics
+    stream: bool
+    output_lengths: dict[int, int] = field(default_factory=dict)
+    last_time: float | None = None
+    done: bool = False
+
+    def update(self, out: RequestOutput) -> None:
+        lengths = self.output_lengths
+        for c in out.outputs:
+            lengths[c.index] = lengths.get(c.index, 0) + len(c.token_ids)
+        if self.stream:
+            now = time.perf_counter()
+            if self.last_time is not None:
+                self.metrics.itl.observe(now - self.last_time)
+            self.last_time = now
+        if out.finished:
+            self.finish(out)
+
+    def finish(self, out: RequestOutput) -> None:
+        self.done = True
+        lengths = [self.output_lengths.get(c.index, 0) for c in out.outputs]
+        self.metrics.observe_finished(out, lengths)
+        m = out.metrics
+        ttft = m.time_to_first_token if m is not None else None
+        latency = m.latency if m is not None else None
+        logger.info(
+            "%s: %d prompt tokens, %s output tokens, finish %s, %.3f s (first token %.3f s)",
+            self.request.request_id,
+            len(self.request.prompt_token_ids),
+            "+".join(map(str, lengths)),
+            ",".join(str(c.finish_reason) for c in out.outputs),
+            latency or 0.0,
+            ttft or 0.0,
+        )
+
+    def close(self, why: str) -> None:
+        """The request ended without its final output (client gone, engine error)."""
+        if not self.done:
+            self.done = True
+            logger.info("%s: aborted (%s)", self.request.request_id, why)
+
+
+class OpenAIServer:
+    """The routes' state: the engine, the names it answers to, metrics."""
+
+    def __init__(self, engine: AsyncLLM, served_model_names: Sequence[str]):
+        self.engine = engine
+        self.model_names = list(served_model_names)
+        self.max_model_len = int(engine.config.max_model_len)
+        self.metrics = ServerMetrics(lambda: engine.stats, engine.runtime.num_kv_blocks)
+        self.sampling_defaults = generation_config_defaults(engine.config.model)
+        if self.sampling_defaults:
+            logger.info("sampling defaults from generation_config.json: %s", self.sampling_defaults)
+        tok = engine.tokenizer
+        self._vocab = len(tok) if tok is not None else 0
+
+    def decode_token(self, token_id: int) -> str:
+        if token_id >= self._vocab:  # random-weight models sample ids the tokenizer lacks
+            return ""
+        return self.engine.tokenizer.decode([token_id])
+
+    # ---- request intake -------------------------------------------------------------------
+
+    def check_model(self, name: str) -> None:
+        if name not in self.model_names:
+            served = ", ".join(map(repr, self.model_names))
+            message = f"the model {name!r} does not exist; this server serves {served}"
+            raise APIError(404, message, param="model", code="model_not_found")
+
+    def make_requests(
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        prompts: Sequence[Any],
+        params: Any,
+        request_id: str,
+        param: str,
+    ) -> list[Request]:
+        """Tokenize and check every prompt (`param`: where a bad one came from), then the queue;
+        nothing is started yet."""
+        out = []
+        try:
+            for i, prompt in enumerate(prompts):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                r = self.engine.make_request(prompt, params, rid)
+                check_context_length(req, len(r.prompt_token_ids), self.max_model_len)
+                out.append(r)
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
+        try:
+            self.engine.check_capacity()
+        except (EngineOverloadedError, EngineDeadError) as e:
+            raise _engine_error(e) from None
+        return out
+
+    # ---- generation -----------------------------------------------------------------------
+
+    async def final_outputs(
+        self, http: HTTPRequest, requests: list[Request]
+    ) -> list[RequestOutput] | None:
+        """Each request's final output; None if the client went away first (the requests are
+        then aborted)."""
+
+        async def one(r: Request) -> RequestOutput:
+            tracker = _Tracker(r, self.metrics, stream=False)
+            try:
+                async for out in self.engine.generate(r, stream=False):
+                    tracker.update(out)
+                    if out.finished:
+                        return out
+            except asyncio.CancelledError:
+                tracker.close("cancelled: the client went away, or a sibling prompt failed")
+                raise
+            except BaseException as e:
+                tracker.close(type(e).__name__)
+                raise
+            raise RequestFailedError(f"request {r.request_id} ended without an output")
+
+        tasks = [asyncio.ensure_future(one(r)) for r in requests]
+        gone = asyncio.ensure_future(_disconnected(http))
+        try:
+            pending = set(tasks)
+            while pending:
+                done, _ = await asyncio.wait(pending | {gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    return None
+                for t in done:
+                    e = t.exception()
+                    if isinstance(e, (EngineOverloadedError, EngineDeadError, RequestFailedError)):
+                        raise _engine_error(e) from None
+                    if e is not None:
+                        raise e
+                pending -= done
+            return [t.result() for t in tasks]
+        finally:
+            # Whatever is left (the client went away, a sibling failed) is cancelled: each
+            # generate's clean-up aborts its request.
+            for t in (*tasks, gone):
+                t.cancel()
+            await asyncio.gather(*tasks, gone, return_exceptions=True)
+
+    async def outputs(self, requests: list[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, delta) of every request as they come; ends when all have finished."""
+        trackers = [_Tracker(r, self.metrics, stream=True) for r in requests]
+        try:
+            if len(requests) == 1:
+                async for out in self.engine.generate(requests[0], stream=True):
+                    trackers[0].update(out)
+                    yield 0, out
+                return
+            async for i, out in _merged(self.engine, requests):
+                trackers[i].update(out)
+                yield i, out
+        except (asyncio.CancelledError, GeneratorExit):
+            for t in trackers:
+                t.close("client disconnected")
+            raise
+        except BaseException as e:
+            for t in trackers:
+                t.close(type(e).__name__)
+            raise
+
+
+async def _disconnected(http: HTTPRequest) -> None:
+    """Returns when the client has gone away (the body was read already)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _merged(
+    engine: AsyncLLM, requests: list[Request]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Several requests' streams as one, in arrival order."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
+
+    async def pump(i: int, r: Request) -> None:
+        try:
+            async for out in engine.generate(r, stream=True):
+                queue.put_nowait((i, out))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        left = len(requests)
+        while left:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            left -= item.finished
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ---- streams ---------------------------------------------------------------------------------
+
+
+def _chunk_prefix(object_name: str, request_id: str, created: int, model: str) -> str:
+    return (
+        f'data: {{"id":"{request_id}","object":"{object_name}","created":{created},'
+        f'"model":{json.dumps(model)},"choices":['
+    )
+
+
+def _finish_json(reason: str | None) -> str:
+    return "null" if reason is None else f'"{reason}"'
+
+
+def _usage_line(prefix: str, num_prompt: int, num_completion: int) -> str:
+    usage = {
+        "prompt_tokens": num_prompt,
+        "completion_tokens": num_completion,
+        "total_tokens": num_prompt + num_completion,
+    }
+    return f'{prefix}],"usage":{json.dumps(usage)}}}\n\n'
+
+
+def _error_line(e: BaseException) -> str:
+    err = _engine_error(e) if isinstance(e, Exception) else APIError(500, str(e), "server_error")
+    return f"data: {json.dumps(err.body)}\n\n"
+
+
+async def _stream_completion(
+    server: OpenAIServer,
+    req: CompletionRequest,
+    requests: list[Request],
+    request_id: str,
+    created: int,
+) -> AsyncIterator[str]:
+    prefix = _chunk_prefix("text_completion", request_id, created, req.model)
+    suffix = '],"usage":null}\n\n' if req.include_usage else "]}\n\n"
+    n = req.n or 1
+    num_top = req.logprobs
+    finished: set[int] = set()
+    text_offsets: dict[int, int] = {}
+    num_completion = 0
+    try:
+        async for i, out in server.outputs(requests):
+            lines = []
+            for c in out.outputs:
+                index = i * n + c.index
+                if index in finished:
+                    continue
+                num_completion += len(c.token_ids)
+                lp = "null"
+                if num_top is not None and c.logprobs:
+                    offset = text_offsets.get(index, 0)
+                    logprobs = completion_logprobs(
+                        c.token_ids, c.logprobs, num_top, server.decode_token, offset
+                    )
+                    text_offsets[index] = offset + sum(map(len, logprobs.tokens))
+                    lp = logprobs.model_dump_json()
+                if c.finish_reason is not None:
+                    finished.add(index)
+                # A chunk for every output with tokens, text or not (half a character has none
+                # yet), as vLLM does: a client timing the stream sees each engine output.
+                elif not c.token_ids and not c.text and lp == "null":
+                    continue
+                lines.append(
+                    f'{prefix}{{"index":{index},"text":{json.dumps(c.text)},"logprobs":{lp},'
+                    f'"finish_reason":{_finish_json(c.finish_reason)}}}{suffix}'
+                )
+            if lines:
+                yield "".join(lines)
+    except (EngineOverloadedError, EngineDeadError, RequestFailedError) as e:
+        yield _error_line(e)
+        yield _DONE
+        return
+    if req.include_usage:
+        num_prompt = sum(len(r.prompt_token_ids) for r in requests)
+        yield _usage_line(prefix, num_prompt, num_completion)
+    yield _DONE
+
+
+async def _stream_chat(
+    server: OpenAIServer,
+    req: ChatCompletionRequest,
+    request: Request,
+    request_id: str,
+    created: int,
+) -> AsyncIterator[str]:
+    prefix = _chunk_prefix("chat.completion.chunk", request_id, created, req.model)
+    suffix = '],"usage":null}\n\n' if req.include_usage else "]}\n\n"
+    n = req.n or 1
+    num_top = (req.top_logprobs or 0) if req.logprobs else None
+    # OpenAI's first chunk of each choice names the role.
+    yield "".join(
+        f'{prefix}{{"index":{i},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
+        f'"finish_reason":null}}{suffix}'
+        for i in range(n)
+    )
+    finished: set[int] = set()
+    num_completion = 0
+    try:
+        async for _, out in server.outputs([request]):
+            lines = []
+            for c in out.outputs:
+                if c.index in finished:
+                    continue
+                num_completion += len(c.token_ids)
+                lp = "null"
+                if num_top is not None and c.logprobs:
+                    logprobs = chat_logprobs(c.token_ids, c.logprobs, num_top, server.decode_token)
+                    lp = logprobs.model_dump_json()
+                if c.finish_reason is not None:
+                    finished.add(c.index)
+                elif not c.text and lp == "null":
+                    continue
+                delta = f'{{"content":{json.dumps(c.text)}}}' if c.text else "{}"
+                lines.append(
+                    f'{prefix}{{"index":{c.index},"delta":{delta},"logprobs":{lp},'
+                    f'"finish_reason":{_finish_json(c.finish_reason)}}}{suffix}'
+                )
+            if lines:
+                yield "".join(lines)
+    except (EngineOverloadedError, EngineDeadError, RequestFailedError) as e:
+        yield _error_line(e)
+        yield _DONE
+        return
+    if req.include_usage:
+        yield _usage_line(prefix, len(request.prompt_token_ids), num_completion)
+    yield _DONE
+
+
+# ---- the app ---------------------------------------------------------------------------------
+
+
+async def _parse(http: HTTPRequest, model: type[BaseModel]) -> Any:
+    body = await http.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        message, param = validation_message(e)
+        raise APIError(400, message, param=param) from None
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+class _BearerAuth:
+    """ASGI middleware: /v1 routes need `Authorization: Bearer <key>` (as vLLM's --api-key)."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"].startswith("/v1")
+            and scope["method"] != "OPTIONS"
+        ):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self._expected):
+                body = error_body(
+                    "missing or incorrect API key (send 'Authorization: Bearer <key>')",
+                    code="invalid_api_key",
+                )
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(
+    engine: AsyncLLM, served_model_names: Sequence[str], api_key: str | None = None
+) -> FastAPI:
+    """The FastAPI app over a running AsyncLLM (the caller owns its shutdown)."""
+    server = OpenAIServer(engine, served_model_names)
+    app = FastAPI(title="minivllm", docs_url=None, redoc_url=None)
+    app.state.server = server
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.dead is None else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        cards = [
+            ModelCard(id=name, root=engine.config.model, max_model_len=server.max_model_len)
+            for name in server.model_names
+        ]
+        return _json(ModelList(data=cards))
+
+    @app.post("/v1/completions")
+    async def completions(http: HTTPRequest) -> Response:
+        req: CompletionRequest = await _parse(http, CompletionRequest)
+        server.check_model(req.model)
+        prompts, params = completion_inputs(req, server.sampling_defaults)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        requests = server.make_requests(req, prompts, params, request_id, "prompt")
+        created = int(time.time())
+        if req.stream:
+            return StreamingResponse(
+                _stream_completion(server, req, requests, request_id, created),
+                media_type="text/event-stream",
+                headers=_SSE_HEADERS,
+            )
+        outputs = await server.final_outputs(http, requests)
+        if outputs is None:
+            return Response(status_code=499)  # nobody is listening
+        resp = completion_response(
+            request_id, req.model, req, outputs, server.decode_token, created
+        )
+        return _json(resp)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HTTPRequest) -> Response:
+        req: ChatCompletionRequest = await _parse(http, ChatCompletionRequest)
+        server.check_model(req.model)
+        conversation, params = chat_inputs(req, server.max_model_len, server.sampling_defaults)
+        prompt = _chat_prompt(engine, conversation)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        (request,) = server.make_requests(req, [prompt], params, request_id, "messages")
+        created = int(time.time())
+        if req.stream:
+            return StreamingResponse(
+                _stream_chat(server, req, request, request_id, created),
+                media_type="text/event-stream",
+                headers=_SSE_HEADERS,
+            )
+        outputs = await server.final_outputs(http, [request])
+        if outputs is None:
+            return Response(status_code=499)
+        return _json(
+            chat_response(request_id, req.model, req, outputs[0], server.decode_token, created)
+        )
+
+    return app
+
+
+def _chat_prompt(engine: AsyncLLM, conversation: list[dict[str, str]]) -> dict[str, Any]:
+    """The conversation through the checkpoint's chat template (a template error is the
+    request's: 400)."""
+    from jinja2 import TemplateError
+
+    try:
+        return engine.chat_prompt(conversation)
+    except (ValueError, TypeError, KeyError, TemplateError) as e:
+        raise APIError(400, f"the chat template failed: {e}", param="messages") from None
+
+
+def run_server(
+    engine: AsyncLLM,
+    host: str,
+    port: int,
+    served_model_names: Sequence[str],
+    api_key: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve until interrupted (SIGINT / SIGTERM); the caller shuts the engine down."""
+    import uvicorn
+
+    app = build_app(engine, served_model_names, api_key)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,  # each request's own log line says more
+        timeout_graceful_shutdown=5,
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,101 @@
+"""The `minivllm` command: --help, --version and argument errors answer without importing torch;
+errors are one line with exit code 2 that names the value and the fix."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+
+import minivllm
+import pytest
+from minivllm.cli import main
+
+# Runs the CLI in a fresh interpreter and reports its exit code and which heavy modules it loaded.
+_PROBE = """
+import json, sys
+from minivllm.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+heavy = [m for m in ("torch", "transformers", "triton", "numpy") if m in sys.modules]
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["--help"], 0),
+        (["--version"], 0),
+        (["demo", "--help"], 0),
+        (["generate", "--max-tokens", "0"], 2),
+        (["bench", "--num-prompts", "x"], 2),
+        (["no-such-command"], 2),
+    ],
+)
+def test_answers_without_importing_torch(argv, code):
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", _PROBE, *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert report == {"code": code, "heavy": []}, proc.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"minivllm {minivllm.__version__}\n"
+    # The package metadata reads its version from __init__.py: one place.
+    assert importlib.metadata.version("minivllm") == minivllm.__version__
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line
+    return err
+
+
+def test_demo_needs_at_least_one_prompt(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--num-prompts", "0"])
+    assert e.value.code == 2
+    err = _error_line(capsys)
+    assert "--num-prompts" in err and "must be >= 1, got 0" in err and "minivllm demo --help" in err
+
+
+def test_bench_low_length_above_high_length(capsys):
+    argv = ["bench", "--min-input", "600", "--max-input", "100", "--no-progress"]
+    assert main(argv) == 2
+    err = _error_line(capsys)
+    assert "--min-input=600 is greater than --max-input=100" in err
+    assert "give --min-input <= --max-input" in err
+    argv = ["bench", "--min-output", "9", "--max-output", "8", "--no-progress"]
+    assert main(argv) == 2
+    assert "--min-output=9 is greater than --max-output=8" in _error_line(capsys)
+
+
+def test_bench_fixed_lengths(capsys):
+    """Equal low and high lengths are a fixed length, not an error."""
+    argv = ["bench", "--device", "cpu", "--num-prompts", "3", "--no-progress", "--min-input",
+            "8", "--max-input", "8", "--min-output", "4", "--max-output", "4"]  # fmt: skip
+    assert main(argv) == 0
+    assert "3 requests, 24 prompt + 12 output tokens" in capsys.readouterr().out
+
+
+def test_demo_keep_says_how_to_load_the_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "demo-model"
+    argv = ["demo", "--device", "cpu", "--num-prompts", "1", "--max-tokens", "4", "--no-progress",
+            "--keep", str(folder)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 request," in out
+    assert f"The checkpoint stays in {folder}: LLM({str(folder)!r}) loads it." in out
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
