@@ -416,7 +416,9 @@ def main() -> int:
             ("concurrency", math.inf, c) for c in concurrency
         ]
         for mode, rate, conc in plan:
+            cpu_before = _cpu_seconds(server)
             results, duration = asyncio.run(run_load(url, name, prompts, max_tokens, rate, conc))
+            cpu = {k: v - cpu_before.get(k, 0.0) for k, v in _cpu_seconds(server).items()}
             label = f"rate {rate:g}/s" if mode == "rate" else f"concurrency {conc}"
             report["runs"].append(
                 {
@@ -425,9 +427,12 @@ def main() -> int:
                     "rate": "inf" if rate == math.inf else rate,
                     "concurrency": conc,
                     "summary": summarize(results, duration),
+                    # CPU seconds each process used over the run: which one bounds it.
+                    "cpu_s": cpu,
                 }
             )
-            print(f"{label}: done in {duration:.1f} s", flush=True)
+            busy = ", ".join(f"{k} {100 * v / duration:.0f}%" for k, v in cpu.items())
+            print(f"{label}: done in {duration:.1f} s (CPU busy: {busy})", flush=True)
         n = min(args.single, len(prompts))
         results, duration = asyncio.run(
             run_load(url, name, prompts[:n], max_tokens[:n], concurrency=1)
@@ -465,6 +470,34 @@ def main() -> int:
     print_table(report)
     tmp.cleanup()
     return 0
+
+
+def _cpu_seconds(server: subprocess.Popen | None) -> dict[str, float]:
+    """User + system CPU seconds so far of this client, the server's process and its children
+    (the engine process), from /proc where there is one."""
+    out = {"client": time.process_time()}
+    if server is None or not Path("/proc").is_dir():
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(pid: int) -> list[str] | None:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+
+    fields = stat(server.pid)
+    if fields is None:
+        return out
+    out["server"] = (int(fields[11]) + int(fields[12])) / tick
+    children = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            f = stat(int(entry.name))
+            if f is not None and int(f[1]) == server.pid:
+                children += (int(f[11]) + int(f[12])) / tick
+    out["engine"] = children
+    return out
 
 
 def _clean(x: Any) -> Any:

@@ -72,7 +72,7 @@ class ProcessedStep:
     to_abort: list[int] = field(default_factory=list)  # seq ids: stop strings ended them
     to_add: list[EngineRequest] = field(default_factory=list)  # further completions of requests
     finished: list[str] = field(default_factory=list)  # request ids that ended this step
-    deltas: list[RequestOutput] = field(default_factory=list)  # streams' new output
+    updated: list[str] = field(default_factory=list)  # streams with new output: see delta()
     num_output_tokens: int = 0
 
 
@@ -197,9 +197,7 @@ class OutputProcessor:
             stop_reason = output_ids[-1] if reason == "stop" and output_ids else None
             self._finish(c, reason, stop_reason if stop_reason in stop_ids else None, now, res)
             updated[id(c.request)] = c.request
-        for st in updated.values():
-            if st.stream:
-                res.deltas.append(self._output(st, delta=True))
+        res.updated = [st.request.request_id for st in updated.values() if st.stream]
         return res
 
     def _follow(self, out: StepOutput, res: ProcessedStep, updated: dict[int, Any]) -> None:
@@ -313,6 +311,11 @@ class OutputProcessor:
         st = self._requests.pop(request_id) if pop else self._requests[request_id]
         return self._output(st, delta=False)
 
+    def delta(self, request_id: str, pop: bool = False) -> RequestOutput:
+        """A stream's output since its last delta (the last one, finished, pops it)."""
+        st = self._requests.pop(request_id) if pop else self._requests[request_id]
+        return self._output(st, delta=True)
+
     def _output(self, st: _RequestState, delta: bool) -> RequestOutput:
         r = st.request
         completions = []
@@ -324,29 +327,32 @@ class OutputProcessor:
                     text = text[: safe_end(text, r.params.stop_strings)]
                 elif c.detokenizer is None:
                     text = self.decode(c.token_ids, r.params.skip_special_tokens)
-            token_ids, logprobs = c.token_ids, c.logprobs
-            if delta:
-                token_ids, text = token_ids[c.num_sent_tokens :], text[c.num_sent_chars :]
-                if logprobs is not None:
-                    logprobs = logprobs[c.num_sent_tokens :]
+            if delta:  # slices are copies
+                token_ids, text = c.token_ids[c.num_sent_tokens :], text[c.num_sent_chars :]
+                logprobs = None if c.logprobs is None else c.logprobs[c.num_sent_tokens :]
                 c.num_sent_tokens += len(token_ids)
                 c.num_sent_chars += len(text)
+            else:
+                token_ids = list(c.token_ids)
+                logprobs = None if c.logprobs is None else list(c.logprobs)
             completions.append(
                 CompletionOutput(
                     index=c.index,
                     text=text,
-                    token_ids=list(token_ids),
+                    token_ids=token_ids,
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
-                    logprobs=None if logprobs is None else list(logprobs),
+                    logprobs=logprobs,
                 )
             )
-        metrics = RequestMetrics(
-            arrival_time=r.arrival_time,
-            first_scheduled_time=st.first_scheduled_time,
-            first_token_time=st.first_token_time,
-            finished_time=st.finished_time,
-        )
+        metrics = None  # a stream's deltas carry the metrics once, at the end
+        if not delta or st.finished:
+            metrics = RequestMetrics(
+                arrival_time=r.arrival_time,
+                first_scheduled_time=st.first_scheduled_time,
+                first_token_time=st.first_token_time,
+                finished_time=st.finished_time,
+            )
         return RequestOutput(
             request_id=r.request_id,
             prompt=r.prompt,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import queue
 import threading
 import traceback
 from multiprocessing.connection import Connection
@@ -43,6 +44,43 @@ def engine_stats(loop: EngineLoop) -> dict[str, int]:
     return stats
 
 
+class _Sender:
+    """Sends the engine's messages from a thread of its own, all that piled up at once: a step
+    never waits for the other side to read the pipe (which holds only so much). The thread runs
+    while the loop waits for the GPU."""
+
+    def __init__(self, conn: Connection):
+        self._conn = conn
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="minivllm-engine-sender")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        self._queue.put(msg)
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            batch = [self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            if None in batch:
+                done = True
+                batch = batch[: batch.index(None)]
+            if not batch:
+                continue
+            try:
+                self._conn.send(batch[0] if len(batch) == 1 else ("batch", batch))
+            except OSError:  # the client went away: the main loop sees it on its next read
+                return
+
+    def close(self) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(30)
+
+
 def _engine_main(config: EngineConfig, eos_token_ids: tuple[int, ...], conn: Connection) -> None:
     """The engine process: build the loop, then serve the pipe until shutdown."""
     from minivllm.engine.loop import EngineLoop
@@ -53,6 +91,7 @@ def _engine_main(config: EngineConfig, eos_token_ids: tuple[int, ...], conn: Con
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ready", loop.runtime))
+    sender = _Sender(conn)
     last_stats: dict[str, int] | None = None
     try:
         while True:
@@ -76,7 +115,7 @@ def _engine_main(config: EngineConfig, eos_token_ids: tuple[int, ...], conn: Con
             except Exception as e:
                 logger.exception("engine step failed; aborting every sequence")
                 seq_ids = loop.recover()
-                conn.send(("failed", seq_ids, f"{type(e).__name__}: {e}", engine_stats(loop)))
+                sender.send(("failed", seq_ids, f"{type(e).__name__}: {e}", engine_stats(loop)))
                 continue
             stats = engine_stats(loop)
             if (
@@ -85,13 +124,14 @@ def _engine_main(config: EngineConfig, eos_token_ids: tuple[int, ...], conn: Con
                 or out.rejected
                 or len(out.launched_prefill_seq_ids)
             ):
-                conn.send(("step", out, stats))
+                sender.send(("step", out, stats))
             elif stats != last_stats:  # e.g. an abort freed blocks: /metrics must see it
-                conn.send(("stats", stats))
+                sender.send(("stats", stats))
             last_stats = stats
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
     finally:
+        sender.close()
         loop.close()
 
 
@@ -142,7 +182,8 @@ class EngineProcess:
         try:
             while True:
                 msg = self._conn.recv()
-                self._on_message(msg)
+                for m in msg[1] if msg[0] == "batch" else (msg,):
+                    self._on_message(m)
         except (EOFError, OSError):
             if not self.is_closed:
                 self._on_message(("dead", self.proc.exitcode))

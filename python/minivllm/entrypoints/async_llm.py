@@ -186,15 +186,18 @@ class AsyncLLM:
             pass
 
     def _dispatch(self) -> None:
+        """Everything the engine sent since the last dispatch: each stream gets one output
+        covering all of it (a server that fell behind catches up in fewer, larger chunks)."""
         with self._inbox_lock:
             msgs = list(self._inbox)
             self._inbox.clear()
             self._dispatch_scheduled = False
+        updated: dict[str, None] = {}
         for msg in msgs:
             kind = msg[0]
             if kind == "step":
                 self.stats = msg[2]
-                self._handle_step(msg[1])
+                self._handle_step(msg[1], updated)
             elif kind == "stats":
                 self.stats = msg[1]
             elif kind == "failed":
@@ -204,21 +207,26 @@ class AsyncLLM:
                 self.dead = f"the engine process exited (code {msg[1]})"
                 for rid in list(self._streams):
                     self._put(rid, EngineDeadError(self.dead))
+        for rid in updated:
+            if rid in self.processor:
+                self._put(rid, self.processor.delta(rid))
 
-    def _handle_step(self, out: Any) -> None:
+    def _handle_step(self, out: Any, updated: dict[str, None]) -> None:
         res = self.processor.process(out)
         self.engine.abort(res.to_abort)
         self.engine.add(res.to_add)
-        for delta in res.deltas:
-            self._put(delta.request_id, delta)
+        updated.update(dict.fromkeys(res.updated))
         for rid in res.finished:
+            updated.pop(rid, None)
             error = self.processor.error(rid)
             entry = self._streams.get(rid)
-            final = self.processor.output(rid)  # forgets the request
             if error is not None:
+                self.processor.output(rid)  # forgets the request
                 self._put(rid, RequestFailedError(error))
-            elif entry is not None and not entry[1]:
-                self._put(rid, final)
+            elif entry is not None and entry[1]:
+                self._put(rid, self.processor.delta(rid, pop=True))  # the last delta
+            else:
+                self._put(rid, self.processor.output(rid))
 
     def _fail(self, seq_ids: list[int], error: BaseException) -> None:
         for rid in {self.processor.request_id_of(s) for s in seq_ids} - {None}:
