@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import multiprocessing
 import json
 import math
 import os
@@ -123,39 +125,79 @@ def request_body(model: str, prompt: list[int], max_tokens: int, seed: int) -> d
     }
 
 
-async def run_load(
+async def _send_all(
+    url: str,
+    model: str,
+    jobs: list[tuple[int, list[int], int, float]],  # (request index, prompt, max_tokens, arrival)
+    start: float,
+    concurrency: int | None,
+) -> list[tuple[int, Result]]:
+    """One client's requests, each sent at start + its arrival (at most `concurrency` at once)."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    gate = asyncio.Semaphore(concurrency) if concurrency else None
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+
+        async def one(i: int, prompt: list[int], max_tokens: int, arrival: float) -> Result:
+            delay = start + arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body = request_body(model, prompt, max_tokens, seed=i)
+            if gate is None:
+                return await send(client, url, body, len(prompt))
+            async with gate:
+                return await send(client, url, body, len(prompt))
+
+        results = await asyncio.gather(*(one(*job) for job in jobs))
+    return [(job[0], r) for job, r in zip(jobs, results)]
+
+
+def _client_main(
+    url: str, model: str, jobs: list[Any], start: float, concurrency: int | None
+) -> tuple[list[tuple[int, Result]], float, float]:
+    """A client process: its results, when it finished, the CPU seconds it used."""
+    cpu = time.process_time()
+    results = asyncio.run(_send_all(url, model, jobs, start, concurrency))
+    return results, time.perf_counter(), time.process_time() - cpu
+
+
+def run_load(
     url: str,
     model: str,
     prompts: list[list[int]],
     max_tokens: list[int],
     rate: float = math.inf,
     concurrency: int | None = None,
-) -> tuple[list[Result], float]:
-    """Every request, Poisson arrivals at `rate` (seeded) or at most `concurrency` at once."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    gate = asyncio.Semaphore(concurrency) if concurrency else None
+    clients: int = 1,
+) -> tuple[list[Result], float, float]:
+    """Every request, Poisson arrivals at `rate` (seeded) or at most `concurrency` at once,
+    sent by `clients` processes (request i by process i % clients: one Python client parsing
+    hundreds of streams can be slower than the server it measures). Returns the results, the
+    duration and the clients' CPU seconds."""
     gaps = (
         np.random.default_rng(0).exponential(1.0 / rate, len(prompts))
         if rate < math.inf
         else (np.zeros(len(prompts)))
     )
     arrivals = np.cumsum(gaps) - gaps[0]
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    jobs = [(i, prompts[i], max_tokens[i], float(arrivals[i])) for i in range(len(prompts))]
+    clients = max(1, min(clients, len(jobs)))
+    per_client = None if concurrency is None else -(-concurrency // clients)
+    if clients == 1:
         start = time.perf_counter()
-
-        async def one(i: int) -> Result:
-            delay = start + arrivals[i] - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            body = request_body(model, prompts[i], max_tokens[i], seed=i)
-            if gate is None:
-                return await send(client, url, body, len(prompts[i]))
-            async with gate:
-                return await send(client, url, body, len(prompts[i]))
-
-        results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
-        duration = time.perf_counter() - start
-    return list(results), duration
+        results, end, cpu = _client_main(url, model, jobs, start, per_client)
+        return [r for _, r in sorted(results, key=lambda x: x[0])], end - start, cpu
+    # perf_counter is the system-wide monotonic clock on Linux: one start time for all.
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(clients, mp_context=ctx) as pool:
+        start = time.perf_counter() + 0.5  # time for the processes to start
+        futures = [
+            pool.submit(_client_main, url, model, jobs[k::clients], start, per_client)
+            for k in range(clients)
+        ]
+        parts = [f.result() for f in futures]
+    results = sorted((x for part, _, _ in parts for x in part), key=lambda x: x[0])
+    end = max(end for _, end, _ in parts)
+    return [r for _, r in results], end - start, sum(cpu for _, _, cpu in parts)
 
 
 def _stats_ms(values: list[float]) -> dict[str, float]:
@@ -353,6 +395,7 @@ def main() -> int:
     p.add_argument("--single", type=int, default=5, help="requests sent one at a time")
     p.add_argument("--no-offline", action="store_true", help="skip the LLM.generate reference")
     p.add_argument("--startup-timeout", type=float, default=900.0)
+    p.add_argument("--clients", type=int, default=4, help="client processes sending the requests")
     p.add_argument("--smoke", action="store_true", help="tiny checkpoint on the CPU, seconds")
     p.add_argument("--out", default="bench_out/serving.json")
     args = p.parse_args()
@@ -411,14 +454,17 @@ def main() -> int:
     }
     try:
         # Warm-up: a few short requests through the whole path.
-        asyncio.run(run_load(url, name, [q[:32] for q in prompts[:4]], [8] * 4))
+        run_load(url, name, [q[:32] for q in prompts[:4]], [8] * 4)
         plan = [("rate", r, None) for r in rates] + [
             ("concurrency", math.inf, c) for c in concurrency
         ]
         for mode, rate, conc in plan:
             cpu_before = _cpu_seconds(server)
-            results, duration = asyncio.run(run_load(url, name, prompts, max_tokens, rate, conc))
+            results, duration, client_cpu = run_load(
+                url, name, prompts, max_tokens, rate, conc, args.clients
+            )
             cpu = {k: v - cpu_before.get(k, 0.0) for k, v in _cpu_seconds(server).items()}
+            cpu["client"] = client_cpu
             label = f"rate {rate:g}/s" if mode == "rate" else f"concurrency {conc}"
             report["runs"].append(
                 {
@@ -434,9 +480,7 @@ def main() -> int:
             busy = ", ".join(f"{k} {100 * v / duration:.0f}%" for k, v in cpu.items())
             print(f"{label}: done in {duration:.1f} s (CPU busy: {busy})", flush=True)
         n = min(args.single, len(prompts))
-        results, duration = asyncio.run(
-            run_load(url, name, prompts[:n], max_tokens[:n], concurrency=1)
-        )
+        results, duration, _ = run_load(url, name, prompts[:n], max_tokens[:n], concurrency=1)
         report["runs"].append(
             {
                 "name": "one at a time",
@@ -475,7 +519,7 @@ def main() -> int:
 def _cpu_seconds(server: subprocess.Popen | None) -> dict[str, float]:
     """User + system CPU seconds so far of this client, the server's process and its children
     (the engine process), from /proc where there is one."""
-    out = {"client": time.process_time()}
+    out: dict[str, float] = {}
     if server is None or not Path("/proc").is_dir():
         return out
     tick = os.sysconf("SC_CLK_TCK")
