@@ -20,6 +20,13 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from minivllm import __version__
+from minivllm.cli_args import (
+    add_engine_args,
+    add_sampling_args,
+    engine_kwargs,
+    positive_int,
+    sampling_params,
+)
 
 DEMO_QUESTIONS = [
     "Introduce yourself.",
@@ -38,77 +45,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=None)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=None)
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=None)
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--enforce-eager", action="store_true")
-    g.add_argument("--scheduler", default=None, choices=["cpp", "python"])
-    g.add_argument("--attention-backend", default=None, choices=["torch", "triton"])
-    g.add_argument("--load-format", default=None, choices=["auto", "dummy"])
-    g.add_argument("--seed", type=int, default=None)
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"dtype": args.dtype, "device": args.device}
-    for name in (
-        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks",
-        "gpu_memory_utilization", "scheduler", "attention_backend", "load_format", "seed",
-    ):  # fmt: skip
-        value = getattr(args, name)
-        if value is not None:
-            kwargs[name] = value
-    if args.no_prefix_caching:
-        kwargs["enable_prefix_caching"] = False
-    if args.enforce_eager:
-        kwargs["enforce_eager"] = True
-    return kwargs
-
-
-def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=_positive_int, default=max_tokens)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
-
-
-def _sampling_params(args: argparse.Namespace) -> Any:
-    from minivllm import SamplingParams
-
-    return SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        max_tokens=args.max_tokens,
-        seed=args.sample_seed,
-        stop=args.stop,
-        ignore_eos=args.ignore_eos,
-    )
 
 
 def _report(outputs: list[Any], elapsed: float) -> None:
@@ -151,14 +87,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "Random weights produce noise: this shows the engine running end to end, not a "
             "model that knows anything.\n"
         )
-        kwargs = _engine_kwargs(args)
+        kwargs = engine_kwargs(args)
         kwargs["device"] = device
         kwargs.setdefault("load_format", "auto" if write_weights else "dummy")
         kwargs.setdefault("max_model_len", 1024)
         llm = LLM(folder, **kwargs)
         questions = [DEMO_QUESTIONS[i % len(DEMO_QUESTIONS)] for i in range(args.num_prompts)]
         conversations = [[{"role": "user", "content": q}] for q in questions]
-        sp = _sampling_params(args)
+        sp = sampling_params(args)
         llm.chat(conversations[:1], sp, use_tqdm=False)  # warm-up
         start = time.perf_counter()
         outputs = llm.chat(conversations, sp, use_tqdm=not args.no_progress)
@@ -180,8 +116,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from minivllm import LLM
 
-    llm = LLM(args.model, **_engine_kwargs(args))
-    sp = _sampling_params(args)
+    llm = LLM(args.model, **engine_kwargs(args))
+    sp = sampling_params(args)
     prompts = args.prompt
     start = time.perf_counter()
     if args.chat:
@@ -215,7 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="minivllm-bench-") as tmp:
         model = args.model
-        kwargs = _engine_kwargs(args)
+        kwargs = engine_kwargs(args)
         kwargs["device"] = device
         if model is None:
             size = "qwen3-0.6b" if device.startswith("cuda") else "tiny"
@@ -256,13 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["tiny", "qwen3-0.6b"],
         help="default: qwen3-0.6b on a GPU, tiny on the CPU",
     )
-    demo.add_argument("--num-prompts", type=_positive_int, default=8)
+    demo.add_argument("--num-prompts", type=positive_int, default=8)
     demo.add_argument(
         "--keep", default=None, metavar="DIR", help="write the checkpoint to DIR and keep it"
     )
     demo.add_argument("--no-progress", action="store_true")
-    _add_engine_args(demo)
-    _add_sampling_args(demo, max_tokens=48)
+    add_engine_args(demo)
+    add_sampling_args(demo, max_tokens=48)
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="complete prompts with a local checkpoint")
@@ -270,19 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     gen.add_argument("--chat", action="store_true", help="apply the chat template")
     gen.add_argument("--no-progress", action="store_true")
-    _add_engine_args(gen)
-    _add_sampling_args(gen, max_tokens=64)
+    add_engine_args(gen)
+    add_sampling_args(gen, max_tokens=64)
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="synthetic throughput run (random token prompts)")
     bench.add_argument("--model", default=None, help="checkpoint folder (default: demo shape)")
-    bench.add_argument("--num-prompts", type=_positive_int, default=64)
-    bench.add_argument("--min-input", type=_positive_int, default=100, help="prompt tokens")
-    bench.add_argument("--max-input", type=_positive_int, default=512)
-    bench.add_argument("--min-output", type=_positive_int, default=100, help="output tokens")
-    bench.add_argument("--max-output", type=_positive_int, default=512)
+    bench.add_argument("--num-prompts", type=positive_int, default=64)
+    bench.add_argument("--min-input", type=positive_int, default=100, help="prompt tokens")
+    bench.add_argument("--max-input", type=positive_int, default=512)
+    bench.add_argument("--min-output", type=positive_int, default=100, help="output tokens")
+    bench.add_argument("--max-output", type=positive_int, default=512)
     bench.add_argument("--no-progress", action="store_true")
-    _add_engine_args(bench)
+    add_engine_args(bench)
     bench.set_defaults(func=cmd_bench)
 
     from minivllm.entrypoints import cli_serve, run_batch

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def add_parsers(sub: Any) -> None:
     """Register `serve`, `chat` and `complete` on the `minivllm` command's subparsers."""
-    from minivllm.cli import _add_engine_args, _add_sampling_args
+    from minivllm.cli_args import add_engine_args, add_sampling_args
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     serve.add_argument("model", metavar="DIR", help="Hugging Face checkpoint folder")
@@ -50,7 +50,7 @@ def add_parsers(sub: Any) -> None:
         help="refuse requests (503) beyond max_num_seqs running + this many waiting",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    _add_engine_args(serve)
+    add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     for name, what, max_tokens in (
@@ -64,13 +64,13 @@ def add_parsers(sub: Any) -> None:
         )
         if name == "chat":
             p.add_argument("--system-prompt", default=None)
-        _add_sampling_args(p, max_tokens=max_tokens)
-        _add_engine_args(p)
+        add_sampling_args(p, max_tokens=max_tokens)
+        add_engine_args(p)
         p.set_defaults(func=cmd_chat if name == "chat" else cmd_complete)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from minivllm.cli import _engine_kwargs
+    from minivllm.cli_args import engine_kwargs
     from minivllm.entrypoints.api_server import run_server
     from minivllm.entrypoints.async_llm import AsyncLLM
 
@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("MINIVLLM_API_KEY") or None
     names = args.served_model_name or [args.model]
     engine = AsyncLLM(
-        args.model, max_waiting_requests=args.max_waiting_requests, **_engine_kwargs(args)
+        args.model, max_waiting_requests=args.max_waiting_requests, **engine_kwargs(args)
     )
     try:
         logging.getLogger(__name__).info(
@@ -110,11 +110,11 @@ def _session(args: argparse.Namespace, chat: bool) -> int:
     """The terminal session: read a line, stream the answer, until end of input."""
     import asyncio
 
-    from minivllm.cli import _engine_kwargs, _sampling_params
+    from minivllm.cli_args import engine_kwargs, sampling_params
     from minivllm.entrypoints.async_llm import AsyncLLM
 
-    params = _sampling_params(args)
-    engine = AsyncLLM(args.model, **_engine_kwargs(args))
+    params = sampling_params(args)
+    engine = AsyncLLM(args.model, **engine_kwargs(args))
     # One event loop for the whole session; between answers it is idle while input() reads
     # the terminal on the main thread (where Ctrl-C lands).
     loop = asyncio.new_event_loop()

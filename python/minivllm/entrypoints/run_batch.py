@@ -203,7 +203,7 @@ def _run_one_engine(
 
 def add_parser(sub: Any) -> None:
     """Register `run-batch` on the `minivllm` command's subparsers."""
-    from minivllm.cli import _add_engine_args
+    from minivllm.cli_args import add_engine_args
 
     p = sub.add_parser("run-batch", help="run an OpenAI batch file (JSONL) through the engine")
     p.add_argument("-i", "--input-file", required=True, help="batch input file (JSONL)")
@@ -252,16 +252,16 @@ def add_parser(sub: Any) -> None:
     dp.add_argument(
         "--tensor-parallel-size", type=int, default=None, metavar="N", help="GPUs per replica"
     )
-    _add_engine_args(p)
+    add_engine_args(p)
     p.set_defaults(func=cmd_run_batch)
 
 
 def cmd_run_batch(args: argparse.Namespace) -> int:
-    from minivllm.cli import _engine_kwargs
+    from minivllm.cli_args import engine_kwargs
 
     if args.no_ray and args.ray_address:
         raise ValueError("--ray-address and --no-ray exclude each other")
-    engine_args = _engine_kwargs(args)
+    engine_args = engine_kwargs(args)
     if args.tensor_parallel_size is not None:
         engine_args["tensor_parallel_size"] = args.tensor_parallel_size
     s = run_batch(
