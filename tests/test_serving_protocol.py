@@ -12,14 +12,16 @@ from minivllm.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     chat_inputs,
-    chat_logprobs,
-    chat_response,
     check_context_length,
     completion_inputs,
+    generation_config_defaults,
+)
+from minivllm.entrypoints.responses import (
+    chat_logprobs,
+    chat_response,
     completion_logprobs,
     completion_response,
     error_body,
-    generation_config_defaults,
     validation_message,
 )
 from minivllm.outputs import CompletionOutput, Logprob, RequestOutput

@@ -18,7 +18,7 @@ _EXPORTS = {
     "CompletionOutput": "minivllm.outputs",
     "Logprob": "minivllm.outputs",
     "EngineConfig": "minivllm.config",
-    "ModelConfig": "minivllm.config",
+    "ModelConfig": "minivllm.model_config",
     "RequestMetrics": "minivllm.outputs",
     "RequestOutput": "minivllm.outputs",
     "SamplingParams": "minivllm.sampling_params",
@@ -38,7 +38,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from minivllm.compat import LLMEngine
-    from minivllm.config import EngineConfig, ModelConfig
+    from minivllm.config import EngineConfig
+    from minivllm.model_config import ModelConfig
     from minivllm.llm import LLM
     from minivllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
     from minivllm.sampling_params import SamplingParams

@@ -52,7 +52,8 @@ class LLMEngine:
     """MinivLLM's engine interface on top of minivllm.LLM."""
 
     def __init__(self, config: dict[str, Any]):
-        from minivllm.llm import LLM, load_tokenizer
+        from minivllm.llm import LLM
+        from minivllm.tokenizer import load_tokenizer
 
         if not isinstance(config, dict):
             raise ValueError(f"config must be a dict, got {type(config).__name__}")

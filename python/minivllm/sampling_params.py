@@ -9,7 +9,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from minivllm.config import INT32_MAX, INT64_MAX, SEED_LIMIT
+from minivllm.limits import INT32_MAX, INT64_MAX, SEED_LIMIT
 
 # Temperatures below this sample greedily (vLLM's threshold). The sampler divides float32 logits
 # by the temperature; a divisor near float32's smallest normal number overflows them to inf and

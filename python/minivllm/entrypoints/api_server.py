@@ -19,14 +19,12 @@ return to the pool.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
@@ -42,254 +40,28 @@ from minivllm.entrypoints.async_llm import (
     EngineOverloadedError,
     RequestFailedError,
 )
-from minivllm.entrypoints.metrics import ServerMetrics
 from minivllm.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    chat_inputs,
+    completion_inputs,
+)
+from minivllm.entrypoints.responses import (
     ModelCard,
     ModelList,
-    chat_inputs,
     chat_logprobs,
     chat_response,
-    check_context_length,
-    completion_inputs,
     completion_logprobs,
     completion_response,
     error_body,
-    generation_config_defaults,
     validation_message,
 )
-from minivllm.outputs import RequestOutput
+from minivllm.entrypoints.serving import APIError, OpenAIServer, engine_error
 
 logger = logging.getLogger(__name__)
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = "data: [DONE]\n\n"
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, type, param, code)
-
-
-def _engine_error(e: Exception) -> APIError:
-    if isinstance(e, EngineOverloadedError):
-        return APIError(503, str(e), "server_error", code="engine_overloaded")
-    return APIError(500, str(e), "server_error")
-
-
-@dataclass
-class _Tracker:
-    """One engine request's bookkeeping: output tokens so far, the last output's time (for
-    the inter-token latency), its log line and metrics when it ends."""
-
-    request: Request
-    metrics: ServerMetrics
-    stream: bool
-    output_lengths: dict[int, int] = field(default_factory=dict)
-    last_time: float | None = None
-    done: bool = False
-
-    def update(self, out: RequestOutput) -> None:
-        lengths = self.output_lengths
-        for c in out.outputs:
-            lengths[c.index] = lengths.get(c.index, 0) + len(c.token_ids)
-        if self.stream:
-            now = time.perf_counter()
-            if self.last_time is not None:
-                self.metrics.itl.observe(now - self.last_time)
-            self.last_time = now
-        if out.finished:
-            self.finish(out)
-
-    def finish(self, out: RequestOutput) -> None:
-        self.done = True
-        lengths = [self.output_lengths.get(c.index, 0) for c in out.outputs]
-        self.metrics.observe_finished(out, lengths)
-        m = out.metrics
-        ttft = m.time_to_first_token if m is not None else None
-        latency = m.latency if m is not None else None
-        logger.info(
-            "%s: %d prompt tokens, %s output tokens, finish %s, %.3f s (first token %.3f s)",
-            self.request.request_id,
-            len(self.request.prompt_token_ids),
-            "+".join(map(str, lengths)),
-            ",".join(str(c.finish_reason) for c in out.outputs),
-            latency or 0.0,
-            ttft or 0.0,
-        )
-
-    def close(self, why: str) -> None:
-        """The request ended without its final output (client gone, engine error)."""
-        if not self.done:
-            self.done = True
-            logger.info("%s: aborted (%s)", self.request.request_id, why)
-
-
-class OpenAIServer:
-    """The routes' state: the engine, the names it answers to, metrics."""
-
-    def __init__(self, engine: AsyncLLM, served_model_names: Sequence[str]):
-        self.engine = engine
-        self.model_names = list(served_model_names)
-        self.max_model_len = int(engine.config.max_model_len)
-        self.metrics = ServerMetrics(lambda: engine.stats, engine.runtime.num_kv_blocks)
-        self.sampling_defaults = generation_config_defaults(engine.config.model)
-        if self.sampling_defaults:
-            logger.info("sampling defaults from generation_config.json: %s", self.sampling_defaults)
-        tok = engine.tokenizer
-        self._vocab = len(tok) if tok is not None else 0
-
-    def decode_token(self, token_id: int) -> str:
-        if token_id >= self._vocab:  # random-weight models sample ids the tokenizer lacks
-            return ""
-        return self.engine.tokenizer.decode([token_id])
-
-    # ---- request intake -------------------------------------------------------------------
-
-    def check_model(self, name: str) -> None:
-        if name not in self.model_names:
-            served = ", ".join(map(repr, self.model_names))
-            message = f"the model {name!r} does not exist; this server serves {served}"
-            raise APIError(404, message, param="model", code="model_not_found")
-
-    def make_requests(
-        self,
-        req: CompletionRequest | ChatCompletionRequest,
-        prompts: Sequence[Any],
-        params: Any,
-        request_id: str,
-        param: str,
-    ) -> list[Request]:
-        """Tokenize and check every prompt (`param`: where a bad one came from), then the queue;
-        nothing is started yet."""
-        out = []
-        try:
-            for i, prompt in enumerate(prompts):
-                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                r = self.engine.make_request(prompt, params, rid)
-                check_context_length(req, len(r.prompt_token_ids), self.max_model_len)
-                out.append(r)
-        except ValueError as e:
-            raise APIError(400, str(e), param=param) from None
-        try:
-            self.engine.check_capacity()
-        except (EngineOverloadedError, EngineDeadError) as e:
-            raise _engine_error(e) from None
-        return out
-
-    # ---- generation -----------------------------------------------------------------------
-
-    async def final_outputs(
-        self, http: HTTPRequest, requests: list[Request]
-    ) -> list[RequestOutput] | None:
-        """Each request's final output; None if the client went away first (the requests are
-        then aborted)."""
-
-        async def one(r: Request) -> RequestOutput:
-            tracker = _Tracker(r, self.metrics, stream=False)
-            try:
-                async for out in self.engine.generate(r, stream=False):
-                    tracker.update(out)
-                    if out.finished:
-                        return out
-            except asyncio.CancelledError:
-                tracker.close("cancelled: the client went away, or a sibling prompt failed")
-                raise
-            except BaseException as e:
-                tracker.close(type(e).__name__)
-                raise
-            raise RequestFailedError(f"request {r.request_id} ended without an output")
-
-        tasks = [asyncio.ensure_future(one(r)) for r in requests]
-        gone = asyncio.ensure_future(_disconnected(http))
-        try:
-            pending = set(tasks)
-            while pending:
-                done, _ = await asyncio.wait(pending | {gone}, return_when=asyncio.FIRST_COMPLETED)
-                if gone in done:
-                    return None
-                for t in done:
-                    e = t.exception()
-                    if isinstance(e, (EngineOverloadedError, EngineDeadError, RequestFailedError)):
-                        raise _engine_error(e) from None
-                    if e is not None:
-                        raise e
-                pending -= done
-            return [t.result() for t in tasks]
-        finally:
-            # Whatever is left (the client went away, a sibling failed) is cancelled: each
-            # generate's clean-up aborts its request.
-            for t in (*tasks, gone):
-                t.cancel()
-            await asyncio.gather(*tasks, gone, return_exceptions=True)
-
-    async def outputs(self, requests: list[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, delta) of every request as they come; ends when all have finished."""
-        trackers = [_Tracker(r, self.metrics, stream=True) for r in requests]
-        try:
-            if len(requests) == 1:
-                async for out in self.engine.generate(requests[0], stream=True):
-                    trackers[0].update(out)
-                    yield 0, out
-                return
-            async for i, out in _merged(self.engine, requests):
-                trackers[i].update(out)
-                yield i, out
-        except (asyncio.CancelledError, GeneratorExit):
-            for t in trackers:
-                t.close("client disconnected")
-            raise
-        except BaseException as e:
-            for t in trackers:
-                t.close(type(e).__name__)
-            raise
-
-
-async def _disconnected(http: HTTPRequest) -> None:
-    """Returns when the client has gone away (the body was read already)."""
-    while True:
-        message = await http.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _merged(
-    engine: AsyncLLM, requests: list[Request]
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Several requests' streams as one, in arrival order."""
-    queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
-
-    async def pump(i: int, r: Request) -> None:
-        try:
-            async for out in engine.generate(r, stream=True):
-                queue.put_nowait((i, out))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((i, e))
-
-    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
-    try:
-        left = len(requests)
-        while left:
-            i, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            left -= item.finished
-            yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # ---- streams ---------------------------------------------------------------------------------
@@ -316,7 +88,7 @@ def _usage_line(prefix: str, num_prompt: int, num_completion: int) -> str:
 
 
 def _error_line(e: BaseException) -> str:
-    err = _engine_error(e) if isinstance(e, Exception) else APIError(500, str(e), "server_error")
+    err = engine_error(e) if isinstance(e, Exception) else APIError(500, str(e), "server_error")
     return f"data: {json.dumps(err.body)}\n\n"
 
 

@@ -28,9 +28,9 @@ from minivllm.config import EngineConfig
 from minivllm.engine.output_processor import OutputProcessor
 from minivllm.engine.process import EngineProcess
 from minivllm.engine.requests import InputProcessor, PromptType, Request
-from minivllm.llm import find_eos_token_ids, load_tokenizer
 from minivllm.outputs import CompletionOutput, RequestOutput
 from minivllm.sampling_params import SamplingParams
+from minivllm.tokenizer import find_eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

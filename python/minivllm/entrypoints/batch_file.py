@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from minivllm.entrypoints.protocol import error_body
+from minivllm.entrypoints.responses import error_body
 
 logger = logging.getLogger(__name__)
 

@@ -39,15 +39,14 @@ from minivllm.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     chat_inputs,
-    chat_response,
     check_context_length,
     completion_inputs,
-    completion_response,
     generation_config_defaults,
-    validation_message,
 )
-from minivllm.llm import LLM, RequestStream
+from minivllm.entrypoints.responses import chat_response, completion_response, validation_message
+from minivllm.llm import LLM
 from minivllm.outputs import RequestOutput
+from minivllm.request_stream import RequestStream
 
 # take(room, block): up to `room` input lines; with `block`, wait for at least one (the engine
 # is idle). None: the input has ended.

@@ -1,26 +1,20 @@
-"""The OpenAI API's bodies for POST /v1/completions and /v1/chat/completions, and their
-conversion to and from the engine's terms.
+"""The OpenAI API's request bodies for POST /v1/completions and /v1/chat/completions, and their
+conversion to the engine's terms.
 
 Request models mirror OpenAI's schema field for field, with OpenAI's limits where vLLM is looser
 (`top_logprobs` at most 20, a completion's `logprobs` at most 5, at most 4 stop strings, a user
 message needs `content`), plus vLLM's extra body fields `top_k`, `min_p`, `ignore_eos` and
 `stop_token_ids`. A field OpenAI has and minivllm cannot honour (penalties, logit_bias, tools,
-echo, ...) is accepted only at its neutral value; anything else is refused with a message naming
-it, as is an unknown field. Validation errors (pydantic's, and the ValueErrors raised here) carry
-the message a client sees in a 400.
-
-Conversions: `completion_inputs` / `chat_inputs` turn a request into prompts (or messages) and a
-`SamplingParams`; `completion_response` / `chat_response` turn the engine's final
-`RequestOutput`s into a response body; the logprob helpers build each endpoint's own logprobs
-format (used per chunk when streaming). The HTTP server and run-batch share this module, so it
-knows neither FastAPI nor the engine.
+echo, ...) is accepted only at its neutral value; anything else, an unknown field too, is refused
+with the message a client sees in a 400. `completion_inputs` / `chat_inputs` turn a request into
+prompts (or messages) and a `SamplingParams`; responses.py has the other direction. The HTTP
+server and run-batch share both, so they know neither FastAPI nor the engine.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,12 +23,10 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from minivllm.outputs import CompletionOutput, Logprob, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
 # OpenAI's limits.
@@ -42,59 +34,10 @@ MAX_STOP_STRINGS = 4
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
-# JSON has no -inf: a token the model rules out is reported at this log-probability (as vLLM does).
-MIN_LOGPROB = -9999.0
 _INT64 = 2**63
 
 # The sampling fields the model's generation_config.json may set as defaults (as vLLM does).
 GENERATION_CONFIG_DEFAULTS = ("temperature", "top_p", "top_k", "min_p")
-
-Decode = Callable[[int], str]  # one token id -> its text (the tokenizer's view)
-
-
-# ---- errors ----------------------------------------------------------------------------------
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
-def error_body(
-    message: str,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-) -> dict[str, Any]:
-    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def validation_message(error: ValidationError) -> tuple[str, str | None]:
-    """A pydantic error as one line for the client, and the field it names (OpenAI's `param`)."""
-    parts, param = [], None
-    for e in error.errors(include_url=False):
-        loc = ".".join(str(x) for x in e["loc"] if not _is_union_tag(x))
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (not in OpenAI's API, nor one of minivllm's extra fields)"
-        elif e["type"] == "json_invalid":
-            msg = f"the body is not valid JSON: {e.get('ctx', {}).get('error', msg)}"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-        if param is None and loc:
-            param = loc
-    return "; ".join(parts), param
-
-
-def _is_union_tag(x: Any) -> bool:
-    # pydantic names the union member it tried ("str", "list[int]", "function-after[...]").
-    return isinstance(x, str) and ("[" in x or x in ("str", "int", "float", "bool", "list"))
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -454,260 +397,3 @@ def generation_config_defaults(model_dir: str | Path) -> dict[str, Any]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name] = value
     return out
-
-
-# ---- responses -------------------------------------------------------------------------------
-
-
-class UsageInfo(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
-class CompletionLogprobs(BaseModel):
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo
-    system_fingerprint: str | None = None
-
-
-class CompletionStreamResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class ChatCompletionTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[ChatCompletionTokenLogprob] | None = None
-    refusal: list[ChatCompletionTokenLogprob] | None = None
-
-
-class ChatCompletionMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-    refusal: str | None = None
-
-
-class ChatCompletionChoice(BaseModel):
-    index: int
-    message: ChatCompletionMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatCompletionChoice]
-    usage: UsageInfo
-    system_fingerprint: str | None = None
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatCompletionChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatCompletionChunkChoice]
-    usage: UsageInfo | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "minivllm"
-    root: str | None = None
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-# ---- engine outputs -> responses --------------------------------------------------------------
-
-
-def _token_text(token_id: int, lp: Logprob, decode: Decode) -> str:
-    return lp.decoded_token if lp.decoded_token is not None else decode(token_id)
-
-
-def _clamp(logprob: float) -> float:
-    return max(logprob, MIN_LOGPROB)
-
-
-def completion_logprobs(
-    token_ids: Sequence[int],
-    logprobs: Sequence[Mapping[int, Logprob]],
-    num_top: int,
-    decode: Decode,
-    text_offset: int = 0,
-) -> CompletionLogprobs:
-    """The completions endpoint's logprobs of generated tokens: each token's text and
-    logprob, the sampled token and the `num_top` most likely ones by text, and where each token
-    starts in the completion text (counting from `text_offset`, for streamed chunks)."""
-    out = CompletionLogprobs()
-    offset = text_offset
-    for token_id, entries in zip(token_ids, logprobs):
-        sampled = entries.get(token_id)
-        text = _token_text(token_id, sampled, decode) if sampled else decode(token_id)
-        out.tokens.append(text)
-        out.token_logprobs.append(_clamp(sampled.logprob) if sampled else None)
-        out.text_offset.append(offset)
-        offset += len(text)
-        top: dict[str, float] = {}
-        for t, lp in sorted(entries.items(), key=lambda item: item[1].rank):
-            if t == token_id or lp.rank <= num_top:
-                # Two tokens with the same text: the more likely one keeps the key.
-                top.setdefault(_token_text(t, lp, decode), _clamp(lp.logprob))
-        out.top_logprobs.append(top)
-    return out
-
-
-def chat_logprobs(
-    token_ids: Sequence[int],
-    logprobs: Sequence[Mapping[int, Logprob]],
-    num_top: int,
-    decode: Decode,
-) -> ChoiceLogprobs:
-    """The chat endpoint's logprobs: per generated token its text, bytes and logprob, and the
-    `num_top` most likely tokens in rank order."""
-    content = []
-    for token_id, entries in zip(token_ids, logprobs):
-        sampled = entries.get(token_id)
-        text = _token_text(token_id, sampled, decode) if sampled else decode(token_id)
-        ranked = sorted((lp.rank, t, lp) for t, lp in entries.items() if lp.rank <= num_top)
-        top = []
-        for _, t, lp in ranked[:num_top]:
-            tt = _token_text(t, lp, decode)
-            top.append(TopLogprob(token=tt, logprob=_clamp(lp.logprob), bytes=_utf8(tt)))
-        content.append(
-            ChatCompletionTokenLogprob(
-                token=text,
-                logprob=_clamp(sampled.logprob) if sampled else MIN_LOGPROB,
-                bytes=_utf8(text),
-                top_logprobs=top,
-            )
-        )
-    return ChoiceLogprobs(content=content)
-
-
-def _utf8(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
-
-
-def usage_of(outputs: Sequence[RequestOutput]) -> UsageInfo:
-    """Prompt tokens counted once per prompt; completion tokens over every choice."""
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
-
-
-def _choices(outputs: Sequence[RequestOutput], n: int) -> list[tuple[int, CompletionOutput]]:
-    """(choice index, completion) over every prompt: prompt i's completion j is i * n + j."""
-    return [(i * n + c.index, c) for i, o in enumerate(outputs) for c in o.outputs]
-
-
-def completion_response(
-    request_id: str,
-    model: str,
-    req: CompletionRequest,
-    outputs: Sequence[RequestOutput],
-    decode: Decode,
-    created: int | None = None,
-) -> CompletionResponse:
-    """The response to a completion request from each prompt's final output, in prompt order."""
-    choices = []
-    for index, c in _choices(outputs, req.n or 1):
-        lp = None
-        if req.logprobs is not None and c.logprobs is not None:
-            lp = completion_logprobs(c.token_ids, c.logprobs, req.logprobs, decode)
-        choices.append(
-            CompletionChoice(index=index, text=c.text, logprobs=lp, finish_reason=c.finish_reason)
-        )
-    return CompletionResponse(
-        id=request_id,
-        created=created if created is not None else int(time.time()),
-        model=model,
-        choices=choices,
-        usage=usage_of(outputs),
-    )
-
-
-def chat_response(
-    request_id: str,
-    model: str,
-    req: ChatCompletionRequest,
-    output: RequestOutput,
-    decode: Decode,
-    created: int | None = None,
-) -> ChatCompletionResponse:
-    """The response to a chat request from its final output."""
-    choices = []
-    for c in output.outputs:
-        lp = None
-        if req.logprobs and c.logprobs is not None:
-            lp = chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0, decode)
-        choices.append(
-            ChatCompletionChoice(
-                index=c.index,
-                message=ChatCompletionMessage(content=c.text),
-                logprobs=lp,
-                finish_reason=c.finish_reason,
-            )
-        )
-    return ChatCompletionResponse(
-        id=request_id,
-        created=created if created is not None else int(time.time()),
-        model=model,
-        choices=choices,
-        usage=usage_of([output]),
-    )

@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from minivllm.config import ModelConfig
+from minivllm.model_config import ModelConfig
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
