@@ -99,11 +99,16 @@ class LLMEngine:
         hidden, heads = int(c["hidden_size"]), int(c["num_heads"])
         max_len = int(c.get("max_model_length", 0))
         dtype = c.get("dtype") or ("bfloat16" if torch.cuda.is_available() else "float32")
+        vocab = int(c["vocab_size"])
         eos = c.get("eos")
+        # An eos id outside the vocabulary can never be sampled: it is left out (transformers
+        # warns about such a config.json).
+        eos_ids = [e for e in ([eos] if isinstance(eos, int) else eos or []) if 0 <= e < vocab]
+        eos = None if not eos_ids else eos_ids[0] if isinstance(eos, int) else eos_ids
         hf_config = {
             "architectures": ["Qwen3ForCausalLM"],
             "model_type": "qwen3",
-            "vocab_size": int(c["vocab_size"]),
+            "vocab_size": vocab,
             "hidden_size": hidden,
             "intermediate_size": int(c["intermediate_size"]),
             "num_hidden_layers": int(c["num_layers"]),
