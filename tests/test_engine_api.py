@@ -71,6 +71,27 @@ def test_progress_bar_shows_throughput(tiny_llm, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_progress_bar_rates_are_current(monkeypatch, capsys):
+    """The bar's rates cover the last seconds (as vLLM's do), not the whole run: a prefill burst
+    at the start stops counting once decoding has gone on for a while."""
+    from minivllm import progress
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock["t"])
+    bar = progress.Progress(4, enabled=True)
+    clock["t"] = 1.0
+    bar.step(10_000, 0, 0)  # a prefill of 10,000 tokens in the first second
+    assert "prefill 10,000 tok/s" in bar.bar.postfix
+    for t in range(2, 13):  # then 100 output tokens a second
+        clock["t"] = float(t)
+        bar.step(0, 100, 0)
+    assert "prefill 0 tok/s" in bar.bar.postfix
+    assert "decode 100 tok/s" in bar.bar.postfix
+    bar.step(0, 100, 1)
+    bar.close()
+    assert "1/4" in capsys.readouterr().err
+
+
 def test_demo_checkpoint_is_a_real_hf_checkpoint(tmp_path):
     path = make_demo_checkpoint(tmp_path / "tiny", size="tiny")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

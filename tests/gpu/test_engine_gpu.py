@@ -1,4 +1,4 @@
-"""The engine on the GPU: Triton backend, CUDA graphs, GPU sampling (issue 5). Run on the device.
+"""The engine on the GPU: Triton backend, CUDA graphs, GPU sampling. Run on the device.
 
 Greedy outputs must not depend on how a step was run: CUDA graphs vs eager, Triton vs torch
 attention, prefix caching on vs off, C++ vs Python scheduler; a tiny Qwen3 matches transformers on
