@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -57,6 +57,7 @@ from minivllm.entrypoints.responses import (
     validation_message,
 )
 from minivllm.entrypoints.serving import APIError, OpenAIServer, engine_error
+from minivllm.outputs import CompletionOutput
 
 logger = logging.getLogger(__name__)
 
@@ -92,56 +93,74 @@ def _error_line(e: BaseException) -> str:
     return f"data: {json.dumps(err.body)}\n\n"
 
 
-async def _stream_completion(
+async def _sse(
     server: OpenAIServer,
-    req: CompletionRequest,
     requests: list[Request],
-    request_id: str,
-    created: int,
+    prefix: str,
+    include_usage: bool,
+    choice: Callable[[int, CompletionOutput], str | None],
 ) -> AsyncIterator[str]:
-    prefix = _chunk_prefix("text_completion", request_id, created, req.model)
-    suffix = '],"usage":null}\n\n' if req.include_usage else "]}\n\n"
-    n = req.n or 1
-    num_top = req.logprobs
-    finished: set[int] = set()
-    text_offsets: dict[int, int] = {}
+    """The stream of one response: per engine output, one line per choice that `choice` renders
+    (the JSON of a choice object; None: nothing to send), an error line if the engine gave up, the
+    usage chunk if asked for, [DONE]. Every choice's finish_reason comes once."""
+    suffix = '],"usage":null}\n\n' if include_usage else "]}\n\n"
+    finished: set[tuple[int, int]] = set()
     num_completion = 0
     try:
         async for i, out in server.outputs(requests):
             lines = []
             for c in out.outputs:
-                index = i * n + c.index
-                if index in finished:
+                if (i, c.index) in finished:
                     continue
                 num_completion += len(c.token_ids)
-                lp = "null"
-                if num_top is not None and c.logprobs:
-                    offset = text_offsets.get(index, 0)
-                    logprobs = completion_logprobs(
-                        c.token_ids, c.logprobs, num_top, server.decode_token, offset
-                    )
-                    text_offsets[index] = offset + sum(map(len, logprobs.tokens))
-                    lp = logprobs.model_dump_json()
                 if c.finish_reason is not None:
-                    finished.add(index)
-                # A chunk for every output with tokens, text or not (half a character has none
-                # yet), as vLLM does: a client timing the stream sees each engine output.
-                elif not c.token_ids and not c.text and lp == "null":
-                    continue
-                lines.append(
-                    f'{prefix}{{"index":{index},"text":{json.dumps(c.text)},"logprobs":{lp},'
-                    f'"finish_reason":{_finish_json(c.finish_reason)}}}{suffix}'
-                )
+                    finished.add((i, c.index))
+                body = choice(i, c)
+                if body is not None:
+                    lines.append(f"{prefix}{body}{suffix}")
             if lines:
                 yield "".join(lines)
     except (EngineOverloadedError, EngineDeadError, RequestFailedError) as e:
         yield _error_line(e)
         yield _DONE
         return
-    if req.include_usage:
+    if include_usage:
         num_prompt = sum(len(r.prompt_token_ids) for r in requests)
         yield _usage_line(prefix, num_prompt, num_completion)
     yield _DONE
+
+
+def _stream_completion(
+    server: OpenAIServer,
+    req: CompletionRequest,
+    requests: list[Request],
+    request_id: str,
+    created: int,
+) -> AsyncIterator[str]:
+    n, num_top = req.n or 1, req.logprobs
+    text_offsets: dict[int, int] = {}
+
+    def choice(i: int, c: CompletionOutput) -> str | None:
+        index = i * n + c.index
+        lp = "null"
+        if num_top is not None and c.logprobs:
+            offset = text_offsets.get(index, 0)
+            logprobs = completion_logprobs(
+                c.token_ids, c.logprobs, num_top, server.decode_token, offset
+            )
+            text_offsets[index] = offset + sum(map(len, logprobs.tokens))
+            lp = logprobs.model_dump_json()
+        # A chunk for every output with tokens, text or not (half a character has none yet), as
+        # vLLM does: a client timing the stream sees each engine output.
+        if c.finish_reason is None and not c.token_ids and not c.text and lp == "null":
+            return None
+        return (
+            f'{{"index":{index},"text":{json.dumps(c.text)},"logprobs":{lp},'
+            f'"finish_reason":{_finish_json(c.finish_reason)}}}'
+        )
+
+    prefix = _chunk_prefix("text_completion", request_id, created, req.model)
+    return _sse(server, requests, prefix, req.include_usage, choice)
 
 
 async def _stream_chat(
@@ -153,45 +172,29 @@ async def _stream_chat(
 ) -> AsyncIterator[str]:
     prefix = _chunk_prefix("chat.completion.chunk", request_id, created, req.model)
     suffix = '],"usage":null}\n\n' if req.include_usage else "]}\n\n"
-    n = req.n or 1
     num_top = (req.top_logprobs or 0) if req.logprobs else None
     # OpenAI's first chunk of each choice names the role.
     yield "".join(
         f'{prefix}{{"index":{i},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
         f'"finish_reason":null}}{suffix}'
-        for i in range(n)
+        for i in range(req.n or 1)
     )
-    finished: set[int] = set()
-    num_completion = 0
-    try:
-        async for _, out in server.outputs([request]):
-            lines = []
-            for c in out.outputs:
-                if c.index in finished:
-                    continue
-                num_completion += len(c.token_ids)
-                lp = "null"
-                if num_top is not None and c.logprobs:
-                    logprobs = chat_logprobs(c.token_ids, c.logprobs, num_top, server.decode_token)
-                    lp = logprobs.model_dump_json()
-                if c.finish_reason is not None:
-                    finished.add(c.index)
-                elif not c.text and lp == "null":
-                    continue
-                delta = f'{{"content":{json.dumps(c.text)}}}' if c.text else "{}"
-                lines.append(
-                    f'{prefix}{{"index":{c.index},"delta":{delta},"logprobs":{lp},'
-                    f'"finish_reason":{_finish_json(c.finish_reason)}}}{suffix}'
-                )
-            if lines:
-                yield "".join(lines)
-    except (EngineOverloadedError, EngineDeadError, RequestFailedError) as e:
-        yield _error_line(e)
-        yield _DONE
-        return
-    if req.include_usage:
-        yield _usage_line(prefix, len(request.prompt_token_ids), num_completion)
-    yield _DONE
+
+    def choice(_: int, c: CompletionOutput) -> str | None:
+        lp = "null"
+        if num_top is not None and c.logprobs:
+            logprobs = chat_logprobs(c.token_ids, c.logprobs, num_top, server.decode_token)
+            lp = logprobs.model_dump_json()
+        if c.finish_reason is None and not c.text and lp == "null":
+            return None
+        delta = f'{{"content":{json.dumps(c.text)}}}' if c.text else "{}"
+        return (
+            f'{{"index":{c.index},"delta":{delta},"logprobs":{lp},'
+            f'"finish_reason":{_finish_json(c.finish_reason)}}}'
+        )
+
+    async for line in _sse(server, [request], prefix, req.include_usage, choice):
+        yield line
 
 
 # ---- the app ---------------------------------------------------------------------------------
