@@ -97,11 +97,6 @@ def test_async_interrupted_generate_leaves_engine_clean(tiny_qwen3, monkeypatch)
     assert out[0].outputs[0].token_ids == hf_greedy(tiny_qwen3, prompt, 6)
 
 
-def test_async_is_refused_with_tensor_parallelism(tiny_qwen3):
-    with pytest.raises(ValueError, match="async_scheduling"):
-        make_llm(tiny_qwen3, async_scheduling=True, tensor_parallel_size=2)
-
-
 def test_resolve_placeholders_reference():
     ids = torch.tensor([5, -1, 7, -3, -2, 0], dtype=torch.int32)
     prev = torch.tensor([40, 41, 42, 43], dtype=torch.int64)

@@ -2,7 +2,7 @@
 
 The tiny Qwen3 (4 heads, 2 KV heads, tied embeddings) split over two ranks gives transformers'
 greedy tokens and tensor_parallel_size=1's, through chunked prefill and mixed batches, with both
-schedulers; two TP engines live side by side; closing an engine ends its workers; a dead worker
+schedulers and with async scheduling; two TP engines live side by side; closing an engine ends its workers; a dead worker
 makes the next step raise instead of hanging; a bad tensor_parallel_size is a ValueError before
 anything is spawned; a worker that fails sends its traceback to rank 0.
 """
@@ -42,11 +42,27 @@ def token_ids(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_tp2_greedy_matches_transformers_and_tp1(tiny_qwen3, tiny_llm, scheduler):
+def _with_async(schedulers):
+    """Each scheduler synchronous, then each with async scheduling (its marks kept)."""
+    out = []
+    for async_scheduling in (False, True):
+        for s in schedulers:
+            values, marks = (s.values, s.marks) if hasattr(s, "values") else ((s,), ())
+            mode = "async" if async_scheduling else "sync"
+            out.append(
+                pytest.param(*values, async_scheduling, marks=marks, id=f"{values[0]}-{mode}")
+            )
+    return out
+
+
+@pytest.mark.parametrize(("scheduler", "async_scheduling"), _with_async(SCHEDULERS))
+def test_tp2_greedy_matches_transformers_and_tp1(tiny_qwen3, tiny_llm, scheduler, async_scheduling):
+    """With async scheduling every rank samples (the same ids from the same gathered logits and
+    uniforms) and resolves its next step's placeholders from them."""
     prompts = mixed_prompts(8, seed=3)
-    with tp_llm(tiny_qwen3, scheduler=scheduler) as llm:
+    with tp_llm(tiny_qwen3, scheduler=scheduler, async_scheduling=async_scheduling) as llm:
         assert llm.model_runner.tp.size == 2
+        assert llm.config.async_scheduling is async_scheduling
         got = token_ids(llm.generate(prompts, GREEDY, use_tqdm=False))
         assert got == [hf_greedy(tiny_qwen3, p, GREEDY.max_tokens) for p in prompts]
         assert got == token_ids(tiny_llm.generate(prompts, GREEDY, use_tqdm=False))
@@ -133,14 +149,42 @@ def test_close_ends_workers(tiny_qwen3):
         llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)
 
 
-def test_dead_worker_raises(tiny_qwen3):
-    with tp_llm(tiny_qwen3) as llm:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_dead_worker_raises(tiny_qwen3, async_scheduling):
+    with tp_llm(tiny_qwen3, async_scheduling=async_scheduling) as llm:
         proc = llm.model_runner.workers.procs[0]
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(10)
         with pytest.raises(WorkerError, match=r"worker rank 1 .* exited with code -9"):
             llm.generate(mixed_prompts(2), GREEDY, use_tqdm=False)
         assert_all_blocks_free(llm)  # the failed call's requests were aborted
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_worker_killed_mid_run_raises(tiny_qwen3, async_scheduling):
+    """SIGKILL right after the third step was sent (with async scheduling a second step may be
+    in flight): WorkerError within seconds, every block back, close() reaps everything."""
+    import time
+
+    llm = tp_llm(tiny_qwen3, async_scheduling=async_scheduling)
+    workers = llm.model_runner.workers
+    proc, send = workers.procs[0], workers.send
+
+    def send_then_kill(message):
+        send(message)
+        if workers.num_steps == 3:
+            os.kill(proc.pid, signal.SIGKILL)
+
+    workers.send = send_then_kill
+    try:
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=r"worker rank 1 .* exited with code -9"):
+            llm.generate(mixed_prompts(4), GREEDY, use_tqdm=False)
+        assert time.monotonic() - start < 30
+        assert_all_blocks_free(llm)
+    finally:
+        llm.close()
+    assert proc.exitcode == -9
 
 
 def test_failing_worker_reports_its_traceback(tiny_qwen3):
@@ -177,13 +221,14 @@ def test_more_ranks_than_gpus(tiny_qwen3):
         LLM(str(tiny_qwen3), device="cuda", tensor_parallel_size=n)
 
 
-def test_hung_worker_raises_naming_it(tiny_qwen3):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_hung_worker_raises_naming_it(tiny_qwen3, async_scheduling):
     """A stopped worker (SIGSTOP: a stuck collective looks the same to rank 0) makes the step
     raise WorkerError naming it within the step timeout, not the collectives' 10 minutes; close()
     then leaves no process behind."""
     import time
 
-    llm = tp_llm(tiny_qwen3, tp_step_timeout_s=2.0)
+    llm = tp_llm(tiny_qwen3, tp_step_timeout_s=2.0, async_scheduling=async_scheduling)
     proc = llm.model_runner.workers.procs[0]
     llm.generate(mixed_prompts(2), GREEDY, use_tqdm=False)  # a healthy start
     os.kill(proc.pid, signal.SIGSTOP)

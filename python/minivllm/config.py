@@ -41,7 +41,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
-    # Plan step N+1 while step N runs on the GPU (None: on for CUDA with one GPU, off otherwise).
+    # Plan step N+1 while step N runs on the GPU (None: on for CUDA with one GPU, off otherwise;
+    # with tensor_parallel_size > 1 it has been tested on gloo (CPU) only, so it is asked for).
     async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
     # With tensor parallelism: a step that has not finished after this long raises WorkerError
@@ -166,11 +167,6 @@ class EngineConfig:
             )
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
-        if self.async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError(
-                "async_scheduling is not supported with tensor_parallel_size > 1 (only rank 0 "
-                "samples, so the workers cannot resolve the next step's input tokens)"
-            )
 
     def _check_block_size(self) -> None:
         """The Triton kernels walk the cache in key tiles of a power-of-two size, which must

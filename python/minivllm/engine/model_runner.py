@@ -9,8 +9,9 @@ stay on the device, where the next step's placeholder inputs (async scheduling) 
 
 With tensor_parallel_size=N, rank 0's runner sends each step (a header and the used part of the
 staging buffer) to the N-1 workers (engine/workers.py), which run this same class on their own
-ranks: same views, same forward (the layers' collectives line up), same logits; only rank 0
-samples.
+ranks: same views, same forward (the layers' collectives line up), same logits. Rank 0 samples;
+with async scheduling every rank samples too, from the same gathered logits with the same
+uniforms (the staging buffer's), so each rank holds the ids its next step's placeholders read.
 """
 
 from __future__ import annotations
@@ -218,8 +219,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_worker_step(self, message: np.ndarray) -> None:
-        """A worker's side of `launch`: the step rank 0 packed, run on this rank's shards."""
-        self._step(self.staging.unpack(message))
+        """A worker's side of `launch`: the step rank 0 packed, run on this rank's shards. With
+        async scheduling the sampled ids stay on the device for the next step's placeholders."""
+        header = self.staging.unpack(message)
+        token_ids, _ = self._step(header)
+        if token_ids is not None:
+            self.last_sampled[: header.num_sampled].copy_(token_ids)
 
     @torch.inference_mode()
     def run_eagerly(self, batch: BatchLike) -> np.ndarray:
@@ -257,8 +262,9 @@ class ModelRunner:
     def _step(
         self, header: StepHeader, logprobs: LogprobsPlan | None = None
     ) -> tuple[torch.Tensor | None, tuple[Any, Any] | None]:
-        """Forward, logits, sampling: the sampled ids on the device (rank 0), else None; and
-        the logprobs `logprobs` asks for (device tensors)."""
+        """Forward, logits, sampling: the sampled ids on the device (rank 0, and every rank with
+        async scheduling), else None; and the logprobs `logprobs` asks for (device tensors,
+        rank 0)."""
         inputs = self.staging.step_inputs(header)
         hidden = self.run_model(inputs)
         if header.num_sampled == 0:
@@ -269,10 +275,10 @@ class ModelRunner:
         # logits_indices is strictly increasing, so S == T means every row: skip the gather.
         sampled_hidden = hidden if inputs.samples_every_token else hidden[inputs.logits_indices]
         logits = self.model.compute_logits(sampled_hidden)  # every rank: the LM head gathers
-        if self.tp.rank != 0:
-            return None, None  # only rank 0 samples
+        if self.tp.rank != 0 and not self.config.async_scheduling:
+            return None, None  # only rank 0 needs the ids
         token_ids = self.sampler(logits, inputs.sampling)
-        if logprobs is None:
+        if logprobs is None or self.tp.rank != 0:
             return token_ids, None
         scored = compute_logprobs(logprobs, logits, token_ids, hidden, self.model.compute_logits)
         return token_ids, scored

@@ -79,9 +79,11 @@ class StagingBuffers:
         # Whole-field views, made once: a step then costs one slice per field, not three ops.
         self._host_views: dict[str, np.ndarray] = {}
         self._dev_views: dict[str, torch.Tensor] = {}
+        self._wire_views: dict[str, np.ndarray] = {}  # int32 whatever the field holds: `pack`
         for name in self.layout.fields:
             start, size = self.layout.offset(name), self.layout.size(name)
             host, dev = self.host[start : start + size], self.device_buf[start : start + size]
+            self._wire_views[name] = host
             if self.layout.dtype(name) == "float32":
                 host, dev = host.view(np.float32), dev.view(torch.float32)
             self._host_views[name], self._dev_views[name] = host, dev
@@ -192,13 +194,13 @@ class StagingBuffers:
             self._copy_done.record()
 
     def pack(self, header: StepHeader) -> np.ndarray:
-        """The header and the used part of every field the forward reads, in one int32 array
-        (what rank 0 sends its workers; they do not sample, so sampling fields stay behind)."""
+        """The header and the used part of every field the forward and the sampler read, in one
+        int32 array (what rank 0 sends its workers; with async scheduling they sample too)."""
         # Tensor parallelism runs every step eagerly: no graph padding or tile table to send.
         assert header.graph_batch_size == 0 and header.mixed_graph_tokens == 0, header
         parts = [header.to_array()]
         for name, length in header.payload_spans():
-            parts.append(self._host_views[name][:length])
+            parts.append(self._wire_views[name][:length])
         parts.append(self.host_block_tables[: header.num_rows, : header.width].ravel())
         return np.concatenate(parts)
 
@@ -208,7 +210,7 @@ class StagingBuffers:
         header = StepHeader.from_array(message)
         pos = StepHeader.LENGTH
         for name, length in header.payload_spans():
-            self._host_views[name][:length] = message[pos : pos + length]
+            self._wire_views[name][:length] = message[pos : pos + length]
             pos += length
         rows, width = header.num_rows, header.width
         self.host_block_tables[:rows, :width] = message[pos : pos + rows * width].reshape(
@@ -247,14 +249,15 @@ class StepHeader:
         return cls(*v[:8], bool(v[8]), bool(v[9]), bool(v[10]))
 
     def payload_spans(self) -> list[tuple[str, int]]:
-        """(field, used length) of the fields the forward reads besides the block tables."""
+        """(field, used length) of the fields the forward and the sampler read besides the block
+        tables."""
         return [
             ("input_ids", self.num_tokens),
             ("positions", self.num_tokens),
             ("slot_mapping", self.num_tokens),
             ("seq_lens", self.num_rows),
             ("prefill_cu_seqlens", self.num_rows - self.num_decodes + 1),
-            ("logits_indices", self.num_sampled),
+            *((name, self.num_sampled) for name in _SAMPLED_FIELDS),
         ]
 
 

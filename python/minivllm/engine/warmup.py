@@ -49,7 +49,7 @@ def run_steps(runner: ModelRunner, scheduler: Any, max_steps: int | None = None)
         if batch is None:
             raise RuntimeError("a warm-up scheduler has requests but scheduled none")
         tokens = runner.run_eagerly(batch)
-        if runner.tp.rank != 0:  # only rank 0 samples
+        if runner.tp.rank != 0:  # rank 0 holds the ids (workers sample with async scheduling only)
             tokens = np.zeros(batch.num_samples, dtype=np.int64)
         scheduler.update(tokens)
         steps += 1

@@ -117,7 +117,10 @@ class TPWorkers:
         if self.failed is not None:
             raise WorkerError(self.failed)
         if wait_s > 0:
-            mp.connection.wait([p.sentinel for p in self.procs], timeout=wait_s)
+            ready = mp.connection.wait([p.sentinel for p in self.procs], timeout=wait_s)
+            for proc in self.procs:
+                if proc.sentinel in ready:  # it closes as the worker exits, a moment before
+                    proc.join(wait_s)  # the exit status can be collected: wait for that
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
             if proc.exitcode is None:
                 continue
