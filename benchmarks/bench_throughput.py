@@ -17,7 +17,13 @@ In the same run:
 Prints a table last; writes JSON to --out. --smoke runs it all on the CPU with a tiny random
 model and a handful of requests (a check of the script, not a measurement).
 
+With --tp N [N ...] the engine runs once per tensor_parallel_size N instead (the C++ scheduler,
+async scheduling unless --no-async; no Python scheduler or transformers run): each with its
+decode probe at 8 and 256 running, where the probe also sums the profiled NCCL kernels per step
+(the all-reduce time), and one request's time per output token (512-token prompt).
+
     python benchmarks/bench_throughput.py [--model-shape 0.6b|8b|14b] [--no-peer] [--no-python]
+    python benchmarks/bench_throughput.py --model-shape 8b --tp 1 2 4
 """
 
 from __future__ import annotations
@@ -132,6 +138,7 @@ def run_minivllm(
     args: dict[str, Any],
     probe: tuple[int, ...],
     breakdown: tuple[ModelCost, Ceilings] | None = None,
+    one_request: bool = False,
 ) -> dict[str, Any]:
     llm = LLM(model_dir, max_model_len=4096, **args)
     # Reversed prompts: the timed run must not find the warm-up's blocks in the prefix cache.
@@ -147,6 +154,7 @@ def run_minivllm(
         elapsed = time.perf_counter() - t0
     compiled_after = compiled_triton_kernels()
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    ms_per_token = one_request_ms_per_token(llm, prompts[0]) if one_request else None
     num_in = sum(len(p) for p in prompts)
     assert num_out == sum(max_tokens), (num_out, sum(max_tokens))
     assert llm.num_free_blocks == llm.runtime.num_kv_blocks
@@ -156,6 +164,9 @@ def run_minivllm(
         "output_tok_s": num_out / elapsed,
         "total_tok_s": (num_out + num_in) / elapsed,
         "num_kv_blocks": llm.runtime.num_kv_blocks,
+        "tensor_parallel_size": llm.config.tensor_parallel_size,
+        "async_scheduling": llm.config.async_scheduling,
+        "one_request_ms_per_token": ms_per_token,
         "stats": llm.stats,
         "triton_compiles_during_run": {
             k: n - compiled_before.get(k, 0)
@@ -174,12 +185,32 @@ def run_minivllm(
     return result
 
 
+def one_request_ms_per_token(llm: LLM, prompt: list[int], new_tokens: int = 128) -> float:
+    """One request alone: (wall of generate at 1 + new_tokens tokens - wall at 1) / new_tokens,
+    the median of three, each on a prompt of its own (no prefix-cache hit)."""
+    prompt, vocab = (prompt * 2)[:512], min(llm.config.model_config.vocab_size, 10000)
+    times = []
+    for k in range(1, 4):
+        walls = []
+        for n in (1, 1 + new_tokens):
+            ids = [(t + 1000 * k + n) % vocab for t in prompt]
+            params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n)
+            sync(llm)
+            t0 = time.perf_counter()
+            llm.generate([ids], params, use_tqdm=False)
+            sync(llm)
+            walls.append(time.perf_counter() - t0)
+        times.append((walls[1] - walls[0]) / new_tokens)
+    return float(np.median(times)) * 1e3
+
+
 def probe_decode_steps(
     llm: LLM, prompts: list[list[int]], num_running: int, num_steps: int = 24
 ) -> dict[str, float | None]:
     """The engine's loop with `num_running` sequences of 256-token prompts decoding: per step the
     wall time, the GPU kernel time (profiler, union of kernel intervals; CUDA only), the GPU busy
-    fraction, and the host time in schedule + update."""
+    fraction, the NCCL kernels' time (the all-reduces of tensor parallelism, rank 0's GPU), and
+    the host time in schedule + update."""
     from torch.profiler import ProfilerActivity, profile
 
     loop, cuda = StepLoop(llm), llm.config.torch_device.type == "cuda"
@@ -206,14 +237,25 @@ def probe_decode_steps(
         loop.scheduler.abort(base + i)
     wall_step = window / num_steps
     gpu_step = busy_seconds(prof) / num_steps if cuda else None
+    nccl_step = nccl_seconds(prof) / num_steps if cuda else None
     return {
         "running": num_running,
         "wall_us_per_step": wall_step * 1e6,
         "gpu_us_per_step": None if gpu_step is None else gpu_step * 1e6,
         "gpu_busy": None if gpu_step is None else gpu_step / wall_step,
         "idle_us_per_step": None if gpu_step is None else (wall_step - gpu_step) * 1e6,
+        "nccl_us_per_step": None if nccl_step is None else nccl_step * 1e6,
         "schedule_update_us_median": float(np.median(host)) * 1e6,
     }
+
+
+def nccl_seconds(prof: Any) -> float:
+    """The summed time of the profiled NCCL kernels (all-reduces, all-gathers)."""
+    return 1e-6 * sum(
+        e.time_range.end - e.time_range.start
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and "nccl" in e.name.lower()
+    )
 
 
 def busy_seconds(prof: Any) -> float:
@@ -289,8 +331,19 @@ def main() -> None:
         action="store_true",
         help="async_scheduling=False: the host's work is not hidden behind the GPU",
     )
+    ap.add_argument(
+        "--tp",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="one run per tensor_parallel_size N instead of the single-GPU runs",
+    )
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, in seconds")
     args = ap.parse_args()
+    if args.tp and not args.smoke and max(args.tp) > torch.cuda.device_count():
+        raise SystemExit(
+            f"--tp {max(args.tp)} needs {max(args.tp)} GPUs; {torch.cuda.device_count()} visible"
+        )
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("bench_throughput needs a CUDA GPU (or --smoke)")
 
@@ -327,9 +380,23 @@ def main() -> None:
             "roofline_at_copy_rate": copy_roof,
             "engine_args": llm_args,
         }
-        results["cpp"] = run_minivllm(
-            model_dir, prompts, max_tokens, llm_args, probe, breakdown=(cost, ceilings)
-        )
+        if args.tp:
+            results["tp"] = {
+                str(n): run_minivllm(
+                    model_dir,
+                    prompts,
+                    max_tokens,
+                    {**llm_args, "tensor_parallel_size": n, "async_scheduling": not args.no_async},
+                    probe,
+                    one_request=True,
+                )
+                for n in args.tp
+            }
+            args.no_python = args.no_peer = True
+        else:
+            results["cpp"] = run_minivllm(
+                model_dir, prompts, max_tokens, llm_args, probe, breakdown=(cost, ceilings)
+            )
         if not args.no_python:
             results["python"] = run_minivllm(
                 model_dir, prompts, max_tokens, {**llm_args, "scheduler": "python"}, probe
@@ -346,7 +413,34 @@ def main() -> None:
     print_summary(results)
 
 
+def print_tp_summary(results: dict[str, Any]) -> None:
+    """One row per tensor_parallel_size: throughput against N = 1 (or the first N run), one
+    request's time per token, and the decode probe's step time and all-reduce time."""
+    runs = results["tp"]
+    base = runs.get("1") or next(iter(runs.values()))
+    print(f"\n{results['device']}, {results['model_shape']}, tensor parallelism")
+    keys = list(base["decode_probe"])  # running counts probed: 256 and 8 (smoke: 4 and 2)
+    probe_head = "".join(f"{'@' + k + ' us':>9}{'NCCL':>7}" for k in keys)
+    print(
+        f"{'N':>3}{'seconds':>9}{'out tok/s':>11}{'x base':>8}{'ms/token, 1 req':>17}{probe_head}"
+    )
+    for n, r in runs.items():
+        cells = ""
+        for k in keys:
+            d = r["decode_probe"][k]
+            nccl = "-" if d["nccl_us_per_step"] is None else f"{d['nccl_us_per_step']:.0f}"
+            cells += f"{d['wall_us_per_step']:>9.0f}{nccl:>7}"
+        print(
+            f"{n:>3}{r['seconds']:>9.2f}{r['output_tok_s']:>11,.0f}"
+            f"{r['output_tok_s'] / base['output_tok_s']:>8.2f}"
+            f"{r['one_request_ms_per_token']:>17.3f}{cells}"
+        )
+
+
 def print_summary(results: dict[str, Any]) -> None:
+    if "tp" in results:
+        print_tp_summary(results)
+        return
     c, roof = results["ceilings"], results["roofline"]
     roof_tok_s = results["workload"]["output_tokens"] / roof["total_s"]
     copy_tok_s = results["workload"]["output_tokens"] / results["roofline_at_copy_rate"]["total_s"]
