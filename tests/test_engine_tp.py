@@ -241,3 +241,37 @@ def test_hung_worker_raises_naming_it(tiny_qwen3, async_scheduling):
     finally:
         llm.close()
     assert proc.exitcode is not None  # killed: a stopped process ignores SIGTERM
+
+
+def test_read_back_checks_the_workers_while_it_waits():
+    """On NCCL a dead peer leaves rank 0's kernels waiting without an error: the read-back's
+    wait runs the workers' check every WATCH_EVERY_S, so a dead worker raises at once rather than
+    after the step timeout; a step that never finishes still raises at the timeout."""
+    import time
+
+    from minivllm.engine.model_runner import StepResult
+
+    class NeverDone:  # a CUDA event whose kernels wait forever
+        def query(self) -> bool:
+            return False
+
+    checks = []
+
+    def check_alive() -> None:
+        checks.append(time.monotonic())
+        if len(checks) == 3:
+            raise WorkerError("tensor-parallel worker rank 1 (pid 1) exited with code -9")
+
+    result = StepResult(np.zeros(1, dtype=np.int64), NeverDone())
+    result.deadline = (60.0, lambda cause: WorkerError(f"step failed ({cause})"))
+    result.watch = check_alive
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="exited with code -9"):
+        result.result()
+    assert len(checks) == 3 and time.monotonic() - start < 10
+
+    result = StepResult(np.zeros(1, dtype=np.int64), NeverDone())
+    result.deadline = (0.3, lambda cause: WorkerError(f"step failed ({cause})"))
+    result.watch = lambda: None
+    with pytest.raises(WorkerError, match=r"step failed \(no result after 0.3 s\)"):
+        result.result()

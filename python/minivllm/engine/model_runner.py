@@ -206,6 +206,7 @@ class ModelRunner:
         except RuntimeError as e:  # a collective failed or timed out: name the worker behind it
             raise self._worker_error(e) from e
         result.deadline = (self.config.tp_step_timeout_s, self._worker_error)
+        result.watch = self.workers.check_alive
         return result
 
     def _worker_error(self, cause: BaseException) -> WorkerError:
@@ -318,7 +319,9 @@ class StepResult:
     """A launched step's sampled ids (and logprobs): `result()` waits for the copy to the host
     (if any)."""
 
-    __slots__ = ("_done", "_ids", "_logprobs", "deadline")
+    __slots__ = ("_done", "_ids", "_logprobs", "deadline", "watch")
+
+    WATCH_EVERY_S = 0.05
 
     def __init__(
         self,
@@ -328,8 +331,11 @@ class StepResult:
     ):
         self._ids, self._done, self._logprobs = ids, done, logprobs
         # With tensor parallelism: (seconds, error factory) for a step the GPU never finishes
-        # (a worker stuck in a collective leaves rank 0's kernels waiting).
+        # (a worker stuck in a collective leaves rank 0's kernels waiting), and a check that
+        # raises WorkerError once a worker has died, run every WATCH_EVERY_S while waiting (a
+        # dead peer leaves NCCL's kernels waiting without an error).
         self.deadline: tuple[float, Any] | None = None
+        self.watch: Any = None
 
     def result(self) -> np.ndarray:
         if self._done is not None:
@@ -338,9 +344,14 @@ class StepResult:
             else:
                 timeout_s, error = self.deadline
                 give_up = time.monotonic() + timeout_s
+                next_watch = time.monotonic() + self.WATCH_EVERY_S
                 while not self._done.query():
-                    if time.monotonic() > give_up:
+                    now = time.monotonic()
+                    if now > give_up:
                         raise error(TimeoutError(f"no result after {timeout_s} s"))
+                    if self.watch is not None and now > next_watch:
+                        self.watch()
+                        next_watch = now + self.WATCH_EVERY_S
                     time.sleep(1e-4)
             self._ids, self._done = self._ids.copy(), None  # the pinned buffer is reused
         return self._ids
