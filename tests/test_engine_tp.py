@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -160,12 +161,23 @@ def test_dead_worker_raises(tiny_qwen3, async_scheduling):
         assert_all_blocks_free(llm)  # the failed call's requests were aborted
 
 
+def _generate_fails_then_close(llm: LLM, match: str, num_prompts: int, within_s: float) -> None:
+    """generate raises WorkerError matching `match` within `within_s`, every block comes back;
+    then close()."""
+    try:
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=match):
+            llm.generate(mixed_prompts(num_prompts), GREEDY, use_tqdm=False)
+        assert time.monotonic() - start < within_s
+        assert_all_blocks_free(llm)
+    finally:
+        llm.close()
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_worker_killed_mid_run_raises(tiny_qwen3, async_scheduling):
     """SIGKILL right after the third step was sent (with async scheduling a second step may be
     in flight): WorkerError within seconds, every block back, close() reaps everything."""
-    import time
-
     llm = tp_llm(tiny_qwen3, async_scheduling=async_scheduling)
     workers = llm.model_runner.workers
     proc, send = workers.procs[0], workers.send
@@ -176,14 +188,7 @@ def test_worker_killed_mid_run_raises(tiny_qwen3, async_scheduling):
             os.kill(proc.pid, signal.SIGKILL)
 
     workers.send = send_then_kill
-    try:
-        start = time.monotonic()
-        with pytest.raises(WorkerError, match=r"worker rank 1 .* exited with code -9"):
-            llm.generate(mixed_prompts(4), GREEDY, use_tqdm=False)
-        assert time.monotonic() - start < 30
-        assert_all_blocks_free(llm)
-    finally:
-        llm.close()
+    _generate_fails_then_close(llm, r"worker rank 1 .* exited with code -9", 4, within_s=30)
     assert proc.exitcode == -9
 
 
@@ -226,20 +231,11 @@ def test_hung_worker_raises_naming_it(tiny_qwen3, async_scheduling):
     """A stopped worker (SIGSTOP: a stuck collective looks the same to rank 0) makes the step
     raise WorkerError naming it within the step timeout, not the collectives' 10 minutes; close()
     then leaves no process behind."""
-    import time
-
     llm = tp_llm(tiny_qwen3, tp_step_timeout_s=2.0, async_scheduling=async_scheduling)
     proc = llm.model_runner.workers.procs[0]
     llm.generate(mixed_prompts(2), GREEDY, use_tqdm=False)  # a healthy start
     os.kill(proc.pid, signal.SIGSTOP)
-    try:
-        start = time.monotonic()
-        with pytest.raises(WorkerError, match=rf"rank 1 \(pid {proc.pid}, stopped\)"):
-            llm.generate(mixed_prompts(2), GREEDY, use_tqdm=False)
-        assert time.monotonic() - start < 20
-        assert_all_blocks_free(llm)
-    finally:
-        llm.close()
+    _generate_fails_then_close(llm, rf"rank 1 \(pid {proc.pid}, stopped\)", 2, within_s=20)
     assert proc.exitcode is not None  # killed: a stopped process ignores SIGTERM
 
 
@@ -247,8 +243,6 @@ def test_read_back_checks_the_workers_while_it_waits():
     """On NCCL a dead peer leaves rank 0's kernels waiting without an error: the read-back's
     wait runs the workers' check every WATCH_EVERY_S, so a dead worker raises at once rather than
     after the step timeout; a step that never finishes still raises at the timeout."""
-    import time
-
     from minivllm.engine.model_runner import StepResult
 
     class NeverDone:  # a CUDA event whose kernels wait forever
