@@ -99,3 +99,34 @@ def test_demo_keep_says_how_to_load_the_checkpoint(tmp_path, capsys):
     assert "1 request," in out
     assert f"The checkpoint stays in {folder}: LLM({str(folder)!r}) loads it." in out
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_bench_tensor_parallel_with_async_scheduling(capsys):
+    """-tp / --tensor-parallel-size and --async-scheduling reach the engine (2 ranks on gloo)."""
+    argv = ["bench", "--device", "cpu", "--num-prompts", "3", "--no-progress", "--min-input",
+            "8", "--max-input", "8", "--min-output", "4", "--max-output", "4", "-tp", "2",
+            "--async-scheduling"]  # fmt: skip
+    assert main(argv) == 0
+    assert "3 requests, 24 prompt + 12 output tokens" in capsys.readouterr().out
+
+
+def test_tensor_parallel_size_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "somewhere", "--tensor-parallel-size", "0"])
+    assert e.value.code == 2
+    assert "--tensor-parallel-size" in _error_line(capsys)
+
+
+def test_engine_flags_become_engine_arguments():
+    import argparse
+
+    from minivllm.cli_args import add_engine_args, engine_kwargs
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert "tensor_parallel_size" not in engine_kwargs(p.parse_args([]))
+    assert "async_scheduling" not in engine_kwargs(p.parse_args([]))  # the engine's default
+    kwargs = engine_kwargs(p.parse_args(["-tp", "4", "--no-async-scheduling"]))
+    assert kwargs["tensor_parallel_size"] == 4 and kwargs["async_scheduling"] is False
+    kwargs = engine_kwargs(p.parse_args(["--tensor-parallel-size", "2", "--async-scheduling"]))
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["async_scheduling"] is True

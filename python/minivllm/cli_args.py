@@ -29,6 +29,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan the next step while one runs (default: on with one CUDA GPU)",
+    )
+    g.add_argument(
+        "-tp",
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="split the model over N GPUs of this host (N processes)",
+    )
     g.add_argument("--scheduler", default=None, choices=["cpp", "python"])
     g.add_argument("--attention-backend", default=None, choices=["torch", "triton"])
     g.add_argument("--load-format", default=None, choices=["auto", "dummy"])
@@ -40,6 +54,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for name in (
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks",
         "gpu_memory_utilization", "scheduler", "attention_backend", "load_format", "seed",
+        "async_scheduling", "tensor_parallel_size",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:

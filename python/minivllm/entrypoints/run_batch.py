@@ -249,9 +249,6 @@ def add_parser(sub: Any) -> None:
         metavar="ROWS",
         help="lines per Ray Data batch (default: 4 x max_num_seqs, fewer for small files)",
     )
-    dp.add_argument(
-        "--tensor-parallel-size", type=int, default=None, metavar="N", help="GPUs per replica"
-    )
     add_engine_args(p)
     p.set_defaults(func=cmd_run_batch)
 
@@ -261,9 +258,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
 
     if args.no_ray and args.ray_address:
         raise ValueError("--ray-address and --no-ray exclude each other")
-    engine_args = engine_kwargs(args)
-    if args.tensor_parallel_size is not None:
-        engine_args["tensor_parallel_size"] = args.tensor_parallel_size
+    engine_args = engine_kwargs(args)  # per replica: --tensor-parallel-size GPUs each
     s = run_batch(
         args.input_file,
         args.output_file,
