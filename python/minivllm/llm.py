@@ -234,12 +234,7 @@ class LLM:
         progress = Progress(len(requests), enabled=use_tqdm)
         try:
             while num_left:
-                out = loop.step()
-                done = processor.process(out)
-                for seq_id in done.to_abort:
-                    loop.abort(seq_id)
-                for er in done.to_add:
-                    loop.add(er)
+                out, done = processor.run_step(loop)
                 num_left -= len(done.finished)
                 progress.step(out.num_prefill_tokens, done.num_output_tokens, len(done.finished))
             # A stop string ends a request before the scheduler knows: its abort, and any step

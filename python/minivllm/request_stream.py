@@ -83,12 +83,7 @@ class RequestStream:
         self._check_open()
         loop, processor = self.llm.loop, self.processor
         try:
-            out = loop.step()
-            done = processor.process(out)
-            for seq_id in done.to_abort:
-                loop.abort(seq_id)
-            for er in done.to_add:
-                loop.add(er)
+            out, done = processor.run_step(loop)
         except BaseException:
             loop.recover()
             self._keys.clear()

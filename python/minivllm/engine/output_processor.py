@@ -22,7 +22,7 @@ import numpy as np
 
 from minivllm.engine.detokenizer import IncrementalDetokenizer, find_stop, safe_end
 from minivllm.engine.logprobs import StepLogprobs, TokenLogprobs
-from minivllm.engine.loop import EngineRequest, StepOutput
+from minivllm.engine.loop import EngineLoop, EngineRequest, StepOutput
 from minivllm.engine.requests import Request
 from minivllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
@@ -161,6 +161,17 @@ class OutputProcessor:
 
     def error(self, request_id: str) -> str | None:
         return self._requests[request_id].error
+
+    def run_step(self, loop: EngineLoop) -> tuple[StepOutput, ProcessedStep]:
+        """One step of `loop` in this thread, processed; the sequences stop strings ended are
+        aborted and further completions (n > 1) handed to the loop."""
+        out = loop.step()
+        done = self.process(out)
+        for seq_id in done.to_abort:
+            loop.abort(seq_id)
+        for er in done.to_add:
+            loop.add(er)
+        return out, done
 
     def process(self, out: StepOutput, now: float | None = None) -> ProcessedStep:
         now = time.perf_counter() if now is None else now

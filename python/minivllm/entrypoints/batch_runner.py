@@ -43,7 +43,12 @@ from minivllm.entrypoints.protocol import (
     completion_inputs,
     generation_config_defaults,
 )
-from minivllm.entrypoints.responses import chat_response, completion_response, validation_message
+from minivllm.entrypoints.responses import (
+    chat_response,
+    completion_response,
+    token_decoder,
+    validation_message,
+)
 from minivllm.llm import LLM
 from minivllm.outputs import RequestOutput
 from minivllm.request_stream import RequestStream
@@ -91,13 +96,7 @@ class BatchRunner:
         self.lines_per_take = max(16, llm.config.max_num_seqs // 8)
         self.max_model_len = int(llm.config.max_model_len)
         self.sampling_defaults = generation_config_defaults(llm.config.model)
-        tok = llm.tokenizer
-        self._vocab = len(tok) if tok is not None else 0
-
-    def decode_token(self, token_id: int) -> str:
-        if token_id >= self._vocab:  # random-weight models sample ids the tokenizer lacks
-            return ""
-        return self.llm.tokenizer.decode([token_id])
+        self.decode_token = token_decoder(llm.tokenizer)
 
     def run(self, take: Take, put: Put, on_step: OnStep | None = None) -> None:
         """Run lines from `take` until it returns None and every line has finished; each

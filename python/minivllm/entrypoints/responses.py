@@ -24,6 +24,18 @@ MIN_LOGPROB = -9999.0
 Decode = Callable[[int], str]  # one token id -> its text (the tokenizer's view)
 
 
+def token_decoder(tokenizer: Any) -> Decode:
+    """The `Decode` of the logprob helpers: a token id's text, or "" for an id past the
+    tokenizer's vocabulary (random-weight models sample ids the tokenizer lacks) or without
+    a tokenizer."""
+    vocab = len(tokenizer) if tokenizer is not None else 0
+
+    def decode(token_id: int) -> str:
+        return tokenizer.decode([token_id]) if token_id < vocab else ""
+
+    return decode
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 

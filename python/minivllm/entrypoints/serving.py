@@ -28,9 +28,7 @@ from minivllm.entrypoints.protocol import (
     check_context_length,
     generation_config_defaults,
 )
-from minivllm.entrypoints.responses import (
-    error_body,
-)
+from minivllm.entrypoints.responses import error_body, token_decoder
 from minivllm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -116,13 +114,7 @@ class OpenAIServer:
         self.sampling_defaults = generation_config_defaults(engine.config.model)
         if self.sampling_defaults:
             logger.info("sampling defaults from generation_config.json: %s", self.sampling_defaults)
-        tok = engine.tokenizer
-        self._vocab = len(tok) if tok is not None else 0
-
-    def decode_token(self, token_id: int) -> str:
-        if token_id >= self._vocab:  # random-weight models sample ids the tokenizer lacks
-            return ""
-        return self.engine.tokenizer.decode([token_id])
+        self.decode_token = token_decoder(engine.tokenizer)
 
     # ---- request intake -------------------------------------------------------------------
 
