@@ -160,6 +160,7 @@ def main() -> None:
             sums = torch.empty(batch * NUM_KV_HEADS, device="cuda")
 
             def gather(
+                heads_first=False,
                 seq_lens=seq_lens,
                 tables=tables,
                 k=k_cache,
@@ -168,7 +169,8 @@ def main() -> None:
                 batch=batch,
                 block=block,
             ):
-                _gather_read_kernel[(batch, NUM_KV_HEADS)](
+                grid = (NUM_KV_HEADS, batch) if heads_first else (batch, NUM_KV_HEADS)
+                _gather_read_kernel[grid](
                     k,
                     v,
                     seq_lens,
@@ -181,40 +183,14 @@ def main() -> None:
                     BLOCK_SIZE=block,
                     BLOCK_N=64,
                     HEAD_DIM=HEAD_DIM,
-                    num_warps=4,
-                    num_stages=3,
-                )
-
-            def gather_hf(
-                seq_lens=seq_lens,
-                tables=tables,
-                k=k_cache,
-                v=v_cache,
-                sums=sums,
-                batch=batch,
-                block=block,
-            ):
-                _gather_read_kernel[(NUM_KV_HEADS, batch)](
-                    k,
-                    v,
-                    seq_lens,
-                    tables,
-                    sums,
-                    k.stride(0),
-                    k.stride(1),
-                    k.stride(2),
-                    tables.stride(0),
-                    BLOCK_SIZE=block,
-                    BLOCK_N=64,
-                    HEAD_DIM=HEAD_DIM,
-                    HEADS_FIRST=True,
+                    HEADS_FIRST=heads_first,
                     num_warps=4,
                     num_stages=3,
                 )
 
             row = [
                 kv_bytes / graph_replay_us(gather) / 1e3,
-                kv_bytes / graph_replay_us(gather_hf) / 1e3,
+                kv_bytes / graph_replay_us(lambda: gather(heads_first=True)) / 1e3,
             ]
             for kw in variants.values():
 
