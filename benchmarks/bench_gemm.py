@@ -32,6 +32,7 @@ SHAPES = {  # Qwen3-0.6B: name -> (N, K, partials) of y = x @ W^T
     "gate_up": (6144, 1024, False),
     "down": (1024, 3072, True),
     "gate_up+silu": (6144, 1024, False),
+    "lm_head": (151936, 1024, False),  # the tied embedding (311 MB): once per step, not per layer
 }
 COPIES = 8  # weight copies cycled through, so every call reads its weight from HBM
 
@@ -140,7 +141,7 @@ def main() -> None:
             print(
                 f"{name:<8}{m:>5}{t_cublas:>8.2f}{t_engine:>8.2f}{best:>8.2f}  {tops}", flush=True
             )
-            if not gated:  # the four projections of a layer
+            if name in ("qkv", "o", "gate_up", "down"):  # the four projections of a layer
                 s = per_layer.setdefault(m, [0.0, 0.0])
                 s[0] += t_cublas
                 s[1] += t_engine
