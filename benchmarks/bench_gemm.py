@@ -6,7 +6,9 @@ Each timed call reads a different copy of the weight (8 copies, more than the L2
 model's 28 layers do, so a GEMM pays its weight reads from HBM. All calls of a case are captured
 in one CUDA graph; us per call. Split-K rows (o, down) leave float32 partial sums, which the
 add + RMSNorm that follows adds up (not timed here). PDL is off here: a chain of kernels is what
-`bench_layer_chain.py` times.
+`bench_layer_chain.py` times. `gate_up+silu` is gate/up with SiLU-and-multiply in the GEMM's
+epilogue (`gated`), against cuBLAS and the plain Triton GEMM each followed by the activation
+kernel.
 
     python benchmarks/bench_gemm.py --m 16 64 128 256
 """
@@ -21,13 +23,16 @@ import torch
 import triton
 from bench_common import DEVICE, graph_calls_us
 from minivllm.kernels import pdl
-from minivllm.kernels.linear import GemmConfig, gemm_config, linear
+from minivllm.kernels.activation import silu_and_mul
+from minivllm.kernels.linear import GemmConfig, gemm_config, linear, supports
 
 SHAPES = {  # Qwen3-0.6B: name -> (N, K, partials) of y = x @ W^T
     "qkv": (4096, 1024, False),
     "o": (1024, 2048, True),
     "gate_up": (6144, 1024, False),
     "down": (1024, 3072, True),
+    "gate_up+silu": (6144, 1024, False),
+    "lm_head": (151936, 1024, False),  # the tied embedding (311 MB): once per step, not per layer
 }
 COPIES = 8  # weight copies cycled through, so every call reads its weight from HBM
 
@@ -37,21 +42,22 @@ def cold_replay_us(fns) -> float:
     return graph_calls_us(fns, samples=15) / len(fns)
 
 
-def configs(m: int, k: int, partials: bool):
+def configs(m: int, k: int, partials: bool, gated: bool = False):
     """GemmConfig candidates; splits > 1 only for partial sums. Shared memory per program is
-    kept to what fits (stages x (BM + BN) x BK x 2 bytes <= 200 KB)."""
+    kept to what fits (stages x (BM + BN) x BK x 2 bytes <= 200 KB, two BN tiles when gated)."""
     xm = max(16, triton.next_power_of_2(m))
+    tiles = 2 if gated else 1
     for bm, bn, bk, stages, splits in itertools.product(
         sorted({min(xm, 128), min(xm, 64), 16 if xm <= 32 else 32}),
-        (64, 128),
+        (32, 64, 128) if gated else (64, 128),
         (64, 128),
         (2, 3, 4, 5),
         (1, 2, 4, 8) if partials else (1,),
     ):
-        if k % (splits * bk) or (bm + bn) * bk * 2 * stages > 200_000:
+        if k % (splits * bk) or (bm + tiles * bn) * bk * 2 * stages > 200_000:
             continue
         yield GemmConfig(splits, bm, bn, bk, 4, stages, True)
-    if m >= 64 and not partials:  # token rows on the MMA's M side
+    if m >= 64 and not partials and not gated:  # token rows on the MMA's M side
         for bm, bn, bk, stages, warps in itertools.product(
             (64, 128), (64, 128, 256), (64, 128), (2, 3, 4), (4, 8)
         ):
@@ -60,15 +66,17 @@ def configs(m: int, k: int, partials: bool):
             yield GemmConfig(1, bm, bn, bk, warps, stages, False)
 
 
-def time_config(x, ws, ref, partials: bool, cfg, name: str) -> float:
+def time_config(x, ws, ref, partials: bool, cfg, name: str, gated: bool = False) -> float:
     """us per call of the Triton GEMM with `cfg` over the weight copies `ws`, after checking one
-    call against `ref` (x @ ws[0]^T in float32)."""
-    y = linear(x, ws[0], partials=partials, config=cfg)
+    call against `ref` (x @ ws[0]^T in float32; its SiLU-and-multiply when gated)."""
+    y = linear(x, ws[0], partials=partials, gated=gated, config=cfg)
     torch.cuda.synchronize()
     got = y.sum(0) if partials else y.float()
     if not torch.allclose(got, ref, atol=3e-2, rtol=3e-2):
         print("MISMATCH", name, x.shape[0], cfg)
-    return cold_replay_us([lambda w=w: linear(x, w, partials=partials, config=cfg) for w in ws])
+    return cold_replay_us(
+        [lambda w=w: linear(x, w, partials=partials, gated=gated, config=cfg) for w in ws]
+    )
 
 
 def main() -> None:
@@ -98,15 +106,33 @@ def main() -> None:
             ]
             ref = torch.mm(x, ws[0].t()).float()
             outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in ws]
-            t_cublas = cold_replay_us(
-                [lambda x=x, w=w, o=o: torch.mm(x, w.t(), out=o) for w, o in zip(ws, outs)]
-            )
-
-            t_engine = time_config(x, ws, ref, partials, gemm_config(m, n, k, partials), name)
+            gated = name.endswith("+silu")
+            if gated:  # cuBLAS, then the activation kernel; the engine's config: gated
+                ref = silu_and_mul(ref.to(torch.bfloat16)).float()
+                t_cublas = cold_replay_us(
+                    [
+                        lambda x=x, w=w, o=o: silu_and_mul(torch.mm(x, w.t(), out=o))
+                        for w, o in zip(ws, outs)
+                    ]
+                )
+                if supports(x, ws[0], gated=True):
+                    t_plain = cold_replay_us(
+                        [lambda x=x, w=w: silu_and_mul(linear(x, w)) for w in ws]
+                    )
+                    print(f"{'':<8}{m:>5}  plain Triton GEMM + activation kernel: {t_plain:.2f}")
+            else:
+                t_cublas = cold_replay_us(
+                    [lambda x=x, w=w, o=o: torch.mm(x, w.t(), out=o) for w, o in zip(ws, outs)]
+                )
+            if not supports(x, ws[0], partials, gated):
+                print(f"{name:<8}{m:>5}{t_cublas:>8.2f}  (cuBLAS only at this size)", flush=True)
+                continue
+            cfg = gemm_config(m, n // 2 if gated else n, k, partials, gated=gated)
+            t_engine = time_config(x, ws, ref, partials, cfg, name, gated)
             results = []
-            for cfg in [] if args.no_sweep else configs(m, k, partials):
+            for cfg in [] if args.no_sweep else configs(m, k, partials, gated):
                 try:
-                    results.append((time_config(x, ws, ref, partials, cfg, name), cfg))
+                    results.append((time_config(x, ws, ref, partials, cfg, name, gated), cfg))
                 except Exception as e:  # noqa: BLE001 -- out of resources and the like
                     print("failed", name, m, cfg, type(e).__name__, str(e)[:80])
             results.sort()
@@ -115,9 +141,10 @@ def main() -> None:
             print(
                 f"{name:<8}{m:>5}{t_cublas:>8.2f}{t_engine:>8.2f}{best:>8.2f}  {tops}", flush=True
             )
-            s = per_layer.setdefault(m, [0.0, 0.0])
-            s[0] += t_cublas
-            s[1] += t_engine
+            if name in ("qkv", "o", "gate_up", "down"):  # the four projections of a layer
+                s = per_layer.setdefault(m, [0.0, 0.0])
+                s[0] += t_cublas
+                s[1] += t_engine
             del ws, outs
             torch.cuda.empty_cache()
     for m, (c, e) in per_layer.items():

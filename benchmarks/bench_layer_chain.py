@@ -1,13 +1,15 @@
 """The decode step's non-attention chain over 28 layers with cold weights, as the engine runs it:
 cuBLAS GEMMs against the Triton GEMM of kernels/linear.py, with programmatic dependent launch
-(kernels/pdl.py) off and on.
+(kernels/pdl.py) off and on, and gate/up's GEMM with SiLU-and-multiply in its epilogue.
 
 Per layer: RMSNorm -> qkv GEMM; o GEMM (on a fixed attention output) -> add + RMSNorm ->
 gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the residual. Variants:
   cublas        torch.mm for the four GEMMs (o and down then hand the norm bf16 outputs)
   triton        kernels/linear.py where the engine takes it (o and down as split-K partial sums
                 up to 256 tokens, qkv and gate/up up to 128), cuBLAS elsewhere; PDL off
-  triton+pdl    the same, every Triton kernel launched as a programmatic dependent: the engine
+  triton+pdl    the same, every Triton kernel launched as a programmatic dependent
+  triton+pdl+gated  and gate/up's GEMM ends in SiLU-and-multiply where the Triton GEMM takes it
+                (no activation kernel): the engine
   mix+pdl       cuBLAS for qkv and gate/up at every size, PDL on
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
@@ -67,7 +69,11 @@ class Chain:
             self.gemm(h, layer, "qkv")
             o = self.gemm(self.attn, layer, "o", partials=True)
             h, res = fused_add_rmsnorm(o, res, self.norm_w, 1e-6)
-            act = silu_and_mul(self.gemm(h, layer, "gate_up"))
+            w = self.w[layer]["gate_up"]
+            if self.mode.endswith("+gated") and supports(h, w, gated=True):
+                act = linear(h, w, gated=True)
+            else:
+                act = silu_and_mul(self.gemm(h, layer, "gate_up"))
             down = self.gemm(act, layer, "down", partials=True)
             h, res = fused_add_rmsnorm(down, res, self.norm_w, 1e-6)  # the next input norm
         return res
@@ -78,16 +84,20 @@ def main() -> None:
     ap.add_argument(
         "--m", type=int, nargs="+", default=[1, 2, 4, 8, *range(16, 257, 16)]
     )  # the decode graph buckets
-    ap.add_argument("--modes", nargs="+", default=["cublas", "triton", "triton+pdl", "mix+pdl"])
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["cublas", "triton", "triton+pdl", "triton+pdl+gated", "mix+pdl"],
+    )
     args = ap.parse_args()
     if DEVICE != "cuda":
         print("bench_layer_chain.py needs a CUDA GPU; nothing to do here")
         return
-    print(f"{'M':>5}" + "".join(f"{mode:>14}" for mode in args.modes) + "   (us per layer)")
+    print(f"{'M':>5}" + "".join(f"{mode:>18}" for mode in args.modes) + "   (us per layer)")
     for m in args.m:
         row, ref = [], None
         for mode in args.modes:
-            pdl._PDL = mode.endswith("+pdl")
+            pdl._PDL = "+pdl" in mode
             chain = Chain(m, mode)
             out = chain.run().float()
             if ref is None:
@@ -97,7 +107,7 @@ def main() -> None:
             row.append(graph_calls_us([chain.run]) / LAYERS)
             del chain
             torch.cuda.empty_cache()
-        print(f"{m:>5}" + "".join(f"{t:>14.2f}" for t in row), flush=True)
+        print(f"{m:>5}" + "".join(f"{t:>18.2f}" for t in row), flush=True)
     pdl._PDL = True
 
 

@@ -9,6 +9,9 @@ cannot overlap the kernel before it. This kernel:
 - for the row-parallel projections, splits K over S programs per output tile: each writes its
   float32 partial sum to `parts[s]`, and the consumer, the fused add + RMSNorm that always follows
   these projections, adds the S partials up in split order (deterministic) as it reads them;
+- for the MLP's gate/up projection, can end in SiLU-and-multiply (`gated`): each program holds a
+  gate tile and the matching up tile and writes silu(gate) * up, so the activation is no kernel
+  of its own and the 2 x intermediate-wide product never leaves the SM;
 - launches as a programmatic dependent (kernels/pdl.py), like every other kernel of the layer.
 
 `benchmarks/bench_layer_chain.py` measures what this buys a decoder layer against cuBLAS (its
@@ -40,7 +43,7 @@ MAX_COLUMN_TOKENS = 128
 @triton.jit(do_not_specialize=["M"])  # one compile for every batch size
 def _linear_kernel(
     x_desc,  # [M, K] block [BM, BK]
-    w_desc,  # [N, K] block [BN, BK]
+    w_desc,  # [N, K] block [BN, BK]; [2N, K] when GATED (gate rows, then up rows)
     out_ptr,  # [M, N] x's dtype; or [S, M, N] float32 when PARTIALS
     M,
     N,
@@ -50,6 +53,7 @@ def _linear_kernel(
     BK: tl.constexpr,
     SWAP: tl.constexpr,  # weight rows on the MMA's M side (few tokens), else token rows
     PARTIALS: tl.constexpr,
+    GATED: tl.constexpr,  # out = silu(x @ W[:N]^T) * (x @ W[N:]^T), each rounded as torch would
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -62,6 +66,7 @@ def _linear_kernel(
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+    up = tl.zeros_like(acc) if GATED else acc  # the up projection's tile
     for k in tl.range(k0, k0 + k_per_split, BK, num_stages=NUM_STAGES):
         x = x_desc.load([off_m, k])
         w = w_desc.load([off_n, k])
@@ -69,8 +74,20 @@ def _linear_kernel(
             acc = tl.dot(w, x.T, acc)
         else:
             acc = tl.dot(x, w.T, acc)
+        if GATED:
+            w_up = w_desc.load([N + off_n, k])
+            if SWAP:
+                up = tl.dot(w_up, x.T, up)
+            else:
+                up = tl.dot(x, w_up.T, up)
     if SWAP:
         acc = acc.T
+        up = up.T
+    if GATED:  # as silu_and_mul on the rounded product: silu rounded, then the product
+        dtype = out_ptr.dtype.element_ty
+        gate = acc.to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        acc = silu * up.to(dtype).to(tl.float32)
     offs_m = off_m + tl.arange(0, BM)
     offs_n = off_n + tl.arange(0, BN)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -111,12 +128,24 @@ def _num_sms(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def gemm_config(m: int, n: int, k: int, partials: bool, num_sms: int = 132) -> GemmConfig | None:
+# Shared memory a program's pipeline may take (an H100 / H200 SM has 227 KB).
+_SMEM_BYTES = 200_000
+
+
+def gemm_config(
+    m: int, n: int, k: int, partials: bool, num_sms: int = 132, gated: bool = False
+) -> GemmConfig | None:
     """The configuration for an [m, k] x [n, k]^T GEMM, or None where cuBLAS is faster (above
     MAX_TOKENS; above MAX_COLUMN_TOKENS without partials). Tuned on an H200 for Qwen3-0.6B's
-    shapes (bench_gemm.py with cold weights, then bench_layer_chain.py)."""
+    shapes (bench_gemm.py with cold weights, then bench_layer_chain.py). `gated`: n outputs of
+    SiLU-and-multiply over 2n weight rows, two weight tiles per stage."""
     if m < 1 or m > (MAX_TOKENS if partials else MAX_COLUMN_TOKENS):
         return None
+    if gated:
+        assert not partials
+        config = gemm_config(m, 2 * n, k, False, num_sms)
+        stage_bytes = (2 * config.block_n + config.block_m) * config.block_k * 2
+        return config._replace(num_stages=min(config.num_stages, _SMEM_BYTES // stage_bytes))
     if partials:
         config = next(c for bound, c in _PARTIALS_TABLE if m <= bound)
         splits = config.splits
@@ -133,12 +162,16 @@ def gemm_config(m: int, n: int, k: int, partials: bool, num_sms: int = 132) -> G
     return GemmConfig(1, 128, 64, 128, 4, 4)
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor, partials: bool = False) -> bool:
+def supports(
+    x: torch.Tensor, weight: torch.Tensor, partials: bool = False, gated: bool = False
+) -> bool:
     """Whether `linear` takes this pair: fp16/bf16, a token count `gemm_config` gives this
     kernel, the 16-byte alignment of rows and base addresses that tensor descriptors need, and
     on CUDA a Hopper or newer GPU (the only ones it was tuned and tested on; the interpreter
-    runs it on the CPU)."""
+    runs it on the CPU). `gated` needs an even number of weight rows and no partials."""
     if x.is_cuda and not sm90_or_newer(x):
+        return False
+    if gated and (partials or weight.shape[0] % 2):
         return False
     return (
         x.dim() == 2
@@ -160,14 +193,17 @@ def linear(
     weight: torch.Tensor,  # [N, K], contiguous, x's dtype
     *,
     partials: bool = False,
+    gated: bool = False,
     config: tuple | None = None,  # a GemmConfig or its fields
 ) -> torch.Tensor:  # [M, N] x.dtype; with partials [S, M, N] float32 summing to x @ weight^T
-    """x @ weight^T; with `partials`, its float32 partial sums over S slices of K (S may be 1)."""
-    assert supports(x, weight, partials), (x.shape, x.stride(), x.dtype, weight.shape)
+    """x @ weight^T; with `partials`, its float32 partial sums over S slices of K (S may be 1);
+    with `gated`, silu(x @ gate^T) * (x @ up^T) for weight = [gate; up] ([M, N / 2])."""
+    assert supports(x, weight, partials, gated), (x.shape, x.stride(), x.dtype, weight.shape)
     m, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
     if config is None:
-        config = gemm_config(m, n, k, partials, _num_sms(device_index(x) if x.is_cuda else None))
+        num_sms = _num_sms(device_index(x) if x.is_cuda else None)
+        config = gemm_config(m, n, k, partials, num_sms, gated)
     else:
         config = GemmConfig(*config)
     assert config is not None, (m, n, k, partials)
@@ -191,6 +227,7 @@ def linear(
         BK=bk,
         SWAP=swap,
         PARTIALS=partials,
+        GATED=gated,
         NUM_STAGES=num_stages,
         PDL=pdl,
         num_warps=num_warps,

@@ -187,6 +187,28 @@ def test_qk_norm_rope_store_kv_bf16(with_norm: bool) -> None:
     assert not torch.equal(k_cache, k_old)
 
 
+@pytest.mark.parametrize("rows", [1, 16, 64, 100, 128, 129])
+def test_gate_up_with_silu_in_the_epilogue_bf16(rows: int) -> None:
+    """Up to 128 tokens gate_up_proj's GEMM ends in SiLU-and-multiply: the same values as the
+    plain Triton GEMM followed by the activation kernel; past 128, None (the caller runs both)."""
+    from minivllm.kernels.activation import silu_and_mul
+    from minivllm.layers.linear import MergedColumnParallelLinear
+
+    with torch.device("cuda"):
+        proj = MergedColumnParallelLinear(HIDDEN, [INTER, INTER]).to(dtype=DT)
+    proj.weight.copy_(0.05 * torch.randn(2 * INTER, HIDDEN, generator=_gen(11), device="cuda"))
+    x = torch.randn(rows, HIDDEN, generator=_gen(12), device="cuda").to(DT)
+    got = proj.silu_and_mul(x)
+    if rows > 128:
+        assert got is None
+        return
+    separate = silu_and_mul(proj(x))
+    assert got.shape == (rows, INTER) and got.dtype == DT
+    _close_and_mostly_equal(got, separate)
+    gate, up = F.linear(x, proj.weight).chunk(2, dim=-1)  # cuBLAS and torch's activation
+    torch.testing.assert_close(got, F.silu(gate) * up, atol=2e-2, rtol=2e-2)
+
+
 def test_silu_and_mul_bf16() -> None:
     from minivllm.kernels.activation import silu_and_mul
 

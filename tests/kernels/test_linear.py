@@ -69,6 +69,28 @@ def test_linear_partials_match_the_product(m, n, k, config) -> None:
     torch.testing.assert_close(parts.sum(0).cpu(), x.float() @ w.float().T, atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("m", "n", "k", "config"),
+    [
+        (1, 64, 256, None),  # the default configuration
+        (7, 96, 256, None),  # N not a multiple of the tile: the gate tile runs into the up rows
+        (33, 128, 200, (1, 64, 64, 128, 4, 3)),  # M and K not multiples of the tile: zero fill
+        (100, 192, 64, None),  # past 64 tokens: 64- or 128-token tiles
+        (70, 128, 192, (1, 64, 128, 64, 4, 2, False)),  # token rows on the MMA's M side
+    ],
+)
+def test_gated_linear_is_silu_and_mul_of_the_product(m, n, k, config) -> None:
+    from minivllm.kernels.linear import linear
+
+    x, w = _operands(m, 2 * n, k)
+    y = linear(x.to(DEVICE), w.to(DEVICE), gated=True, config=config)
+    assert y.shape == (m, n) and y.dtype == torch.float16
+    product = (x.float() @ w.float().T).half().float()  # as the plain GEMM hands it over
+    gate, up = product[:, :n], product[:, n:]
+    expect = (torch.nn.functional.silu(gate).half().float() * up).half()
+    torch.testing.assert_close(y.cpu(), expect, atol=2e-3, rtol=2e-3)
+
+
 def test_gemm_config_and_supports_decline_what_they_do_not_fit() -> None:
     from minivllm.kernels.linear import MAX_COLUMN_TOKENS, MAX_TOKENS, gemm_config, supports
 
@@ -78,13 +100,21 @@ def test_gemm_config_and_supports_decline_what_they_do_not_fit() -> None:
     assert gemm_config(MAX_COLUMN_TOKENS + 1, 4096, 1024, partials=False) is None  # cuBLAS
     assert gemm_config(8, 1024, 3072, partials=True).splits == 8
     assert gemm_config(8, 1024, 256, partials=True).splits == 2  # fewer splits when K is short
+    for m in (1, 64, 128):  # two weight tiles per stage: fewer stages where they would not fit
+        cfg = gemm_config(m, 3072, 1024, partials=False, gated=True)
+        assert (2 * cfg.block_n + cfg.block_m) * cfg.block_k * 2 * cfg.num_stages <= 200_000
+    x = torch.zeros(4, 64, dtype=torch.float16)
+    assert supports(x, torch.zeros(128, 64, dtype=torch.float16), gated=True)
+    assert not supports(x, torch.zeros(127, 64, dtype=torch.float16), gated=True)  # odd rows
+    assert not supports(x, torch.zeros(128, 64, dtype=torch.float16), partials=True, gated=True)
     assert gemm_config(8, 4096, 1024, partials=False).splits == 1  # the consumer wants y
     # 65-128 tokens: 64-token tiles while one program per SM covers the output, else 128.
     assert gemm_config(128, 4096, 1024, partials=False).block_m == 64  # 2 x 64 tiles
     assert gemm_config(128, 6144, 1024, partials=False).block_m == 128  # 2 x 96 > 132 SMs
     assert gemm_config(128, 6144, 1024, partials=False, num_sms=192).block_m == 64
-    assert supports(torch.randn(MAX_COLUMN_TOKENS + 1, 64).half(), torch.randn(32, 64).half(),
-                    partials=True)
+    assert supports(
+        torch.randn(MAX_COLUMN_TOKENS + 1, 64).half(), torch.randn(32, 64).half(), partials=True
+    )
     x, w = torch.randn(16, 64).half(), torch.randn(32, 64).half()
     assert supports(x, w)
     assert not supports(x.float(), w.float())  # fp16 / bf16 only

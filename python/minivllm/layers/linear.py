@@ -116,6 +116,19 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias)
 
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of the two projections in the Triton GEMM's epilogue (decode batch
+        sizes: one kernel, the [T, 2 * d] product never written), or None where the GEMM does not
+        take x: the caller then runs this layer and the activation."""
+        if (
+            len(self.output_sizes) == 2
+            and self.output_sizes[0] == self.output_sizes[1]
+            and self.gemm is not None
+            and self.gemm.supports(x, self.weight, gated=True)
+        ):
+            return self.gemm.linear(x, self.weight, gated=True)
+        return None
+
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None
     ) -> None:

@@ -88,8 +88,11 @@ class Qwen3MLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
+        act = self.gate_up_proj.silu_and_mul(x)  # one kernel at decode sizes
+        if act is None:
+            act = self.act_fn(self.gate_up_proj(x))
         # The next layer's input RMSNorm (or the final norm) takes split-K partial sums.
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)), partials=True)
+        return self.down_proj(act, partials=True)
 
 
 class Qwen3DecoderLayer(nn.Module):
