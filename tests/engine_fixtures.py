@@ -202,10 +202,16 @@ class EagerGraphRunner(CudaGraphRunner):
 
         mc = runner.config.model_config
         group = mc.num_attention_heads // mc.num_key_value_heads
-        block_m = tile_config(runner.config.block_size, group, mc.num_key_value_heads,
-                              mixed_tokens, runner.device)[0]
-        super().__init__(runner._forward, GraphInputs.from_staging(runner.staging),
-                         runner.config.max_num_seqs, mixed_tokens, block_m // group)
+        block_m = tile_config(
+            runner.config.block_size, group, mc.num_key_value_heads, mixed_tokens, runner.device
+        )[0]
+        super().__init__(
+            runner._forward,
+            GraphInputs.from_staging(runner.staging),
+            runner.config.max_num_seqs,
+            mixed_tokens,
+            block_m // group,
+        )
         self.replayed: list[tuple[int, int]] = []
         self.replayed_mixed: list[int] = []
         self.replayed_buckets: list[int] = []
@@ -232,8 +238,9 @@ class EagerGraphRunner(CudaGraphRunner):
         assert cu[rows] == num_tokens and (cu[rows:] == num_tokens).all()
         assert x.seq_lens[rows:].eq(0).all()
         expect = np.zeros(x.tiles.shape[0], dtype=np.int32)
-        build_tile_table(cu[: rows + 1], x.seq_lens.numpy()[:rows], self.tokens_per_tile(total),
-                         expect)
+        build_tile_table(
+            cu[: rows + 1], x.seq_lens.numpy()[:rows], self.tokens_per_tile(total), expect
+        )
         assert np.array_equal(x.tiles.numpy(), expect)
         self.replayed_mixed.append(num_tokens)
         self.replayed_buckets.append(total)

@@ -305,7 +305,9 @@ def test_reset_prefix_cache(Scheduler: Any) -> None:
     queries, hits = sched.stats["prefix_cache_queries"], sched.stats["prefix_cache_hits"]
     sched.add_request(2, [1, 2, 3, 4, 5], max_tokens=1)
     run_to_end(sched)
-    assert sched.stats["prefix_cache_hits"] == hits and sched.stats["prefix_cache_queries"] > queries
+    assert (
+        sched.stats["prefix_cache_hits"] == hits and sched.stats["prefix_cache_queries"] > queries
+    )
     assert sched.reset_prefix_cache() >= 2  # prompt 2's blocks registered again
     assert check_invariants(sched)["hash_to_block"] == {}
 

@@ -365,8 +365,9 @@ def test_close_gives_back_the_kv_pool(tiny_qwen3):
         assert runner.kv_cache is not None and runner.kv_cache.numel() > 0
         llm.generate(mixed_prompts(2, seed=75), SamplingParams(max_tokens=2), use_tqdm=False)
     assert runner.kv_cache is None and runner.graph_runner is None
-    assert all(a.k_cache.numel() == 0 and a.v_cache.numel() == 0
-               for a in runner.model.attention_layers())
+    assert all(
+        a.k_cache.numel() == 0 and a.v_cache.numel() == 0 for a in runner.model.attention_layers()
+    )
     with pytest.raises(RuntimeError, match="closed"):
         llm.generate(mixed_prompts(1, seed=76), SamplingParams(max_tokens=2), use_tqdm=False)
     llm.close()  # idempotent

@@ -54,14 +54,24 @@ def test_mixed_graph_path_with_the_tile_table_kernel(tiny_qwen3, async_schedulin
     fixed views: the Triton flash kernel walks the tile table over decodes (one-token queries),
     chunks after a cached prefix and padding tokens; async placeholders resolve as in the
     graph. Greedy tokens equal transformers'."""
-    llm = make_llm(tiny_qwen3, attention_backend="triton", block_size=16, max_num_seqs=6,
-                   max_num_batched_tokens=32, async_scheduling=async_scheduling)
+    llm = make_llm(
+        tiny_qwen3,
+        attention_backend="triton",
+        block_size=16,
+        max_num_seqs=6,
+        max_num_batched_tokens=32,
+        async_scheduling=async_scheduling,
+    )
     runner = llm.model_runner
     runner.graph_runner = replay = EagerGraphRunner(runner, mixed_tokens=32)
     prefix = mixed_prompts(1, seed=61, min_len=40, max_len=40)[0]
-    prompts = [prefix + [9, 10], mixed_prompts(1, seed=62, min_len=5, max_len=5)[0], prefix,
-               mixed_prompts(1, seed=63, min_len=20, max_len=20)[0],
-               mixed_prompts(1, seed=64, min_len=12, max_len=12)[0]]
+    prompts = [
+        prefix + [9, 10],
+        mixed_prompts(1, seed=62, min_len=5, max_len=5)[0],
+        prefix,
+        mixed_prompts(1, seed=63, min_len=20, max_len=20)[0],
+        mixed_prompts(1, seed=64, min_len=12, max_len=12)[0],
+    ]
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outs = llm.generate(prompts, sp, use_tqdm=False)
     for prompt, out in zip(prompts, outs):

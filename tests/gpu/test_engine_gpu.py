@@ -40,9 +40,16 @@ def hf_greedy_cuda(path: Path, prompt: list[int], n: int) -> list[int]:
     model = hf_model(str(path)).to("cuda")
     ids = torch.tensor([prompt], device="cuda")
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_matches_transformers_on_gpu(gpu_qwen3):
@@ -77,8 +84,9 @@ def test_mixed_step_graph_matches_eager(gpu_qwen3):
     graphs = greedy_ids(llm, prompts, params)
     del runner.replay_mixed
     assert len(replays) >= 3 and min(replays) >= 64, replays
-    eager = greedy_ids(gpu_llm(gpu_qwen3, max_num_batched_tokens=128, enforce_eager=True),
-                       prompts, params)
+    eager = greedy_ids(
+        gpu_llm(gpu_qwen3, max_num_batched_tokens=128, enforce_eager=True), prompts, params
+    )
     assert graphs == eager
 
 
@@ -86,8 +94,9 @@ def test_triton_matches_torch_backend(gpu_qwen3):
     prompts = mixed_prompts(6, seed=13, min_len=3, max_len=150)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     tri = greedy_ids(gpu_llm(gpu_qwen3, attention_backend="triton"), prompts, params)
-    ref = greedy_ids(gpu_llm(gpu_qwen3, attention_backend="torch", enforce_eager=True), prompts,
-                     params)
+    ref = greedy_ids(
+        gpu_llm(gpu_qwen3, attention_backend="torch", enforce_eager=True), prompts, params
+    )
     assert tri == ref
 
 
@@ -132,8 +141,14 @@ def test_cpp_and_python_schedulers_identical(gpu_qwen3):
 
 def test_preemption_with_256_requests_frees_every_block(gpu_qwen3):
     prompts = mixed_prompts(256, seed=18, min_len=10, max_len=60)
-    llm = gpu_llm(gpu_qwen3, max_num_seqs=256, num_kv_blocks=64, block_size=16,
-                  max_num_batched_tokens=512, max_model_len=256)
+    llm = gpu_llm(
+        gpu_qwen3,
+        max_num_seqs=256,
+        num_kv_blocks=64,
+        block_size=16,
+        max_num_batched_tokens=512,
+        max_model_len=256,
+    )
     params = SamplingParams(temperature=0.8, max_tokens=40, ignore_eos=True, seed=3)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
@@ -155,8 +170,13 @@ def test_async_scheduling_equals_sync(gpu_qwen3, enforce_eager):
     ]
     out = {}
     for mode in (False, True):
-        llm = gpu_llm(gpu_qwen3, async_scheduling=mode, enforce_eager=enforce_eager,
-                      num_kv_blocks=48, max_num_batched_tokens=256)
+        llm = gpu_llm(
+            gpu_qwen3,
+            async_scheduling=mode,
+            enforce_eager=enforce_eager,
+            num_kv_blocks=48,
+            max_num_batched_tokens=256,
+        )
         assert llm.config.async_scheduling is mode
         res = llm.generate(prompts, params, use_tqdm=False)
         assert llm.num_free_blocks == llm.runtime.num_kv_blocks

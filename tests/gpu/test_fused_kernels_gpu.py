@@ -188,12 +188,14 @@ def test_qk_norm_rope_store_kv_bf16(with_norm: bool) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 16, 64, 100, 128, 129])
-def test_gate_up_with_silu_in_the_epilogue_bf16(rows: int) -> None:
-    """Up to 128 tokens gate_up_proj's GEMM ends in SiLU-and-multiply: the same values as the
-    plain Triton GEMM followed by the activation kernel; past 128, None (the caller runs both)."""
+def test_gate_up_with_silu_in_the_epilogue_bf16(rows: int, monkeypatch) -> None:
+    """With the gated_mlp experiment, up to 128 tokens gate_up_proj's GEMM ends in
+    SiLU-and-multiply: the same values as the plain Triton GEMM followed by the activation
+    kernel; past 128, None (the caller runs both)."""
     from minivllm.kernels.activation import silu_and_mul
     from minivllm.layers.linear import MergedColumnParallelLinear
 
+    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "gated_mlp")
     with torch.device("cuda"):
         proj = MergedColumnParallelLinear(HIDDEN, [INTER, INTER]).to(dtype=DT)
     proj.weight.copy_(0.05 * torch.randn(2 * INTER, HIDDEN, generator=_gen(11), device="cuda"))

@@ -10,8 +10,17 @@ from minivllm.kernels import reference
 from minivllm.kernels.flash_prefill import _prefill_attention, prefill_attention
 
 
-def _check(prefix_new, num_heads, num_kv_heads, head_dim, block_size, dtype, q=None,
-           launch=prefill_attention, **kwargs):
+def _check(
+    prefix_new,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    dtype,
+    q=None,
+    launch=prefill_attention,
+    **kwargs,
+):
     seq_lens = [p + n for p, n in prefix_new]
     q_lens = [n for _, n in prefix_new]
     k_cache, v_cache, block_tables = make_paged_batch(
@@ -24,11 +33,11 @@ def _check(prefix_new, num_heads, num_kv_heads, head_dim, block_size, dtype, q=N
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
     out = poison_like(q)
-    ret = launch(q, k_cache, v_cache, cu, lens, block_tables, scale, max(q_lens), out=out,
-                 **kwargs)
+    ret = launch(q, k_cache, v_cache, cu, lens, block_tables, scale, max(q_lens), out=out, **kwargs)
     assert ret is out
-    expect = reference.prefill_attention(q, k_cache, v_cache, cu, lens, block_tables, scale,
-                                         max(q_lens))
+    expect = reference.prefill_attention(
+        q, k_cache, v_cache, cu, lens, block_tables, scale, max(q_lens)
+    )
     torch.testing.assert_close(out, expect, **tolerances(dtype))
 
 
@@ -43,21 +52,45 @@ def _prefix_cases(block_size):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size,block_n", [(16, 32), (32, 32), (256, 64)])
 def test_prefill(dtype, num_heads, num_kv_heads, head_dim, block_size, block_n):
-    _check(_prefix_cases(block_size), num_heads, num_kv_heads, head_dim, block_size, dtype,
-           block_m=32, block_n=block_n, num_warps=4, num_stages=1)
+    _check(
+        _prefix_cases(block_size),
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        dtype,
+        block_m=32,
+        block_n=block_n,
+        num_warps=4,
+        num_stages=1,
+    )
 
 
 @pytest.mark.parametrize(
     "block_m,block_n,block_size,select_lookup",
-    [(16, 16, 16, True), (64, 16, 32, True), (128, 64, 16, True), (128, 64, 16, False),
-     (32, 128, 16, False)],
+    [
+        (16, 16, 16, True),
+        (64, 16, 32, True),
+        (128, 64, 16, True),
+        (128, 64, 16, False),
+        (32, 128, 16, False),
+    ],
 )
 def test_prefill_tiles(block_m, block_n, block_size, select_lookup):
     """Tile shapes: BLOCK_N equal to, smaller than and larger than the cache block (block ids by
     per-block selects or by a per-row gather)."""
-    _check([(0, 70), (block_size + 7, 33), (5, 3)], 8, 2, 32, block_size, torch.float32,
-           launch=_prefill_attention, block_m=block_m, block_n=block_n,
-           select_lookup=select_lookup)
+    _check(
+        [(0, 70), (block_size + 7, 33), (5, 3)],
+        8,
+        2,
+        32,
+        block_size,
+        torch.float32,
+        launch=_prefill_attention,
+        block_m=block_m,
+        block_n=block_n,
+        select_lookup=select_lookup,
+    )
 
 
 def test_prefill_group_not_power_of_two():
@@ -77,15 +110,42 @@ def test_chunked_prefill_matches_one_pass():
     k_cache, v_cache, block_tables = make_paged_batch([50], 2, 32, 16, torch.float32)
     q = torch.randn(50, 4, 32, device=DEVICE)
     lens_full = torch.tensor([50], dtype=torch.int32, device=DEVICE)
-    full = prefill_attention(q, k_cache, v_cache, torch.tensor([0, 50], dtype=torch.int32,
-                             device=DEVICE), lens_full, block_tables, 0.2, 50, block_m=16,
-                             block_n=16)
-    first = prefill_attention(q[:23], k_cache, v_cache, torch.tensor([0, 23], dtype=torch.int32,
-                              device=DEVICE), torch.tensor([23], dtype=torch.int32, device=DEVICE),
-                              block_tables, 0.2, 23, block_m=16, block_n=16)
-    second = prefill_attention(q[23:], k_cache, v_cache, torch.tensor([0, 27], dtype=torch.int32,
-                               device=DEVICE), lens_full, block_tables, 0.2, 27, block_m=16,
-                               block_n=16)
+    full = prefill_attention(
+        q,
+        k_cache,
+        v_cache,
+        torch.tensor([0, 50], dtype=torch.int32, device=DEVICE),
+        lens_full,
+        block_tables,
+        0.2,
+        50,
+        block_m=16,
+        block_n=16,
+    )
+    first = prefill_attention(
+        q[:23],
+        k_cache,
+        v_cache,
+        torch.tensor([0, 23], dtype=torch.int32, device=DEVICE),
+        torch.tensor([23], dtype=torch.int32, device=DEVICE),
+        block_tables,
+        0.2,
+        23,
+        block_m=16,
+        block_n=16,
+    )
+    second = prefill_attention(
+        q[23:],
+        k_cache,
+        v_cache,
+        torch.tensor([0, 27], dtype=torch.int32, device=DEVICE),
+        lens_full,
+        block_tables,
+        0.2,
+        27,
+        block_m=16,
+        block_n=16,
+    )
     torch.testing.assert_close(torch.cat([first, second]), full, atol=1e-5, rtol=1e-5)
 
 
@@ -114,8 +174,7 @@ def test_prefill_with_a_tile_table_covers_decodes_and_chunks(block_m):
     table, n = _tile_table(prefix_new, block_m // group)
     tiles = torch.tensor(table, device=DEVICE)
     assert n < tiles.shape[0] and (table[n:] == -1).all()
-    _check(prefix_new, 4, kv_heads, 32, 16, torch.float32, block_m=block_m, block_n=16,
-           tiles=tiles)
+    _check(prefix_new, 4, kv_heads, 32, 16, torch.float32, block_m=block_m, block_n=16, tiles=tiles)
 
 
 def test_tile_table_order_and_bounds():

@@ -165,3 +165,22 @@ def test_rmsnorm_layer_takes_partials_on_the_torch_path() -> None:
     torch.testing.assert_close(got, expect, atol=0, rtol=0)
     with pytest.raises(AssertionError, match="residual"):
         norm(SplitKPartials(parts, torch.float16))
+
+
+def test_gated_mlp_on_the_interpreter_matches_torch(monkeypatch) -> None:
+    """The MLP with the experiment on, its GEMMs on the interpreter (float16), against torch."""
+    from minivllm.layers import fused_kernels
+    from minivllm.layers.linear import MergedColumnParallelLinear
+
+    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "gated_mlp")
+    proj = MergedColumnParallelLinear(64, [64, 64])
+    proj.gemm = fused_kernels("linear", True)
+    proj.weight.data = (
+        torch.randn(128, 64, generator=torch.Generator().manual_seed(0)) * 0.1
+    ).half()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).half()
+    got = proj.silu_and_mul(x)
+    gate, up = (x.float() @ proj.weight.float().T).chunk(2, dim=-1)
+    torch.testing.assert_close(
+        got.float(), torch.nn.functional.silu(gate) * up, atol=1e-2, rtol=1e-2
+    )

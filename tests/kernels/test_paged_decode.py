@@ -9,8 +9,16 @@ from minivllm.kernels import reference
 from minivllm.kernels.paged_decode import _decode_attention, decode_attention
 
 
-def _check(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
-           launch=decode_attention, **kwargs):
+def _check(
+    seq_lens,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    dtype,
+    launch=decode_attention,
+    **kwargs,
+):
     k_cache, v_cache, block_tables = make_paged_batch(
         seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=len(seq_lens) + head_dim
     )
@@ -174,8 +182,7 @@ def test_decode_two_long_splits_by_default(monkeypatch):
     from minivllm.kernels import paged_decode
 
     calls = []
-    monkeypatch.setattr(paged_decode, "_default_split",
-                        lambda *a: calls.append(a) or (2, 512))
+    monkeypatch.setattr(paged_decode, "_default_split", lambda *a: calls.append(a) or (2, 512))
     _check([700, 0, 1030, 511, 64, 512], 4, 2, 32, 16, torch.float32)
     assert calls
 
@@ -196,10 +203,20 @@ def test_decode_row_order_changes_nothing_but_the_schedule(max_num_splits, heads
     shuffled = torch.randperm(len(seq_lens), generator=torch.Generator().manual_seed(1))
     for order in (longest, shuffled, None):
         out = poison_like(q)
-        _decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2, out=out,
-                          row_order=None if order is None else order.to(torch.int32).to(DEVICE),
-                          heads_first=heads_first, **kw)
+        _decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            lens,
+            block_tables,
+            0.2,
+            out=out,
+            row_order=None if order is None else order.to(torch.int32).to(DEVICE),
+            heads_first=heads_first,
+            **kw,
+        )
         assert torch.equal(out, plain)
-    expect = reference.decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2,
-                                        row_order=longest)
+    expect = reference.decode_attention(
+        q, k_cache, v_cache, lens, block_tables, 0.2, row_order=longest
+    )
     torch.testing.assert_close(plain, expect, **tolerances(torch.float32))

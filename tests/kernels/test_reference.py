@@ -28,8 +28,15 @@ def test_prefill_reference(block_size, num_heads, num_kv_heads):
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
     ret = reference.prefill_attention(
-        q, k_cache, v_cache, cu, torch.tensor(seq_lens, dtype=torch.int32), block_tables,
-        scale, max(q_lens), out=out,
+        q,
+        k_cache,
+        v_cache,
+        cu,
+        torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables,
+        scale,
+        max(q_lens),
+        out=out,
     )
     assert ret is out
     for b, seq_len in enumerate(seq_lens):
@@ -44,8 +51,14 @@ def test_prefill_reference_query_chunks(monkeypatch):
     k_cache, v_cache, block_tables = make_paged_batch([40], 2, 8, 8, torch.float32, device="cpu")
     q = torch.randn(30, 4, 8)
     out = reference.prefill_attention(
-        q, k_cache, v_cache, torch.tensor([0, 30], dtype=torch.int32),
-        torch.tensor([40], dtype=torch.int32), block_tables, 0.3, 30,
+        q,
+        k_cache,
+        v_cache,
+        torch.tensor([0, 30], dtype=torch.int32),
+        torch.tensor([40], dtype=torch.int32),
+        block_tables,
+        0.3,
+        30,
     )
     expect = naive_attention(q, k_cache, v_cache, block_tables[0].tolist(), 40, 0.3)
     torch.testing.assert_close(out, expect, **TOL)

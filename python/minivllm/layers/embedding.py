@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed import get_tp_group
+from minivllm.experiments import experiment_on
 from minivllm.layers import fused_kernels
 
 
@@ -49,8 +50,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, fused: bool | None = None):
         super().__init__(num_embeddings, embedding_dim)
-        # The Triton GEMM of kernels/linear.py for the rows a decode step samples; cuBLAS past it.
-        self.gemm = fused_kernels("linear", fused)
+        # The Triton GEMM of kernels/linear.py for the rows a decode step samples, cuBLAS past
+        # it; opt-in until measured (minivllm.experiments).
+        self.gemm = fused_kernels("linear", fused) if experiment_on("lm_head_gemm") else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, vocab]
         if self.gemm is not None and self.gemm.supports(hidden_states, self.weight):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed import get_tp_group, get_tp_size
+from minivllm.experiments import experiment_on
 from minivllm.layers import fused_kernels
 
 
@@ -115,17 +116,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias)
+        # Opt-in until measured (minivllm.experiments): the GEMM ends in SiLU-and-multiply.
+        self.gated = (
+            experiment_on("gated_mlp")
+            and len(set(self.output_sizes)) == 1
+            and len(output_sizes) == 2
+        )
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of the two projections in the Triton GEMM's epilogue (decode batch
         sizes: one kernel, the [T, 2 * d] product never written), or None where the GEMM does not
         take x: the caller then runs this layer and the activation."""
-        if (
-            len(self.output_sizes) == 2
-            and self.output_sizes[0] == self.output_sizes[1]
-            and self.gemm is not None
-            and self.gemm.supports(x, self.weight, gated=True)
-        ):
+        if self.gated and self.gemm is not None and self.gemm.supports(x, self.weight, gated=True):
             return self.gemm.linear(x, self.weight, gated=True)
         return None
 

@@ -1,0 +1,31 @@
+"""The opt-in switch for unmeasured kernel paths (minivllm.experiments)."""
+
+from __future__ import annotations
+
+import pytest
+from minivllm.experiments import EXPERIMENTS, enabled_experiments, experiment_on
+
+
+def test_names_and_all() -> None:
+    assert enabled_experiments("") == frozenset()
+    assert enabled_experiments(" gated_mlp ,") == {"gated_mlp"}
+    assert enabled_experiments("all") == frozenset(EXPERIMENTS)
+
+
+def test_an_unknown_name_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="'gated_mpl'"):
+        enabled_experiments("gated_mpl")
+
+
+def test_read_when_a_layer_is_built(monkeypatch) -> None:
+    from minivllm.layers.embedding import ParallelLMHead
+    from minivllm.layers.linear import MergedColumnParallelLinear
+
+    monkeypatch.delenv("MINIVLLM_EXPERIMENTS", raising=False)
+    assert not experiment_on("gated_mlp")
+    assert not MergedColumnParallelLinear(64, [32, 32]).gated
+    assert ParallelLMHead(128, 64, fused=True).gemm is None
+    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "gated_mlp,lm_head_gemm")
+    assert MergedColumnParallelLinear(64, [32, 32]).gated
+    assert not MergedColumnParallelLinear(64, [32, 16]).gated  # not a gate/up pair
+    assert ParallelLMHead(128, 64, fused=True).gemm is not None
