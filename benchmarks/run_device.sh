@@ -6,7 +6,8 @@
 #   OUT=/tmp/out bash benchmarks/run_device.sh [STEP ...]      (or STEPS="..." in the environment)
 #
 # Steps (default: tests throughput latency):
-#   tests       tests/gpu
+#   tests       tests/gpu            tests_experiments  tests/gpu, every experiment on
+#   experiments bench_experiments.py (each opt-in path of minivllm.experiments against none)
 #   throughput  bench_throughput.py          latency   bench_latency.py
 #   serving     bench_serving.py             host      bench_host.py
 #   workload    profile_workload.py
@@ -60,6 +61,12 @@ for step in "${steps[@]}"; do
     case $s in
       tests)
         run gpu_tests 330 python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+      tests_experiments)
+        MINIVLLM_EXPERIMENTS=all run gpu_tests_experiments 330 \
+          python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+      experiments)
+        run experiments 540 python3 benchmarks/bench_experiments.py \
+          --out "$OUT/experiments.json" $(extra experiments) ;;
       throughput)
         run throughput 300 python3 benchmarks/bench_throughput.py \
           --out "$OUT/throughput.json" $(extra throughput --no-peer) ;;
