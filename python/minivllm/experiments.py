@@ -1,7 +1,7 @@
 """Opt-in kernel paths: built and tested (the CPU interpreter, tests/gpu), not yet measured faster.
 
 A path that may speed up a step lands here first, off by default, so that one device run can time
-it against the default in the same call (`benchmarks/run_device.sh candidates`); once measured it
+it against the default in the same call (`benchmarks/bench_experiments.py`); once measured it
 either becomes the default (and its name leaves this table) or is deleted.
 MINIVLLM_EXPERIMENTS=name[,name...] turns paths on; "all" turns every one on. It is read when a
 layer or runner is built, never per step, so a benchmark can build both variants in one process.
