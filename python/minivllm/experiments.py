@@ -15,6 +15,9 @@ import os
 EXPERIMENTS = {
     "gated_mlp": "gate/up's GEMM ends in SiLU-and-multiply at decode sizes (no activation kernel)",
     "lm_head_gemm": "the LM head on the Triton GEMM for the rows a decode-size step samples",
+    "decode_fused_reduce": (
+        "split decode attention merges its splits in the last split program (no reduce kernel)"
+    ),
 }
 
 ENV_VAR = "MINIVLLM_EXPERIMENTS"
