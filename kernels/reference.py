@@ -64,7 +64,7 @@ def prefill_attention(
     Query i of sequence b sits at position seq_lens[b] - q_len_b + i and sees keys 0..position.
     Rows without new tokens are skipped (`tiles`, a Triton grid detail, changes nothing).
     """
-    num_tokens, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     assert num_heads % num_kv_heads == 0
     group = num_heads // num_kv_heads
