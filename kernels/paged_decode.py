@@ -11,8 +11,9 @@ normalizes and writes the output itself: no reduce launch, no partial buffers.
 
 With `fused_reduce` (the "decode_fused_reduce" experiment) there is no second kernel either: each
 split program, once its partial is stored, counts itself in on a per-(row, KV head) arrival counter,
-and the program that arrives last merges every split of its group's heads (the reduce kernel's code,
-`_merge_splits`, so the output is the same) and sets the counter back to 0 for the next launch.
+and the program that arrives last merges every split of its group's heads and sets the counter back
+to 0 for the next launch. The merge is the reduce kernel's code (`_merge_splits`, same chunking,
+same order), so at the reduce's num_warps (4, the default) the output is the same bits.
 
 With `row_order` (a permutation of the rows, longest context first) program b takes row
 row_order[b]: the longest rows start first instead of forming the grid's tail. Each row's result
