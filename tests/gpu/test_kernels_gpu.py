@@ -284,7 +284,7 @@ def test_decode_fused_reduce_bf16(monkeypatch, batch):
     from minivllm.kernels import paged_decode
 
     gen = torch.Generator().manual_seed(batch)
-    seq_lens = torch.randint(1, 5000, (batch,), generator=gen)
+    seq_lens = torch.randint(1000, 5000, (batch,), generator=gen)
     seq_lens[2::4] = torch.randint(1, 200, (len(seq_lens[2::4]),), generator=gen)
     if batch > 1:
         seq_lens[1] = 0
