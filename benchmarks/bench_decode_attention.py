@@ -3,13 +3,18 @@
 Decode attention, Qwen3-0.6B head shape (16 query heads, 8 KV heads, head_dim 128), bf16, block
 size 16 with shuffled block tables: a naive PyTorch loop over the paged cache, the vectorized
 PyTorch gather (kernels/reference.py), our Triton paged decode (eager and replayed from a CUDA
-graph), and SDPA on contiguous K/V as the peer. Reported: microseconds and GB/s of KV read against
-the device-to-device copy bandwidth measured in the same run (bytes read + written). Every timed
-call starts with a cold L2: a 256 MB buffer is summed before it (the `us_wflush` column: triton's
-do_bench, which zeroes the buffer instead and so also pays for writing back dirty lines). Also:
-storing the K/V of an 8192-token prefill chunk into the cache (bytes read + written).
+graph; with --fused-reduce also the "decode_fused_reduce" experiment, the splits merged by the
+last split program instead of a reduce kernel), and SDPA on contiguous K/V as the peer. Reported:
+microseconds and GB/s of KV read against the device-to-device copy bandwidth measured in the same
+run (bytes read + written). Every timed call starts with a cold L2: a 256 MB buffer is summed
+before it (the `us_wflush` column: triton's do_bench, which zeroes the buffer instead and so also
+pays for writing back dirty lines). Also: storing the K/V of an 8192-token prefill chunk into the
+cache (bytes read + written).
 
-    python benchmarks/bench_decode_attention.py [--plot] [--sweep] [--out PATH]
+    python benchmarks/bench_decode_attention.py [--plot] [--sweep] [--fused-reduce] [--out PATH]
+
+The engine-level effect of the fused reduce: bench_latency.py / bench_throughput.py run with
+MINIVLLM_EXPERIMENTS=decode_fused_reduce against without.
 """
 
 from __future__ import annotations
@@ -144,7 +149,7 @@ def bench_decode(batch, ctx, args, dtype, copy_gbs, sweep):
 
     out = torch.empty_like(q)
     best = None
-    expect = reference._decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
+    expect = reference.decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
     if batch * NUM_KV_HEADS < 132 and len(sweep) > 1:
         sweep = sweep + SPLIT_SWEEP
     for cfg in sweep:
@@ -184,10 +189,36 @@ def bench_decode(batch, ctx, args, dtype, copy_gbs, sweep):
     if DEVICE == "cuda":
         replay = graph_of(ours)
         record("triton paged decode (ours, CUDA graph)", lambda: (replay(), out)[1], expect)
+    if args.fused_reduce:  # same config, the splits merged without the reduce kernel
+        fused_out = torch.empty_like(q)
+
+        def fused():
+            return _decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                seq_lens,
+                block_tables,
+                scale,
+                out=fused_out,
+                fused_reduce=True,
+                **kw,
+            )
+
+        if not torch.equal(fused(), ours()):
+            print(f"{case} fused reduce: NOT bit-identical to the two-kernel path")
+        record("triton paged decode (ours, fused reduce)", fused, expect)
+        if DEVICE == "cuda":
+            fused_replay = graph_of(fused)
+            record(
+                "triton paged decode (ours, fused reduce, CUDA graph)",
+                lambda: (fused_replay(), fused_out)[1],
+                expect,
+            )
     if batch * ctx <= args.gather_max_tokens:
         record(
             "torch vectorized gather",
-            lambda: reference._decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale),
+            lambda: reference.decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale),
             expect,
         )
     seq_host = seq_lens.tolist()
@@ -299,6 +330,11 @@ def main() -> None:
     )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument(
+        "--fused-reduce",
+        action="store_true",
+        help="also time the decode_fused_reduce experiment (no reduce kernel) beside the default",
+    )
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--out", default="benchmarks/out/decode_attention.json")
     args = parser.parse_args()

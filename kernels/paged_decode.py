@@ -9,6 +9,12 @@ its length, and programs without work exit at once. A second kernel merges the p
 their log-sum-exp. When max_num_splits is 1 (large batches already fill the GPU) the main kernel
 normalizes and writes the output itself: no reduce launch, no partial buffers.
 
+With `fused_reduce` (the "decode_fused_reduce" experiment) there is no second kernel either: each
+split program, once its partial is stored, counts itself in on a per-(row, KV head) arrival counter,
+and the program that arrives last merges every split of its group's heads and sets the counter back
+to 0 for the next launch. The merge is the reduce kernel's code (`_merge_splits`, same chunking,
+same order), so at the reduce's num_warps (4, the default) the output is the same bits.
+
 With `row_order` (a permutation of the rows, longest context first) program b takes row
 row_order[b]: the longest rows start first instead of forming the grid's tail. Each row's result
 does not depend on the order.
@@ -26,12 +32,15 @@ import triton
 import triton.language as tl
 
 from .block_table import tile_row_offsets
-from .pdl import pdl_enabled, pdl_start
+from .pdl import device_index, pdl_enabled, pdl_start
 
 _LOG2E = 1.4426950408889634
 # Upper bound of the default split count (a single sequence then has _SPLITS_CAP * num_kv_heads
 # programs).
 _SPLITS_CAP = 128
+# Per device, the fused reduce's arrival counters ([rows * num_kv_heads] int32, zero between
+# launches), every one ever allocated: a captured CUDA graph keeps the address it was captured with.
+_ARRIVAL_COUNTERS: dict[tuple[str, int | None], list[torch.Tensor]] = {}
 
 
 @triton.jit
@@ -48,6 +57,88 @@ def _num_splits_and_partition(
 
 
 @triton.jit
+def _merge_splits(
+    out_ptr,  # [B, num_heads, head_dim]
+    part_out_ptr,  # [B, num_heads, max_num_splits, head_dim] float32
+    part_lse_ptr,  # [B, num_heads, max_num_splits] float32, log2 units
+    out_off,  # int64: this head's output, b * stride_out_b + head * stride_out_h
+    row,  # int64: this head's first partial, (b * num_heads + head) * max_num_splits
+    num_splits,  # splits the row used; 0 (an empty row) writes zeros
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,  # splits merged per step: [SPLIT_CHUNK, BLOCK_D] in registers
+    CACHE: tl.constexpr,  # cache modifier of the partials' loads
+):
+    """One head's output: its splits' partial outputs weighted by exp2(lse - max lse), in split
+    order. Shared by the reduce kernel and the fused reduce, so both compute the same bits."""
+    offs_s = tl.arange(0, SPLIT_CHUNK)
+    offs_d = tl.arange(0, BLOCK_D)
+    # Finite fills, so an empty row computes exp2(-huge) = 0 instead of inf - inf.
+    lse_max = tl.full([SPLIT_CHUNK], -1e30, dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        s_mask = s0 + offs_s < num_splits
+        lse = tl.load(
+            part_lse_ptr + row + s0 + offs_s, mask=s_mask, other=-1e30, cache_modifier=CACHE
+        )
+        lse_max = tl.maximum(lse_max, lse)
+    m = tl.max(lse_max, 0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    total = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        s_mask = s0 + offs_s < num_splits
+        lse = tl.load(
+            part_lse_ptr + row + s0 + offs_s, mask=s_mask, other=-1e30, cache_modifier=CACHE
+        )
+        weights = tl.where(s_mask, tl.exp2(lse - m), 0.0)
+        parts = tl.load(
+            part_out_ptr + (row + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+            other=0.0,
+            cache_modifier=CACHE,
+        )  # [SPLIT_CHUNK, BLOCK_D]
+        acc += tl.sum(parts * weights[:, None], 0)
+        total += weights
+    o = acc / tl.maximum(tl.sum(total, 0), 1e-30)  # zeros when there is no split (empty row)
+    tl.store(out_ptr + out_off + offs_d, o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _merge_group(
+    out_ptr,  # [B, num_heads, head_dim]
+    part_out_ptr,  # [B, num_heads, max_num_splits, head_dim] float32
+    part_lse_ptr,  # [B, num_heads, max_num_splits] float32, log2 units
+    b,
+    kv_head,
+    num_kv_heads,
+    num_splits,
+    max_num_splits,
+    stride_out_b,
+    stride_out_h,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
+):
+    """The fused reduce: `_merge_splits` for each query head of KV head `kv_head`'s group, head
+    by head as the reduce kernel's programs do. The partials were written by other programs of
+    this launch, so they are read from L2 (.cg), never from a stale L1 line."""
+    for g in tl.static_range(GROUP):
+        head = kv_head * GROUP + g
+        _merge_splits(
+            out_ptr,
+            part_out_ptr,
+            part_lse_ptr,
+            b.to(tl.int64) * stride_out_b + head * stride_out_h,
+            (b * (GROUP * num_kv_heads) + head).to(tl.int64) * max_num_splits,
+            num_splits,
+            HEAD_DIM,
+            BLOCK_D,
+            SPLIT_CHUNK,
+            ".cg",
+        )
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,  # [B, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -57,7 +148,8 @@ def _paged_decode_kernel(
     row_order_ptr,  # [B] int32, read only if ROW_ORDER
     part_out_ptr,  # [B, num_heads, max_num_splits, head_dim] float32; unused if SINGLE_SPLIT
     part_lse_ptr,  # [B, num_heads, max_num_splits] float32, log2 units; unused if SINGLE_SPLIT
-    out_ptr,  # [B, num_heads, head_dim]; written only if SINGLE_SPLIT
+    out_ptr,  # [B, num_heads, head_dim]; written only if SINGLE_SPLIT or FUSED_REDUCE
+    counters_ptr,  # [>= B * num_kv_heads] int32, zero between launches; used only if FUSED_REDUCE
     max_num_splits,  # runtime: a new batch size must not mean a new compile
     qk_scale,  # softmax scale * log2(e)
     stride_q_b,
@@ -77,6 +169,8 @@ def _paged_decode_kernel(
     MIN_PARTITION: tl.constexpr,
     SELECT_LOOKUP: tl.constexpr,  # see block_table.tile_row_offsets (BLOCK_N > BLOCK_SIZE only)
     SINGLE_SPLIT: tl.constexpr,  # max_num_splits == 1: write the final output, no reduce
+    FUSED_REDUCE: tl.constexpr,  # several splits: the last to arrive merges them, no reduce
+    SPLIT_CHUNK: tl.constexpr,  # the fused reduce's step (as the reduce kernel's); else 1
     ROW_ORDER: tl.constexpr,  # program b takes row row_order[b]
     HEADS_FIRST: tl.constexpr,  # grid (kv_heads, batch, splits) instead of (batch, kv_heads, ..)
     PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
@@ -103,6 +197,23 @@ def _paged_decode_kernel(
             seq_len, max_num_splits, MIN_PARTITION, BLOCK_N
         )
         if split >= num_splits:  # also every split of a seq_len == 0 padding row
+            if FUSED_REDUCE and split == 0:  # no split will arrive: write the empty row's zeros
+                _merge_group(
+                    out_ptr,
+                    part_out_ptr,
+                    part_lse_ptr,
+                    b,
+                    kv_head,
+                    num_kv_heads,
+                    num_splits,
+                    max_num_splits,
+                    stride_out_b,
+                    stride_out_h,
+                    GROUP,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    SPLIT_CHUNK,
+                )
             return
         start = split * partition
         end = tl.minimum(start + partition, seq_len)
@@ -167,6 +278,32 @@ def _paged_decode_kernel(
             acc / l_i[:, None],
             mask=g_mask[:, None] & d_mask[None, :],
         )
+        if FUSED_REDUCE:
+            # Every thread's partial stores come before the arrival (the barrier), and the arrival
+            # is acq_rel at GPU scope: the program that counts num_splits - 1 sees every split's
+            # partials. It alone touches the counter after that, so it resets it for the next
+            # launch (or CUDA-graph replay) without a memset.
+            tl.debug_barrier()
+            counter = counters_ptr + b * num_kv_heads + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                tl.store(counter, 0)
+                _merge_group(
+                    out_ptr,
+                    part_out_ptr,
+                    part_lse_ptr,
+                    b,
+                    kv_head,
+                    num_kv_heads,
+                    num_splits,
+                    max_num_splits,
+                    stride_out_b,
+                    stride_out_h,
+                    GROUP,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    SPLIT_CHUNK,
+                )
 
 
 @triton.jit
@@ -190,34 +327,17 @@ def _paged_decode_reduce_kernel(
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
     num_splits, _ = _num_splits_and_partition(seq_len, max_num_splits, MIN_PARTITION, BLOCK_N)
-    offs_s = tl.arange(0, SPLIT_CHUNK)
-    offs_d = tl.arange(0, BLOCK_D)
-    row = (b * tl.num_programs(1) + head).to(tl.int64) * max_num_splits
-    # Finite fills, so an empty row computes exp2(-huge) = 0 instead of inf - inf.
-    lse_max = tl.full([SPLIT_CHUNK], -1e30, dtype=tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        s_mask = s0 + offs_s < num_splits
-        lse = tl.load(part_lse_ptr + row + s0 + offs_s, mask=s_mask, other=-1e30)
-        lse_max = tl.maximum(lse_max, lse)
-    m = tl.max(lse_max, 0)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    total = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        s_mask = s0 + offs_s < num_splits
-        lse = tl.load(part_lse_ptr + row + s0 + offs_s, mask=s_mask, other=-1e30)
-        weights = tl.where(s_mask, tl.exp2(lse - m), 0.0)
-        parts = tl.load(
-            part_out_ptr + (row + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
-            other=0.0,
-        )  # [SPLIT_CHUNK, BLOCK_D]
-        acc += tl.sum(parts * weights[:, None], 0)
-        total += weights
-    o = acc / tl.maximum(tl.sum(total, 0), 1e-30)  # zeros when there is no split (empty row)
-    tl.store(
-        out_ptr + b.to(tl.int64) * stride_out_b + head * stride_out_h + offs_d,
-        o.to(out_ptr.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
+    _merge_splits(
+        out_ptr,
+        part_out_ptr,
+        part_lse_ptr,
+        b.to(tl.int64) * stride_out_b + head * stride_out_h,
+        (b * tl.num_programs(1) + head).to(tl.int64) * max_num_splits,
+        num_splits,
+        HEAD_DIM,
+        BLOCK_D,
+        SPLIT_CHUNK,
+        "",
     )
 
 
@@ -248,6 +368,25 @@ def _default_split(
     return max(1, min(wanted, _SPLITS_CAP, triton.cdiv(max_context, 256))), 256
 
 
+def _arrival_counters(like: torch.Tensor, size: int) -> torch.Tensor:
+    """The fused reduce's arrival counters on `like`'s device: at least `size` int32 zeros, kept
+    between launches (every launch leaves them at zero). A larger grid gets a new, larger buffer;
+    the old ones stay allocated, since a captured CUDA graph may still read one. The first launch
+    of the largest grid must run outside a capture (as the warm-up before one does): a buffer
+    zeroed inside a capture would hold garbage until the graph first replayed."""
+    key = (like.device.type, device_index(like) if like.is_cuda else like.device.index)
+    buffers = _ARRIVAL_COUNTERS.setdefault(key, [])
+    if not buffers or buffers[-1].numel() < size:
+        if like.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"decode_attention(fused_reduce=True): {size} arrival counters needed during a "
+                "CUDA-graph capture; launch the same grid once before capturing"
+            )
+        numel = max(size, 2 * buffers[-1].numel() if buffers else 1024)
+        buffers.append(torch.zeros(numel, dtype=torch.int32, device=like.device))
+    return buffers[-1]
+
+
 def decode_attention(
     q: torch.Tensor,  # [B, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -263,6 +402,7 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
     row_order: torch.Tensor | None = None,  # [B] int32, a permutation of range(B)
+    fused_reduce: bool = False,
 ) -> torch.Tensor:
     """Attention of one query per sequence (position seq_lens[b] - 1) over its paged context.
 
@@ -270,7 +410,10 @@ def decode_attention(
     per split; both default from the batch size and the block-table width, so a fixed-shape call
     has a fixed grid), the key tile `block_n` and the launch's `num_warps` / `num_stages` (default
     2 with one split, 3 with several); `row_order` (longest context first) is the order the
-    programs take the rows in.
+    programs take the rows in. With several splits, `fused_reduce` has the last split of each
+    (row, KV head) merge them instead of a second kernel (the "decode_fused_reduce" experiment;
+    same output). Its arrival counters are one buffer per device, so fused launches on one device
+    must not overlap: keep them on one stream.
     """
     return _decode_attention(
         q,
@@ -286,6 +429,7 @@ def decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
         row_order=row_order,
+        fused_reduce=fused_reduce,
     )
 
 
@@ -304,6 +448,7 @@ def _decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
     row_order: torch.Tensor | None = None,  # [B] int32, a permutation of range(B)
+    fused_reduce: bool = False,
     select_lookup: bool = True,
     heads_first: bool = True,
 ) -> torch.Tensor:
@@ -356,6 +501,10 @@ def _decode_attention(
             (batch, num_heads, max_num_splits), dtype=torch.float32, device=q.device
         )
     block_d = triton.next_power_of_2(head_dim)
+    split_chunk = min(64, triton.next_power_of_2(max_num_splits))
+    fused = fused_reduce and not single_split
+    # Only read by the fused reduce; otherwise any int32 tensor stands in.
+    counters = _arrival_counters(q, batch * num_kv_heads) if fused else seq_lens
     grid = (num_kv_heads, batch) if heads_first else (batch, num_kv_heads)
     pdl = pdl_enabled(q)
     _paged_decode_kernel[(*grid, max_num_splits)](
@@ -368,6 +517,7 @@ def _decode_attention(
         part_out_ptr=part_out,
         part_lse_ptr=part_lse,
         out_ptr=out,
+        counters_ptr=counters,
         max_num_splits=max_num_splits,
         qk_scale=scale * _LOG2E,
         stride_q_b=q.stride(0),
@@ -387,6 +537,10 @@ def _decode_attention(
         MIN_PARTITION=min_partition,
         SELECT_LOOKUP=select_lookup,
         SINGLE_SPLIT=single_split,
+        FUSED_REDUCE=fused,
+        # The reduce kernel's step, so the merge sums in the same order; a constant without the
+        # fused reduce, where it is unused (no compile per split count).
+        SPLIT_CHUNK=split_chunk if fused else 1,
         ROW_ORDER=row_order is not None,
         HEADS_FIRST=heads_first,
         PDL=pdl,
@@ -394,7 +548,7 @@ def _decode_attention(
         num_stages=num_stages,
         launch_pdl=pdl,
     )
-    if single_split:
+    if single_split or fused:
         return out
     _paged_decode_reduce_kernel[(batch, num_heads)](
         out_ptr=out,
@@ -407,7 +561,7 @@ def _decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
-        SPLIT_CHUNK=min(64, triton.next_power_of_2(max_num_splits)),
+        SPLIT_CHUNK=split_chunk,
         MIN_PARTITION=min_partition,
         PDL=pdl,
         num_warps=4,

@@ -16,6 +16,9 @@ EXPERIMENTS = {
     "gated_mlp": "gate/up's GEMM ends in SiLU-and-multiply at decode sizes (no activation kernel)",
     "lm_head_gemm": "the LM head on the Triton GEMM for the rows a decode-size step samples",
     "graph_prewarm": "every CUDA graph replayed once at start-up, so no real step is its first",
+    "decode_fused_reduce": (
+        "split decode attention merges its splits in the last split program (no reduce kernel)"
+    ),
 }
 
 ENV_VAR = "MINIVLLM_EXPERIMENTS"

@@ -266,3 +266,103 @@ def test_decode_cuda_graph_replay_matches_eager(batch):
             static_q, k_cache, v_cache, static_lens, static_tables, scale
         )
         torch.testing.assert_close(replayed, expect, **TOL)
+
+
+def _counters_zero() -> bool:
+    from minivllm.kernels import paged_decode
+
+    key = ("cuda", torch.cuda.current_device())
+    return all(b.count_nonzero() == 0 for b in paged_decode._ARRIVAL_COUNTERS.get(key, []))
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_decode_fused_reduce_bf16(monkeypatch, batch):
+    """The decode_fused_reduce experiment at Qwen3-0.6B's shape with the default split (several
+    splits at these batch sizes): no reduce launch, the two-kernel path's exact output (same merge,
+    same order), rows of mixed lengths with padding rows and rows shorter than one partition; the
+    arrival counters are zero after each of two calls."""
+    from minivllm.kernels import paged_decode
+
+    gen = torch.Generator().manual_seed(batch)
+    seq_lens = torch.randint(1000, 5000, (batch,), generator=gen)
+    seq_lens[2::4] = torch.randint(1, 200, (len(seq_lens[2::4]),), generator=gen)
+    if batch > 1:
+        seq_lens[1] = 0
+    seq_lens = seq_lens.tolist()
+    k_cache, v_cache, block_tables = _paged(seq_lens, 8, 128, 16, torch.bfloat16, seed=batch)
+    max_context = block_tables.shape[1] * 16
+    assert paged_decode._default_split(batch, 8, max_context, torch.device("cuda"))[0] > 1
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, 16, 128, device="cuda").to(torch.bfloat16)
+    scale = 128**-0.5
+    two_kernels = paged_decode.decode_attention(q, k_cache, v_cache, lens, block_tables, scale)
+    monkeypatch.setattr(paged_decode, "_paged_decode_reduce_kernel", None)  # must not be needed
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"))
+        paged_decode.decode_attention(
+            q, k_cache, v_cache, lens, block_tables, scale, out=out, fused_reduce=True
+        )
+        torch.cuda.synchronize()
+        assert _counters_zero()
+        assert torch.equal(out, two_kernels), (out - two_kernels).abs().max()
+    expect = reference.decode_attention(q, k_cache, v_cache, lens, block_tables, scale)
+    torch.testing.assert_close(out, expect, **TOL)
+
+
+def test_decode_fused_reduce_cuda_graph_replay():
+    """The fused reduce captured once (after an eager warm-up), replayed with two different sets of
+    seq_lens and block tables: each replay equals the eager two-kernel path bit for bit, so the
+    counters were back at zero for the next replay without a memset in the graph."""
+    from minivllm.kernels.paged_decode import decode_attention
+
+    batch, num_heads, kvh, d, block_size, max_blocks = 8, 16, 8, 128, 16, 256
+    k_cache, v_cache, _ = _paged([max_blocks * block_size], kvh, d, block_size, torch.bfloat16)
+    num_blocks = k_cache.shape[0]
+    static_q = torch.randn(batch, num_heads, d, device="cuda").to(torch.bfloat16)
+    static_lens = torch.ones(batch, dtype=torch.int32, device="cuda")
+    static_tables = torch.zeros((batch, max_blocks), dtype=torch.int32, device="cuda")
+    static_out = torch.empty_like(static_q)
+    scale = d**-0.5
+
+    def run():
+        decode_attention(
+            static_q,
+            k_cache,
+            v_cache,
+            static_lens,
+            static_tables,
+            scale,
+            out=static_out,
+            fused_reduce=True,
+        )
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compile, and allocate the counters, before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+
+    for trial, lens in enumerate(
+        [[1, 17, 4096, 0, 300, 2048, 16, 5], [4000, 0, 0, 1, 2, 3, 1024, 4095]]
+    ):
+        gen = torch.Generator(device="cuda").manual_seed(trial)
+        static_q.copy_(torch.randn(static_q.shape, generator=gen, device="cuda"))
+        static_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        static_tables.fill_(-1)
+        for b, n in enumerate(lens):
+            nb = -(-n // block_size)
+            static_tables[b, :nb] = torch.randperm(num_blocks, generator=gen, device="cuda")[:nb]
+        for _ in range(2):
+            static_out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert _counters_zero()
+            eager = decode_attention(static_q, k_cache, v_cache, static_lens, static_tables, scale)
+            assert torch.equal(static_out, eager)
+        expect = reference.decode_attention(
+            static_q, k_cache, v_cache, static_lens, static_tables, scale
+        )
+        torch.testing.assert_close(static_out, expect, **TOL)

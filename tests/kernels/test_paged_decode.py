@@ -220,3 +220,107 @@ def test_decode_row_order_changes_nothing_but_the_schedule(max_num_splits, heads
         q, k_cache, v_cache, lens, block_tables, 0.2, row_order=longest
     )
     torch.testing.assert_close(plain, expect, **tolerances(torch.float32))
+
+
+def _counter_buffers(device: str) -> list[torch.Tensor]:
+    """The fused reduce's arrival-counter buffers on `device`, the one launches use last."""
+    from minivllm.kernels import paged_decode
+
+    return paged_decode._ARRIVAL_COUNTERS[(device, 0 if device == "cuda" else None)]
+
+
+@pytest.mark.parametrize(
+    "dtype,num_heads,num_kv_heads,heads_first",
+    [(torch.float16, 4, 2, True), (torch.float32, 8, 2, False)],
+)
+def test_decode_fused_reduce_equals_the_reduce_kernel(
+    monkeypatch, dtype, num_heads, num_kv_heads, heads_first
+):
+    """fused_reduce: the last split of each (row, KV head) merges them, no reduce launch. Rows of
+    several splits (4 of 4; 3; 2), shorter than one partition (1 split), padding rows (seq_len 0,
+    first and in the middle: zeros), taken longest first: the two-kernel path's exact bits. The
+    arrival counters are zero after every call, so a second call (a graph replay) merges too."""
+    seq_lens = [0, 221, 20, 1, 0, 96, 33]
+    k_cache, v_cache, block_tables = make_paged_batch(
+        seq_lens, num_kv_heads, 32, 16, dtype, seed=11
+    )
+    q = torch.randn(len(seq_lens), num_heads, 32, generator=torch.Generator().manual_seed(11))
+    q = q.to(dtype).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    order = torch.argsort(lens.cpu(), descending=True, stable=True).to(torch.int32).to(DEVICE)
+    kw = {"max_num_splits": 4, "min_partition": 32, "block_n": 16, "row_order": order}
+    kw["heads_first"] = heads_first
+    two_kernels = _decode_attention(q, k_cache, v_cache, lens, block_tables, 0.3, **kw)
+    _forbid_reduce(monkeypatch)
+    for _ in range(2):
+        out = poison_like(q)
+        _decode_attention(
+            q, k_cache, v_cache, lens, block_tables, 0.3, out=out, fused_reduce=True, **kw
+        )
+        assert torch.equal(out, two_kernels)
+        assert _counter_buffers(DEVICE)[-1].count_nonzero() == 0
+    expect = reference.decode_attention(q, k_cache, v_cache, lens, block_tables, 0.3)
+    torch.testing.assert_close(out, expect, **tolerances(dtype))
+    assert torch.equal(out[[0, 4]], torch.zeros_like(out[[0, 4]]))
+
+
+@pytest.mark.slow  # 65 programs of real work on the interpreter (~3 s)
+def test_decode_fused_reduce_past_one_merge_step(monkeypatch):
+    """65 splits: the merge takes two steps of 64 (as the reduce kernel does), bit for bit."""
+    seq_lens = [1030, 0]
+    k_cache, v_cache, block_tables = make_paged_batch(seq_lens, 1, 16, 16, torch.float32, seed=3)
+    q = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kw = {"max_num_splits": 72, "min_partition": 16, "block_n": 16}
+    two_kernels = decode_attention(q, k_cache, v_cache, lens, block_tables, 0.25, **kw)
+    _forbid_reduce(monkeypatch)
+    out = decode_attention(q, k_cache, v_cache, lens, block_tables, 0.25, fused_reduce=True, **kw)
+    assert torch.equal(out, two_kernels)
+    assert _counter_buffers(DEVICE)[-1].count_nonzero() == 0
+
+
+def test_arrival_counters_grow_and_keep_the_old_buffers():
+    """A larger grid gets a larger zeroed buffer; the smaller one stays (a graph may hold it)."""
+    from minivllm.kernels import paged_decode
+
+    like = torch.empty(0, device=DEVICE)
+    first = paged_decode._arrival_counters(like, 8)
+    assert paged_decode._arrival_counters(like, first.numel()) is first
+    grown = paged_decode._arrival_counters(like, first.numel() + 1)
+    assert grown.numel() > first.numel() and grown.count_nonzero() == 0
+    assert any(b is first for b in _counter_buffers(DEVICE))
+
+
+def test_attention_layer_reads_the_experiment_when_built(monkeypatch):
+    """MINIVLLM_EXPERIMENTS=decode_fused_reduce: the layer built then passes fused_reduce to the
+    kernel (a split decode launches no reduce) and attends exactly as the default layer."""
+    from minivllm.layers.attention import Attention, AttentionMetadata, get_attention_backend
+
+    backend = get_attention_backend("triton")
+    seq_lens = [300, 0]  # 2 splits of >= 256 tokens by default on the CPU's "4 SMs"
+    k_cache, v_cache, block_tables = make_paged_batch(seq_lens, 2, 16, 16, torch.float32)
+    wide = torch.full((2, 32), -1, dtype=torch.int32, device=DEVICE)
+    wide[:, : block_tables.shape[1]] = block_tables
+    meta = AttentionMetadata(
+        num_decodes=2,
+        slot_mapping=torch.full((2,), -1, dtype=torch.int32, device=DEVICE),
+        decode_seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        decode_block_tables=wide,
+        prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=DEVICE),
+        prefill_seq_lens=torch.zeros(0, dtype=torch.int32, device=DEVICE),
+        prefill_block_tables=torch.zeros(0, 32, dtype=torch.int32, device=DEVICE),
+        max_prefill_query_len=0,
+    )
+    q = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    v = torch.zeros(2, 2, 16, device=DEVICE)
+
+    def attend() -> torch.Tensor:
+        layer = Attention(4, 2, 16, 0.25, backend)
+        layer.k_cache, layer.v_cache = k_cache, v_cache
+        return layer(q, None, v, meta)
+
+    monkeypatch.delenv("MINIVLLM_EXPERIMENTS", raising=False)
+    default = attend()
+    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "decode_fused_reduce")
+    _forbid_reduce(monkeypatch)
+    assert torch.equal(attend(), default)

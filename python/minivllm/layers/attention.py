@@ -20,6 +20,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from minivllm.experiments import experiment_on
+
 
 @dataclass
 class AttentionMetadata:
@@ -108,6 +110,9 @@ class Attention(nn.Module):
         self.backend = backend
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache = torch.empty(0)
+        # Opt-in until measured (minivllm.experiments): a split decode merges its splits in its
+        # last split program instead of a reduce kernel (the triton backend; torch ignores it).
+        self.decode_fused_reduce = experiment_on("decode_fused_reduce")
 
     def kv_write(self, v: torch.Tensor, meta: AttentionMetadata) -> KVCacheWrite | None:
         """This step's cache write for the rotary kernel to fuse, or None when the backend keeps
@@ -140,6 +145,7 @@ class Attention(nn.Module):
                 self.scale,
                 out=out[:nd],
                 row_order=meta.decode_row_order,
+                fused_reduce=self.decode_fused_reduce,
             )
         if meta.max_prefill_query_len > 0:
             backend.prefill_attention(
