@@ -19,13 +19,17 @@ def test_an_unknown_name_is_refused_by_name() -> None:
 
 def test_read_when_a_layer_is_built(monkeypatch) -> None:
     from minivllm.layers.embedding import ParallelLMHead
-    from minivllm.layers.linear import MergedColumnParallelLinear
+    from minivllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
     monkeypatch.delenv("MINIVLLM_EXPERIMENTS", raising=False)
     assert not experiment_on("gated_mlp")
     assert not MergedColumnParallelLinear(64, [32, 32]).gated
     assert ParallelLMHead(128, 64, fused=True).gemm is None
-    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "gated_mlp,lm_head_gemm")
+    assert RowParallelLinear(64, 32, fused=True).norm_gemm is None
+    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "gated_mlp,lm_head_gemm,splitk_norm")
     assert MergedColumnParallelLinear(64, [32, 32]).gated
     assert not MergedColumnParallelLinear(64, [32, 16]).gated  # not a gate/up pair
     assert ParallelLMHead(128, 64, fused=True).gemm is not None
+    assert RowParallelLinear(64, 32, fused=True).norm_gemm is not None
+    assert RowParallelLinear(64, 32, fused=False).norm_gemm is None  # the torch path: cuBLAS
+    assert RowParallelLinear(64, 32, bias=True, fused=True).norm_gemm is None

@@ -15,6 +15,8 @@ import os
 EXPERIMENTS = {
     "gated_mlp": "gate/up's GEMM ends in SiLU-and-multiply at decode sizes (no activation kernel)",
     "lm_head_gemm": "the LM head on the Triton GEMM for the rows a decode-size step samples",
+    "splitk_norm": "o / down projections add the residual and run the RMSNorm after them in "
+    "their split-K GEMM at <= 64 tokens (kernels/linear_norm.py: no norm kernel)",
 }
 
 ENV_VAR = "MINIVLLM_EXPERIMENTS"

@@ -1,12 +1,13 @@
 """The split-K GEMM with the residual add + RMSNorm folded in (kernels/linear_norm.py) against
 the two kernels it replaces and plain torch (interpreter on the CPU in float16; bf16 and CUDA
-graphs in tests/gpu)."""
+graphs in tests/gpu), and the layers that hand it over (the "splitk_norm" experiment)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from kernel_testing import DEVICE
+from minivllm.layers.linear import DeferredLinear, RowParallelLinear, SplitKPartials
 from minivllm.layers.rmsnorm import RMSNorm
 
 EPS = 1e-6
@@ -91,3 +92,50 @@ def test_supports_only_decode_sizes() -> None:
     assert supports(torch.zeros(MAX_TOKENS, 128, dtype=torch.float16), w)
     assert not supports(torch.zeros(MAX_TOKENS + 1, 128, dtype=torch.float16), w)
     assert not supports(torch.zeros(4, 128), w.float())  # fp16 / bf16 only, as the GEMM
+
+
+def _row_layer_and_norm(k: int, n: int, seed: int) -> tuple[RowParallelLinear, RMSNorm]:
+    gen = torch.Generator().manual_seed(seed)
+    proj = RowParallelLinear(k, n, fused=True)
+    proj.weight.data = (torch.randn(n, k, generator=gen) * 0.05).half()
+    norm = RMSNorm(n, eps=EPS, fused=True).half()
+    norm.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+    return proj, norm
+
+
+@pytest.mark.parametrize("m", [3, 65])
+def test_layers_with_the_experiment_match_the_default(m: int, monkeypatch) -> None:
+    """o_proj / down_proj -> RMSNorm with a residual, on the interpreter: with "splitk_norm" the
+    projection defers (up to MAX_TOKENS rows) and the norm runs the folded kernel; the results
+    equal the default path's (split-K partials, then the fused add + RMSNorm)."""
+    monkeypatch.delenv("MINIVLLM_EXPERIMENTS", raising=False)
+    proj, norm = _row_layer_and_norm(256, 96, seed=m)
+    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "splitk_norm")
+    folded, _ = _row_layer_and_norm(256, 96, seed=m)
+    assert proj.norm_gemm is None and folded.norm_gemm is not None
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(m, 256, generator=gen).half()
+    residual = torch.randn(m, 96, generator=gen).half()
+    y_default, y_folded = proj(x, partials=True), folded(x, partials=True)
+    assert isinstance(y_default, SplitKPartials)
+    assert isinstance(y_folded, DeferredLinear if m <= 64 else SplitKPartials)
+    expect, expect_residual = norm(y_default, residual)
+    got, got_residual = norm(y_folded, residual)
+    assert torch.equal(got_residual, expect_residual)
+    torch.testing.assert_close(got, expect, atol=2e-3, rtol=2e-3)
+    # Without partials=True (another consumer) the product itself, on either layer.
+    assert torch.equal(folded(x), proj(x))
+
+
+def test_rmsnorm_off_the_fused_path_materializes_a_deferred_product() -> None:
+    """A norm without kernels (the torch path) computes the deferred product with torch first."""
+    proj, _ = _row_layer_and_norm(64, 32, seed=1)
+    norm = RMSNorm(32, eps=EPS).half()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)).half()
+    residual = torch.randn(4, 32, generator=torch.Generator().manual_seed(3)).half()
+    deferred = DeferredLinear(x, proj.weight, None)
+    got, got_residual = norm(deferred, residual)
+    expect, expect_residual = norm(torch.nn.functional.linear(x, proj.weight), residual)
+    assert torch.equal(got, expect) and torch.equal(got_residual, expect_residual)
+    with pytest.raises(AssertionError, match="residual"):
+        norm(deferred)
