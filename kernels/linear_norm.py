@@ -41,13 +41,16 @@ from .linear import GemmConfig, _num_sms, gemm_config, tile_product
 from .linear import supports as linear_supports
 from .pdl import device_index, pdl_enabled, pdl_start
 
-# Largest M the layers fold the norm in at. The last program of a row block normalizes BM rows
-# across the whole hidden size alone; past 64 tokens (BM of 64 or more) that serial tail may cost
-# more than the kernel boundary it saves. `linear_add_rmsnorm` itself takes any M the split-K
-# GEMM does, so benchmarks can time it past this bound.
+# Largest M the layers fold the norm in at (not yet measured). The last program of a row block
+# normalizes its BM rows (16 up to 16 tokens, 64 past 32) across the whole hidden size alone, a
+# serial tail that grows with BM and may cost more than the kernel boundary it saves.
+# `linear_add_rmsnorm` itself takes any M the split-K GEMM does, so bench_layer_chain.py's
+# +splitk_norm modes time it at every size.
 MAX_TOKENS = 64
-# Counters per device: a GEMM grid's [m_tiles, n_tiles] tile counters, then [m_tiles] row-block
-# counters (at most 4 x 128 + 4 at 256 tokens and a hidden size of 8192).
+# Counters per device: row blocks first (a fixed offset, so the tile counters' address keeps its
+# alignment and with it the compiled variant), then a grid's [m_tiles, n_tiles] output tiles (at
+# most 256 up to 256 tokens at a hidden size of 8192).
+_ROW_COUNTERS = 64
 _NUM_COUNTERS = 4096
 # The normalizing loop's step holds BM x NORM_BN float32 values: at most 64 a thread at 4 warps.
 _NORM_ELEMENTS = 8192
@@ -200,7 +203,7 @@ def linear_add_rmsnorm(
     k_per_split = triton.cdiv(triton.cdiv(k, bk), splits) * bk  # the last split may be short
     n_tiles, m_tiles = triton.cdiv(n, bn), triton.cdiv(m, bm)
     counters = _counters(x.device if not x.is_cuda else torch.device("cuda", device_index(x)))
-    assert m_tiles * (n_tiles + 1) <= counters.numel(), (m_tiles, n_tiles)
+    assert m_tiles <= _ROW_COUNTERS and m_tiles * n_tiles <= _NUM_COUNTERS - _ROW_COUNTERS
     parts = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     sum_sq = torch.empty((n_tiles, m), dtype=torch.float32, device=x.device)
     out_dtype = torch.promote_types(norm_weight.dtype, x.dtype)
@@ -216,8 +219,8 @@ def linear_add_rmsnorm(
         out_ptr=out,
         new_residual_ptr=new_residual,
         sum_sq_ptr=sum_sq,
-        tile_count_ptr=counters,
-        row_count_ptr=counters[m_tiles * n_tiles :],
+        tile_count_ptr=counters[_ROW_COUNTERS:],
+        row_count_ptr=counters,
         M=m,
         N=n,
         k_per_split=k_per_split,
