@@ -100,7 +100,7 @@ def _row_layer_and_norm(k: int, n: int, seed: int) -> tuple[RowParallelLinear, R
     proj.weight.data = (torch.randn(n, k, generator=gen) * 0.05).half()
     norm = RMSNorm(n, eps=EPS, fused=True).half()
     norm.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-    return proj, norm
+    return proj.to(DEVICE), norm.to(DEVICE)
 
 
 @pytest.mark.parametrize("m", [3, 65])
@@ -114,8 +114,8 @@ def test_layers_with_the_experiment_match_the_default(m: int, monkeypatch) -> No
     folded, _ = _row_layer_and_norm(256, 96, seed=m)
     assert proj.norm_gemm is None and folded.norm_gemm is not None
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(m, 256, generator=gen).half()
-    residual = torch.randn(m, 96, generator=gen).half()
+    x = torch.randn(m, 256, generator=gen).half().to(DEVICE)
+    residual = torch.randn(m, 96, generator=gen).half().to(DEVICE)
     y_default, y_folded = proj(x, partials=True), folded(x, partials=True)
     assert isinstance(y_default, SplitKPartials)
     assert isinstance(y_folded, DeferredLinear if m <= 64 else SplitKPartials)
@@ -129,13 +129,14 @@ def test_layers_with_the_experiment_match_the_default(m: int, monkeypatch) -> No
 
 def test_rmsnorm_off_the_fused_path_materializes_a_deferred_product() -> None:
     """A norm without kernels (the torch path) computes the deferred product with torch first."""
-    proj, _ = _row_layer_and_norm(64, 32, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    weight = (torch.randn(32, 64, generator=gen) * 0.05).half()
+    x = torch.randn(4, 64, generator=gen).half()
+    residual = torch.randn(4, 32, generator=gen).half()
     norm = RMSNorm(32, eps=EPS).half()
-    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)).half()
-    residual = torch.randn(4, 32, generator=torch.Generator().manual_seed(3)).half()
-    deferred = DeferredLinear(x, proj.weight, None)
+    deferred = DeferredLinear(x, weight, None)
     got, got_residual = norm(deferred, residual)
-    expect, expect_residual = norm(torch.nn.functional.linear(x, proj.weight), residual)
+    expect, expect_residual = norm(torch.nn.functional.linear(x, weight), residual)
     assert torch.equal(got, expect) and torch.equal(got_residual, expect_residual)
     with pytest.raises(AssertionError, match="residual"):
         norm(deferred)
