@@ -4,8 +4,9 @@ Column-parallel layers split the output features across ranks, row-parallel laye
 features and all-reduce the result. On one GPU at decode batch sizes a row-parallel layer may
 instead hand its consumer float32 split-K partial sums (`SplitKPartials`, see
 `RowParallelLinear.forward`), or with the "splitk_norm" experiment the product not computed yet
-(`DeferredLinear`), which that consumer turns into one GEMM + add + RMSNorm kernel. Every parameter carries a `weight_loader(param, loaded[, shard])`
-that copies this rank's slice of a checkpoint tensor into it, so the model code stays plain.
+(`DeferredLinear`), which that consumer turns into one GEMM + add + RMSNorm kernel. Every
+parameter carries a `weight_loader(param, loaded[, shard])` that copies this rank's slice of a
+checkpoint tensor into it, so the model code stays plain.
 """
 
 from __future__ import annotations
