@@ -222,6 +222,10 @@ class DeferredLinear(NamedTuple):
         return F.linear(self.x, self.weight)
 
 
+# What a row-parallel layer hands the RMSNorm after it (`RowParallelLinear.forward`, partials=True).
+RowParallelOutput = torch.Tensor | SplitKPartials | DeferredLinear
+
+
 class RowParallelLinear(LinearBase):
     """y = x W^T with W's input features split across ranks; partial sums are all-reduced."""
 
@@ -238,9 +242,7 @@ class RowParallelLinear(LinearBase):
         if self.gemm is not None and experiment_on("splitk_norm"):
             self.norm_gemm = fused_kernels("linear_norm", True)
 
-    def forward(
-        self, x: torch.Tensor, partials: bool = False
-    ) -> torch.Tensor | SplitKPartials | DeferredLinear:
+    def forward(self, x: torch.Tensor, partials: bool = False) -> RowParallelOutput:
         """y = x W^T (+ bias). With `partials=True` (the caller feeds y to an RMSNorm with a
         residual, which accepts SplitKPartials and DeferredLinear), one GPU and few tokens, y
         comes back as split-K partial sums: at decode batch sizes this projection has too few

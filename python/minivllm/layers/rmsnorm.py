@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from minivllm.layers import fused_kernels
-from minivllm.layers.linear import DeferredLinear, SplitKPartials
+from minivllm.layers.linear import DeferredLinear, RowParallelOutput, SplitKPartials
 
 
 class RMSNorm(nn.Module):
@@ -31,9 +31,7 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(
-        self,
-        x: torch.Tensor | SplitKPartials | DeferredLinear,
-        residual: torch.Tensor | None = None,
+        self, x: RowParallelOutput, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
         if isinstance(x, DeferredLinear):
