@@ -36,6 +36,7 @@ def _counters_are_zero() -> bool:
         (7, 96, 320, (2, 16, 64, 64, 4, 2)),  # N not a multiple of BN; a short last split
         (33, 160, 320, (4, 16, 64, 64, 4, 2)),  # 3 row blocks; one split with no K left at all
         (33, 96, 192, (3, 64, 64, 64, 4, 2, False)),  # token rows on the MMA's M side
+        (20, 1100, 128, (2, 64, 64, 64, 4, 2)),  # 18 tiles a row; the norm in 5 steps, 1 short
     ],
 )
 def test_linear_add_rmsnorm_matches_the_two_kernels(m, n, k, config) -> None:
