@@ -11,7 +11,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from minivllm.model_config import ModelConfig
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -23,6 +22,7 @@ from minivllm.layers.linear import (
 )
 from minivllm.layers.rmsnorm import RMSNorm
 from minivllm.layers.rotary import get_rotary_embedding
+from minivllm.model_config import ModelConfig
 
 
 class Qwen3Attention(nn.Module):
