@@ -13,7 +13,7 @@ from minivllm.layers.rmsnorm import RMSNorm
 EPS = 1e-6
 
 
-def _operands(m: int, n: int, k: int, seed: int = 0):
+def _operands(m: int, n: int, k: int, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed + 1000 * m + n + k)
     x = torch.randn(m, k, generator=gen).half()
     w = (torch.randn(n, k, generator=gen) * 0.05).half()
