@@ -1,6 +1,7 @@
 """The decode step's non-attention chain over 28 layers with cold weights, as the engine runs it:
 cuBLAS GEMMs against the Triton GEMM of kernels/linear.py, with programmatic dependent launch
-(kernels/pdl.py) off and on, and gate/up's GEMM with SiLU-and-multiply in its epilogue.
+(kernels/pdl.py) off and on, gate/up's GEMM with SiLU-and-multiply in its epilogue, and the o /
+down GEMMs with the add + RMSNorm after them folded in (kernels/linear_norm.py).
 
 Per layer: RMSNorm -> qkv GEMM; o GEMM (on a fixed attention output) -> add + RMSNorm ->
 gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the residual. Variants:
@@ -9,12 +10,18 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
                 up to 256 tokens, qkv and gate/up up to 128), cuBLAS elsewhere; PDL off
   triton+pdl    the same, every Triton kernel launched as a programmatic dependent
   triton+pdl+gated  and gate/up's GEMM ends in SiLU-and-multiply where the Triton GEMM takes it
-                (no activation kernel): the engine
+                (no activation kernel): the "gated_mlp" experiment
+  triton+pdl+splitk_norm  triton+pdl with o / down and the add + RMSNorm after each as one kernel
+                wherever the split-K GEMM runs (every M up to 256, past the layers' bound
+                linear_norm.MAX_TOKENS, so the table shows where it pays): the "splitk_norm"
+                experiment; "+gated+splitk_norm" has both
   mix+pdl       cuBLAS for qkv and gate/up at every size, PDL on
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
     python benchmarks/bench_layer_chain.py --m 16 64 128 256
+    python benchmarks/bench_layer_chain.py --m 1 8 16 32 64 128 --modes triton+pdl \
+        triton+pdl+splitk_norm
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from minivllm.kernels import pdl
 from minivllm.kernels.activation import silu_and_mul
 from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
 from minivllm.kernels.linear import linear, supports
+from minivllm.kernels.linear_norm import linear_add_rmsnorm
 
 HIDDEN, QKV, ATTN, INTER, LAYERS = 1024, 4096, 2048, 3072, 28
 
@@ -62,20 +70,26 @@ class Chain:
             return torch.mm(x, w.t())
         return linear(x, w, partials=partials)
 
+    def add_rmsnorm(self, x, layer, name, res):
+        """The row-parallel GEMM `name` of x, then the add + RMSNorm after it: one kernel with
+        +splitk_norm where the split-K GEMM takes x, else two."""
+        w = self.w[layer][name]
+        if "+splitk_norm" in self.mode and supports(x, w, partials=True):
+            return linear_add_rmsnorm(x, w, res, self.norm_w, 1e-6)
+        return fused_add_rmsnorm(self.gemm(x, layer, name, partials=True), res, self.norm_w, 1e-6)
+
     def run(self):
         res = self.res0
         h = rmsnorm(res, self.norm_w, 1e-6)
         for layer in range(LAYERS):
             self.gemm(h, layer, "qkv")
-            o = self.gemm(self.attn, layer, "o", partials=True)
-            h, res = fused_add_rmsnorm(o, res, self.norm_w, 1e-6)
+            h, res = self.add_rmsnorm(self.attn, layer, "o", res)
             w = self.w[layer]["gate_up"]
-            if self.mode.endswith("+gated") and supports(h, w, gated=True):
+            if "+gated" in self.mode and supports(h, w, gated=True):
                 act = linear(h, w, gated=True)
             else:
                 act = silu_and_mul(self.gemm(h, layer, "gate_up"))
-            down = self.gemm(act, layer, "down", partials=True)
-            h, res = fused_add_rmsnorm(down, res, self.norm_w, 1e-6)  # the next input norm
+            h, res = self.add_rmsnorm(act, layer, "down", res)  # the next input norm
         return res
 
 
@@ -87,13 +101,25 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         nargs="+",
-        default=["cublas", "triton", "triton+pdl", "triton+pdl+gated", "mix+pdl"],
+        default=[
+            "cublas",
+            "triton",
+            "triton+pdl",
+            "triton+pdl+gated",
+            "triton+pdl+splitk_norm",
+            "mix+pdl",
+        ],
     )
     args = ap.parse_args()
     if DEVICE != "cuda":
         print("bench_layer_chain.py needs a CUDA GPU; nothing to do here")
         return
-    print(f"{'M':>5}" + "".join(f"{mode:>18}" for mode in args.modes) + "   (us per layer)")
+    widths = [max(18, len(mode) + 2) for mode in args.modes]
+    print(
+        f"{'M':>5}"
+        + "".join(f"{mode:>{w}}" for mode, w in zip(args.modes, widths))
+        + "   (us per layer)"
+    )
     for m in args.m:
         row, ref = [], None
         for mode in args.modes:
@@ -107,7 +133,7 @@ def main() -> None:
             row.append(graph_calls_us([chain.run]) / LAYERS)
             del chain
             torch.cuda.empty_cache()
-        print(f"{m:>5}" + "".join(f"{t:>18.2f}" for t in row), flush=True)
+        print(f"{m:>5}" + "".join(f"{t:>{w}.2f}" for t, w in zip(row, widths)), flush=True)
     pdl._PDL = True
 
 

@@ -40,28 +40,25 @@ MAX_TOKENS = 256
 MAX_COLUMN_TOKENS = 128
 
 
-@triton.jit(do_not_specialize=["M"])  # one compile for every batch size
-def _linear_kernel(
+@triton.jit
+def tile_product(
     x_desc,  # [M, K] block [BM, BK]
     w_desc,  # [N, K] block [BN, BK]; [2N, K] when GATED (gate rows, then up rows)
-    out_ptr,  # [M, N] x's dtype; or [S, M, N] float32 when PARTIALS
-    M,
-    N,
+    off_m,
+    off_n,
+    k0,
     k_per_split,  # a multiple of BK
+    N,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     SWAP: tl.constexpr,  # weight rows on the MMA's M side (few tokens), else token rows
-    PARTIALS: tl.constexpr,
-    GATED: tl.constexpr,  # out = silu(x @ W[:N]^T) * (x @ W[N:]^T), each rounded as torch would
+    GATED: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_start(PDL)
-    off_n = tl.program_id(0) * BN
-    off_m = tl.program_id(1) * BM
-    split = tl.program_id(2)
-    k0 = split * k_per_split
+    """The float32 [BM, BN] tile x[off_m:, k0:k0 + k_per_split] @ W[off_n:, same]^T, and with
+    GATED the up rows' tile too (else that second tile is meaningless): one program's share of
+    the GEMM, shared by the kernels that end it differently (here and kernels/linear_norm.py)."""
     if SWAP:  # acc is the [BN, BM] tile of y^T
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
@@ -83,6 +80,34 @@ def _linear_kernel(
     if SWAP:
         acc = acc.T
         up = up.T
+    return acc, up
+
+
+@triton.jit(do_not_specialize=["M"])  # one compile for every batch size
+def _linear_kernel(
+    x_desc,  # [M, K] block [BM, BK]
+    w_desc,  # [N, K] block [BN, BK]; [2N, K] when GATED (gate rows, then up rows)
+    out_ptr,  # [M, N] x's dtype; or [S, M, N] float32 when PARTIALS
+    M,
+    N,
+    k_per_split,  # a multiple of BK
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SWAP: tl.constexpr,  # weight rows on the MMA's M side (few tokens), else token rows
+    PARTIALS: tl.constexpr,
+    GATED: tl.constexpr,  # out = silu(x @ W[:N]^T) * (x @ W[N:]^T), each rounded as torch would
+    NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_start(PDL)
+    off_n = tl.program_id(0) * BN
+    off_m = tl.program_id(1) * BM
+    split = tl.program_id(2)
+    acc, up = tile_product(
+        x_desc, w_desc, off_m, off_n, split * k_per_split, k_per_split, N,
+        BM, BN, BK, SWAP, GATED, NUM_STAGES,
+    )  # fmt: skip
     if GATED:  # as silu_and_mul on the rounded product: silu rounded, then the product
         dtype = out_ptr.dtype.element_ty
         gate = acc.to(dtype).to(tl.float32)

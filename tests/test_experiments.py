@@ -20,7 +20,7 @@ def test_an_unknown_name_is_refused_by_name() -> None:
 def test_read_when_a_layer_is_built(monkeypatch) -> None:
     from minivllm.layers.attention import Attention, get_attention_backend
     from minivllm.layers.embedding import ParallelLMHead
-    from minivllm.layers.linear import MergedColumnParallelLinear
+    from minivllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
     def attention() -> Attention:
         return Attention(4, 2, 16, 0.25, get_attention_backend("torch"))
@@ -30,8 +30,14 @@ def test_read_when_a_layer_is_built(monkeypatch) -> None:
     assert not MergedColumnParallelLinear(64, [32, 32]).gated
     assert ParallelLMHead(128, 64, fused=True).gemm is None
     assert not attention().decode_fused_reduce
-    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "gated_mlp,lm_head_gemm,decode_fused_reduce")
+    assert RowParallelLinear(64, 32, fused=True).norm_gemm is None
+    monkeypatch.setenv(
+        "MINIVLLM_EXPERIMENTS", "gated_mlp,lm_head_gemm,decode_fused_reduce,splitk_norm"
+    )
     assert MergedColumnParallelLinear(64, [32, 32]).gated
     assert not MergedColumnParallelLinear(64, [32, 16]).gated  # not a gate/up pair
     assert ParallelLMHead(128, 64, fused=True).gemm is not None
     assert attention().decode_fused_reduce
+    assert RowParallelLinear(64, 32, fused=True).norm_gemm is not None
+    assert RowParallelLinear(64, 32, fused=False).norm_gemm is None  # the torch path: cuBLAS
+    assert RowParallelLinear(64, 32, bias=True, fused=True).norm_gemm is None

@@ -19,6 +19,10 @@ EXPERIMENTS = {
     "decode_fused_reduce": (
         "split decode attention merges its splits in the last split program (no reduce kernel)"
     ),
+    "splitk_norm": (
+        "o / down projections add the residual and run the RMSNorm after them in their split-K"
+        " GEMM at <= 64 tokens (kernels/linear_norm.py: no norm kernel)"
+    ),
 }
 
 ENV_VAR = "MINIVLLM_EXPERIMENTS"

@@ -11,7 +11,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from minivllm.model_config import ModelConfig
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -19,10 +18,11 @@ from minivllm.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
-    SplitKPartials,
+    RowParallelOutput,
 )
 from minivllm.layers.rmsnorm import RMSNorm
 from minivllm.layers.rotary import get_rotary_embedding
+from minivllm.model_config import ModelConfig
 
 
 class Qwen3Attention(nn.Module):
@@ -60,7 +60,7 @@ class Qwen3Attention(nn.Module):
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor | SplitKPartials:
+    ) -> RowParallelOutput:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
@@ -87,7 +87,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
+    def forward(self, x: torch.Tensor) -> RowParallelOutput:
         act = self.gate_up_proj.silu_and_mul(x)  # one kernel at decode sizes
         if act is None:
             act = self.act_fn(self.gate_up_proj(x))
@@ -106,10 +106,10 @@ class Qwen3DecoderLayer(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        hidden_states: torch.Tensor | SplitKPartials,  # the last layer's MLP output
+        hidden_states: RowParallelOutput,  # the last layer's MLP output
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor | SplitKPartials, torch.Tensor]:
+    ) -> tuple[RowParallelOutput, torch.Tensor]:
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
