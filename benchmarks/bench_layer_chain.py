@@ -11,10 +11,16 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
   triton+pdl+gated  and gate/up's GEMM ends in SiLU-and-multiply where the Triton GEMM takes it
                 (no activation kernel): the engine
   mix+pdl       cuBLAS for qkv and gate/up at every size, PDL on
+  persistent    kernels/decode_chain.py: the whole chain, every layer, in one launch of one
+                program per SM, phases split by grid barriers, each program prefetching its next
+                phase's weights into L2 before it arrives (up to 16 tokens; "-" past that)
+  persistent-nopf   the same without the L2 prefetch
+  persistent+early  the prefetch issued at the start of the phase before instead
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
     python benchmarks/bench_layer_chain.py --m 16 64 128 256
+    python benchmarks/bench_layer_chain.py --m 1 2 4 8 16 --modes triton+pdl persistent
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import argparse
 
 import torch
 from bench_common import DEVICE, check_close, graph_calls_us
-from minivllm.kernels import pdl
+from minivllm.kernels import decode_chain, pdl
 from minivllm.kernels.activation import silu_and_mul
 from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
 from minivllm.kernels.linear import linear, supports
 
 HIDDEN, QKV, ATTN, INTER, LAYERS = 1024, 4096, 2048, 3072, 28
+# The persistent modes' L2 prefetch (ChainConfig.prefetch): 0 off, 1 before arrival, 2 early.
+PERSISTENT_PREFETCH = {"persistent": 1, "persistent-nopf": 0, "persistent+early": 2}
 
 
 class Chain:
@@ -51,6 +59,16 @@ class Chain:
         self.norm_w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
         self.attn = rnd(m, ATTN, scale=1.0)
         self.res0 = rnd(m, HIDDEN, scale=1.0)
+        if mode in PERSISTENT_PREFETCH:  # the same weights, stacked per kind
+            kinds = ("qkv", "o", "gate_up", "down")
+            self.stacked = decode_chain.ChainWeights(
+                **{kind: torch.stack([w[kind] for w in self.w]) for kind in kinds},
+                norm=self.norm_w.expand(LAYERS, 2, HIDDEN).contiguous(),
+            )
+            self.w = []  # the per-layer copies
+            self.config = decode_chain.ChainConfig(prefetch=PERSISTENT_PREFETCH[mode])
+            self.workspace = decode_chain.make_workspace(m, self.stacked, config=self.config)
+            self.out = torch.empty_like(self.res0)
 
     def gemm(self, x, layer, name, partials=False):
         w = self.w[layer][name]
@@ -63,6 +81,16 @@ class Chain:
         return linear(x, w, partials=partials)
 
     def run(self):
+        if self.mode in PERSISTENT_PREFETCH:
+            return decode_chain.decode_chain(
+                self.res0,
+                self.attn,
+                self.stacked,
+                1e-6,
+                self.workspace,
+                out=self.out,
+                config=self.config,
+            )
         res = self.res0
         h = rmsnorm(res, self.norm_w, 1e-6)
         for layer in range(LAYERS):
@@ -95,8 +123,12 @@ def main() -> None:
         return
     print(f"{'M':>5}" + "".join(f"{mode:>18}" for mode in args.modes) + "   (us per layer)")
     for m in args.m:
-        row, ref = [], None
+        row: list[float | None] = []
+        ref = None
         for mode in args.modes:
+            if mode in PERSISTENT_PREFETCH and m > decode_chain.MAX_TOKENS:
+                row.append(None)
+                continue
             pdl._PDL = "+pdl" in mode
             chain = Chain(m, mode)
             out = chain.run().float()
@@ -107,7 +139,8 @@ def main() -> None:
             row.append(graph_calls_us([chain.run]) / LAYERS)
             del chain
             torch.cuda.empty_cache()
-        print(f"{m:>5}" + "".join(f"{t:>18.2f}" for t in row), flush=True)
+        cells = (f"{t:>18.2f}" if t is not None else f"{'-':>18}" for t in row)
+        print(f"{m:>5}" + "".join(cells), flush=True)
     pdl._PDL = True
 
 
