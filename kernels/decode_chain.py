@@ -40,7 +40,9 @@ will read (PREFETCH=1), so HBM keeps streaming while the barrier resolves; PREFE
 at the start of the current phase instead (two phases' weights in flight); 0 turns it off.
 
 Every program must be resident at once, or the barrier never completes: the grid is at most
-the SM count and nothing else may run beside the kernel. The interpreter runs programs one after
+the SM count and nothing else may run beside the kernel. A wait gives up after
+BARRIER_PATIENCE polls and counts itself in `ChainWorkspace.timeouts`, so a broken barrier shows
+as a count (and wrong results), not a hung GPU. The interpreter runs programs one after
 another, so on the CPU either the grid is one program (each barrier already met when reached)
 or each launch covers one phase (`phases_per_launch=1`, no barrier inside a launch).
 """
@@ -59,6 +61,11 @@ from .pdl import device_index
 PHASES_PER_LAYER = 4
 # Tokens per launch: one 16-wide MMA N side (tokens padded up to it).
 MAX_TOKENS = 16
+# Polls of the barrier counter (an L2 round trip each, ~0.5 us) before a program gives a wait up,
+# counts it in `ChainWorkspace.timeouts` and stops waiting for the rest of the launch: a barrier
+# that cannot complete (programs not all resident, a bug) then costs about a second and wrong
+# results instead of a hung GPU. A met barrier takes microseconds.
+BARRIER_PATIENCE = 1 << 21
 
 
 class ChainConfig(NamedTuple):
@@ -146,14 +153,19 @@ def _prefetch_phase(
 
 
 @triton.jit
-def _grid_barrier(barrier_ptr, target):
-    """Arrive, then wait until the arrival counter reaches target (see the module docstring)."""
+def _grid_barrier(barrier_ptr, timeouts_ptr, target, patience):
+    """Arrive, then wait until the arrival counter reaches target (see the module docstring), or
+    until `patience` polls have failed: then count a timeout and return 0 (else `patience`)."""
     tl.debug_barrier()  # the whole CTA's stores precede the arrival
     tl.atomic_add(barrier_ptr, 1, sem="release", scope="gpu")
-    while tl.load(barrier_ptr, volatile=True) < target:
-        pass
+    polls = 0
+    while (tl.load(barrier_ptr, volatile=True) < target) & (polls < patience):
+        polls += 1
+    late = tl.load(barrier_ptr, volatile=True) < target
+    tl.atomic_add(timeouts_ptr, 1, mask=late, sem="relaxed", scope="gpu")
     tl.atomic_add(barrier_ptr, 0, sem="acquire", scope="gpu")  # syncs with every release
     tl.debug_barrier()  # and the CTA's later loads follow it
+    return tl.where(late, 0, patience)
 
 
 @triton.jit
@@ -278,11 +290,13 @@ def _decode_chain_kernel(
     res_layer_ptr,  # [M, H] scratch: the residual between layers
     tile_counts_ptr,  # [H // BN] int32, zero between phases
     barrier_ptr,  # [1] int64, the grid barrier's arrival counter (only grows)
+    timeouts_ptr,  # [1] int32, barrier waits given up (a broken barrier, not a hung GPU)
     M,
     eps,
     first_phase,  # this launch runs phases [first_phase, last_phase), 4 per layer
     last_phase,
     num_layers,
+    patience,  # polls of the counter before a wait is given up
     H: tl.constexpr,
     QKV: tl.constexpr,
     ATTN: tl.constexpr,
@@ -346,7 +360,8 @@ def _decode_chain_kernel(
                     H, QKV, ATTN, INTER, SPLITS, BN, BK,
                 )  # fmt: skip
             num_arrivals += 1
-            _grid_barrier(barrier_ptr, base + num_arrivals * num_programs)
+            target = base + num_arrivals * num_programs
+            patience = _grid_barrier(barrier_ptr, timeouts_ptr, target, patience)
 
 
 class ChainWeights(NamedTuple):
@@ -371,6 +386,7 @@ class ChainWorkspace(NamedTuple):
     res_layer: torch.Tensor  # [M, H]
     tile_counts: torch.Tensor  # [H // block_n] int32
     barrier: torch.Tensor  # [1] int64
+    timeouts: torch.Tensor  # [1] int32: nonzero after a broken barrier (results then wrong)
 
 
 def make_workspace(
@@ -395,6 +411,7 @@ def make_workspace(
         res_layer=torch.empty((m, h), dtype=dtype, device=device),
         tile_counts=torch.zeros(h // config.block_n, dtype=torch.int32, device=device),
         barrier=torch.zeros(1, dtype=torch.int64, device=device),
+        timeouts=torch.zeros(1, dtype=torch.int32, device=device),
     )
 
 
@@ -408,6 +425,7 @@ def decode_chain(
     out: torch.Tensor | None = None,  # [M, H]; may be `residual` itself
     config: ChainConfig = DEFAULT_CONFIG,
     phases_per_launch: int | None = None,  # None: every phase in one launch
+    barrier_patience: int = BARRIER_PATIENCE,
 ) -> torch.Tensor:  # [M, H], the residual stream after the last layer
     """The layer chain of bench_layer_chain.py over all L layers: per layer, qkv on the input
     norm; o on attn, added to the residual; gate/up on the post-attention norm, SiLU-and-multiply,
@@ -445,8 +463,8 @@ def decode_chain(
     if residual.is_cuda:
         sms = _num_sms(device_index(residual))
         assert ws.num_programs <= sms, (ws.num_programs, sms)  # all resident, or no barrier ends
-    else:  # the interpreter runs programs in turn: a spinning one would wait forever
-        assert ws.num_programs == 1 or per_launch == 1, (ws.num_programs, per_launch)
+    else:  # the interpreter runs programs in turn: a spinning one waits for nothing, at length
+        assert ws.num_programs == 1 or per_launch == 1 or barrier_patience <= 100, ws.num_programs
     prefetch = config.prefetch if residual.is_cuda else 0  # inline PTX: not on the interpreter
     for first in range(0, num_phases, per_launch):
         _decode_chain_kernel[(ws.num_programs,)](
@@ -465,11 +483,13 @@ def decode_chain(
             res_layer_ptr=ws.res_layer,
             tile_counts_ptr=ws.tile_counts,
             barrier_ptr=ws.barrier,
+            timeouts_ptr=ws.timeouts,
             M=m,
             eps=eps,
             first_phase=first,
             last_phase=min(first + per_launch, num_phases),
             num_layers=num_layers,
+            patience=barrier_patience,
             H=h,
             QKV=qkv_n,
             ATTN=attn_n,

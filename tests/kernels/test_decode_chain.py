@@ -133,6 +133,21 @@ def test_matches_the_per_kernel_chain() -> None:
     torch.testing.assert_close(ws.qkv.cpu(), qkv.cpu(), **_tol(dtype))
 
 
+def test_a_barrier_that_cannot_complete_times_out() -> None:
+    """Two programs in one launch on the interpreter: the first waits at its first barrier for a
+    program that only runs after it ends. It gives up after `barrier_patience` polls and the
+    launch returns, with the timeouts counted (on a GPU: programs not all resident)."""
+    from minivllm.kernels.decode_chain import decode_chain, make_workspace
+
+    config = _config()
+    residual, attn, weights = _case(2, torch.float32)
+    ws = make_workspace(2, weights, num_programs=2, config=config)
+    for scratch in (ws.gate_up, ws.parts, ws.res_mid, ws.res_layer):
+        scratch.zero_()  # read too early: finite, at least
+    decode_chain(residual, attn, weights, EPS, ws, config=config, barrier_patience=3)
+    assert ws.timeouts.item() > 0
+
+
 def test_launcher_refuses_what_the_kernel_cannot_run() -> None:
     from minivllm.kernels.decode_chain import ChainConfig, decode_chain, make_workspace
 
