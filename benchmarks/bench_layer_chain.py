@@ -137,6 +137,8 @@ def main() -> None:
             else:
                 check_close(f"M={m} {mode}", out, ref)
             row.append(graph_calls_us([chain.run]) / LAYERS)
+            if mode in PERSISTENT_PREFETCH and chain.workspace.timeouts.item():
+                print(f"BARRIER TIMEOUTS M={m} {mode}: {chain.workspace.timeouts.item()}")
             del chain
             torch.cuda.empty_cache()
         cells = (f"{t:>18.2f}" if t is not None else f"{'-':>18}" for t in row)
