@@ -30,9 +30,9 @@ is `launches_so_far * barriers * grid + k` with k < grid, and the floor to a mul
 is this launch's base; barrier j is met once the counter reaches base + j * grid. Nothing needs
 resetting between launches (CUDA-graph replays), as long as the same counter always sees the
 same grid (`ChainWorkspace` holds both). Each split-K tile counter is reset by the tile's last
-arriver. Arrival: a CTA barrier (so the whole CTA's stores precede it), then a release atomic;
-waiting: volatile loads until the target, then an acquire atomic and a CTA barrier; data other
-programs wrote is loaded with `.cg` (L2, not the incoherent L1).
+arriver. Arrival: a CTA barrier (so the whole CTA's stores precede it), then an acq_rel atomic add
+(whose result spares the last arriver any polling); waiting: acquire loads until the target,
+then a CTA barrier; data other programs wrote is loaded with `.cg` (L2, not the incoherent L1).
 
 The weights do not depend on the activations: before arriving at a barrier a program issues L2
 prefetches (`prefetch.global.L2`, one per 128-byte line) of every weight tile its next phase
@@ -155,16 +155,18 @@ def _prefetch_phase(
 @triton.jit
 def _grid_barrier(barrier_ptr, timeouts_ptr, target, patience):
     """Arrive, then wait until the arrival counter reaches target (see the module docstring), or
-    until `patience` polls have failed: then count a timeout and return 0 (else `patience`)."""
+    until `patience` polls have failed: then count a timeout and return 0 (else `patience`).
+    The arrival's own result tells the last arriver it need not poll; each poll is an acquire
+    load, so the one that sees the target needs no fence after it."""
     tl.debug_barrier()  # the whole CTA's stores precede the arrival
-    tl.atomic_add(barrier_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(barrier_ptr, 1, sem="acq_rel", scope="gpu") + 1
     polls = 0
-    while (tl.load(barrier_ptr, volatile=True) < target) & (polls < patience):
+    while (seen < target) & (polls < patience):
+        seen = tl.atomic_add(barrier_ptr, 0, sem="acquire", scope="gpu")
         polls += 1
-    late = tl.load(barrier_ptr, volatile=True) < target
+    late = seen < target
     tl.atomic_add(timeouts_ptr, 1, mask=late, sem="relaxed", scope="gpu")
-    tl.atomic_add(barrier_ptr, 0, sem="acquire", scope="gpu")  # syncs with every release
-    tl.debug_barrier()  # and the CTA's later loads follow it
+    tl.debug_barrier()  # the CTA's later loads follow the acquire
     return tl.where(late, 0, patience)
 
 
