@@ -198,23 +198,24 @@ def _gemm_phase(
     x_ptr,  # X_MODE 0: [M, K]; 1: [M, K] residual to normalise; 2: [M, 2K] gate then up
     norm_w_ptr,  # [K], X_MODE 1 only
     w_ptr,  # [N, K]
-    out_ptr,  # [M, N] w's dtype; or [SPLITS, M, N] float32 when PARTIALS
-    res_in_ptr,  # [M, N], PARTIALS only: the residual the sum is added to
-    res_out_ptr,  # [M, N], PARTIALS only: sum + residual
-    tile_counts_ptr,  # [N // BN] int32, PARTIALS only: zero at the start of the phase
+    out_ptr,  # [M, N] w's dtype; or [SPLITS, M, N] float32 partial sums when ADD_RESIDUAL
+    res_in_ptr,  # [M, N], ADD_RESIDUAL only: the residual the product is added to
+    res_out_ptr,  # [M, N], ADD_RESIDUAL only: product + residual
+    tile_counts_ptr,  # [N // BN] int32, ADD_RESIDUAL only: zero at the start of the phase
     M,
     eps,
     N: tl.constexpr,
     K: tl.constexpr,
     SPLITS: tl.constexpr,
     X_MODE: tl.constexpr,
-    PARTIALS: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr,  # else out = the product
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """This program's tasks of one GEMM phase: out = x @ w^T, x transformed as it is loaded."""
+    """This program's tasks of one GEMM phase: out = x @ w^T, x transformed as it is loaded; with
+    ADD_RESIDUAL, res_out = x @ w^T + res_in, over SPLITS K slices reduced by the last to end."""
     dtype = w_ptr.dtype.element_ty
     K_STEPS: tl.constexpr = K // SPLITS // BK
     num_tasks: tl.constexpr = N // BN * SPLITS
@@ -253,14 +254,18 @@ def _gemm_phase(
         if step == K_STEPS - 1:  # the task's epilogue
             y = tl.trans(acc)  # [BM, BN]
             out_cols = rows[None, :]
-            if PARTIALS:
+            tile = offs_m[:, None] * N + out_cols
+            if ADD_RESIDUAL and SPLITS == 1:  # the whole K here: no partial sums to wait for
+                res = tl.load(res_in_ptr + tile, mask=m_mask, other=0.0, cache_modifier=".cg")
+                total = y.to(dtype).to(tl.float32) + res.to(tl.float32)
+                tl.store(res_out_ptr + tile, total.to(dtype), mask=m_mask)
+            elif ADD_RESIDUAL:
                 parts = out_ptr + (split * M + offs_m[:, None]) * N + out_cols
                 tl.store(parts, y, mask=m_mask)
                 tl.debug_barrier()  # the whole tile is stored before the arrival
                 arrived = tl.atomic_add(tile_counts_ptr + n_tile, 1, sem="acq_rel", scope="gpu")
                 if arrived == SPLITS - 1:  # the last split: add up, in split order
                     tl.debug_barrier()
-                    tile = offs_m[:, None] * N + out_cols
                     total = tl.load(out_ptr + tile, mask=m_mask, other=0.0, cache_modifier=".cg")
                     for s in tl.static_range(1, SPLITS):
                         total += tl.load(
@@ -271,7 +276,7 @@ def _gemm_phase(
                     tl.store(res_out_ptr + tile, total.to(dtype), mask=m_mask)
                     tl.atomic_xchg(tile_counts_ptr + n_tile, 0, sem="relaxed", scope="gpu")
             else:
-                tl.store(out_ptr + offs_m[:, None] * N + out_cols, y.to(dtype), mask=m_mask)
+                tl.store(out_ptr + tile, y.to(dtype), mask=m_mask)
             acc = tl.zeros((BN, BM), dtype=tl.float32)
 
 

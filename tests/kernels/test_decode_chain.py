@@ -90,13 +90,14 @@ def test_one_launch_one_program_matches_torch(m: int, dtype: torch.dtype) -> Non
     assert not ws.tile_counts.any()
 
 
-@pytest.mark.parametrize("num_programs", [3, 16])
-def test_many_programs_one_phase_per_launch_match_torch(num_programs: int) -> None:
+@pytest.mark.parametrize(("num_programs", "splits"), [(3, 2), (16, 2), (5, 1)])
+def test_many_programs_one_phase_per_launch_match_torch(num_programs: int, splits: int) -> None:
     """Several programs share each phase's tasks (3: several tasks each, split-K tiles reduced by
-    whichever split comes last; 16: more programs than some phases have tasks)."""
+    whichever split comes last; 16: more programs than some phases have tasks; one split: the
+    residual added in the task's own epilogue)."""
     from minivllm.kernels.decode_chain import decode_chain, make_workspace
 
-    m, dtype, config = 7, torch.float32, _config()
+    m, dtype, config = 7, torch.float32, _config()._replace(splits=splits)
     residual, attn, weights = _case(m, dtype, seed=3)
     ws = make_workspace(m, weights, num_programs=num_programs, config=config)
     got = decode_chain(residual, attn, weights, EPS, ws, config=config, phases_per_launch=1)
