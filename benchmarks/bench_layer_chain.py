@@ -21,6 +21,8 @@ the first one's.
 
     python benchmarks/bench_layer_chain.py --m 16 64 128 256
     python benchmarks/bench_layer_chain.py --m 1 2 4 8 16 --modes triton+pdl persistent
+    python benchmarks/bench_layer_chain.py --m 1 16 --modes triton+pdl persistent \
+        --chain-config splits=1 block_k=128 num_stages=8
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ PERSISTENT_PREFETCH = {"persistent": 1, "persistent-nopf": 0, "persistent+early"
 
 
 class Chain:
-    def __init__(self, m: int, mode: str):
+    def __init__(self, m: int, mode: str, chain_config: dict[str, int] | None = None):
         self.m, self.mode = m, mode
         g = torch.Generator(device="cuda").manual_seed(0)
 
@@ -66,7 +68,9 @@ class Chain:
                 norm=self.norm_w.expand(LAYERS, 2, HIDDEN).contiguous(),
             )
             self.w = []  # the per-layer copies
-            self.config = decode_chain.ChainConfig(prefetch=PERSISTENT_PREFETCH[mode])
+            self.config = decode_chain.ChainConfig(
+                **{**(chain_config or {}), "prefetch": PERSISTENT_PREFETCH[mode]}
+            )
             self.workspace = decode_chain.make_workspace(m, self.stacked, config=self.config)
             self.out = torch.empty_like(self.res0)
 
@@ -117,7 +121,15 @@ def main() -> None:
         nargs="+",
         default=["cublas", "triton", "triton+pdl", "triton+pdl+gated", "mix+pdl"],
     )
+    ap.add_argument(
+        "--chain-config",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="the persistent modes' ChainConfig fields, e.g. block_k=128 num_stages=8 splits=1",
+    )
     args = ap.parse_args()
+    chain_config = {k: int(v) for k, v in (kv.split("=") for kv in args.chain_config)}
     if DEVICE != "cuda":
         print("bench_layer_chain.py needs a CUDA GPU; nothing to do here")
         return
@@ -130,7 +142,7 @@ def main() -> None:
                 row.append(None)
                 continue
             pdl._PDL = "+pdl" in mode
-            chain = Chain(m, mode)
+            chain = Chain(m, mode, chain_config)
             out = chain.run().float()
             if ref is None:
                 ref = out
