@@ -21,8 +21,8 @@ robin; a program runs its tasks as one flat loop over (task, K step), so its loa
 one task into the next. The row-parallel o and down projections (N = hidden) take SPLITS K
 slices so that every program has a task; the split that arrives last at its tile's counter
 reduces (deterministic: split order, then the roundings of `fused_add_rmsnorm`). The norms are
-computed redundantly by every program that needs them (their input is M x hidden, a few KB), so
-they cost no barrier.
+computed redundantly by every program that needs them (their input is M x hidden, at most 32 KB
+read from L2), so they cost no barrier.
 
 Grid barrier: one int64 arrival counter that only grows. A program reads it once at start,
 before its own first arrival: no barrier of this launch can have completed by then, so the count
@@ -45,6 +45,8 @@ BARRIER_PATIENCE polls and counts itself in `ChainWorkspace.timeouts`, so a brok
 as a count (and wrong results), not a hung GPU. The interpreter runs programs one after
 another, so on the CPU either the grid is one program (each barrier already met when reached)
 or each launch covers one phase (`phases_per_launch=1`, no barrier inside a launch).
+
+docs/decode_megakernel.md: what to measure with it, and how attention would enter the kernel.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ BARRIER_PATIENCE = 1 << 21
 
 class ChainConfig(NamedTuple):
     # Budget (ptxas for sm_90a at Qwen3-0.6B's shapes, 4 warps): 238 registers without spills
-    # and ~165 KB of shared memory at these values; block_k 512 spills and 8 stages of 256
-    # pass the 227 KB an SM has. One program per SM either way.
+    # and ~165 KB of shared memory at these values; block_k 512 spills, and 8 stages of 256 or
+    # block_n 32 at 6 stages pass the 227 KB an SM has (the launch then fails).
     block_n: int = 16  # weight rows per task: 256 qkv / 384 gate-up tasks, 97% balanced on 132
     block_k: int = 256  # must divide every K slice (qkv, gate/up: 1024; o: 1024; down: 1536)
     splits: int = 2  # K slices of o / down: 64 output tiles x 2 = 128 tasks on 132 programs
