@@ -13,9 +13,10 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
   mix+pdl       cuBLAS for qkv and gate/up at every size, PDL on
   persistent    kernels/decode_chain.py: the whole chain, every layer, in one launch of one
                 program per SM, phases split by grid barriers, each program prefetching its next
-                phase's weights into L2 before it arrives (up to 16 tokens; "-" past that)
+                phase's weights into L2 (bulk, TMA) before it arrives (up to 16 tokens; "-" past)
   persistent-nopf   the same without the L2 prefetch
   persistent+early  the prefetch issued at the start of the phase before instead
+  persistent+lines  one prefetch.global.L2 per 128-byte line instead of the bulk prefetches
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -37,8 +38,13 @@ from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
 from minivllm.kernels.linear import linear, supports
 
 HIDDEN, QKV, ATTN, INTER, LAYERS = 1024, 4096, 2048, 3072, 28
-# The persistent modes' L2 prefetch (ChainConfig.prefetch): 0 off, 1 before arrival, 2 early.
-PERSISTENT_PREFETCH = {"persistent": 1, "persistent-nopf": 0, "persistent+early": 2}
+# The persistent modes' L2 prefetch (ChainConfig.prefetch).
+PERSISTENT_PREFETCH = {
+    "persistent": 1,
+    "persistent-nopf": 0,
+    "persistent+early": 2,
+    "persistent+lines": 3,
+}
 
 
 class Chain:

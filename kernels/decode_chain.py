@@ -34,10 +34,11 @@ arriver. Arrival: a CTA barrier (so the whole CTA's stores precede it), then an 
 (whose result spares the last arriver any polling); waiting: acquire loads until the target,
 then a CTA barrier; data other programs wrote is loaded with `.cg` (L2, not the incoherent L1).
 
-The weights do not depend on the activations: before arriving at a barrier a program issues L2
-prefetches (`prefetch.global.L2`, one per 128-byte line) of every weight tile its next phase
-will read (PREFETCH=1), so HBM keeps streaming while the barrier resolves; PREFETCH=2 issues them
-at the start of the current phase instead (two phases' weights in flight); 0 turns it off.
+The weights do not depend on the activations: before arriving at a barrier a program asks L2 for
+every weight tile its next phase will read (PREFETCH=1: `cp.async.bulk.prefetch.L2`, the TMA
+unit fetching while the threads go on), so HBM keeps streaming while the barrier resolves;
+PREFETCH=2 issues them at the start of the current phase instead (two phases' weights in
+flight), 3 as one `prefetch.global.L2` per 128-byte line (issued by the threads), 0 not at all.
 
 Every program must be resident at once, or the barrier never completes: the grid is at most
 the SM count and nothing else may run beside the kernel. A wait gives up after
@@ -68,6 +69,9 @@ MAX_TOKENS = 16
 # that cannot complete (programs not all resident, a bug) then costs about a second and wrong
 # results instead of a hung GPU. A met barrier takes microseconds.
 BARRIER_PATIENCE = 1 << 21
+# Bulk L2 prefetches per weight row and task: 8 x 16 rows = one per thread of 4 warps (fewer
+# elements than threads would repeat each prefetch on several threads).
+PREFETCH_CHUNKS = tl.constexpr(8)
 
 
 class ChainConfig(NamedTuple):
@@ -79,7 +83,9 @@ class ChainConfig(NamedTuple):
     splits: int = 2  # K slices of o / down: 64 output tiles x 2 = 128 tasks on 132 programs
     num_stages: int = 6  # 5 x 8 KB of weights in flight per SM
     num_warps: int = 4
-    prefetch: int = 1  # L2 prefetch of the next phase's weights: 0 off, 1 before arrival, 2 early
+    # L2 prefetch of the next phase's weights: 0 off; 1 bulk (TMA) before arrival; 2 bulk at the
+    # start of the phase before; 3 one prefetch per 128-byte line before arrival.
+    prefetch: int = 1
 
 
 DEFAULT_CONFIG = ChainConfig()
@@ -99,6 +105,20 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
+def _prefetch_l2_bulk(ptrs, num_bytes):
+    """One `cp.async.bulk.prefetch.L2` (the TMA unit fetches, the thread goes on) per element of
+    ptrs: num_bytes from each (16-byte aligned, a multiple of 16)."""
+    tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
+        "=r,l,r",
+        [ptrs, num_bytes],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def _prefetch_tasks(
     pid,
     num_programs,
@@ -108,19 +128,33 @@ def _prefetch_tasks(
     SPLITS: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    BULK: tl.constexpr,
 ):
-    """L2 prefetch of every weight tile this program's tasks of a phase will load."""
-    K_STEPS: tl.constexpr = K // SPLITS // BK
-    LINE: tl.constexpr = 128 * 8 // w_ptr.dtype.element_ty.primitive_bitwidth  # per line
+    """L2 prefetch of every weight tile this program's tasks of a phase will load: each row's K
+    slice in PREFETCH_CHUNKS bulk prefetches (BN x 8 = one per thread at BN 16 and 4 warps), or
+    one `prefetch.global.L2` per 128-byte line."""
     num_tasks: tl.constexpr = N // BN * SPLITS
     my_tasks = tl.cdiv(num_tasks - pid, num_programs)
     offs_n = tl.arange(0, BN)
-    offs_line = tl.arange(0, BK // LINE) * LINE
-    for i in range(my_tasks * K_STEPS):
-        task = pid + i // K_STEPS * num_programs
-        rows = task // SPLITS * BN + offs_n
-        k = (task % SPLITS * K_STEPS + i % K_STEPS) * BK
-        _prefetch_l2(w_ptr + rows[:, None] * K + k + offs_line[None, :])
+    if BULK:
+        CHUNK: tl.constexpr = K // SPLITS // PREFETCH_CHUNKS
+        CHUNK_BYTES: tl.constexpr = CHUNK * w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        offs_chunk = tl.arange(0, PREFETCH_CHUNKS) * CHUNK
+        num_bytes = tl.full((BN, PREFETCH_CHUNKS), CHUNK_BYTES, dtype=tl.int32)
+        for t in range(my_tasks):
+            task = pid + t * num_programs
+            rows = task // SPLITS * BN + offs_n
+            k = task % SPLITS * (K // SPLITS)
+            _prefetch_l2_bulk(w_ptr + rows[:, None] * K + k + offs_chunk[None, :], num_bytes)
+    else:
+        K_STEPS: tl.constexpr = K // SPLITS // BK
+        LINE: tl.constexpr = 128 * 8 // w_ptr.dtype.element_ty.primitive_bitwidth  # per line
+        offs_line = tl.arange(0, BK // LINE) * LINE
+        for i in range(my_tasks * K_STEPS):
+            task = pid + i // K_STEPS * num_programs
+            rows = task // SPLITS * BN + offs_n
+            k = (task % SPLITS * K_STEPS + i % K_STEPS) * BK
+            _prefetch_l2(w_ptr + rows[:, None] * K + k + offs_line[None, :])
 
 
 @triton.jit
@@ -139,19 +173,22 @@ def _prefetch_phase(
     SPLITS: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    BULK: tl.constexpr,
 ):
     layer = (phase // 4).to(tl.int64)
     kind = phase % 4
     if kind == 0:
-        _prefetch_tasks(pid, num_programs, w_qkv_ptr + layer * QKV * H, QKV, H, 1, BN, BK)
+        _prefetch_tasks(pid, num_programs, w_qkv_ptr + layer * QKV * H, QKV, H, 1, BN, BK, BULK)
     elif kind == 1:
-        _prefetch_tasks(pid, num_programs, w_o_ptr + layer * H * ATTN, H, ATTN, SPLITS, BN, BK)
+        _prefetch_tasks(
+            pid, num_programs, w_o_ptr + layer * H * ATTN, H, ATTN, SPLITS, BN, BK, BULK
+        )
     elif kind == 2:
         w = w_gate_up_ptr + layer * 2 * INTER * H
-        _prefetch_tasks(pid, num_programs, w, 2 * INTER, H, 1, BN, BK)
+        _prefetch_tasks(pid, num_programs, w, 2 * INTER, H, 1, BN, BK, BULK)
     else:
         w = w_down_ptr + layer * H * INTER
-        _prefetch_tasks(pid, num_programs, w, H, INTER, SPLITS, BN, BK)
+        _prefetch_tasks(pid, num_programs, w, H, INTER, SPLITS, BN, BK, BULK)
 
 
 @triton.jit
@@ -329,7 +366,7 @@ def _decode_chain_kernel(
         if PREFETCH == 2 and phase + 1 < last_phase:
             _prefetch_phase(
                 phase + 1, pid, num_programs, w_qkv_ptr, w_o_ptr, w_gate_up_ptr, w_down_ptr,
-                H, QKV, ATTN, INTER, SPLITS, BN, BK,
+                H, QKV, ATTN, INTER, SPLITS, BN, BK, True,
             )  # fmt: skip
         res_in = res_layer_ptr  # this layer's input residual
         if layer == 0:
@@ -363,10 +400,10 @@ def _decode_chain_kernel(
                 H, INTER, SPLITS, 2, True, BM, BN, BK, NUM_STAGES,
             )  # fmt: skip
         if phase + 1 < last_phase:
-            if PREFETCH == 1:
+            if PREFETCH == 1 or PREFETCH == 3:
                 _prefetch_phase(
                     phase + 1, pid, num_programs, w_qkv_ptr, w_o_ptr, w_gate_up_ptr, w_down_ptr,
-                    H, QKV, ATTN, INTER, SPLITS, BN, BK,
+                    H, QKV, ATTN, INTER, SPLITS, BN, BK, PREFETCH == 1,
                 )  # fmt: skip
             num_arrivals += 1
             target = base + num_arrivals * num_programs
@@ -475,6 +512,9 @@ def decode_chain(
     else:  # the interpreter runs programs in turn: a spinning one waits for nothing, at length
         assert ws.num_programs == 1 or per_launch == 1 or barrier_patience <= 100, ws.num_programs
     prefetch = config.prefetch if residual.is_cuda else 0  # inline PTX: not on the interpreter
+    if prefetch in (1, 2):  # bulk prefetches: 16-byte aligned chunks, a multiple of 16 bytes
+        for k, s in ((h, 1), (attn_n, splits), (inter, splits)):
+            assert (k // s // PREFETCH_CHUNKS.value * residual.element_size()) % 16 == 0, (k, s)
     for first in range(0, num_phases, per_launch):
         _decode_chain_kernel[(ws.num_programs,)](
             residual_ptr=residual,
