@@ -108,7 +108,7 @@ def test_one_launch_matches_the_per_kernel_chain_bf16(m: int) -> None:
     assert ws.barrier.item() == 2 * (4 * LAYERS - 1) * ws.num_programs
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("prefetch", [0, 2, 3])
 def test_prefetch_modes_change_no_value(prefetch: int) -> None:
     from minivllm.kernels.decode_chain import ChainConfig, decode_chain, make_workspace
 
