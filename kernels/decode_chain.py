@@ -61,7 +61,7 @@ import triton.language as tl
 from .linear import _num_sms
 from .pdl import device_index
 
-PHASES_PER_LAYER = 4
+PHASES_PER_LAYER = 4  # qkv, o, gate/up, down
 # Tokens per launch: one 16-wide MMA N side (tokens padded up to it).
 MAX_TOKENS = 16
 # Polls of the barrier counter (an L2 round trip each, ~0.5 us) before a program gives a wait up,
@@ -174,9 +174,10 @@ def _prefetch_phase(
     BN: tl.constexpr,
     BK: tl.constexpr,
     BULK: tl.constexpr,
+    PHASES: tl.constexpr,
 ):
-    layer = (phase // 4).to(tl.int64)
-    kind = phase % 4
+    layer = (phase // PHASES).to(tl.int64)
+    kind = phase % PHASES
     if kind == 0:
         _prefetch_tasks(pid, num_programs, w_qkv_ptr + layer * QKV * H, QKV, H, 1, BN, BK, BULK)
     elif kind == 1:
@@ -353,6 +354,7 @@ def _decode_chain_kernel(
     BK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PHASES: tl.constexpr,  # per layer: PHASES_PER_LAYER
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -360,13 +362,13 @@ def _decode_chain_kernel(
     base = tl.load(barrier_ptr, volatile=True) // num_programs * num_programs
     num_arrivals = 0
     for phase in range(first_phase, last_phase):
-        layer = phase // 4
-        kind = phase % 4
+        layer = phase // PHASES
+        kind = phase % PHASES
         layer64 = layer.to(tl.int64)
         if PREFETCH == 2 and phase + 1 < last_phase:
             _prefetch_phase(
                 phase + 1, pid, num_programs, w_qkv_ptr, w_o_ptr, w_gate_up_ptr, w_down_ptr,
-                H, QKV, ATTN, INTER, SPLITS, BN, BK, True,
+                H, QKV, ATTN, INTER, SPLITS, BN, BK, True, PHASES,
             )  # fmt: skip
         res_in = res_layer_ptr  # this layer's input residual
         if layer == 0:
@@ -403,7 +405,7 @@ def _decode_chain_kernel(
             if PREFETCH == 1 or PREFETCH == 3:
                 _prefetch_phase(
                     phase + 1, pid, num_programs, w_qkv_ptr, w_o_ptr, w_gate_up_ptr, w_down_ptr,
-                    H, QKV, ATTN, INTER, SPLITS, BN, BK, PREFETCH == 1,
+                    H, QKV, ATTN, INTER, SPLITS, BN, BK, PREFETCH == 1, PHASES,
                 )  # fmt: skip
             num_arrivals += 1
             target = base + num_arrivals * num_programs
@@ -549,6 +551,7 @@ def decode_chain(
             BK=bk,
             NUM_STAGES=config.num_stages,
             PREFETCH=prefetch,
+            PHASES=PHASES_PER_LAYER,
             num_warps=config.num_warps,
         )
     return out
