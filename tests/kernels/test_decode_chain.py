@@ -164,3 +164,61 @@ def test_launcher_refuses_what_the_kernel_cannot_run() -> None:
     with pytest.raises(AssertionError):  # 16 tokens at most
         decode_chain(big, big_attn, weights, EPS, ws, config=config)
     assert ChainConfig().block_n == 16
+
+
+_COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from minivllm.kernels import decode_chain as dc
+
+config = dc.ChainConfig()
+kernel = dc._decode_chain_kernel
+constexprs = dict(
+    H=1024, QKV=4096, ATTN=2048, INTER=3072, SPLITS=config.splits, BM=dc.MAX_TOKENS,
+    BN=config.block_n, BK=config.block_k, NUM_STAGES=config.num_stages,
+    PREFETCH=config.prefetch, PHASES=dc.PHASES_PER_LAYER,
+)
+types = dict(
+    parts_ptr="*fp32", tile_counts_ptr="*i32", barrier_ptr="*i64", timeouts_ptr="*i32",
+    M="i32", eps="fp32", first_phase="i32", last_phase="i32", num_layers="i32",
+    patience="i32",
+)
+signature = {
+    name: "constexpr" if name in constexprs else types.get(name, "*bf16")
+    for name in kernel.arg_names
+}
+aligned = {
+    (i,): [["tt.divisibility", 16]]
+    for i, name in enumerate(kernel.arg_names)
+    if signature[name].startswith("*")
+}
+source = triton.compiler.ASTSource(kernel, signature, constexprs, aligned)
+compiled = triton.compile(
+    source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=config.num_warps)
+)
+print(compiled.metadata.shared)
+"""
+
+
+def test_compiles_for_hopper_within_an_sms_shared_memory() -> None:
+    """The interpreter runs what the compiler may refuse (and knows nothing of shared memory):
+    the default configuration compiles for sm_90 at Qwen3-0.6B's shapes in bf16 (no GPU needed,
+    only ptxas) and its pipeline fits the 227 KB of shared memory an H100 / H200 SM offers."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", _COMPILE_FOR_HOPPER],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("no ptxas")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) <= 227 * 1024
