@@ -17,6 +17,8 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
   persistent-nopf   the same without the L2 prefetch
   persistent+early  the prefetch issued at the start of the phase before instead
   persistent+lines  one prefetch.global.L2 per 128-byte line instead of the bulk prefetches
+  persistent/launch the same kernel launched once per phase (kernel boundaries, no PDL, instead
+                of grid barriers): the phases' own cost, and what a barrier saves over a boundary
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -44,6 +46,7 @@ PERSISTENT_PREFETCH = {
     "persistent-nopf": 0,
     "persistent+early": 2,
     "persistent+lines": 3,
+    "persistent/launch": 0,  # no barrier to prefetch across
 }
 
 
@@ -100,6 +103,7 @@ class Chain:
                 self.workspace,
                 out=self.out,
                 config=self.config,
+                phases_per_launch=1 if self.mode.endswith("/launch") else None,
             )
         res = self.res0
         h = rmsnorm(res, self.norm_w, 1e-6)
