@@ -16,12 +16,23 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
                 linear_norm.MAX_TOKENS, so the table shows where it pays): the "splitk_norm"
                 experiment; "+gated+splitk_norm" has both
   mix+pdl       cuBLAS for qkv and gate/up at every size, PDL on
+  persistent    kernels/decode_chain.py: the whole chain, every layer, in one launch of one
+                program per SM, phases split by grid barriers, each program prefetching its next
+                phase's weights into L2 (bulk, TMA) before it arrives (up to 16 tokens; "-" past)
+  persistent-nopf   the same without the L2 prefetch
+  persistent+early  the prefetch issued at the start of the phase before instead
+  persistent+lines  one prefetch.global.L2 per 128-byte line instead of the bulk prefetches
+  persistent/launch the same kernel launched once per phase (kernel boundaries, no PDL, instead
+                of grid barriers): the phases' own cost, and what a barrier saves over a boundary
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
     python benchmarks/bench_layer_chain.py --m 16 64 128 256
     python benchmarks/bench_layer_chain.py --m 1 8 16 32 64 128 --modes triton+pdl \
         triton+pdl+splitk_norm
+    python benchmarks/bench_layer_chain.py --m 1 2 4 8 16 --modes triton+pdl persistent
+    python benchmarks/bench_layer_chain.py --m 1 16 --modes triton+pdl persistent \
+        --chain-config splits=1 block_k=128 num_stages=8
 """
 
 from __future__ import annotations
@@ -30,17 +41,25 @@ import argparse
 
 import torch
 from bench_common import DEVICE, check_close, graph_calls_us
-from minivllm.kernels import pdl
+from minivllm.kernels import decode_chain, pdl
 from minivllm.kernels.activation import silu_and_mul
 from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
 from minivllm.kernels.linear import linear, supports
 from minivllm.kernels.linear_norm import linear_add_rmsnorm
 
 HIDDEN, QKV, ATTN, INTER, LAYERS = 1024, 4096, 2048, 3072, 28
+# The persistent modes' L2 prefetch (ChainConfig.prefetch).
+PERSISTENT_PREFETCH = {
+    "persistent": 1,
+    "persistent-nopf": 0,
+    "persistent+early": 2,
+    "persistent+lines": 3,
+    "persistent/launch": 0,  # no barrier to prefetch across
+}
 
 
 class Chain:
-    def __init__(self, m: int, mode: str):
+    def __init__(self, m: int, mode: str, chain_config: dict[str, int] | None = None):
         self.m, self.mode = m, mode
         g = torch.Generator(device="cuda").manual_seed(0)
 
@@ -59,6 +78,18 @@ class Chain:
         self.norm_w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
         self.attn = rnd(m, ATTN, scale=1.0)
         self.res0 = rnd(m, HIDDEN, scale=1.0)
+        if mode in PERSISTENT_PREFETCH:  # the same weights, stacked per kind
+            kinds = ("qkv", "o", "gate_up", "down")
+            self.stacked = decode_chain.ChainWeights(
+                **{kind: torch.stack([w[kind] for w in self.w]) for kind in kinds},
+                norm=self.norm_w.expand(LAYERS, 2, HIDDEN).contiguous(),
+            )
+            self.w = []  # the per-layer copies
+            self.config = decode_chain.ChainConfig(
+                **{**(chain_config or {}), "prefetch": PERSISTENT_PREFETCH[mode]}
+            )
+            self.workspace = decode_chain.make_workspace(m, self.stacked, config=self.config)
+            self.out = torch.empty_like(self.res0)
 
     def gemm(self, x, layer, name, partials=False):
         w = self.w[layer][name]
@@ -79,6 +110,17 @@ class Chain:
         return fused_add_rmsnorm(self.gemm(x, layer, name, partials=True), res, self.norm_w, 1e-6)
 
     def run(self):
+        if self.mode in PERSISTENT_PREFETCH:
+            return decode_chain.decode_chain(
+                self.res0,
+                self.attn,
+                self.stacked,
+                1e-6,
+                self.workspace,
+                out=self.out,
+                config=self.config,
+                phases_per_launch=1 if self.mode.endswith("/launch") else None,
+            )
         res = self.res0
         h = rmsnorm(res, self.norm_w, 1e-6)
         for layer in range(LAYERS):
@@ -110,7 +152,15 @@ def main() -> None:
             "mix+pdl",
         ],
     )
+    ap.add_argument(
+        "--chain-config",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="the persistent modes' ChainConfig fields, e.g. block_k=128 num_stages=8 splits=1",
+    )
     args = ap.parse_args()
+    chain_config = {k: int(v) for k, v in (kv.split("=") for kv in args.chain_config)}
     if DEVICE != "cuda":
         print("bench_layer_chain.py needs a CUDA GPU; nothing to do here")
         return
@@ -121,19 +171,29 @@ def main() -> None:
         + "   (us per layer)"
     )
     for m in args.m:
-        row, ref = [], None
+        row: list[float | None] = []
+        ref = None
         for mode in args.modes:
+            if mode in PERSISTENT_PREFETCH and m > decode_chain.MAX_TOKENS:
+                row.append(None)
+                continue
             pdl._PDL = "+pdl" in mode
-            chain = Chain(m, mode)
+            chain = Chain(m, mode, chain_config)
             out = chain.run().float()
             if ref is None:
                 ref = out
             else:
                 check_close(f"M={m} {mode}", out, ref)
             row.append(graph_calls_us([chain.run]) / LAYERS)
+            if mode in PERSISTENT_PREFETCH and chain.workspace.timeouts.item():
+                print(f"BARRIER TIMEOUTS M={m} {mode}: {chain.workspace.timeouts.item()}")
             del chain
             torch.cuda.empty_cache()
-        print(f"{m:>5}" + "".join(f"{t:>{w}.2f}" for t, w in zip(row, widths)), flush=True)
+        cells = (
+            f"{t:>{w}.2f}" if t is not None else f"{'-':>{w}}"
+            for t, w in zip(row, widths, strict=True)
+        )
+        print(f"{m:>5}" + "".join(cells), flush=True)
     pdl._PDL = True
 
 
