@@ -29,3 +29,20 @@ def test_read_when_a_layer_is_built(monkeypatch) -> None:
     assert MergedColumnParallelLinear(64, [32, 32]).gated
     assert not MergedColumnParallelLinear(64, [32, 16]).gated  # not a gate/up pair
     assert ParallelLMHead(128, 64, fused=True).gemm is not None
+
+
+def test_prefill_tma_is_read_when_the_attention_layer_is_built(monkeypatch) -> None:
+    from minivllm.layers.attention import Attention, get_attention_backend
+
+    triton_backend, torch_backend = get_attention_backend("triton"), get_attention_backend("torch")
+    monkeypatch.delenv("MINIVLLM_EXPERIMENTS", raising=False)
+    layer = Attention(4, 2, 32, 0.1, triton_backend)
+    assert layer.prefill_attention is triton_backend.prefill_attention
+    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "prefill_tma")
+    layer = Attention(4, 2, 32, 0.1, triton_backend)
+    assert layer.prefill_attention is triton_backend.prefill_attention_tma
+    assert layer.prefill_attention.keywords == {"variant": "tma"}
+    # the torch backend (the reference) has no variant
+    assert (
+        Attention(4, 2, 32, 0.1, torch_backend).prefill_attention is torch_backend.prefill_attention
+    )

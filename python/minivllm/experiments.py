@@ -15,6 +15,7 @@ import os
 EXPERIMENTS = {
     "gated_mlp": "gate/up's GEMM ends in SiLU-and-multiply at decode sizes (no activation kernel)",
     "lm_head_gemm": "the LM head on the Triton GEMM for the rows a decode-size step samples",
+    "prefill_tma": "the flash prefill kernel loads its Q and K/V tiles through TMA descriptors",
 }
 
 ENV_VAR = "MINIVLLM_EXPERIMENTS"
