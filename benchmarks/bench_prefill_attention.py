@@ -299,10 +299,8 @@ def best_config(make_fn, flops, label, sweep, variant="default"):
             sync()
             ms = time_ms(fn)
         except Exception as e:  # noqa: BLE001 -- out of shared memory, a refused loop and the like
-            msg = str(e).strip().splitlines()
-            print(
-                f"{label} {variant} {cfg}: failed ({type(e).__name__}: {msg[0][:80] if msg else ''})"
-            )
+            first = (str(e).strip().splitlines() or [""])[0][:80]
+            print(f"{label} {variant} {cfg}: failed ({type(e).__name__}: {first})")
             continue
         rows.append(
             {
