@@ -71,8 +71,8 @@ def _load_q(
 def _load_kv(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    k_desc,  # TensorDescriptor: k_cache as [num_blocks * block_size, kv_heads * d], box [BLOCK_N, d]
-    v_desc,  # the same over v_cache
+    k_desc,  # TensorDescriptor: k_cache as [num_blocks * block_size, kv_heads * d] rows
+    v_desc,  # the same over v_cache; boxes of [BLOCK_N, d]
     bt_row,  # this sequence's block-table row
     tile_start,  # first key position of the tile (a multiple of BLOCK_N)
     seq_len,
