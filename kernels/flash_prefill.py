@@ -37,10 +37,11 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _load_q(
     q_ptr,  # [T, num_heads, head_dim]
-    q_desc,  # TensorDescriptor over q [T, num_heads, head_dim], block [TOKENS_PER_TILE, GROUP, d]
+    q_desc,  # TensorDescriptor: q [T, num_heads, d] box [TOKENS_PER_TILE, GROUP, d]; GROUP 1:
+    # q as [T, num_heads * d] rows, box [BLOCK_M, d]
     q_start,
     m0,
-    kv_head,
+    head0,  # first query head of the tile's rows
     tok,  # [BLOCK_M] token of each row within the sequence's new tokens
     head,  # [BLOCK_M] query head of each row
     row_mask,  # [BLOCK_M]
@@ -52,11 +53,14 @@ def _load_q(
     Q_TMA: tl.constexpr,
 ):  # -> [BLOCK_M, HEAD_DIM]
     if Q_TMA:
-        # The group's heads are adjacent in q, so the packed rows are one [tokens, GROUP, d] box.
         # Rows past the sequence read the next one's tokens (zeros past T): their outputs are
         # never stored.
-        q = q_desc.load([q_start + m0, kv_head * GROUP, 0])
-        return tl.reshape(q, [BLOCK_M, HEAD_DIM])
+        if GROUP == 1:
+            q = q_desc.load([q_start + m0, head0 * HEAD_DIM])
+        else:
+            # The group's heads are adjacent in q: the packed rows are one [tokens, GROUP, d] box.
+            q = tl.reshape(q_desc.load([q_start + m0, head0, 0]), [BLOCK_M, HEAD_DIM])
+        return q
     else:
         offs_d = tl.arange(0, HEAD_DIM)
         q_rows = (q_start + tok).to(tl.int64)
@@ -177,7 +181,8 @@ def _flash_prefill_kernel(
     stride_cache_tok,
     stride_cache_head,
     stride_bt_b,
-    GROUP: tl.constexpr,  # query heads per KV head, packed into the M dimension
+    GROUP: tl.constexpr,  # query heads packed into the M dimension: KV_GROUP, or 1 (unpacked)
+    KV_GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # KV cache block size
     BLOCK_M: tl.constexpr,  # rows = tokens * GROUP (+ unused rows when GROUP doesn't divide it)
@@ -187,12 +192,22 @@ def _flash_prefill_kernel(
     TILED: tl.constexpr,  # the (row, query tile) of a program comes from tiles_ptr
     Q_TMA: tl.constexpr,  # the query tile through q_desc
     KV_TMA: tl.constexpr,  # key and value tiles through k_desc / v_desc
-    WARP_SPECIALIZE: tl.constexpr,  # the key loops split into producer / consumer warps
+    WARP_SPECIALIZE: tl.constexpr,  # one key loop, warp-specialized (KV_TMA only)
 ):
-    kv_head = tl.program_id(0)
+    # Programs along dim 0: KV heads (packed GQA), or query heads (GROUP 1).
+    if GROUP == KV_GROUP:
+        kv_head = tl.program_id(0)
+    else:
+        kv_head = tl.program_id(0) // KV_GROUP
+    # Warp specialization takes no early exit: a program without work runs an empty key loop
+    # and stores nothing (has_work).
+    has_work = True
     if TILED:
         entry = tl.load(tiles_ptr + tl.program_id(1))
-        if entry < 0:
+        if WARP_SPECIALIZE:
+            has_work = entry >= 0
+            entry = tl.maximum(entry, 0)
+        elif entry < 0:
             return
         b = entry >> 16
         tile = entry & 0xFFFF
@@ -204,7 +219,9 @@ def _flash_prefill_kernel(
     q_start = tl.load(cu_seqlens_q_ptr + b)
     q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
     m0 = tile * TOKENS_PER_TILE
-    if m0 >= q_len:
+    if WARP_SPECIALIZE:
+        has_work = has_work & (m0 < q_len)
+    elif m0 >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + b)
     ctx_len = seq_len - q_len  # cached prefix before the new tokens
@@ -213,14 +230,14 @@ def _flash_prefill_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     tok = m0 + offs_m // GROUP  # [BLOCK_M] token index within the sequence's new tokens
-    head = kv_head * GROUP + offs_m % GROUP
-    row_mask = (offs_m < TOKENS_PER_TILE * GROUP) & (tok < q_len)
+    head = tl.program_id(0) * GROUP + offs_m % GROUP
+    row_mask = (offs_m < TOKENS_PER_TILE * GROUP) & (tok < q_len) & has_work
     q = _load_q(
         q_ptr,
         q_desc,
         q_start,
         m0,
-        kv_head,
+        tl.program_id(0) * GROUP,
         tok,
         head,
         row_mask,
@@ -238,55 +255,86 @@ def _flash_prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt_b
 
-    # Keys below the tile's first position are visible to every row: no masks.
-    full_end = ((ctx_len + m0) // BLOCK_N) * BLOCK_N
-    for tile_start in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        k, v = _load_kv(
-            k_cache_ptr,
-            v_cache_ptr,
-            k_desc,
-            v_desc,
-            bt_row,
-            tile_start,
-            seq_len,
-            kv_head,
-            stride_cache_block,
-            stride_cache_tok,
-            stride_cache_head,
-            HEAD_DIM,
-            BLOCK_SIZE,
-            BLOCK_N,
-            False,
-            SELECT_LOOKUP,
-            KV_TMA,
-        )
-        acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, None, False)
-
-    # The causal diagonal: keys up to the tile's last position (or the context's end).
     diag_end = tl.minimum(ctx_len + m0 + TOKENS_PER_TILE, seq_len)
-    for tile_start in tl.range(full_end, diag_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        k, v = _load_kv(
-            k_cache_ptr,
-            v_cache_ptr,
-            k_desc,
-            v_desc,
-            bt_row,
-            tile_start,
-            seq_len,
-            kv_head,
-            stride_cache_block,
-            stride_cache_tok,
-            stride_cache_head,
-            HEAD_DIM,
-            BLOCK_SIZE,
-            BLOCK_N,
-            True,
-            SELECT_LOOKUP,
-            KV_TMA,
-        )
-        key_pos = tile_start + offs_n
-        visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < seq_len)
-        acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, visible, True)
+    if WARP_SPECIALIZE:
+        # One key loop, masked throughout: the loop Triton's Hopper warp specialization takes (a
+        # second loop after it, or a branch inside it, makes the pass fail). The value rows past
+        # seq_len are not zeroed here: the cache's unused slots must hold finite values.
+        for tile_start in tl.range(
+            0, tl.where(has_work, diag_end, 0), BLOCK_N, warp_specialize=True
+        ):
+            k, v = _load_kv(
+                k_cache_ptr,
+                v_cache_ptr,
+                k_desc,
+                v_desc,
+                bt_row,
+                tile_start,
+                seq_len,
+                kv_head,
+                stride_cache_block,
+                stride_cache_tok,
+                stride_cache_head,
+                HEAD_DIM,
+                BLOCK_SIZE,
+                BLOCK_N,
+                False,
+                SELECT_LOOKUP,
+                KV_TMA,
+            )
+            key_pos = tile_start + offs_n
+            visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < seq_len)
+            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, visible, True)
+        l_i = tl.where(has_work, l_i, 1.0)  # a program without work stores nothing: no 0 / 0
+    else:
+        # Keys below the tile's first position are visible to every row: no masks.
+        full_end = ((ctx_len + m0) // BLOCK_N) * BLOCK_N
+        for tile_start in range(0, full_end, BLOCK_N):
+            k, v = _load_kv(
+                k_cache_ptr,
+                v_cache_ptr,
+                k_desc,
+                v_desc,
+                bt_row,
+                tile_start,
+                seq_len,
+                kv_head,
+                stride_cache_block,
+                stride_cache_tok,
+                stride_cache_head,
+                HEAD_DIM,
+                BLOCK_SIZE,
+                BLOCK_N,
+                False,
+                SELECT_LOOKUP,
+                KV_TMA,
+            )
+            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, None, False)
+
+        # The causal diagonal: keys up to the tile's last position (or the context's end).
+        for tile_start in range(full_end, diag_end, BLOCK_N):
+            k, v = _load_kv(
+                k_cache_ptr,
+                v_cache_ptr,
+                k_desc,
+                v_desc,
+                bt_row,
+                tile_start,
+                seq_len,
+                kv_head,
+                stride_cache_block,
+                stride_cache_tok,
+                stride_cache_head,
+                HEAD_DIM,
+                BLOCK_SIZE,
+                BLOCK_N,
+                True,
+                SELECT_LOOKUP,
+                KV_TMA,
+            )
+            key_pos = tile_start + offs_n
+            visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < seq_len)
+            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, visible, True)
 
     acc = acc / l_i[:, None]
     out_rows = (q_start + tok).to(tl.int64)
@@ -365,14 +413,15 @@ def tma_loads(
     q: torch.Tensor,  # [T, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    group: int,
+    group: int,  # query heads packed into a tile's rows (1: unpacked)
     block_n: int,
 ) -> tuple[bool, bool]:
     """Which tiles the "tma" variant loads through tensor descriptors: (query, key/value).
 
     Both need a Hopper or newer GPU (or the interpreter), 16-byte-aligned bases and strides. The
-    query tile is one [tokens, group, d] box when the GQA group is a power of two (a box's sides
-    are). A key/value tile is one [block_n, d] box of the cache seen as [num_blocks * block_size,
+    query tile is one [tokens, group, d] box when the packed group is a power of two (a box's
+    sides are); unpacked, one [block_m, d] box of q seen as [T, num_heads * d] rows (its heads
+    adjacent). A key/value tile is one [block_n, d] box of the cache seen as [num_blocks * block_size,
     kv_heads * d] rows: block_n must divide the cache block (so the tile lies in one block), the
     cache must be contiguous and its rows must fit the box's int32 coordinates.
     """
@@ -382,6 +431,7 @@ def tma_loads(
     elem = q.element_size()
     q_tma = (
         group & (group - 1) == 0
+        and (group > 1 or q.stride(1) == head_dim)
         and q.data_ptr() % 16 == 0
         and (q.stride(0) * elem) % 16 == 0
         and (q.stride(1) * elem) % 16 == 0
@@ -459,13 +509,24 @@ def _prefill_attention(
     select_lookup: bool = True,
     variant: str = "default",
     warp_specialize: bool = False,
+    pack_gqa: bool | None = None,
 ) -> torch.Tensor:
     """`prefill_attention` with the variants only the benchmarks' sweeps and the experiments
     select: the block-table lookup of a key tile wider than a cache block (`select_lookup`, see
     block_table.tile_row_offsets), and `variant="tma"`, which loads the query and key/value tiles
     with the tensor-memory accelerator where `tma_loads` allows (pointer loads elsewhere), with
-    `block_n` cut to the cache block by default, and may ask Triton to warp-specialize its key
-    loops (`warp_specialize`)."""
+    `block_n` cut to the cache block by default.
+
+    `warp_specialize` (tma variant, key/value tiles through TMA) runs the keys in one loop,
+    masked throughout, that Triton splits into a producer warp group (the TMA loads) and consumer
+    warp groups (the MMAs and the softmax). Triton 3.6 specializes it on Hopper with num_warps=4
+    (one producer and two consumers of half the rows each, 12 warps in all) and ignores the
+    request at 8 warps. Its value rows past seq_len are not zeroed: unused cache slots must hold
+    finite values (the engine's pool starts zeroed and holds only written K/V). Its query tile
+    must be a plain [block_m, d] box, so it does not pack a GQA group into the tile's rows: one
+    program per query head reads its KV head's tiles (`pack_gqa=False`, its default there; not
+    with a tile table, whose tiles are counted in packed rows).
+    """
     assert variant in VARIANTS, f"unknown variant {variant!r}; use one of {VARIANTS}"
     assert variant == "tma" or not warp_specialize, "warp_specialize is a knob of the tma variant"
     num_tokens, num_heads, head_dim = q.shape
@@ -497,14 +558,22 @@ def _prefill_attention(
     block_n = block_n or cfg[1]
     num_warps = num_warps or cfg[2]
     num_stages = num_stages or cfg[3]
-    assert block_m >= group, f"block_m {block_m} must hold a whole GQA group of {group}"
+    if pack_gqa is None:
+        pack_gqa = not warp_specialize
+    assert pack_gqa or tiles is None, "a tile table counts tiles of packed GQA rows"
+    rows_group = group if pack_gqa else 1  # query heads in a tile's rows
+    assert block_m >= rows_group, f"block_m {block_m} must hold a whole GQA group of {group}"
     assert block_size % block_n == 0 or block_n % block_size == 0
-    tokens_per_tile = block_m // group
+    tokens_per_tile = block_m // rows_group
     q_tma, kv_tma = (
-        tma_loads(q, k_cache, v_cache, group, block_n) if variant == "tma" else (False, False)
+        tma_loads(q, k_cache, v_cache, rows_group, block_n) if variant == "tma" else (False, False)
     )
     q_desc = k_desc = v_desc = None
-    if q_tma:
+    if q_tma and rows_group == 1:
+        q_desc = TensorDescriptor(
+            q, [num_tokens, num_heads * head_dim], [q.stride(0), 1], [block_m, head_dim]
+        )
+    elif q_tma:
         q_desc = TensorDescriptor(
             q, list(q.shape), list(q.stride()), [tokens_per_tile, group, head_dim]
         )
@@ -514,10 +583,17 @@ def _prefill_attention(
             TensorDescriptor(c, rows, [c.stride(1), 1], [block_n, head_dim])
             for c in (k_cache, v_cache)
         )
+    if warp_specialize and not (kv_tma and q_tma and rows_group == 1):
+        raise ValueError(
+            "warp_specialize needs every tile through TMA and an unpacked query tile: "
+            f"pack_gqa {pack_gqa}, block_n {block_n} dividing the cache block ({block_size}) "
+            "of a contiguous cache, query heads adjacent in q"
+        )
+    num_programs_0 = num_kv_heads if pack_gqa else num_heads
     if tiles is not None:
-        grid = (num_kv_heads, tiles.shape[0], 1)
+        grid = (num_programs_0, tiles.shape[0], 1)
     else:
-        grid = (num_kv_heads, batch, triton.cdiv(max_seqlen_q, tokens_per_tile))
+        grid = (num_programs_0, batch, triton.cdiv(max_seqlen_q, tokens_per_tile))
     _flash_prefill_kernel[grid](
         q_ptr=q,
         k_cache_ptr=k_cache,
@@ -539,7 +615,8 @@ def _prefill_attention(
         stride_cache_tok=k_cache.stride(1),
         stride_cache_head=k_cache.stride(2),
         stride_bt_b=block_tables.stride(0),
-        GROUP=group,
+        GROUP=rows_group,
+        KV_GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_M=block_m,

@@ -120,17 +120,22 @@ def test_prefill_group_not_power_of_two(variant):
 
 
 @pytest.mark.parametrize(
-    "dtype,num_heads,num_kv_heads,block_size,block_n",
+    "dtype,num_heads,num_kv_heads,block_size,block_n,knobs",
     [
-        (torch.float16, 8, 2, 16, 16),
-        (torch.float32, 8, 2, 16, 16),
-        (torch.float16, 4, 4, 256, 64),
-        (torch.float32, 8, 2, 256, 64),
+        (torch.float16, 8, 2, 16, 16, {}),
+        (torch.float32, 8, 2, 16, 16, {}),
+        (torch.float16, 4, 4, 256, 64, {}),
+        (torch.float32, 8, 2, 256, 64, {}),
+        (torch.float32, 8, 2, 16, 16, {"pack_gqa": False}),
+        (torch.float16, 8, 2, 16, 16, {"warp_specialize": True}),
+        (torch.float32, 4, 2, 256, 64, {"warp_specialize": True}),
     ],
 )
-def test_prefill_tma(dtype, num_heads, num_kv_heads, block_size, block_n):
+def test_prefill_tma(dtype, num_heads, num_kv_heads, block_size, block_n, knobs):
     """The tma variant, its tiles all through tensor descriptors: one causal prompt, then a
-    varlen batch of new tokens over cached paged prefixes."""
+    varlen batch of new tokens over cached paged prefixes. Also one program per query head
+    (GQA unpacked), and the warp-specialized form (one key loop, masked throughout, no early
+    exit; the interpreter runs it as a plain loop)."""
     for prefix_new in ([(0, 80)], _prefix_cases(block_size)):
         _check(
             prefix_new,
@@ -143,7 +148,22 @@ def test_prefill_tma(dtype, num_heads, num_kv_heads, block_size, block_n):
             block_m=32,
             block_n=block_n,
             variant="tma",
+            **knobs,
         )
+
+
+def test_prefill_tma_warp_specialized_needs_descriptor_tiles():
+    """Warp specialization takes only descriptor loads and an unpacked query tile: a key tile
+    spanning two cache blocks, or packed GQA rows, are refused by name."""
+    k_cache, v_cache, block_tables = make_paged_batch([40], 2, 32, 16, torch.float32)
+    q = torch.randn(40, 4, 32, device=DEVICE)
+    cu = torch.tensor([0, 40], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([40], dtype=torch.int32, device=DEVICE)
+    args = (q, k_cache, v_cache, cu, lens, block_tables, 0.2, 40)
+    with pytest.raises(ValueError, match="block_n 32"):
+        _prefill_attention(*args, block_n=32, variant="tma", warp_specialize=True)
+    with pytest.raises(ValueError, match="pack_gqa True"):
+        _prefill_attention(*args, variant="tma", warp_specialize=True, pack_gqa=True)
 
 
 def test_tma_loads_fall_back_to_pointers():
