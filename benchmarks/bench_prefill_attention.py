@@ -7,15 +7,15 @@ Causal attention, Qwen3-0.6B head shape (16 query heads, 8 KV heads, head_dim 12
   * 16 x 1024 varlen batch;
   * 512 new tokens over a 4096-token cached prefix, paged vs the same work on contiguous K/V.
 Kernel variants (--variants, flash_prefill.VARIANTS) run side by side: "default" (pointer loads)
-and "tma" (Q and K/V tiles through tensor descriptors), each with its own tile sweep (--sweep);
---warp-specialize adds the tma variant's warp-specialized configurations (a compiler that refuses
-them is reported and skipped).
+and "tma" (Q and K/V tiles through tensor descriptors, warp-specialized in some configurations),
+each with its own tile sweep (--sweep: every variant; --sweep tma: that one, the others at their
+launcher defaults; a configuration that fails to compile or launch is reported and skipped).
 Causal FLOPs are counted as 4 * heads * head_dim * (keys each query sees), i.e. about 2 * N^2 *
 heads * head_dim for a plain prompt (the masked half is not counted).
 
-    python benchmarks/bench_prefill_attention.py [--plot] [--sweep] [--out PATH]
-    python benchmarks/bench_prefill_attention.py --variants default tma --sweep \
-        --seq-lens 4096 --naive-max 0 [--warp-specialize]
+    python benchmarks/bench_prefill_attention.py [--plot] [--sweep [VARIANT ...]] [--out PATH]
+    python benchmarks/bench_prefill_attention.py --variants default tma --sweep tma \
+        --seq-lens 4096 --naive-max 0
 """
 
 from __future__ import annotations
@@ -64,54 +64,51 @@ SWEEP_LARGE_BLOCKS = [
     (64, 64, 4, 3, True),
     (128, 64, 8, 2, True),
 ]
-# The tma variant: (block_m, block_n, num_warps, num_stages, warp_specialize). K/V go through
-# descriptors only when block_n divides the cache block, so 16-token blocks get 16-key tiles
-# (and one 32-key row with K/V by pointers, Q by descriptor).
+# The tma variant: (block_m, block_n, num_warps, num_stages, warp_specialize[, pack_gqa]). K/V go
+# through descriptors only when block_n divides the cache block, so 16-token blocks get 16-key
+# tiles (and one 32-key row with K/V by pointers, Q by descriptor). Warp-specialized rows use 4
+# warps: Triton 3.6 makes them one producer and two consumer warp groups (it ignores the request
+# at 8), and their shared memory (up to ~230 KB) bounds block_n x stages.
 SWEEP_TMA = [
     None,
     (128, 16, 8, 3, False),
     (128, 16, 4, 3, False),
-    (128, 16, 8, 4, False),
     (64, 16, 4, 3, False),
     (128, 32, 8, 3, False),
+    (128, 16, 4, 2, True),
+    (128, 16, 4, 3, True),
+    (128, 16, 4, 4, True),
 ]
 SWEEP_TMA_LARGE_BLOCKS = [
     None,
     (128, 64, 8, 3, False),
     (128, 64, 4, 3, False),
     (128, 128, 8, 3, False),
-    (128, 64, 8, 4, False),
     (128, 128, 8, 2, False),
     (64, 64, 4, 3, False),
-    (64, 128, 4, 3, False),
-]
-# --warp-specialize: the same tiles with Triton's automatic warp specialization of the key loops.
-SWEEP_TMA_WS = [(128, 16, 8, 3, True), (128, 16, 4, 3, True), (128, 16, 8, 2, True)]
-SWEEP_TMA_WS_LARGE_BLOCKS = [
-    (128, 64, 8, 3, True),
+    (128, 64, 8, 3, False, False),
+    (128, 64, 4, 2, True),
     (128, 64, 4, 3, True),
-    (128, 128, 8, 3, True),
-    (128, 128, 8, 2, True),
+    (128, 64, 4, 4, True),
+    (128, 128, 4, 2, True),
     (64, 128, 4, 3, True),
 ]
 # The keyword each field of a sweep entry sets, per variant.
 KNOBS = {
     "default": ("block_m", "block_n", "num_warps", "num_stages", "select_lookup"),
-    "tma": ("block_m", "block_n", "num_warps", "num_stages", "warp_specialize"),
+    "tma": ("block_m", "block_n", "num_warps", "num_stages", "warp_specialize", "pack_gqa"),
 }
 
 
-def sweep_configs(variant, block_size, sweep, warp_specialize):
-    """The tile configurations to try for a variant over a cache block size ([None]: only the
-    launcher default, without --sweep)."""
-    if not sweep:
+def sweep_configs(variant, block_size, sweep):
+    """The tile configurations to try for a variant over a cache block size: [None] (only the
+    launcher default) unless --sweep names it (or names none: every variant)."""
+    if sweep is None or (sweep and variant not in sweep):
         return [None]
     large = block_size >= 128
     if variant == "default":
         return SWEEP_LARGE_BLOCKS if large else SWEEP
     configs = SWEEP_TMA_LARGE_BLOCKS if large else SWEEP_TMA
-    if warp_specialize:
-        configs = configs + (SWEEP_TMA_WS_LARGE_BLOCKS if large else SWEEP_TMA_WS)
     return [c for c in configs if c is None or block_size % c[1] == 0 or c[1] % block_size == 0]
 
 
@@ -321,7 +318,7 @@ def best_configs(make_fn, flops, label, block_size, args):
     """best_config for each variant of --variants; returns ({variant: best cfg}, rows)."""
     best, rows = {}, []
     for variant in args.variants:
-        configs = sweep_configs(variant, block_size, args.sweep, args.warp_specialize)
+        configs = sweep_configs(variant, block_size, args.sweep)
         best[variant], variant_rows = best_config(make_fn, flops, label, configs, variant)
         rows += variant_rows
     print_table(rows, ["case", "variant", "config", "ms", "tflops"])
@@ -340,14 +337,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", default="512,1024,2048,4096,8192,16384")
     parser.add_argument("--block-size", type=int, default=16, help="KV cache block size")
-    parser.add_argument("--sweep", action="store_true", help="try several tile configurations")
     parser.add_argument(
-        "--variants", nargs="+", default=["default"], choices=VARIANTS, help="kernel variants"
+        "--sweep",
+        nargs="*",
+        choices=VARIANTS,
+        help="try several tile configurations (of the variants named; none named: every one)",
     )
     parser.add_argument(
-        "--warp-specialize",
-        action="store_true",
-        help="with --sweep: also the tma variant's warp-specialized configurations",
+        "--variants", nargs="+", default=["default"], choices=VARIANTS, help="kernel variants"
     )
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--headline", type=int, default=4096, help="sequence length of the sweep")

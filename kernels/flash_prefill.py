@@ -14,8 +14,10 @@ every row of the step, decodes included, is a "prefill" row (a decode is a one-t
 The "tma" variant (`_prefill_attention(..., variant="tma")`, the engine's "prefill_tma"
 experiment) is the same kernel with its tiles loaded by the tensor-memory accelerator through host
 tensor descriptors: the query tile as one box, each key/value tile as one box of cache rows when
-the tile lies in one cache block, and Triton's warp specialization of the key loops as a knob. It
-stays opt-in until a device run measures it against the pointer loads.
+the tile lies in one cache block. Its knobs: one program per query head instead of per GQA group
+(`pack_gqa`), and warp specialization (`warp_specialize`: one key loop, masked throughout, split
+by Triton into a TMA producer warp group and two consumer warp groups). It stays opt-in until a
+device run measures it against the pointer loads.
 """
 
 from __future__ import annotations
