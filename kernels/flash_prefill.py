@@ -205,11 +205,9 @@ def _flash_prefill_kernel(
     # and stores nothing (has_work).
     has_work = True
     if TILED:
+        tl.static_assert(not WARP_SPECIALIZE, "a tile table counts packed GQA rows")
         entry = tl.load(tiles_ptr + tl.program_id(1))
-        if WARP_SPECIALIZE:
-            has_work = entry >= 0
-            entry = tl.maximum(entry, 0)
-        elif entry < 0:
+        if entry < 0:
             return
         b = entry >> 16
         tile = entry & 0xFFFF
