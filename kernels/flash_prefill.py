@@ -421,9 +421,10 @@ def tma_loads(
     Both need a Hopper or newer GPU (or the interpreter), 16-byte-aligned bases and strides. The
     query tile is one [tokens, group, d] box when the packed group is a power of two (a box's
     sides are); unpacked, one [block_m, d] box of q seen as [T, num_heads * d] rows (its heads
-    adjacent). A key/value tile is one [block_n, d] box of the cache seen as [num_blocks * block_size,
-    kv_heads * d] rows: block_n must divide the cache block (so the tile lies in one block), the
-    cache must be contiguous and its rows must fit the box's int32 coordinates.
+    adjacent). A key/value tile is one [block_n, d] box of the cache seen as
+    [num_blocks * block_size, kv_heads * d] rows: block_n must divide the cache block (so the tile
+    lies in one block), the cache must be contiguous and its rows must fit the box's int32
+    coordinates.
     """
     if q.is_cuda and not sm90_or_newer(q):
         return False, False
@@ -515,7 +516,8 @@ def _prefill_attention(
     select: the block-table lookup of a key tile wider than a cache block (`select_lookup`, see
     block_table.tile_row_offsets), and `variant="tma"`, which loads the query and key/value tiles
     with the tensor-memory accelerator where `tma_loads` allows (pointer loads elsewhere), with
-    `block_n` cut to the cache block by default.
+    `block_n` cut to the cache block by default. `pack_gqa=False` (either variant) gives each
+    query head its own programs instead of packing its GQA group into a tile's rows.
 
     `warp_specialize` (tma variant, key/value tiles through TMA) runs the keys in one loop,
     masked throughout, that Triton splits into a producer warp group (the TMA loads) and consumer
