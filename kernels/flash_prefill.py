@@ -523,7 +523,7 @@ def _prefill_attention(
     masked throughout, that Triton splits into a producer warp group (the TMA loads) and consumer
     warp groups (the MMAs and the softmax). Triton 3.6 specializes it on Hopper with num_warps=4
     (one producer and two consumers of half the rows each, 12 warps in all) and ignores the
-    request at 8 warps. Its value rows past seq_len are not zeroed: unused cache slots must hold
+    request at 8 warps (its default num_warps is 4). Its value rows past seq_len are not zeroed: unused cache slots must hold
     finite values (the engine's pool starts zeroed and holds only written K/V). Its query tile
     must be a plain [block_m, d] box, so it does not pack a GQA group into the tile's rows: one
     program per query head reads its KV head's tiles (`pack_gqa=False`, its default there; not
@@ -558,7 +558,7 @@ def _prefill_attention(
     if block_n is None and variant == "tma":
         block_n = min(cfg[1], max(block_size, 16))  # a tile in one block, where dot allows
     block_n = block_n or cfg[1]
-    num_warps = num_warps or cfg[2]
+    num_warps = num_warps or (4 if warp_specialize else cfg[2])  # see below: 4 to specialize
     num_stages = num_stages or cfg[3]
     if pack_gqa is None:
         pack_gqa = not warp_specialize
