@@ -41,3 +41,20 @@ def test_read_when_a_layer_is_built(monkeypatch) -> None:
     assert RowParallelLinear(64, 32, fused=True).norm_gemm is not None
     assert RowParallelLinear(64, 32, fused=False).norm_gemm is None  # the torch path: cuBLAS
     assert RowParallelLinear(64, 32, bias=True, fused=True).norm_gemm is None
+
+
+def test_prefill_tma_is_read_when_the_attention_layer_is_built(monkeypatch) -> None:
+    from minivllm.layers.attention import Attention, get_attention_backend
+
+    triton_backend, torch_backend = get_attention_backend("triton"), get_attention_backend("torch")
+    monkeypatch.delenv("MINIVLLM_EXPERIMENTS", raising=False)
+    layer = Attention(4, 2, 32, 0.1, triton_backend)
+    assert layer.prefill_attention is triton_backend.prefill_attention
+    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "prefill_tma")
+    layer = Attention(4, 2, 32, 0.1, triton_backend)
+    assert layer.prefill_attention is triton_backend.prefill_attention_tma
+    assert layer.prefill_attention.keywords == {"variant": "tma"}
+    # the torch backend (the reference) has no variant
+    assert (
+        Attention(4, 2, 32, 0.1, torch_backend).prefill_attention is torch_backend.prefill_attention
+    )

@@ -23,6 +23,7 @@ EXPERIMENTS = {
         "o / down projections add the residual and run the RMSNorm after them in their split-K"
         " GEMM at <= 64 tokens (kernels/linear_norm.py: no norm kernel)"
     ),
+    "prefill_tma": "the flash prefill kernel loads its Q and K/V tiles through TMA descriptors",
 }
 
 ENV_VAR = "MINIVLLM_EXPERIMENTS"

@@ -366,3 +366,114 @@ def test_decode_fused_reduce_cuda_graph_replay():
             static_q, k_cache, v_cache, static_lens, static_tables, scale
         )
         torch.testing.assert_close(static_out, expect, **TOL)
+
+
+def _prefill_variants(prefix_new, num_heads, num_kv_heads, block_size, **tma_kwargs):
+    """The tma variant of the flash prefill kernel (bf16, head_dim 128) against the reference
+    and against the default kernel on the same inputs."""
+    from minivllm.kernels.flash_prefill import _prefill_attention
+
+    head_dim = 128
+    seq_lens = [p + n for p, n in prefix_new]
+    q_lens = [n for _, n in prefix_new]
+    k_cache, v_cache, block_tables = _paged(
+        seq_lens, num_kv_heads, head_dim, block_size, torch.bfloat16
+    )
+    cu = torch.tensor([0] + q_lens, device="cuda").cumsum(0).to(torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(q_lens), num_heads, head_dim, device="cuda").to(torch.bfloat16)
+    args = (q, k_cache, v_cache, cu, lens, block_tables, head_dim**-0.5, max(q_lens))
+    out = torch.full_like(q, float("nan"))
+    _prefill_attention(*args, out=out, variant="tma", **tma_kwargs)
+    torch.testing.assert_close(out, reference.prefill_attention(*args), **TOL)
+    torch.testing.assert_close(out, _prefill_attention(*args), **TOL)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(16, 8), (16, 2)])
+@pytest.mark.parametrize(
+    "block_size,block_n",
+    [(16, None), (16, 32), (256, None), (256, 64), (256, 128)],
+)
+def test_prefill_tma_variant(num_heads, num_kv_heads, block_size, block_n):
+    """Q and K/V tiles through tensor descriptors (block_n 32 over 16-token blocks: K/V by
+    pointers), launcher default tiles and 128-row tiles, on prompts, chunks over long prefixes
+    and one-token queries."""
+    from minivllm.kernels.flash_prefill import tma_loads
+
+    probe_q = torch.empty(1, num_heads, 128, dtype=torch.bfloat16, device="cuda")
+    probe_cache = torch.empty(4, block_size, num_kv_heads, 128, dtype=torch.bfloat16, device="cuda")
+    group = num_heads // num_kv_heads
+    kv_tma = block_n is None or block_size % block_n == 0
+    assert tma_loads(probe_q, probe_cache, probe_cache, group, block_n or 16) == (True, kv_tma)
+    cases = _prefix_cases(block_size) + [(4096, 512), (4095, 1)]
+    _prefill_variants(cases, num_heads, num_kv_heads, block_size, block_n=block_n)
+    if block_n is not None:
+        _prefill_variants(
+            cases, num_heads, num_kv_heads, block_size, block_m=128, block_n=block_n, num_warps=8
+        )
+
+
+@pytest.mark.parametrize(
+    "block_size,block_n,num_stages",
+    [(16, 16, 3), (256, 64, 3), (256, 128, 2)],
+)
+def test_prefill_tma_warp_specialized(block_size, block_n, num_stages):
+    """The tma variant with its key loop warp-specialized (4 warps: Triton 3.6 builds one
+    producer and two consumer warp groups; one program per query head), and the same tiles
+    unpacked without warp specialization."""
+    cases = _prefix_cases(block_size) + [(4096, 512)]
+    tiles = {"block_m": 128, "block_n": block_n, "num_warps": 4, "num_stages": num_stages}
+    _prefill_variants(cases, 16, 8, block_size, warp_specialize=True, **tiles)
+    _prefill_variants(cases, 16, 2, block_size, warp_specialize=True, **tiles)
+    _prefill_variants(cases, 16, 8, block_size, pack_gqa=False, **tiles)
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_prefill_tma_cuda_graph_replay_matches_eager(block_size):
+    """A tile-table launch of the tma variant captured in a CUDA graph (its host descriptors are
+    captured with the launch) replays to the default kernel's eager output."""
+    import numpy as np
+    from minivllm.kernels.flash_prefill import (
+        _prefill_attention,
+        build_tile_table,
+        max_tiles,
+        tile_config,
+    )
+
+    num_heads, num_kv_heads, head_dim, num_tokens = 16, 8, 128, 512
+    prefix_new = [(3000, 1), (17, 1), (0, 300), (900, 200), (64, 10)]
+    seq_lens = [p + n for p, n in prefix_new]
+    k_cache, v_cache, block_tables = _paged(
+        seq_lens, num_kv_heads, head_dim, block_size, torch.bfloat16
+    )
+    q_lens = [n for _, n in prefix_new]
+    qsl = np.concatenate([[0], np.cumsum(q_lens)])
+    group = num_heads // num_kv_heads
+    block_m = tile_config(block_size, group, num_kv_heads, num_tokens, torch.device("cuda"))[0]
+    tokens_per_tile = block_m // group
+    table = np.zeros(max_tiles(num_tokens, len(q_lens), tokens_per_tile), np.int32)
+    build_tile_table(qsl, np.array(seq_lens), tokens_per_tile, table)
+    tiles = torch.tensor(table, device="cuda")
+    q = torch.randn(num_tokens, num_heads, head_dim, device="cuda").to(torch.bfloat16)
+    cu = torch.tensor(qsl, dtype=torch.int32, device="cuda")
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    args = (q, k_cache, v_cache, cu, lens, block_tables, head_dim**-0.5, 0)
+
+    def run():
+        _prefill_attention(*args, out=out, tiles=tiles, variant="tma")
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compile and warm up before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    n = int(qsl[-1])
+    eager = _prefill_attention(q[:n], k_cache, v_cache, cu, lens, block_tables, head_dim**-0.5, 300)
+    torch.testing.assert_close(out[:n], eager, **TOL)

@@ -12,6 +12,7 @@ given. Every other path (torch backend, CPU, MINIVLLM_FUSED_KERNELS=0) gets k ba
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class AttentionBackend:
     store_kvcache: Callable[..., None]
     prefill_attention: Callable[..., torch.Tensor]
     decode_attention: Callable[..., torch.Tensor]
+    # The prefill kernel's variant with its tiles loaded through TMA (the "prefill_tma"
+    # experiment), or None where the backend has none.
+    prefill_attention_tma: Callable[..., torch.Tensor] | None = None
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
@@ -87,6 +91,11 @@ def get_attention_backend(name: str) -> AttentionBackend:
         store_kvcache=mods.store.store_kvcache,
         prefill_attention=mods.prefill.prefill_attention,
         decode_attention=mods.decode.decode_attention,
+        prefill_attention_tma=(
+            functools.partial(mods.prefill._prefill_attention, variant="tma")
+            if name == "triton"
+            else None
+        ),
     )
 
 
@@ -108,6 +117,10 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.backend = backend
+        self.prefill_attention = backend.prefill_attention
+        # Opt-in until measured (minivllm.experiments): the prefill tiles through TMA.
+        if backend.prefill_attention_tma is not None and experiment_on("prefill_tma"):
+            self.prefill_attention = backend.prefill_attention_tma
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache = torch.empty(0)
         # Opt-in until measured (minivllm.experiments): a split decode merges its splits in its
@@ -148,7 +161,7 @@ class Attention(nn.Module):
                 fused_reduce=self.decode_fused_reduce,
             )
         if meta.max_prefill_query_len > 0:
-            backend.prefill_attention(
+            self.prefill_attention(
                 q[nd:],
                 self.k_cache,
                 self.v_cache,
