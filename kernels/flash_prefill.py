@@ -55,14 +55,16 @@ def _load_q(
     Q_TMA: tl.constexpr,
 ):  # -> [BLOCK_M, HEAD_DIM]
     if Q_TMA:
-        # Rows past the sequence read the next one's tokens (zeros past T): their outputs are
-        # never stored.
+        # Rows past the sequence read the next one's tokens, or a padded step's tokens that
+        # belong to no row (anything, NaN included; zeros past T). Their outputs are never
+        # stored, but a NaN score row would still reach the row max: zero them, as the pointer
+        # load does.
         if GROUP == 1:
             q = q_desc.load([q_start + m0, head0 * HEAD_DIM])
         else:
             # The group's heads are adjacent in q: the packed rows are one [tokens, GROUP, d] box.
             q = tl.reshape(q_desc.load([q_start + m0, head0, 0]), [BLOCK_M, HEAD_DIM])
-        return q
+        return tl.where(row_mask[:, None], q, 0.0)
     else:
         offs_d = tl.arange(0, HEAD_DIM)
         q_rows = (q_start + tok).to(tl.int64)

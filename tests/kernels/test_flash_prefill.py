@@ -210,6 +210,23 @@ def test_prefill_ignores_cache_slots_past_the_context(variant):
     torch.testing.assert_close(out, expect, **tolerances(torch.float32))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prefill_ignores_query_rows_past_the_last_sequence(variant):
+    """The mixed CUDA graph pads a step with tokens that belong to no row, whose queries may be
+    anything (NaN included: the attention output of a padding token is never written). A query
+    tile reaching into them computes nothing from them: the real rows equal the reference, and
+    no NaN surfaces (the interpreter would raise on a row max over NaN scores)."""
+    k_cache, v_cache, block_tables = make_paged_batch([25, 25], 2, 32, 16, torch.float32)
+    q = torch.randn(29 + 7, 4, 32, device=DEVICE)
+    q[29:] = float("nan")  # padding tokens
+    cu = torch.tensor([0, 20, 29], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([25, 25], dtype=torch.int32, device=DEVICE)
+    args = (q, k_cache, v_cache, cu, lens, block_tables, 0.2, 20)
+    out = _prefill_attention(*args, block_m=16, block_n=16, variant=variant)
+    expect = reference.prefill_attention(q[:29], *args[1:])
+    torch.testing.assert_close(out[:29], expect, **tolerances(torch.float32))
+
+
 def test_prefill_strided_query_and_default_config():
     prefix_new = [(3, 21), (40, 9)]
     qkv = torch.randn(30, 12 * 32, device=DEVICE)
