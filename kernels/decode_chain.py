@@ -75,9 +75,9 @@ PREFETCH_CHUNKS = tl.constexpr(8)
 
 
 class ChainConfig(NamedTuple):
-    # Budget (ptxas for sm_90a at Qwen3-0.6B's shapes, 4 warps): 238 registers without spills
-    # and ~165 KB of shared memory at these values; block_k 512 spills, and 8 stages of 256 or
-    # block_n 32 at 6 stages pass the 227 KB an SM has (the launch then fails).
+    # Budget (Triton 3.6, sm_90a, Qwen3-0.6B's shapes, 4 warps): 237 registers without spills
+    # and ~93 KB of shared memory at these values; block_k 512 spills; 8 stages of 256 (~126 KB)
+    # and block_n 32 at 6 stages (~134 KB) still fit the 227 KB an SM has.
     block_n: int = 16  # weight rows per task: 256 qkv / 384 gate-up tasks, 97% balanced on 132
     block_k: int = 256  # must divide every K slice (qkv, gate/up: 1024; o: 1024; down: 1536)
     splits: int = 2  # K slices of o / down: 64 output tiles x 2 = 128 tasks on 132 programs
