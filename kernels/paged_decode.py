@@ -15,6 +15,14 @@ and the program that arrives last merges every split of its group's heads and se
 to 0 for the next launch. The merge is the reduce kernel's code (`_merge_splits`, same chunking,
 same order), so at the reduce's num_warps (4, the default) the output is the same bits.
 
+`decode_attention_rope` (the "decode_fused_rope" experiment) also does the work of
+`qk_norm_rope_store_kv` before it: q, k and v come raw from the qkv projection; every program
+normalizes and rotates the query heads it packs (kernels/qk_norm_rope.py's `norm_rope_heads`, so
+the same bits), and the program whose split ends the context computes the new token's k the same
+way, stores it and v in the token's cache slot, and takes both from registers for that position.
+No program reads the slot being written, so none waits for another. Meant for small decode
+steps: at many rows session 5 measured such a kernel slower than the two launches.
+
 With `row_order` (a permutation of the rows, longest context first) program b takes row
 row_order[b]: the longest rows start first instead of forming the grid's tail. Each row's result
 does not depend on the order.
@@ -27,12 +35,15 @@ time, which the memory serves faster than one head of many rows at a time
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .block_table import tile_row_offsets
 from .pdl import device_index, pdl_enabled, pdl_start
+from .qk_norm_rope import _check_qk, norm_rope_heads, rope_rows
 
 _LOG2E = 1.4426950408889634
 # Upper bound of the default split count (a single sequence then has _SPLITS_CAP * num_kv_heads
@@ -150,10 +161,24 @@ def _paged_decode_kernel(
     part_lse_ptr,  # [B, num_heads, max_num_splits] float32, log2 units; unused if SINGLE_SPLIT
     out_ptr,  # [B, num_heads, head_dim]; written only if SINGLE_SPLIT or FUSED_REDUCE
     counters_ptr,  # [>= B * num_kv_heads] int32, zero between launches; used only if FUSED_REDUCE
+    k_new_ptr,  # [B, num_kv_heads, head_dim] the new token's raw k; FUSED_ROPE only
+    v_new_ptr,  # [B, num_kv_heads, head_dim] the new token's v; FUSED_ROPE only
+    positions_ptr,  # [B] int32/int64, the new token's position; FUSED_ROPE only
+    slot_mapping_ptr,  # [B] int32/int64 its cache slot, < 0: none; FUSED_ROPE only
+    cos_ptr,  # [max_position, head_dim]; FUSED_ROPE only
+    sin_ptr,  # [max_position, head_dim]; FUSED_ROPE only
+    q_weight_ptr,  # [head_dim]; FUSED_ROPE and HAS_NORM only
+    k_weight_ptr,  # [head_dim]; FUSED_ROPE and HAS_NORM only
     max_num_splits,  # runtime: a new batch size must not mean a new compile
     qk_scale,  # softmax scale * log2(e)
+    q_eps,
+    k_eps,
     stride_q_b,
     stride_q_h,
+    stride_k_new_b,
+    stride_k_new_h,
+    stride_v_new_b,
+    stride_v_new_h,
     stride_out_b,
     stride_out_h,
     stride_cache_block,
@@ -173,6 +198,9 @@ def _paged_decode_kernel(
     SPLIT_CHUNK: tl.constexpr,  # the fused reduce's step (as the reduce kernel's); else 1
     ROW_ORDER: tl.constexpr,  # program b takes row row_order[b]
     HEADS_FIRST: tl.constexpr,  # grid (kv_heads, batch, splits) instead of (batch, kv_heads, ..)
+    FUSED_ROPE: tl.constexpr,  # q is raw: norm + rotary here, the new token's K/V stored here
+    HAS_NORM: tl.constexpr,  # FUSED_ROPE with Qwen3's q/k RMSNorm
+    HALF: tl.constexpr,  # HEAD_DIM // 2 (FUSED_ROPE: BLOCK_D == HEAD_DIM)
     PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):
     pdl_start(PDL)
@@ -188,6 +216,8 @@ def _paged_decode_kernel(
         b = tl.load(row_order_ptr + b)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     if SINGLE_SPLIT:
         # The whole context; a seq_len == 0 padding row runs no tile and writes zeros below.
         start = 0
@@ -219,16 +249,81 @@ def _paged_decode_kernel(
         end = tl.minimum(start + partition, seq_len)
 
     offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + offs_g
     g_mask = offs_g < GROUP
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )  # [GROUP_PAD, BLOCK_D]
+    if FUSED_ROPE:
+        cos1, cos2, sin1, sin2 = rope_rows(
+            cos_ptr, sin_ptr, tl.load(positions_ptr + b).to(tl.int64), HEAD_DIM, HALF, BLOCK_D // 2
+        )
+        # rope(q_norm(q)) of the group's heads, the bits qk_norm_rope would have stored.
+        q1, q2 = norm_rope_heads(
+            q_ptr + (kv_head * GROUP) * stride_q_h,
+            q_weight_ptr,
+            cos1,
+            cos2,
+            sin1,
+            sin2,
+            b.to(tl.int64),
+            stride_q_b,
+            stride_q_h,
+            GROUP,
+            q_eps,
+            HAS_NORM,
+            HEAD_DIM,
+            HALF,
+            GROUP_PAD,
+            BLOCK_D // 2,
+        )
+        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GROUP_PAD, BLOCK_D))
+        # The new token (position seq_len - 1) lies in the split that ends the context: its
+        # program alone computes rope(k_norm(k)) as qk_norm_rope does, stores it and v in the
+        # token's cache slot (a padding row's slot -1: nowhere) and attends to both from
+        # registers. No program of this launch reads that slot, so none waits for the store.
+        if end == seq_len:
+            k1, k2 = norm_rope_heads(
+                k_new_ptr + kv_head * stride_k_new_h,
+                k_weight_ptr,
+                cos1,
+                cos2,
+                sin1,
+                sin2,
+                b.to(tl.int64),
+                stride_k_new_b,
+                stride_k_new_h,
+                1,
+                k_eps,
+                HAS_NORM,
+                HEAD_DIM,
+                HALF,
+                1,
+                BLOCK_D // 2,
+            )
+            k_new = tl.reshape(tl.permute(tl.join(k1, k2), (0, 2, 1)), (1, BLOCK_D))
+            v_new = tl.load(
+                v_new_ptr + b.to(tl.int64) * stride_v_new_b + kv_head * stride_v_new_h + offs_d,
+                mask=d_mask,
+                other=0.0,
+            )[None, :]  # [1, BLOCK_D]
+            slot = tl.load(slot_mapping_ptr + b).to(tl.int64)
+            dst = (
+                (slot // BLOCK_SIZE) * stride_cache_block
+                + (slot % BLOCK_SIZE) * stride_cache_tok
+                + kv_head.to(tl.int64) * stride_cache_head
+                + offs_d[None, :]
+            )
+            new_mask = (tl.arange(0, 1)[:, None] < tl.where(slot >= 0, 1, 0)) & d_mask[None, :]
+            tl.store(k_cache_ptr + dst, k_new, mask=new_mask)
+            tl.store(v_cache_ptr + dst, v_new, mask=new_mask)
+        else:  # the token is not in this split: never selected below
+            k_new = tl.zeros([1, BLOCK_D], dtype=k_new_ptr.dtype.element_ty)
+            v_new = tl.zeros([1, BLOCK_D], dtype=v_new_ptr.dtype.element_ty)
+    else:
+        q = tl.load(
+            q_ptr + b.to(tl.int64) * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :],
+            mask=g_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [GROUP_PAD, BLOCK_D]
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -249,9 +344,17 @@ def _paged_decode_kernel(
             SELECT_LOOKUP,
         )
         kv_off = head_off + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        if FUSED_ROPE:
+            # The new token from registers; its slot is being written in this launch.
+            is_new = (n_mask & (tile_start + offs_n == seq_len - 1))[:, None]
+            in_cache = n_mask & (tile_start + offs_n != seq_len - 1)
+            kv_mask = in_cache[:, None] & d_mask[None, :]
+            k = tl.where(is_new, k_new, tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0))
+            v = tl.where(is_new, v_new, tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0))
+        else:
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -433,6 +536,70 @@ def decode_attention(
     )
 
 
+def decode_attention_rope(
+    q: torch.Tensor,  # [B, num_heads, head_dim] raw: before the q norm and rotary
+    k: torch.Tensor,  # [B, num_kv_heads, head_dim] raw: the new token's k
+    v: torch.Tensor,  # [B, num_kv_heads, head_dim] the new token's v
+    positions: torch.Tensor,  # [B] int32/int64, seq_lens - 1 for a real row
+    cos_cache: torch.Tensor,  # [max_position, head_dim]
+    sin_cache: torch.Tensor,  # [max_position, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [B] int32/int64, slots < 0 skipped
+    seq_lens: torch.Tensor,  # [B] int32, counting the new token; 0 marks a padding row
+    block_tables: torch.Tensor,  # [B, max_blocks] int32, padded with -1
+    scale: float,
+    q_weight: torch.Tensor | None = None,  # [head_dim]
+    k_weight: torch.Tensor | None = None,  # [head_dim]
+    q_eps: float = 1e-6,
+    k_eps: float = 1e-6,
+    out: torch.Tensor | None = None,  # [B, num_heads, head_dim]
+    **kwargs,
+) -> torch.Tensor:
+    """`qk_norm_rope_store_kv` followed by `decode_attention`, in one launch (the
+    "decode_fused_rope" experiment): every program normalizes and rotates the query heads it
+    packs itself (kernels/qk_norm_rope.py's code, so q has the same bits), the program whose split
+    ends the context stores rope(k_norm(k)) and v in slot `slot_mapping[b]` (the same bits as the
+    rotary kernel's store), and uses them from registers for that position instead of reading the
+    cache: no program waits for another. q, k and v may be views into the packed qkv projection;
+    head_dim must be a power of two. The keyword arguments are `decode_attention`'s.
+    """
+    _check_qk(q, k, positions, cos_cache, sin_cache, q_weight, k_weight, None)
+    assert v.shape == k.shape and v.dtype == k.dtype and v.stride(2) == 1, (v.shape, k.shape)
+    assert k_cache.dtype == q.dtype, (k_cache.dtype, q.dtype)
+    assert slot_mapping.shape == (q.shape[0],), (slot_mapping.shape, q.shape)
+    assert slot_mapping.dtype in (torch.int32, torch.int64), slot_mapping.dtype
+    head_dim = q.shape[2]
+    assert head_dim == triton.next_power_of_2(head_dim), head_dim
+    rope = _Rope(k, v, positions, cos_cache, sin_cache, slot_mapping, q_weight, k_weight)
+    return _decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        seq_lens,
+        block_tables,
+        scale,
+        out,
+        rope=rope,
+        q_eps=q_eps,
+        k_eps=k_eps,
+        **kwargs,
+    )
+
+
+class _Rope(NamedTuple):
+    """decode_attention_rope's tensors, handed to the launch."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_cache: torch.Tensor
+    sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
+
+
 def _decode_attention(
     q: torch.Tensor,  # [B, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -451,6 +618,9 @@ def _decode_attention(
     fused_reduce: bool = False,
     select_lookup: bool = True,
     heads_first: bool = True,
+    rope: _Rope | None = None,
+    q_eps: float = 0.0,
+    k_eps: float = 0.0,
 ) -> torch.Tensor:
     """`decode_attention` with the variants only the benchmarks' sweeps compare: the block-table
     lookup of a key tile wider than a cache block (`select_lookup`, see
@@ -469,7 +639,7 @@ def _decode_attention(
         assert row_order.is_contiguous()
     assert block_size % block_n == 0 or block_n % block_size == 0
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(2) == 1
     if batch == 0:
         return out
@@ -506,6 +676,7 @@ def _decode_attention(
     # Only read by the fused reduce; otherwise any int32 tensor stands in.
     counters = _arrival_counters(q, batch * num_kv_heads) if fused else seq_lens
     grid = (num_kv_heads, batch) if heads_first else (batch, num_kv_heads)
+    has_norm = rope is not None and rope.q_weight is not None
     pdl = pdl_enabled(q)
     _paged_decode_kernel[(*grid, max_num_splits)](
         q_ptr=q,
@@ -518,10 +689,25 @@ def _decode_attention(
         part_lse_ptr=part_lse,
         out_ptr=out,
         counters_ptr=counters,
+        # Without rope, any tensor stands in for its pointers: they are never read.
+        k_new_ptr=rope.k if rope else q,
+        v_new_ptr=rope.v if rope else q,
+        positions_ptr=rope.positions if rope else seq_lens,
+        slot_mapping_ptr=rope.slot_mapping if rope else seq_lens,
+        cos_ptr=rope.cos_cache if rope else q,
+        sin_ptr=rope.sin_cache if rope else q,
+        q_weight_ptr=rope.q_weight if has_norm else q,
+        k_weight_ptr=rope.k_weight if has_norm else q,
         max_num_splits=max_num_splits,
         qk_scale=scale * _LOG2E,
+        q_eps=q_eps,
+        k_eps=k_eps,
         stride_q_b=q.stride(0),
         stride_q_h=q.stride(1),
+        stride_k_new_b=rope.k.stride(0) if rope else 0,
+        stride_k_new_h=rope.k.stride(1) if rope else 0,
+        stride_v_new_b=rope.v.stride(0) if rope else 0,
+        stride_v_new_h=rope.v.stride(1) if rope else 0,
         stride_out_b=out.stride(0),
         stride_out_h=out.stride(1),
         stride_cache_block=k_cache.stride(0),
@@ -543,6 +729,9 @@ def _decode_attention(
         SPLIT_CHUNK=split_chunk if fused else 1,
         ROW_ORDER=row_order is not None,
         HEADS_FIRST=heads_first,
+        FUSED_ROPE=rope is not None,
+        HAS_NORM=has_norm,
+        HALF=head_dim // 2,
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,

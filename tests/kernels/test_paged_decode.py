@@ -324,3 +324,115 @@ def test_attention_layer_reads_the_experiment_when_built(monkeypatch):
     monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "decode_fused_reduce")
     _forbid_reduce(monkeypatch)
     assert torch.equal(attend(), default)
+
+
+def _rope_case(seq_lens, num_heads, num_kv_heads, dtype, has_norm, head_dim=32, block_size=16):
+    """A decode step's raw q, k, v (views into one qkv buffer), its positions and slots (-1 for a
+    padding row), cos/sin tables and q/k norm weights, over a random paged cache."""
+    k_cache, v_cache, block_tables = make_paged_batch(
+        seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=len(seq_lens) + num_heads
+    )
+    gen = torch.Generator().manual_seed(num_heads + has_norm)
+    batch, d = len(seq_lens), head_dim
+    qkv = (3 * torch.randn(batch, (num_heads + 2 * num_kv_heads) * d, generator=gen)).to(dtype)
+    q, k, v = qkv.to(DEVICE).split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    tables = block_tables.cpu()
+    slots = [
+        int(tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else -1
+        for b, n in enumerate(seq_lens)
+    ]
+    case = {
+        "q": q.view(batch, num_heads, d),
+        "k": k.view(batch, num_kv_heads, d),
+        "v": v.view(batch, num_kv_heads, d),
+        "positions": torch.tensor([max(n - 1, 0) for n in seq_lens], device=DEVICE),
+        "cos_cache": torch.randn(512, d, generator=gen).to(dtype).to(DEVICE),
+        "sin_cache": torch.randn(512, d, generator=gen).to(dtype).to(DEVICE),
+        "slot_mapping": torch.tensor(slots, dtype=torch.int32, device=DEVICE),
+        "q_weight": (torch.rand(d, generator=gen) + 0.5).to(dtype).to(DEVICE) if has_norm else None,
+        "k_weight": (torch.rand(d, generator=gen) + 0.5).to(dtype).to(DEVICE) if has_norm else None,
+    }
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    # The new tokens' slots hold NaN: a program that read one from the cache would spread it.
+    for slot in slots:
+        if slot >= 0:
+            k_cache[slot // block_size, slot % block_size] = float("nan")
+            v_cache[slot // block_size, slot % block_size] = float("nan")
+    return case, k_cache, v_cache, lens, block_tables
+
+
+@pytest.mark.parametrize(
+    "dtype,num_heads,num_kv_heads,has_norm,max_num_splits,fused_reduce,heads_first",
+    [
+        (torch.float16, 4, 2, True, 3, False, True),  # GQA 2, Qwen3's norm, the reduce kernel
+        (torch.float32, 8, 2, False, 3, True, True),  # GQA 4, Qwen2 (no norm), fused reduce
+        (torch.float16, 8, 2, True, 1, False, True),  # one split: the kernel writes the output
+        (torch.float32, 4, 2, True, 4, True, False),  # rows in the grid's fastest dimension
+    ],
+)
+def test_decode_rope_equals_rotary_kernel_then_decode(
+    dtype, num_heads, num_kv_heads, has_norm, max_num_splits, fused_reduce, heads_first
+):
+    """decode_attention_rope (the "decode_fused_rope" experiment) against qk_norm_rope_store_kv
+    followed by decode_attention on the same inputs: the cache after the call and the output are
+    the same bits. The new token sits inside its last split (70: splits of 32), alone in it (33),
+    at its end (48), in a one-token row (1); a padding row (seq_len 0, slot -1) writes nothing and
+    attends to nothing; rows are taken longest first."""
+    from minivllm.kernels.paged_decode import decode_attention_rope
+    from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
+
+    seq_lens = [70, 0, 33, 1, 48]
+    case, k_cache, v_cache, lens, block_tables = _rope_case(
+        seq_lens, num_heads, num_kv_heads, dtype, has_norm
+    )
+    order = torch.argsort(lens.cpu(), descending=True, stable=True).to(torch.int32).to(DEVICE)
+    kw = {"max_num_splits": max_num_splits, "min_partition": 16, "block_n": 16}
+    kw.update(row_order=order, fused_reduce=fused_reduce)
+    eps = {"q_eps": 1e-6, "k_eps": 1e-5}
+    expect_k, expect_v = k_cache.clone(), v_cache.clone()
+    q = qk_norm_rope_store_kv(
+        case["q"],
+        case["k"],
+        case["v"],
+        case["positions"],
+        case["cos_cache"],
+        case["sin_cache"],
+        expect_k,
+        expect_v,
+        case["slot_mapping"],
+        case["q_weight"],
+        case["k_weight"],
+        **eps,
+    )
+    expect = _decode_attention(
+        q, expect_k, expect_v, lens, block_tables, 0.3, heads_first=heads_first, **kw
+    )
+    for _ in range(2):  # a second call (a graph replay) finds the counters at zero again
+        got_k, got_v = k_cache.clone(), v_cache.clone()
+        out = poison_like(case["q"].contiguous())
+        ret = decode_attention_rope(
+            case["q"],
+            case["k"],
+            case["v"],
+            case["positions"],
+            case["cos_cache"],
+            case["sin_cache"],
+            got_k,
+            got_v,
+            case["slot_mapping"],
+            lens,
+            block_tables,
+            0.3,
+            case["q_weight"],
+            case["k_weight"],
+            out=out,
+            heads_first=heads_first,
+            **eps,
+            **kw,
+        )
+        assert ret is out
+        assert torch.equal(got_k.nan_to_num(7.0), expect_k.nan_to_num(7.0))
+        assert torch.equal(got_v.nan_to_num(7.0), expect_v.nan_to_num(7.0))
+        assert not expect_k.isnan().any()  # every NaN slot was a new token's
+        assert torch.equal(out, expect)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
