@@ -24,6 +24,10 @@ EXPERIMENTS = {
         " GEMM at <= 64 tokens (kernels/linear_norm.py: no norm kernel)"
     ),
     "prefill_tma": "the flash prefill kernel loads its Q and K/V tiles through TMA descriptors",
+    "decode_fused_rope": (
+        "decode-only steps of <= 16 rows: the decode attention kernel applies the q/k norm and"
+        " rotary and stores the new K/V itself (no qk_norm_rope kernel)"
+    ),
 }
 
 ENV_VAR = "MINIVLLM_EXPERIMENTS"

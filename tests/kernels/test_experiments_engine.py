@@ -26,7 +26,7 @@ def _spy(monkeypatch, module, name: str, calls: list) -> None:
 
 def _run(path, monkeypatch, experiments: str):
     import minivllm.layers
-    from minivllm.kernels import flash_prefill, linear, linear_norm
+    from minivllm.kernels import flash_prefill, linear, linear_norm, paged_decode
 
     with monkeypatch.context() as mp:
         mp.setenv("MINIVLLM_EXPERIMENTS", experiments)
@@ -36,6 +36,7 @@ def _run(path, monkeypatch, experiments: str):
         _spy(mp, linear, "linear", calls)
         _spy(mp, linear_norm, "linear_add_rmsnorm", calls)
         _spy(mp, flash_prefill, "_prefill_attention", calls)
+        _spy(mp, paged_decode, "decode_attention_rope", calls)
         llm = make_llm(
             path,
             dtype="float16",
@@ -70,11 +71,19 @@ def test_every_experiment_on_matches_none(tiny_qwen3, monkeypatch) -> None:
                 names.add("prefill_tma")
             elif name == "linear" and rows == vocab:
                 names.add("lm_head_gemm")
+            elif name == "decode_attention_rope":
+                names.add("decode_fused_rope")
         return names
 
     vocab = TINY_QWEN3["vocab_size"]
     assert taken(none_calls) == set()
-    assert taken(calls) == {"gated_mlp", "splitk_norm", "prefill_tma", "lm_head_gemm"}
+    assert taken(calls) == {
+        "gated_mlp",
+        "splitk_norm",
+        "prefill_tma",
+        "lm_head_gemm",
+        "decode_fused_rope",  # the decode-only steps (<= 4 rows)
+    }
     for got, expect in zip(logprobs, none_logprobs, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), atol=3e-2, rtol=3e-2)
     assert tokens == none_tokens

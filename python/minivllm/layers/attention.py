@@ -8,6 +8,10 @@ With the triton backend the K/V write can move into the q/k-norm + rotary kernel
 per layer: the model hands `Attention.kv_write(v, meta)` to the rotary layer, which, when its fused
 kernel runs, stores k and v itself and returns k = None; the attention layer stores only a k it is
 given. Every other path (torch backend, CPU, MINIVLLM_FUSED_KERNELS=0) gets k back and stores here.
+
+With the "decode_fused_rope" experiment a decode-only step of at most DECODE_FUSED_ROPE_MAX_ROWS
+rows goes one step further: the rotary layer returns q unroped and, in k's place, a `DeferredRope`
+that this layer hands to the decode kernel, which applies the norm and rotary and stores k and v.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ import torch
 from torch import nn
 
 from minivllm.experiments import experiment_on
+
+# The largest decode-only step whose rotary runs inside the decode kernel (the CUDA-graph decode
+# buckets up to 16): with many rows, session 5 measured the fused form slower than two kernels
+# (docs/benchmark_history.md), while small steps are bound by their kernel boundaries.
+DECODE_FUSED_ROPE_MAX_ROWS = 16
 
 
 @dataclass
@@ -57,6 +66,23 @@ class KVCacheWrite:
     k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor  # [T] cache slot of each new token, < 0 for none
+    # The step is one the decode kernel finishes the rotary of (see DeferredRope).
+    rope_in_decode: bool = False
+
+
+@dataclass(frozen=True)
+class DeferredRope:
+    """What the rotary layer returns in k's place when the decode kernel is to apply the q/k norm
+    and rotary itself and store the new K/V (KVCacheWrite.rope_in_decode): q came back unroped."""
+
+    k: torch.Tensor  # [T, num_kv_heads, head_dim] unroped
+    positions: torch.Tensor  # [T]
+    cos_cache: torch.Tensor  # [max_position, head_dim]
+    sin_cache: torch.Tensor  # [max_position, head_dim]
+    q_weight: torch.Tensor | None  # [head_dim], the q/k norms' weights (Qwen3) or None
+    k_weight: torch.Tensor | None
+    q_eps: float
+    k_eps: float
 
 
 @dataclass(frozen=True)
@@ -69,6 +95,9 @@ class AttentionBackend:
     # The prefill kernel's variant with its tiles loaded through TMA (the "prefill_tma"
     # experiment), or None where the backend has none.
     prefill_attention_tma: Callable[..., torch.Tensor] | None = None
+    # Decode attention that applies the q/k norm and rotary and stores the new K/V itself (the
+    # "decode_fused_rope" experiment), or None where the backend has none.
+    decode_attention_rope: Callable[..., torch.Tensor] | None = None
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
@@ -96,6 +125,7 @@ def get_attention_backend(name: str) -> AttentionBackend:
             if name == "triton"
             else None
         ),
+        decode_attention_rope=mods.decode.decode_attention_rope if name == "triton" else None,
     )
 
 
@@ -126,24 +156,63 @@ class Attention(nn.Module):
         # Opt-in until measured (minivllm.experiments): a split decode merges its splits in its
         # last split program instead of a reduce kernel (the triton backend; torch ignores it).
         self.decode_fused_reduce = experiment_on("decode_fused_reduce")
+        # Opt-in until measured: small decode-only steps finish the rotary in the decode kernel
+        # (which takes power-of-two head sizes only).
+        self.decode_fused_rope = (
+            backend.decode_attention_rope is not None
+            and head_dim & (head_dim - 1) == 0
+            and experiment_on("decode_fused_rope")
+        )
 
     def kv_write(self, v: torch.Tensor, meta: AttentionMetadata) -> KVCacheWrite | None:
         """This step's cache write for the rotary kernel to fuse, or None when the backend keeps
         its own store. v: [T, num_kv_heads, head_dim]."""
         if not self.backend.can_fuse_kv_store:
             return None
-        return KVCacheWrite(v, self.k_cache, self.v_cache, meta.slot_mapping)
+        rope_in_decode = (
+            self.decode_fused_rope
+            and meta.max_prefill_query_len == 0
+            and meta.num_decodes == v.shape[0]
+            and meta.num_decodes <= DECODE_FUSED_ROPE_MAX_ROWS
+        )
+        return KVCacheWrite(v, self.k_cache, self.v_cache, meta.slot_mapping, rope_in_decode)
 
     def forward(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
-        k: torch.Tensor | None,  # [T, num_kv_heads, head_dim]; None: k and v already stored
+        # [T, num_kv_heads, head_dim]; None: k and v already stored; a DeferredRope: q and k are
+        # unroped, the decode kernel finishes them (a decode-only step)
+        k: torch.Tensor | DeferredRope | None,
         v: torch.Tensor,  # [T, num_kv_heads, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Store this step's k and v (unless the rotary kernel did: k is None), then attend. The
-        attention kernels read K/V from the cache only."""
+        attention kernels read K/V from the cache only, except the decode kernel handed a
+        DeferredRope, which stores the new token's K/V and uses it from registers."""
         backend = self.backend
+        if isinstance(k, DeferredRope):
+            assert meta.num_decodes == q.shape[0] and meta.max_prefill_query_len == 0
+            return backend.decode_attention_rope(
+                q,
+                k.k,
+                v,
+                k.positions,
+                k.cos_cache,
+                k.sin_cache,
+                self.k_cache,
+                self.v_cache,
+                meta.slot_mapping,
+                meta.decode_seq_lens,
+                meta.decode_block_tables,
+                self.scale,
+                k.q_weight,
+                k.k_weight,
+                k.q_eps,
+                k.k_eps,
+                out=torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                row_order=meta.decode_row_order,
+                fused_reduce=self.decode_fused_reduce,
+            )
         if k is not None:
             backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
