@@ -477,3 +477,149 @@ def test_prefill_tma_cuda_graph_replay_matches_eager(block_size):
     n = int(qsl[-1])
     eager = _prefill_attention(q[:n], k_cache, v_cache, cu, lens, block_tables, head_dim**-0.5, 300)
     torch.testing.assert_close(out[:n], eager, **TOL)
+
+
+def _rope_step(seq_lens, block_tables, block_size=16, num_heads=16, kvh=8, d=128, seed=0):
+    """A bf16 decode step's raw q, k, v (views into one qkv buffer), positions, slots (-1 for a
+    padding row), Qwen3's norm weights and a real rotary table."""
+    from minivllm.layers.rotary import RotaryEmbedding
+
+    batch = len(seq_lens)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(batch, (num_heads + 2 * kvh) * d, generator=gen, device="cuda")
+    q, k, v = qkv.to(torch.bfloat16).split([num_heads * d, kvh * d, kvh * d], dim=-1)
+    tables = block_tables.cpu()
+    slots = [
+        int(tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else -1
+        for b, n in enumerate(seq_lens)
+    ]
+    rotary = RotaryEmbedding(d, 8192, 1e6)  # float32 tables, cast as a bf16 model's are
+    weights = torch.rand(2, d, generator=gen, device="cuda").add(0.5).to(torch.bfloat16)
+    return {
+        "q": q.view(batch, num_heads, d),
+        "k": k.view(batch, kvh, d),
+        "v": v.view(batch, kvh, d),
+        "positions": torch.tensor([max(n - 1, 0) for n in seq_lens], device="cuda"),
+        "cos_cache": rotary.cos_cache.to("cuda", torch.bfloat16),
+        "sin_cache": rotary.sin_cache.to("cuda", torch.bfloat16),
+        "slot_mapping": torch.tensor(slots, dtype=torch.int32, device="cuda"),
+        "q_weight": weights[0],
+        "k_weight": weights[1],
+    }
+
+
+def _rotary_then_decode(step, k_cache, v_cache, lens, block_tables, scale, **kw):
+    """Today's path: qk_norm_rope_store_kv, then decode_attention."""
+    from minivllm.kernels.paged_decode import decode_attention
+    from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
+
+    q = qk_norm_rope_store_kv(
+        step["q"],
+        step["k"],
+        step["v"],
+        step["positions"],
+        step["cos_cache"],
+        step["sin_cache"],
+        k_cache,
+        v_cache,
+        step["slot_mapping"],
+        step["q_weight"],
+        step["k_weight"],
+    )
+    return decode_attention(q, k_cache, v_cache, lens, block_tables, scale, **kw)
+
+
+def _decode_rope(step, k_cache, v_cache, lens, block_tables, scale, **kw):
+    from minivllm.kernels.paged_decode import decode_attention_rope
+
+    return decode_attention_rope(
+        step["q"],
+        step["k"],
+        step["v"],
+        step["positions"],
+        step["cos_cache"],
+        step["sin_cache"],
+        k_cache,
+        v_cache,
+        step["slot_mapping"],
+        lens,
+        block_tables,
+        scale,
+        step["q_weight"],
+        step["k_weight"],
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("fused_reduce", [False, True])
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_decode_rope_bf16(batch, fused_reduce):
+    """The decode_fused_rope experiment at Qwen3-0.6B's shape with the default split: the cache
+    after the call is the rotary kernel's, bit for bit, and the output is the two-kernel path's
+    (q normed and rotated by the same code; the new token from registers)."""
+    gen = torch.Generator().manual_seed(batch)
+    seq_lens = torch.randint(1000, 5000, (batch,), generator=gen)
+    seq_lens[2::4] = torch.randint(1, 200, (len(seq_lens[2::4]),), generator=gen)
+    if batch > 1:
+        seq_lens[1] = 0
+    seq_lens = seq_lens.tolist()
+    k_cache, v_cache, block_tables = _paged(seq_lens, 8, 128, 16, torch.bfloat16, seed=batch)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    step = _rope_step(seq_lens, block_tables, seed=batch)
+    scale = 128**-0.5
+    expect_k, expect_v = k_cache.clone(), v_cache.clone()
+    expect = _rotary_then_decode(
+        step, expect_k, expect_v, lens, block_tables, scale, fused_reduce=fused_reduce
+    )
+    out = _decode_rope(step, k_cache, v_cache, lens, block_tables, scale, fused_reduce=fused_reduce)
+    torch.cuda.synchronize()
+    assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
+    torch.testing.assert_close(out, expect, atol=1e-2, rtol=1e-2)
+    if batch > 1:
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_decode_rope_cuda_graph_replay():
+    """decode_attention_rope captured once (after an eager warm-up), replayed with two sets of
+    rows: each replay's cache writes and output match the eager two-kernel path."""
+    batch, kvh, d, block_size, max_blocks = 8, 8, 128, 16, 256
+    k_cache, v_cache, _ = _paged([max_blocks * block_size], kvh, d, block_size, torch.bfloat16)
+    num_blocks = k_cache.shape[0]
+    static_lens = torch.ones(batch, dtype=torch.int32, device="cuda")
+    static_tables = torch.zeros((batch, max_blocks), dtype=torch.int32, device="cuda")
+    static = _rope_step([1] * batch, static_tables)
+    static_qkv = [static[name] for name in ("q", "k", "v", "positions", "slot_mapping")]
+    static_out = torch.empty(static["q"].shape, dtype=torch.bfloat16, device="cuda")
+    scale = d**-0.5
+
+    def run():
+        _decode_rope(static, k_cache, v_cache, static_lens, static_tables, scale, out=static_out)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compile before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+
+    for trial, lens in enumerate(
+        [[1, 17, 4096, 0, 300, 2048, 16, 5], [4000, 0, 0, 1, 2, 3, 1024, 4095]]
+    ):
+        gen = torch.Generator(device="cuda").manual_seed(trial)
+        static_tables.fill_(-1)
+        for b, n in enumerate(lens):
+            nb = -(-n // block_size)
+            static_tables[b, :nb] = torch.randperm(num_blocks, generator=gen, device="cuda")[:nb]
+        step = _rope_step(lens, static_tables, seed=trial + 1)
+        for name, buf in zip(("q", "k", "v", "positions", "slot_mapping"), static_qkv):
+            buf.copy_(step[name])
+        static_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        expect_k, expect_v = k_cache.clone(), v_cache.clone()
+        expect = _rotary_then_decode(step, expect_k, expect_v, static_lens, static_tables, scale)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
+        torch.testing.assert_close(static_out, expect, atol=1e-2, rtol=1e-2)
