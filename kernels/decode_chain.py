@@ -58,7 +58,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import _num_sms
+from .activation import silu_and_mul
+from .fused_norm import fused_add_rmsnorm, rmsnorm
+from .linear import _num_sms, linear
 from .pdl import device_index
 
 PHASES_PER_LAYER = 4  # qkv, o, gate/up, down
@@ -555,3 +557,26 @@ def decode_chain(
             num_warps=config.num_warps,
         )
     return out
+
+
+def per_kernel_chain(
+    residual: torch.Tensor,  # [M, H]
+    attn: torch.Tensor,  # [M, ATTN]
+    weights: ChainWeights,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (the residual after the last layer, its qkv)
+    """What `decode_chain` computes, through the engine's per-layer kernels as
+    bench_layer_chain.py's triton modes launch them (split-K partial sums into the fused add +
+    RMSNorm): the tests' oracle for the one-launch kernel."""
+    w, res = weights, residual
+    h = rmsnorm(res, w.norm[0, 0], eps)
+    num_layers = w.qkv.shape[0]
+    for layer in range(num_layers):
+        qkv = linear(h, w.qkv[layer])
+        o = linear(attn, w.o[layer], partials=True)
+        h, res = fused_add_rmsnorm(o, res, w.norm[layer, 1], eps)
+        act = silu_and_mul(linear(h, w.gate_up[layer]))
+        down = linear(act, w.down[layer], partials=True)
+        # The next layer's input norm (the last layer's h is never used).
+        h, res = fused_add_rmsnorm(down, res, w.norm[min(layer + 1, num_layers - 1), 0], eps)
+    return res, qkv

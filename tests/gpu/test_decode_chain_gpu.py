@@ -43,24 +43,6 @@ def _inputs(m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return residual, torch.randn(m, ATTN, generator=g, device="cuda").to(DT)
 
 
-def _per_kernel_chain(residual, attn, w) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final residual, last qkv) through the engine's kernels, as bench_layer_chain.py runs them."""
-    from minivllm.kernels.activation import silu_and_mul
-    from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
-    from minivllm.kernels.linear import linear
-
-    res = residual
-    h = rmsnorm(res, w.norm[0, 0], EPS)
-    for layer in range(LAYERS):
-        qkv = linear(h, w.qkv[layer])
-        o = linear(attn, w.o[layer], partials=True)
-        h, res = fused_add_rmsnorm(o, res, w.norm[layer, 1], EPS)
-        act = silu_and_mul(linear(h, w.gate_up[layer]))
-        down = linear(act, w.down[layer], partials=True)
-        h, res = fused_add_rmsnorm(down, res, w.norm[(layer + 1) % LAYERS, 0], EPS)
-    return res, qkv
-
-
 def _float32_chain(residual, attn, w) -> torch.Tensor:
     """The same chain in float32 throughout (no bf16 rounding between the ops): the oracle."""
     import torch.nn.functional as F
@@ -86,7 +68,7 @@ def test_one_launch_matches_the_per_kernel_chain_bf16(m: int) -> None:
     split-K slices, other summation orders), and as close to a float32 oracle as that chain is;
     against itself run one phase per launch (no grid barrier at all, the same summation order)
     bit for bit, so a barrier that lets a program through early shows."""
-    from minivllm.kernels.decode_chain import decode_chain, make_workspace
+    from minivllm.kernels.decode_chain import decode_chain, make_workspace, per_kernel_chain
 
     weights = _weights()
     residual, attn = _inputs(m, 1)
@@ -95,7 +77,7 @@ def test_one_launch_matches_the_per_kernel_chain_bf16(m: int) -> None:
     ws.qkv.fill_(float("nan"))
     got = decode_chain(residual, attn, weights, EPS, ws)
     got_qkv = ws.qkv.clone()
-    expect, expect_qkv = _per_kernel_chain(residual, attn, weights)
+    expect, expect_qkv = per_kernel_chain(residual, attn, weights, EPS)
     assert _rel_err(got, expect) < 1e-2 and _rel_err(got_qkv, expect_qkv) < 1e-2
     oracle = _float32_chain(residual, attn, weights)
     assert _rel_err(got, oracle) <= 1.5 * _rel_err(expect, oracle) + 1e-3
@@ -124,7 +106,7 @@ def test_prefetch_modes_change_no_value(prefetch: int) -> None:
 def test_graph_replays_on_new_inputs() -> None:
     """Captured once, replayed twice on new inputs: each replay equals an eager launch (the
     barrier counter goes on growing from launch to launch; the tile counters end at zero)."""
-    from minivllm.kernels.decode_chain import decode_chain, make_workspace
+    from minivllm.kernels.decode_chain import decode_chain, make_workspace, per_kernel_chain
 
     m = 8
     weights = _weights()
@@ -148,7 +130,7 @@ def test_graph_replays_on_new_inputs() -> None:
         graph.replay()
         expect = decode_chain(residual, attn, weights, EPS, eager_ws)
         assert torch.equal(out, expect)
-        assert _rel_err(out, _per_kernel_chain(residual, attn, weights)[0]) < 1e-2
+        assert _rel_err(out, per_kernel_chain(residual, attn, weights, EPS)[0]) < 1e-2
     torch.cuda.synchronize()
     assert ws.timeouts.item() == 0 and not ws.tile_counts.any()
     assert ws.barrier.item() == 3 * (4 * LAYERS - 1) * ws.num_programs  # warm-up + 2 replays

@@ -110,23 +110,11 @@ def test_many_programs_one_phase_per_launch_match_torch(num_programs: int, split
 def test_matches_the_per_kernel_chain() -> None:
     """Against the chain bench_layer_chain.py times (kernels/linear.py's GEMMs, split-K partial
     sums into the fused add + RMSNorm, SiLU-and-multiply), float16, the output in place."""
-    from minivllm.kernels.activation import silu_and_mul
-    from minivllm.kernels.decode_chain import decode_chain, make_workspace
-    from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
-    from minivllm.kernels.linear import linear
+    from minivllm.kernels.decode_chain import decode_chain, make_workspace, per_kernel_chain
 
     m, dtype, config = 3, torch.float16, _config()
     residual, attn, w = _case(m, dtype, seed=4)
-    res = residual
-    h = rmsnorm(res, w.norm[0, 0], EPS)
-    for layer in range(LAYERS):
-        qkv = linear(h, w.qkv[layer])
-        o = linear(attn, w.o[layer], partials=True)
-        h, res = fused_add_rmsnorm(o, res, w.norm[layer, 1], EPS)
-        act = silu_and_mul(linear(h, w.gate_up[layer]))
-        down = linear(act, w.down[layer], partials=True)
-        next_norm = w.norm[min(layer + 1, LAYERS - 1), 0]
-        h, res = fused_add_rmsnorm(down, res, next_norm, EPS)
+    res, qkv = per_kernel_chain(residual, attn, w, EPS)
     ws = make_workspace(m, w, num_programs=1, config=config)
     got = decode_chain(residual, attn, w, EPS, ws, out=residual, config=config)
     assert got is residual
