@@ -114,7 +114,8 @@ def main() -> None:
                 args.smoke,
             )
         rows.append(row(name, latency, throughput))
-        print(f"done: {name}", flush=True)
+        cells = ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k != "set")
+        print(f"done: {name}: {cells}", flush=True)  # a call cut short keeps what it measured
     out.write_text(json.dumps(rows, indent=2))
     print()
     print_rows(rows)

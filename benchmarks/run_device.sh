@@ -14,7 +14,9 @@
 #   kernels     all of: prefill_attention decode_attention decode_varlen gemm layer_chain
 #               small_kernels (bench_<name>.py; each can be named alone)
 # Extra arguments per step: <STEP>_ARGS, e.g. THROUGHPUT_ARGS="--model-shape 8b --no-python"
-# (throughput defaults to --no-peer; PREFILL_ATTENTION_ARGS="--sweep --plot" and the like).
+# (throughput defaults to --no-peer; PREFILL_ATTENTION_ARGS="--sweep --plot" and the like;
+# TESTS_ARGS: pytest's arguments, default tests/gpu). EXPERIMENTS_SET: the experiments that
+# tests_experiments turns on (default all).
 # BUDGET_S (default 570): no step runs past this many seconds from the start, so the summary
 # comes back within the device's 10-minute command limit; steps left without time are skipped.
 set -uo pipefail
@@ -60,10 +62,10 @@ for step in "${steps[@]}"; do
   for s in "$@"; do
     case $s in
       tests)
-        run gpu_tests 330 python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+        run gpu_tests 330 python3 -m pytest -q -p no:cacheprovider $(extra tests tests/gpu) ;;
       tests_experiments)
-        MINIVLLM_EXPERIMENTS=all run gpu_tests_experiments 330 \
-          python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+        MINIVLLM_EXPERIMENTS=${EXPERIMENTS_SET:-all} run gpu_tests_experiments 330 \
+          python3 -m pytest -q -p no:cacheprovider $(extra tests_experiments tests/gpu) ;;
       experiments)
         run experiments 540 python3 benchmarks/bench_experiments.py \
           --out "$OUT/experiments.json" $(extra experiments) ;;
