@@ -3,21 +3,13 @@
 Decode attention, Qwen3-0.6B head shape (16 query heads, 8 KV heads, head_dim 128), bf16, block
 size 16 with shuffled block tables: a naive PyTorch loop over the paged cache, the vectorized
 PyTorch gather (kernels/reference.py), our Triton paged decode (eager and replayed from a CUDA
-graph; with --fused-reduce also the "decode_fused_reduce" experiment, the splits merged by the
-last split program instead of a reduce kernel), and SDPA on contiguous K/V as the peer. Reported:
-microseconds and GB/s of KV read against the device-to-device copy bandwidth measured in the same
-run (bytes read + written). Every timed call starts with a cold L2: a 256 MB buffer is summed
-before it (the `us_wflush` column: triton's do_bench, which zeroes the buffer instead and so also
-pays for writing back dirty lines). Also: storing the K/V of an 8192-token prefill chunk into the
-cache (bytes read + written).
+graph), and SDPA on contiguous K/V as the peer. Reported: microseconds and GB/s of KV read against
+the device-to-device copy bandwidth measured in the same run (bytes read + written). Every timed
+call starts with a cold L2: a 256 MB buffer is summed before it (the `us_wflush` column: triton's
+do_bench, which zeroes the buffer instead and so also pays for writing back dirty lines). Also:
+storing the K/V of an 8192-token prefill chunk into the cache (bytes read + written).
 
-    python benchmarks/bench_decode_attention.py [--plot] [--sweep] [--fused-reduce] [--fused-rope]
-        [--out PATH]
-
-With --fused-rope also the "decode_fused_rope" experiment: the q/k norm + rotary + KV store kernel
-and the decode kernel against decode_attention_rope alone (small batches are its target).
-The engine-level effect of either: bench_latency.py / bench_throughput.py run with
-MINIVLLM_EXPERIMENTS=decode_fused_reduce (or decode_fused_rope) against without.
+    python benchmarks/bench_decode_attention.py [--plot] [--sweep] [--out PATH]
 """
 
 from __future__ import annotations
@@ -40,8 +32,7 @@ from bench_common import (
 )
 from minivllm.kernels import reference
 from minivllm.kernels.kv_store import store_kvcache
-from minivllm.kernels.paged_decode import _decode_attention, decode_attention_rope
-from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
+from minivllm.kernels.paged_decode import _decode_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 # (block_n, num_warps, num_stages, min_partition, max_num_splits, select_lookup) tried by --sweep;
@@ -124,57 +115,6 @@ def graph_of(fn):
     return graph.replay
 
 
-def bench_fused_rope(q, k_cache, v_cache, seq_lens, block_tables, scale, kw, record):
-    """The "decode_fused_rope" experiment: qk_norm_rope_store_kv then the decode kernel (today's
-    two launches) against decode_attention_rope, from raw q/k/v views into one qkv buffer, with
-    Qwen3's q/k norm; same decode config `kw`; the two-launch output is the expected one."""
-    batch, num_heads, d = q.shape
-    kvh, block_size = k_cache.shape[2], k_cache.shape[1]
-    qkv = torch.randn(batch, (num_heads + 2 * kvh) * d, device=q.device, dtype=q.dtype)
-    q_raw, k, v = qkv.split([num_heads * d, kvh * d, kvh * d], dim=-1)
-    q_raw, k, v = q_raw.view(batch, num_heads, d), k.view(batch, kvh, d), v.view(batch, kvh, d)
-    positions = (seq_lens - 1).long()
-    block_ids = block_tables.gather(1, (positions // block_size)[:, None])[:, 0].long()
-    slots = block_ids * block_size + positions % block_size
-    cos = torch.randn(int(seq_lens.max()), d, device=q.device, dtype=q.dtype)
-    sin = torch.randn_like(cos)
-    q_weight, k_weight = torch.rand(2, d, device=q.device, dtype=q.dtype) + 0.5
-    roped, two_out, fused_out = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
-    rope_args = (positions, cos, sin, k_cache, v_cache, slots)
-
-    def two_kernels():
-        qk_norm_rope_store_kv(q_raw, k, v, *rope_args, q_weight, k_weight, q_out=roped)
-        return _decode_attention(
-            roped, k_cache, v_cache, seq_lens, block_tables, scale, out=two_out, **kw
-        )
-
-    def fused():
-        return decode_attention_rope(
-            q_raw,
-            k,
-            v,
-            *rope_args,
-            seq_lens,
-            block_tables,
-            scale,
-            q_weight,
-            k_weight,
-            out=fused_out,
-            **kw,
-        )
-
-    expect = two_kernels().clone()
-    variants = [
-        ("norm+rope+store, decode", two_kernels, two_out),
-        ("decode_attention_rope", fused, fused_out),
-    ]
-    for name, fn, out in variants:
-        record(f"{name} (ours)", fn, expect)
-        if DEVICE == "cuda":
-            replay = graph_of(fn)
-            record(f"{name} (ours, CUDA graph)", lambda r=replay, o=out: (r(), o)[1], expect)
-
-
 def bench_decode(batch, ctx, args, dtype, copy_gbs, sweep):
     q, k_cache, v_cache, seq_lens, block_tables = make_case(batch, ctx, args.block_size, dtype)
     scale = HEAD_DIM**-0.5
@@ -244,32 +184,6 @@ def bench_decode(batch, ctx, args, dtype, copy_gbs, sweep):
     if DEVICE == "cuda":
         replay = graph_of(ours)
         record("triton paged decode (ours, CUDA graph)", lambda: (replay(), out)[1], expect)
-    if args.fused_reduce:  # same config, the splits merged without the reduce kernel
-        fused_out = torch.empty_like(q)
-
-        def fused():
-            return _decode_attention(
-                q,
-                k_cache,
-                v_cache,
-                seq_lens,
-                block_tables,
-                scale,
-                out=fused_out,
-                fused_reduce=True,
-                **kw,
-            )
-
-        if not torch.equal(fused(), ours()):
-            print(f"{case} fused reduce: NOT bit-identical to the two-kernel path")
-        record("triton paged decode (ours, fused reduce)", fused, expect)
-        if DEVICE == "cuda":
-            fused_replay = graph_of(fused)
-            record(
-                "triton paged decode (ours, fused reduce, CUDA graph)",
-                lambda: (fused_replay(), fused_out)[1],
-                expect,
-            )
     if batch * ctx <= args.gather_max_tokens:
         record(
             "torch vectorized gather",
@@ -290,8 +204,6 @@ def bench_decode(batch, ctx, args, dtype, copy_gbs, sweep):
         fn = sdpa_peer(q, k4, v4, scale, backend)
         if fn is not None:
             record(f"sdpa {backend} (contiguous)", fn, expect)
-    if args.fused_rope:  # last: both write the new tokens' K/V into the cache
-        bench_fused_rope(q, k_cache, v_cache, seq_lens, block_tables, scale, kw, record)
     print_table(
         sweep_rows + rows, ["case", "impl", "us", "gbs", "frac_copy", "us_wflush", "rel_err"]
     )
@@ -387,17 +299,6 @@ def main() -> None:
     )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument(
-        "--fused-reduce",
-        action="store_true",
-        help="also time the decode_fused_reduce experiment (no reduce kernel) beside the default",
-    )
-    parser.add_argument(
-        "--fused-rope",
-        action="store_true",
-        help="also time the decode_fused_rope experiment (q/k norm, rotary and the new token's"
-        " K/V store inside the decode kernel) against the rotary kernel + decode",
-    )
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--out", default="benchmarks/out/decode_attention.json")
     args = parser.parse_args()

@@ -53,8 +53,6 @@ VARIANTS = {
     "p64": {"min_partition": 64},
     "n32 p64": {"block_n": 32, "min_partition": 64},
     "n32 p32": {"block_n": 32, "min_partition": 32},
-    # the decode_fused_reduce experiment: the last split merges, no reduce kernel
-    "fused-reduce": {"fused_reduce": True},
 }
 
 

@@ -6,16 +6,10 @@ Causal attention, Qwen3-0.6B head shape (16 query heads, 8 KV heads, head_dim 12
     blocks), and torch SDPA (flash / cuDNN backends) on contiguous K/V: TFLOP/s and peak memory;
   * 16 x 1024 varlen batch;
   * 512 new tokens over a 4096-token cached prefix, paged vs the same work on contiguous K/V.
-Kernel variants (--variants, flash_prefill.VARIANTS) run side by side: "default" (pointer loads)
-and "tma" (Q and K/V tiles through tensor descriptors, warp-specialized in some configurations),
-each with its own tile sweep (--sweep: every variant; --sweep tma: that one, the others at their
-launcher defaults; a configuration that fails to compile or launch is reported and skipped).
 Causal FLOPs are counted as 4 * heads * head_dim * (keys each query sees), i.e. about 2 * N^2 *
 heads * head_dim for a plain prompt (the masked half is not counted).
 
-    python benchmarks/bench_prefill_attention.py [--plot] [--sweep [VARIANT ...]] [--out PATH]
-    python benchmarks/bench_prefill_attention.py --variants default tma --sweep tma \
-        --seq-lens 4096 --naive-max 0
+    python benchmarks/bench_prefill_attention.py [--plot] [--sweep] [--out PATH]
 """
 
 from __future__ import annotations
@@ -40,7 +34,7 @@ from bench_common import (
     time_ms,
     write_json,
 )
-from minivllm.kernels.flash_prefill import VARIANTS, _prefill_attention
+from minivllm.kernels.flash_prefill import _prefill_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 DTYPE = torch.bfloat16
@@ -64,53 +58,6 @@ SWEEP_LARGE_BLOCKS = [
     (64, 64, 4, 3, True),
     (128, 64, 8, 2, True),
 ]
-# The tma variant: (block_m, block_n, num_warps, num_stages, warp_specialize[, pack_gqa]). K/V go
-# through descriptors only when block_n divides the cache block, so 16-token blocks get 16-key
-# tiles (and one 32-key row with K/V by pointers, Q by descriptor). Warp-specialized rows use 4
-# warps: Triton 3.6 makes them one producer and two consumer warp groups (it ignores the request
-# at 8), and their shared memory bounds block_n x stages: up to ~197 KB here (Triton 3.6, sm_90),
-# where 64 x 128 at 3 stages would take 246 KB, past the 227 KB an SM has.
-SWEEP_TMA = [
-    None,
-    (128, 16, 8, 3, False),
-    (128, 16, 4, 3, False),
-    (64, 16, 4, 3, False),
-    (128, 32, 8, 3, False),
-    (128, 16, 4, 2, True),
-    (128, 16, 4, 3, True),
-    (128, 16, 4, 4, True),
-]
-SWEEP_TMA_LARGE_BLOCKS = [
-    None,
-    (128, 64, 8, 3, False),
-    (128, 64, 4, 3, False),
-    (128, 128, 8, 3, False),
-    (128, 128, 8, 2, False),
-    (64, 64, 4, 3, False),
-    (128, 64, 8, 3, False, False),
-    (128, 64, 4, 2, True),
-    (128, 64, 4, 3, True),
-    (128, 64, 4, 4, True),
-    (128, 128, 4, 2, True),
-    (64, 128, 4, 2, True),
-]
-# The keyword each field of a sweep entry sets, per variant.
-KNOBS = {
-    "default": ("block_m", "block_n", "num_warps", "num_stages", "select_lookup"),
-    "tma": ("block_m", "block_n", "num_warps", "num_stages", "warp_specialize", "pack_gqa"),
-}
-
-
-def sweep_configs(variant, block_size, sweep):
-    """The tile configurations to try for a variant over a cache block size: [None] (only the
-    launcher default) unless --sweep names it (or names none: every variant)."""
-    if sweep is None or (sweep and variant not in sweep):
-        return [None]
-    large = block_size >= 128
-    if variant == "default":
-        return SWEEP_LARGE_BLOCKS if large else SWEEP
-    configs = SWEEP_TMA_LARGE_BLOCKS if large else SWEEP_TMA
-    return [c for c in configs if c is None or block_size % c[1] == 0 or c[1] % block_size == 0]
 
 
 # ---- naive Triton attention: S and P materialized in device memory (O(N^2)) ---------------------
@@ -274,79 +221,48 @@ def paged_cache(k, v, seq_lens, block_size, shuffle=True):
     return k_cache, v_cache, block_tables
 
 
-def ours(q, k_cache, v_cache, q_lens, seq_lens, block_tables, scale, cfg=None, variant="default"):
+def ours(q, k_cache, v_cache, q_lens, seq_lens, block_tables, scale, cfg=None):
     cu = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(q)
-    kw = {"variant": variant}
+    kw = {}
     if cfg is not None:
-        kw.update(zip(KNOBS[variant], cfg))
+        kw = {
+            "block_m": cfg[0],
+            "block_n": cfg[1],
+            "num_warps": cfg[2],
+            "num_stages": cfg[3],
+            "select_lookup": cfg[4],
+        }
     return lambda: _prefill_attention(
         q, k_cache, v_cache, cu, lens, block_tables, scale, max(q_lens), out=out, **kw
     )
 
 
-def best_config(make_fn, flops, label, sweep, variant="default"):
-    """Time each tile configuration of a variant (make_fn(cfg, variant)); returns (best cfg,
-    rows)."""
+def best_config(make_fn, flops, label, sweep):
+    """Time each tile configuration; returns (best cfg, rows)."""
     rows, best = [], None
     for cfg in sweep:
         try:
-            fn = make_fn(cfg, variant)
+            fn = make_fn(cfg)
             fn()
             sync()
             ms = time_ms(fn)
-        except Exception as e:  # noqa: BLE001 -- out of shared memory, a refused loop and the like
-            first = (str(e).strip().splitlines() or [""])[0][:80]
-            print(f"{label} {variant} {cfg}: failed ({type(e).__name__}: {first})")
+        except Exception as e:  # noqa: BLE001 -- out of shared memory and the like
+            print(f"{label} {cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
             continue
-        rows.append(
-            {
-                "case": label,
-                "variant": variant,
-                "config": str(cfg),
-                "ms": ms,
-                "tflops": flops / ms / 1e9,
-            }
-        )
-        print(f"{label} {variant} {cfg}: {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
+        rows.append({"case": label, "config": str(cfg), "ms": ms, "tflops": flops / ms / 1e9})
         if best is None or ms < best[1]:
             best = (cfg, ms)
+    print_table(rows, ["case", "config", "ms", "tflops"])
     return (best[0] if best else None), rows
-
-
-def best_configs(make_fn, flops, label, block_size, args):
-    """best_config for each variant of --variants; returns ({variant: best cfg}, rows)."""
-    best, rows = {}, []
-    for variant in args.variants:
-        configs = sweep_configs(variant, block_size, args.sweep)
-        best[variant], variant_rows = best_config(make_fn, flops, label, configs, variant)
-        rows += variant_rows
-    print_table(rows, ["case", "variant", "config", "ms", "tflops"])
-    return best, rows
-
-
-def impl_name(variant, what="paged"):
-    return (
-        f"flash_prefill (ours, {what})"
-        if variant == "default"
-        else f"flash_prefill (ours {variant}, {what})"
-    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", default="512,1024,2048,4096,8192,16384")
     parser.add_argument("--block-size", type=int, default=16, help="KV cache block size")
-    parser.add_argument(
-        "--sweep",
-        nargs="*",
-        choices=VARIANTS,
-        help="try several tile configurations (of the variants named; none named: every one)",
-    )
-    parser.add_argument(
-        "--variants", nargs="+", default=["default"], choices=VARIANTS, help="kernel variants"
-    )
+    parser.add_argument("--sweep", action="store_true", help="try several tile configurations")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--headline", type=int, default=4096, help="sequence length of the sweep")
     parser.add_argument("--varlen", default="16x1024", help="BATCHxLEN")
@@ -363,6 +279,7 @@ def main() -> None:
     info = device_info()
     info["copy_gbs"] = copy_bandwidth_gbs()
     print(info)
+    sweep = SWEEP if args.sweep else [None]
 
     # Tile sweep on the headline case (one 4096-token prompt), paged with block_size and 256.
     n = args.headline
@@ -374,16 +291,17 @@ def main() -> None:
     best_by_bs = {}
     for block_size in sorted({bs, 256}):
         kc, vc, bt = paged_cache(k, v, [n], block_size)
-        best_by_bs[block_size], rows = best_configs(
-            lambda c, var, kc=kc, vc=vc, bt=bt: ours(q, kc, vc, [n], [n], bt, scale, c, var),
+        this_sweep = sweep if block_size < 128 or not args.sweep else SWEEP_LARGE_BLOCKS
+        cfg, rows = best_config(
+            lambda c, kc=kc, vc=vc, bt=bt: ours(q, kc, vc, [n], [n], bt, scale, c),
             flops,
             f"{n} bs{block_size}",
-            block_size,
-            args,
+            this_sweep,
         )
+        best_by_bs[block_size] = cfg
         sweep_rows += rows
-    cfgs = best_by_bs[bs]
-    print(f"tile configs used below: {cfgs} (None = launcher default)")
+    cfg = best_by_bs[bs]
+    print(f"tile config used below: {cfg} (None = launcher default)")
 
     rows = []
     for n in [int(x) for x in args.seq_lens.split(",")]:
@@ -395,13 +313,11 @@ def main() -> None:
         q4 = q.transpose(0, 1)[None]
         k4 = k.repeat_interleave(h // kvh, dim=1).transpose(0, 1)[None].contiguous()
         v4 = v.repeat_interleave(h // kvh, dim=1).transpose(0, 1)[None].contiguous()
-        impls = {}
-        for variant, cfg in cfgs.items():
-            impls[impl_name(variant)] = ours(q, kc, vc, [n], [n], bt, scale, cfg, variant)
-            if n == args.headline and cfg is not None:
-                impls[impl_name(variant, "paged, launcher default")] = ours(
-                    q, kc, vc, [n], [n], bt, scale, None, variant
-                )
+        impls = {"flash_prefill (ours, paged)": ours(q, kc, vc, [n], [n], bt, scale, cfg)}
+        if n == args.headline and cfg is not None:
+            impls["flash_prefill (ours, paged, launcher default)"] = ours(
+                q, kc, vc, [n], [n], bt, scale
+            )
         for backend in ("flash", "cudnn"):
             fn = sdpa(q4, k4, v4, backend, is_causal=True, scale=scale)
             if fn is not None:
@@ -448,20 +364,15 @@ def main() -> None:
     v = torch.randn(b * n, kvh, d, device=DEVICE, dtype=DTYPE)
     flops = b * 2.0 * h * d * n * n
     kc, vc, bt = paged_cache(k, v, [n] * b, bs)
-    varlen_cfgs, vrows = best_configs(
-        lambda c, var: ours(q, kc, vc, [n] * b, [n] * b, bt, scale, c, var),
-        flops,
-        f"{b}x{n}",
-        bs,
-        args,
+    varlen_cfg, vrows = best_config(
+        lambda c: ours(q, kc, vc, [n] * b, [n] * b, bt, scale, c), flops, f"{b}x{n}", sweep
     )
     sweep_rows += vrows
     q4 = q.view(b, n, h, d).transpose(1, 2)
     k4 = k.view(b, n, kvh, d).repeat_interleave(h // kvh, dim=2).transpose(1, 2).contiguous()
     v4 = v.view(b, n, kvh, d).repeat_interleave(h // kvh, dim=2).transpose(1, 2).contiguous()
     impls = {
-        impl_name(var): ours(q, kc, vc, [n] * b, [n] * b, bt, scale, cfg, var)
-        for var, cfg in varlen_cfgs.items()
+        "flash_prefill (ours, paged)": ours(q, kc, vc, [n] * b, [n] * b, bt, scale, varlen_cfg)
     }
     for backend in ("flash", "cudnn"):
         fn = sdpa(q4, k4, v4, backend, is_causal=True, scale=scale)
@@ -497,12 +408,11 @@ def main() -> None:
     v = torch.randn(total, kvh, d, device=DEVICE, dtype=DTYPE)
     flops = 4.0 * h * d * (new * prefix + new * (new + 1) / 2)
     kc, vc, bt = paged_cache(k, v, [total], bs)
-    prefix_cfgs, prows = best_configs(
-        lambda c, var: ours(q, kc, vc, [new], [total], bt, scale, c, var),
+    prefix_cfg, prows = best_config(
+        lambda c: ours(q, kc, vc, [new], [total], bt, scale, c),
         flops,
         f"{new} over {prefix}",
-        bs,
-        args,
+        sweep,
     )
     sweep_rows += prows
     # contiguous: the whole context in one cache block, in order
@@ -511,12 +421,12 @@ def main() -> None:
     vc1 = torch.zeros_like(kc1)
     kc1[0, :total], vc1[0, :total] = k, v
     bt1 = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
-    impls = {}
-    for var, cfg in prefix_cfgs.items():
-        impls[impl_name(var)] = ours(q, kc, vc, [new], [total], bt, scale, cfg, var)
-        impls[impl_name(var, "contiguous")] = ours(
-            q, kc1, vc1, [new], [total], bt1, scale, cfg, var
-        )
+    impls = {
+        "flash_prefill (ours, paged)": ours(q, kc, vc, [new], [total], bt, scale, prefix_cfg),
+        "flash_prefill (ours, contiguous)": ours(
+            q, kc1, vc1, [new], [total], bt1, scale, prefix_cfg
+        ),
+    }
     try:
         from torch.nn.attention.bias import causal_lower_right
 
@@ -556,12 +466,8 @@ def main() -> None:
         {
             "info": info,
             "block_size": bs,
-            "variants": args.variants,
-            "config": {var: str(c) for var, c in cfgs.items()},
-            "best_by_block_size": {
-                str(k): {var: str(c) for var, c in by_var.items()}
-                for k, by_var in best_by_bs.items()
-            },
+            "config": str(cfg),
+            "best_by_block_size": {str(k): str(c) for k, c in best_by_bs.items()},
             "rows": rows,
             "sweep": sweep_rows,
         },

@@ -6,8 +6,7 @@
 #   OUT=/tmp/out bash benchmarks/run_device.sh [STEP ...]      (or STEPS="..." in the environment)
 #
 # Steps (default: tests throughput latency):
-#   tests       tests/gpu            tests_experiments  tests/gpu, every experiment on
-#   experiments bench_experiments.py (each opt-in path of minivllm.experiments against none)
+#   tests       tests/gpu
 #   throughput  bench_throughput.py          latency   bench_latency.py
 #   serving     bench_serving.py             host      bench_host.py
 #   workload    profile_workload.py
@@ -15,8 +14,7 @@
 #               small_kernels (bench_<name>.py; each can be named alone)
 # Extra arguments per step: <STEP>_ARGS, e.g. THROUGHPUT_ARGS="--model-shape 8b --no-python"
 # (throughput defaults to --no-peer; PREFILL_ATTENTION_ARGS="--sweep --plot" and the like;
-# TESTS_ARGS: pytest's arguments, default tests/gpu). EXPERIMENTS_SET: the experiments that
-# tests_experiments turns on (default all).
+# TESTS_ARGS: pytest's arguments, default tests/gpu).
 # BUDGET_S (default 570): no step runs past this many seconds from the start, so the summary
 # comes back within the device's 10-minute command limit; steps left without time are skipped.
 set -uo pipefail
@@ -63,12 +61,6 @@ for step in "${steps[@]}"; do
     case $s in
       tests)
         run gpu_tests 330 python3 -m pytest -q -p no:cacheprovider $(extra tests tests/gpu) ;;
-      tests_experiments)
-        MINIVLLM_EXPERIMENTS=${EXPERIMENTS_SET:-all} run gpu_tests_experiments 330 \
-          python3 -m pytest -q -p no:cacheprovider $(extra tests_experiments tests/gpu) ;;
-      experiments)
-        run experiments 540 python3 benchmarks/bench_experiments.py \
-          --out "$OUT/experiments.json" $(extra experiments) ;;
       throughput)
         run throughput 300 python3 benchmarks/bench_throughput.py \
           --out "$OUT/throughput.json" $(extra throughput --no-peer) ;;

@@ -95,11 +95,10 @@ def main() -> None:
     print(f"\n==== summary: {card}, commit {commit} ====")
     if (out / "steps.txt").exists():
         print((out / "steps.txt").read_text().rstrip())
-    for log, what in (("gpu_tests", "tests/gpu"), ("gpu_tests_experiments", "tests/gpu, all on")):
-        tests = out / f"{log}.log"
-        if tests.exists():
-            lines = [ln for ln in tests.read_text().splitlines() if ln.strip()]
-            print(f"{what}:", lines[-1] if lines else "(no output)")
+    tests = out / "gpu_tests.log"
+    if tests.exists():
+        lines = [ln for ln in tests.read_text().splitlines() if ln.strip()]
+        print("tests/gpu:", lines[-1] if lines else "(no output)")
     for name, show in (("throughput.json", throughput), ("latency.json", latency),
                        ("serving.json", serving), ("host.json", host),
                        ("profile_workload.json", workload)):  # fmt: skip
@@ -112,11 +111,6 @@ def main() -> None:
             print(f"\n{name} (last lines of {log.name}):")
             for line in log.read_text().splitlines()[-8:]:
                 print("  " + line[:160])
-    table = load(out, "experiments.json")
-    if table:
-        print("\nexperiments (ratio to the first 'none' run in brackets):")
-        for line in (out / "experiments.log").read_text().splitlines()[-len(table) - 1 :]:
-            print("  " + line[:240])
 
 
 if __name__ == "__main__":

@@ -40,49 +40,6 @@ MAX_TOKENS = 256
 MAX_COLUMN_TOKENS = 128
 
 
-@triton.jit
-def tile_product(
-    x_desc,  # [M, K] block [BM, BK]
-    w_desc,  # [N, K] block [BN, BK]; [2N, K] when GATED (gate rows, then up rows)
-    off_m,
-    off_n,
-    k0,
-    k_per_split,  # a multiple of BK
-    N,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    SWAP: tl.constexpr,  # weight rows on the MMA's M side (few tokens), else token rows
-    GATED: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-):
-    """The float32 [BM, BN] tile x[off_m:, k0:k0 + k_per_split] @ W[off_n:, same]^T, and with
-    GATED the up rows' tile too (else that second tile is meaningless): one program's share of
-    the GEMM, shared by the kernels that end it differently (here and kernels/linear_norm.py)."""
-    if SWAP:  # acc is the [BN, BM] tile of y^T
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    up = tl.zeros_like(acc) if GATED else acc  # the up projection's tile
-    for k in tl.range(k0, k0 + k_per_split, BK, num_stages=NUM_STAGES):
-        x = x_desc.load([off_m, k])
-        w = w_desc.load([off_n, k])
-        if SWAP:
-            acc = tl.dot(w, x.T, acc)
-        else:
-            acc = tl.dot(x, w.T, acc)
-        if GATED:
-            w_up = w_desc.load([N + off_n, k])
-            if SWAP:
-                up = tl.dot(w_up, x.T, up)
-            else:
-                up = tl.dot(x, w_up.T, up)
-    if SWAP:
-        acc = acc.T
-        up = up.T
-    return acc, up
-
-
 @triton.jit(do_not_specialize=["M"])  # one compile for every batch size
 def _linear_kernel(
     x_desc,  # [M, K] block [BM, BK]
@@ -104,10 +61,28 @@ def _linear_kernel(
     off_n = tl.program_id(0) * BN
     off_m = tl.program_id(1) * BM
     split = tl.program_id(2)
-    acc, up = tile_product(
-        x_desc, w_desc, off_m, off_n, split * k_per_split, k_per_split, N,
-        BM, BN, BK, SWAP, GATED, NUM_STAGES,
-    )  # fmt: skip
+    k0 = split * k_per_split
+    if SWAP:  # acc is the [BN, BM] tile of y^T
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    up = tl.zeros_like(acc) if GATED else acc  # the up projection's tile
+    for k in tl.range(k0, k0 + k_per_split, BK, num_stages=NUM_STAGES):
+        x = x_desc.load([off_m, k])
+        w = w_desc.load([off_n, k])
+        if SWAP:
+            acc = tl.dot(w, x.T, acc)
+        else:
+            acc = tl.dot(x, w.T, acc)
+        if GATED:
+            w_up = w_desc.load([N + off_n, k])
+            if SWAP:
+                up = tl.dot(w_up, x.T, up)
+            else:
+                up = tl.dot(x, w_up.T, up)
+    if SWAP:
+        acc = acc.T
+        up = up.T
     if GATED:  # as silu_and_mul on the rounded product: silu rounded, then the product
         dtype = out_ptr.dtype.element_ty
         gate = acc.to(dtype).to(tl.float32)

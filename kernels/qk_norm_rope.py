@@ -21,29 +21,11 @@ from .pdl import pdl_enabled, pdl_start
 
 
 @triton.jit
-def rope_rows(
-    cos_ptr,  # [max_position, head_dim], contiguous
-    sin_ptr,  # [max_position, head_dim], contiguous
-    pos,  # int64 position of the token
-    HEAD_DIM: tl.constexpr,
-    HALF: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
-    """The token's cos and sin rows as float32 halves: (cos1, cos2, sin1, sin2), [BLOCK_HALF]."""
-    offs_d = tl.arange(0, BLOCK_HALF)
-    dmask = offs_d < HALF
-    row = pos * HEAD_DIM + offs_d
-    cos1 = tl.load(cos_ptr + row, mask=dmask, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + row, mask=dmask, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
-    return cos1, cos2, sin1, sin2
-
-
-@triton.jit
-def norm_rope_heads(
+def _norm_rope_heads(
     x_ptr,  # [T, H, D] strided
     weight_ptr,  # [D]
+    out_ptr,  # rows of H * D contiguous elements: [T, H, D] or a KV cache [.., H, D]
+    out_row,  # int64 element offset of this token's row in out_ptr; < 0 (slot -1): no write
     cos1,  # [HALF] float32: the token's cos row, first half
     cos2,  # [HALF] float32: second half
     sin1,
@@ -51,7 +33,7 @@ def norm_rope_heads(
     tok,
     stride_t,
     stride_h,
-    num_heads,  # heads loaded; rows from num_heads to BLOCK_H come out as zeros
+    num_heads,
     eps,
     HAS_NORM: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -59,13 +41,12 @@ def norm_rope_heads(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    """rope(norm(x)) of the token's first num_heads heads, in x's dtype, as the two halves of
-    the head dimension: ([BLOCK_H, BLOCK_HALF], [BLOCK_H, BLOCK_HALF]). Shared with the decode
-    kernel's fused rotary (kernels/paged_decode.py), so both round the same way."""
     dtype = x_ptr.dtype.element_ty
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (offs_h < num_heads) & (offs_d < HALF)
+    # A negative row (cache slot -1) has no head in range: nothing is loaded or written. (Folded
+    # into the head bound: the interpreter cannot AND a scalar condition into a tensor mask.)
+    mask = (offs_h < tl.where(out_row >= 0, num_heads, 0)) & (offs_d < HALF)
     src = x_ptr + tok * stride_t + offs_h * stride_h + offs_d
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
@@ -87,57 +68,9 @@ def norm_rope_heads(
     o2 = (f2 * cos2[None, :]).to(dtype).to(tl.float32) + (f1 * sin2[None, :]).to(dtype).to(
         tl.float32
     )
-    return o1.to(dtype), o2.to(dtype)
-
-
-@triton.jit
-def _norm_rope_heads(
-    x_ptr,  # [T, H, D] strided
-    weight_ptr,  # [D]
-    out_ptr,  # rows of H * D contiguous elements: [T, H, D] or a KV cache [.., H, D]
-    out_row,  # int64 element offset of this token's row in out_ptr; < 0 (slot -1): no write
-    cos1,  # [HALF] float32: the token's cos row, first half
-    cos2,  # [HALF] float32: second half
-    sin1,
-    sin2,
-    tok,
-    stride_t,
-    stride_h,
-    num_heads,
-    eps,
-    HAS_NORM: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
-    # A negative row (cache slot -1) has no head in range: nothing is loaded or written. (Folded
-    # into the head bound: the interpreter cannot AND a scalar condition into a tensor mask.)
-    num_heads = tl.where(out_row >= 0, num_heads, 0)
-    o1, o2 = norm_rope_heads(
-        x_ptr,
-        weight_ptr,
-        cos1,
-        cos2,
-        sin1,
-        sin2,
-        tok,
-        stride_t,
-        stride_h,
-        num_heads,
-        eps,
-        HAS_NORM,
-        HEAD_DIM,
-        HALF,
-        BLOCK_H,
-        BLOCK_HALF,
-    )
-    offs_h = tl.arange(0, BLOCK_H)[:, None]
-    offs_d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (offs_h < num_heads) & (offs_d < HALF)
     dst = out_ptr + out_row + offs_h * HEAD_DIM + offs_d  # out_ptr is in the same dtype
-    tl.store(dst, o1, mask=mask)
-    tl.store(dst + HALF, o2, mask=mask)
+    tl.store(dst, o1.to(dtype), mask=mask)
+    tl.store(dst + HALF, o2.to(dtype), mask=mask)
 
 
 @triton.jit
@@ -199,7 +132,13 @@ def _qk_norm_rope_kernel(
         tl.store(v_cache_ptr + k_row + offs_h * HEAD_DIM + offs_vd, v, mask=mask)
     else:
         pos = tl.load(positions_ptr + tok).to(tl.int64)
-        cos1, cos2, sin1, sin2 = rope_rows(cos_ptr, sin_ptr, pos, HEAD_DIM, HALF, BLOCK_HALF)
+        offs_d = tl.arange(0, BLOCK_HALF)
+        dmask = offs_d < HALF
+        row = pos * HEAD_DIM + offs_d
+        cos1 = tl.load(cos_ptr + row, mask=dmask, other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_ptr + row, mask=dmask, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
         if part == 0:
             _norm_rope_heads(
                 q_ptr,
@@ -252,7 +191,7 @@ def _check_qk(
     sin_cache: torch.Tensor,
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
-    q_out: torch.Tensor | None,  # None: q is not written out (the decode kernel's fused rotary)
+    q_out: torch.Tensor,
 ) -> None:
     num_tokens, _, head_dim = q.shape
     assert k.dim() == 3 and k.shape[0] == num_tokens and k.shape[2] == head_dim, (q.shape, k.shape)
@@ -270,8 +209,7 @@ def _check_qk(
         assert q_weight.shape == (head_dim,) and k_weight.shape == (head_dim,)
         assert q_weight.is_contiguous() and k_weight.is_contiguous()
         assert q_weight.dtype == k_weight.dtype == q.dtype, (q_weight.dtype, q.dtype)
-    if q_out is not None:
-        assert q_out.shape == q.shape and q_out.dtype == q.dtype and q_out.is_contiguous()
+    assert q_out.shape == q.shape and q_out.dtype == q.dtype and q_out.is_contiguous()
 
 
 def _launch(

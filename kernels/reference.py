@@ -110,15 +110,13 @@ def decode_attention(
     out: torch.Tensor | None = None,  # [B, num_heads, head_dim]
     *,
     row_order: torch.Tensor | None = None,  # [B]: the Triton kernel's schedule; no effect here
-    fused_reduce: bool = False,  # how the Triton kernel merges its splits; no effect here
 ) -> torch.Tensor:
     """One query per sequence at position seq_lens[b] - 1 over its paged context.
 
     Vectorized gather of every block-table entry, no host sync (so it is graph capturable); rows
-    with seq_lens[b] == 0 produce zeros. `row_order` and `fused_reduce` only shape the Triton
-    kernel's work.
+    with seq_lens[b] == 0 produce zeros. `row_order` only orders the Triton kernel's work.
     """
-    del row_order, fused_reduce
+    del row_order
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert num_heads % num_kv_heads == 0

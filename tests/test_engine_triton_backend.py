@@ -79,27 +79,3 @@ def test_mixed_graph_path_with_the_tile_table_kernel(tiny_qwen3, async_schedulin
     assert len(replay.replayed_mixed) >= 2 and any(n < 32 for n in replay.replayed_mixed)
     assert llm.stats["prefix_cache_hits"] > 0
     assert_all_blocks_free(llm)
-
-
-def test_prefill_tma_experiment_matches_transformers(tiny_qwen3, monkeypatch):
-    """With the "prefill_tma" experiment the layers' prefill kernel loads its tiles through
-    tensor descriptors, on the mixed graph's tile-table path too: greedy tokens unchanged."""
-    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "prefill_tma")
-    llm = make_llm(
-        tiny_qwen3,
-        attention_backend="triton",
-        block_size=16,
-        max_num_seqs=4,
-        max_num_batched_tokens=32,
-    )
-    runner = llm.model_runner
-    attn = runner.model.model.layers[0].self_attn.attn
-    assert attn.prefill_attention is runner.backend.prefill_attention_tma
-    runner.graph_runner = EagerGraphRunner(runner, mixed_tokens=32)
-    prefix = mixed_prompts(1, seed=61, min_len=40, max_len=40)[0]
-    prompts = [prefix + [9, 10], mixed_prompts(1, seed=62, min_len=5, max_len=5)[0], prefix]
-    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    for prompt, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(tiny_qwen3, prompt, 6)
-    assert llm.stats["prefix_cache_hits"] > 0

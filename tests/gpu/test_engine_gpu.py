@@ -100,23 +100,6 @@ def test_triton_matches_torch_backend(gpu_qwen3):
     assert tri == ref
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True])
-def test_decode_fused_reduce_experiment_identical(gpu_qwen3, monkeypatch, enforce_eager):
-    """MINIVLLM_EXPERIMENTS=decode_fused_reduce: contexts past 256 tokens decode in two splits,
-    merged by the last split instead of the reduce kernel, in CUDA graphs and eagerly; the greedy
-    tokens are the default's (the merge computes the same bits), with no reduce launched."""
-    prompts = mixed_prompts(6, seed=21, min_len=260, max_len=400)
-    monkeypatch.delenv("MINIVLLM_EXPERIMENTS", raising=False)
-    default = greedy_ids(gpu_llm(gpu_qwen3, enforce_eager=enforce_eager), prompts)
-    from minivllm.kernels import paged_decode
-
-    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "decode_fused_reduce")
-    monkeypatch.setattr(paged_decode, "_paged_decode_reduce_kernel", None)  # must not be needed
-    llm = gpu_llm(gpu_qwen3, enforce_eager=enforce_eager)
-    assert all(attn.decode_fused_reduce for attn in llm.model_runner.model.attention_layers())
-    assert greedy_ids(llm, prompts) == default
-
-
 def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
     """One prefill step through each backend in bf16: the sampled rows' logits agree closely."""
     prompts = mixed_prompts(4, seed=14, min_len=20, max_len=200)

@@ -187,21 +187,20 @@ def test_qk_norm_rope_store_kv_bf16(with_norm: bool) -> None:
     assert not torch.equal(k_cache, k_old)
 
 
-@pytest.mark.parametrize("rows", [1, 16, 64, 100, 128, 129])
-def test_gate_up_with_silu_in_the_epilogue_bf16(rows: int, monkeypatch) -> None:
-    """With the gated_mlp experiment, up to 128 tokens gate_up_proj's GEMM ends in
-    SiLU-and-multiply: the same values as the plain Triton GEMM followed by the activation
-    kernel; past 128, None (the caller runs both)."""
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 64])
+def test_gate_up_with_silu_in_the_epilogue_bf16(rows: int) -> None:
+    """Up to GATED_MAX_TOKENS tokens gate_up_proj's GEMM ends in SiLU-and-multiply: the same
+    values as the plain Triton GEMM followed by the activation kernel; past it, None (the caller
+    runs both)."""
     from minivllm.kernels.activation import silu_and_mul
-    from minivllm.layers.linear import MergedColumnParallelLinear
+    from minivllm.layers.linear import GATED_MAX_TOKENS, MergedColumnParallelLinear
 
-    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "gated_mlp")
     with torch.device("cuda"):
         proj = MergedColumnParallelLinear(HIDDEN, [INTER, INTER]).to(dtype=DT)
     proj.weight.copy_(0.05 * torch.randn(2 * INTER, HIDDEN, generator=_gen(11), device="cuda"))
     x = torch.randn(rows, HIDDEN, generator=_gen(12), device="cuda").to(DT)
     got = proj.silu_and_mul(x)
-    if rows > 128:
+    if rows > GATED_MAX_TOKENS:
         assert got is None
         return
     separate = silu_and_mul(proj(x))

@@ -7,12 +7,7 @@ import torch
 from kernel_testing import DEVICE, make_paged_batch, poison_like, tolerances
 
 from minivllm.kernels import reference
-from minivllm.kernels.flash_prefill import (
-    VARIANTS,
-    _prefill_attention,
-    prefill_attention,
-    tma_loads,
-)
+from minivllm.kernels.flash_prefill import _prefill_attention, prefill_attention
 
 
 def _check(
@@ -71,7 +66,6 @@ def test_prefill(dtype, num_heads, num_kv_heads, head_dim, block_size, block_n):
     )
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(
     "block_m,block_n,block_size,select_lookup",
     [
@@ -82,10 +76,9 @@ def test_prefill(dtype, num_heads, num_kv_heads, head_dim, block_size, block_n):
         (32, 128, 16, False),
     ],
 )
-def test_prefill_tiles(block_m, block_n, block_size, select_lookup, variant):
+def test_prefill_tiles(block_m, block_n, block_size, select_lookup):
     """Tile shapes: BLOCK_N equal to, smaller than and larger than the cache block (block ids by
-    per-block selects or by a per-row gather; the tma variant's key/value tiles fall back to
-    pointer loads there)."""
+    per-block selects or by a per-row gather)."""
     _check(
         [(0, 70), (block_size + 7, 33), (5, 3)],
         8,
@@ -97,134 +90,12 @@ def test_prefill_tiles(block_m, block_n, block_size, select_lookup, variant):
         block_m=block_m,
         block_n=block_n,
         select_lookup=select_lookup,
-        variant=variant,
     )
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_prefill_group_not_power_of_two(variant):
-    """GQA 3: a tile holds block_m // 3 tokens and leaves its last rows empty (the tma variant
-    loads such a query tile with pointers)."""
-    _check(
-        [(0, 20), (9, 11)],
-        6,
-        2,
-        32,
-        16,
-        torch.float32,
-        launch=_prefill_attention,
-        block_m=16,
-        block_n=16,
-        variant=variant,
-    )
-
-
-@pytest.mark.parametrize(
-    "dtype,num_heads,num_kv_heads,block_size,block_n,knobs",
-    [
-        (torch.float16, 8, 2, 16, 16, {}),
-        (torch.float32, 8, 2, 16, 16, {}),
-        (torch.float16, 4, 4, 256, 64, {}),
-        (torch.float32, 8, 2, 256, 64, {}),
-        (torch.float32, 8, 2, 16, 16, {"pack_gqa": False}),
-        (torch.float16, 8, 2, 16, 16, {"warp_specialize": True}),
-        (torch.float32, 4, 2, 256, 64, {"warp_specialize": True}),
-    ],
-)
-def test_prefill_tma(dtype, num_heads, num_kv_heads, block_size, block_n, knobs):
-    """The tma variant, its tiles all through tensor descriptors: one causal prompt, then a
-    varlen batch of new tokens over cached paged prefixes. Also one program per query head
-    (GQA unpacked), and the warp-specialized form (one key loop, masked throughout, no early
-    exit; the interpreter runs it as a plain loop)."""
-    for prefix_new in ([(0, 80)], _prefix_cases(block_size)):
-        _check(
-            prefix_new,
-            num_heads,
-            num_kv_heads,
-            32,
-            block_size,
-            dtype,
-            launch=_prefill_attention,
-            block_m=32,
-            block_n=block_n,
-            variant="tma",
-            **knobs,
-        )
-
-
-def test_prefill_tma_warp_specialized_needs_descriptor_tiles():
-    """Warp specialization takes only descriptor loads and an unpacked query tile: a key tile
-    spanning two cache blocks, or packed GQA rows, are refused by name."""
-    k_cache, v_cache, block_tables = make_paged_batch([40], 2, 32, 16, torch.float32)
-    q = torch.randn(40, 4, 32, device=DEVICE)
-    cu = torch.tensor([0, 40], dtype=torch.int32, device=DEVICE)
-    lens = torch.tensor([40], dtype=torch.int32, device=DEVICE)
-    args = (q, k_cache, v_cache, cu, lens, block_tables, 0.2, 40)
-    with pytest.raises(ValueError, match="block_n 32"):
-        _prefill_attention(*args, block_n=32, variant="tma", warp_specialize=True)
-    with pytest.raises(ValueError, match="pack_gqa True"):
-        _prefill_attention(*args, variant="tma", warp_specialize=True, pack_gqa=True)
-
-
-def test_tma_loads_fall_back_to_pointers():
-    """Descriptors only where a box fits: a power-of-two GQA group for the query tile; for key
-    and value tiles, block_n dividing the cache block and a contiguous cache."""
-    k_cache, v_cache, _ = make_paged_batch([40], 2, 32, 16, torch.float32)
-    q = torch.randn(8, 4, 32, device=DEVICE)
-    assert tma_loads(q, k_cache, v_cache, 2, 16) == (True, True)
-    assert tma_loads(q, k_cache, v_cache, 2, 8) == (True, True)
-    assert tma_loads(q, k_cache, v_cache, 2, 32) == (True, False)  # a tile spans two blocks
-    assert tma_loads(q[:, :3], k_cache, v_cache, 3, 16) == (False, True)
-    strided = k_cache.transpose(1, 2).contiguous().transpose(1, 2)  # head-major blocks
-    assert tma_loads(q, strided, v_cache, 2, 16) == (True, False)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_prefill_ignores_cache_slots_past_the_context(variant):
-    """Slots past seq_len in a sequence's last block hold NaN (never written): a key tile that
-    reaches into them must not carry NaN into the output (p = 0 times NaN is NaN)."""
-    # (prefix, new tokens): (5, 20) and (16, 9); the last block of each is 9 of 16 slots full
-    k_cache, v_cache, block_tables = make_paged_batch([25, 25], 2, 32, 16, torch.float32)
-    for b in range(2):
-        last = block_tables[b, 1]
-        k_cache[last, 25 - 16 :] = float("nan")
-        v_cache[last, 25 - 16 :] = float("nan")
-    q = torch.randn(29, 4, 32, device=DEVICE)
-    cu = torch.tensor([0, 20, 29], dtype=torch.int32, device=DEVICE)
-    lens = torch.tensor([25, 25], dtype=torch.int32, device=DEVICE)
-    out = _prefill_attention(
-        q,
-        k_cache,
-        v_cache,
-        cu,
-        lens,
-        block_tables,
-        0.2,
-        20,
-        block_m=16,
-        block_n=16,
-        variant=variant,
-    )
-    expect = reference.prefill_attention(q, k_cache, v_cache, cu, lens, block_tables, 0.2, 20)
-    assert not expect.isnan().any()
-    torch.testing.assert_close(out, expect, **tolerances(torch.float32))
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_prefill_ignores_query_rows_past_the_last_sequence(variant):
-    """The mixed CUDA graph pads a step with tokens that belong to no row, whose queries may be
-    anything (NaN included: the attention output of a padding token is never written). A query
-    tile reaching into them computes nothing from them: the real rows equal the reference, and
-    no NaN surfaces (the interpreter would raise on a row max over NaN scores)."""
-    k_cache, v_cache, block_tables = make_paged_batch([25, 25], 2, 32, 16, torch.float32)
-    q = torch.randn(29 + 7, 4, 32, device=DEVICE)
-    q[29:] = float("nan")  # padding tokens
-    cu = torch.tensor([0, 20, 29], dtype=torch.int32, device=DEVICE)
-    lens = torch.tensor([25, 25], dtype=torch.int32, device=DEVICE)
-    args = (q, k_cache, v_cache, cu, lens, block_tables, 0.2, 20)
-    out = _prefill_attention(*args, block_m=16, block_n=16, variant=variant)
-    expect = reference.prefill_attention(q[:29], *args[1:])
-    torch.testing.assert_close(out[:29], expect, **tolerances(torch.float32))
+def test_prefill_group_not_power_of_two():
+    """GQA 3: a tile holds block_m // 3 tokens and leaves its last rows empty."""
+    _check([(0, 20), (9, 11)], 6, 2, 32, 16, torch.float32, block_m=16, block_n=16)
 
 
 def test_prefill_strided_query_and_default_config():
@@ -291,9 +162,8 @@ def _tile_table(prefix_new, tokens_per_tile, extra=5):
     return table, n
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("block_m", [16, 64])
-def test_prefill_with_a_tile_table_covers_decodes_and_chunks(block_m, variant):
+def test_prefill_with_a_tile_table_covers_decodes_and_chunks(block_m):
     """The CUDA-graph launch: a fixed grid over a tile table (with unused -1 entries) runs
     decode rows (one-token queries over a long context) beside chunks and whole prompts."""
     from minivllm.kernels.flash_prefill import tile_config
@@ -304,19 +174,7 @@ def test_prefill_with_a_tile_table_covers_decodes_and_chunks(block_m, variant):
     table, n = _tile_table(prefix_new, block_m // group)
     tiles = torch.tensor(table, device=DEVICE)
     assert n < tiles.shape[0] and (table[n:] == -1).all()
-    _check(
-        prefix_new,
-        4,
-        kv_heads,
-        32,
-        16,
-        torch.float32,
-        launch=_prefill_attention,
-        block_m=block_m,
-        block_n=16,
-        tiles=tiles,
-        variant=variant,
-    )
+    _check(prefix_new, 4, kv_heads, 32, 16, torch.float32, block_m=block_m, block_n=16, tiles=tiles)
 
 
 def test_tile_table_order_and_bounds():

@@ -167,13 +167,15 @@ def test_rmsnorm_layer_takes_partials_on_the_torch_path() -> None:
         norm(SplitKPartials(parts, torch.float16))
 
 
-def test_gated_mlp_on_the_interpreter_matches_torch(monkeypatch) -> None:
-    """The MLP with the experiment on, its GEMMs on the interpreter (float16), against torch."""
+def test_gated_mlp_on_the_interpreter_matches_torch() -> None:
+    """gate/up's GEMM with SiLU-and-multiply in its epilogue, on the interpreter (float16),
+    against torch, up to GATED_MAX_TOKENS rows; past it, None (the caller runs both)."""
     from minivllm.layers import fused_kernels
-    from minivllm.layers.linear import MergedColumnParallelLinear
+    from minivllm.layers.linear import GATED_MAX_TOKENS, MergedColumnParallelLinear
 
-    monkeypatch.setenv("MINIVLLM_EXPERIMENTS", "gated_mlp")
     proj = MergedColumnParallelLinear(64, [64, 64])
+    assert proj.gated
+    assert not MergedColumnParallelLinear(64, [64, 32]).gated  # not a gate/up pair
     proj.gemm = fused_kernels("linear", True)
     proj.weight.data = (
         torch.randn(128, 64, generator=torch.Generator().manual_seed(0)) * 0.1
@@ -184,3 +186,4 @@ def test_gated_mlp_on_the_interpreter_matches_torch(monkeypatch) -> None:
     torch.testing.assert_close(
         got.float(), torch.nn.functional.silu(gate) * up, atol=1e-2, rtol=1e-2
     )
+    assert proj.silu_and_mul(torch.zeros(GATED_MAX_TOKENS + 1, 64).half()) is None

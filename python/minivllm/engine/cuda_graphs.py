@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from minivllm.engine.staging import BatchLike, StagingBuffers
-from minivllm.experiments import experiment_on
 from minivllm.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -246,11 +245,6 @@ class CudaGraphRunner:
             )
         for bs in reversed(self.batch_sizes):
             self.graphs[bs], self.outputs[bs] = self._capture_one(bs, self._metadata(bs))
-        if experiment_on("graph_prewarm"):
-            # A graph's first launch also uploads it to the device; the inputs above are
-            # still harmless, so that cost is paid here rather than by the first real step.
-            for graph in (*self.mixed_graphs.values(), *self.graphs.values()):
-                graph.replay()
         torch.cuda.synchronize()
         logger.info(
             "captured CUDA graphs for decode batch sizes %s and steps with prefill of %s tokens",

@@ -7,8 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed import get_tp_group
-from minivllm.experiments import experiment_on
-from minivllm.layers import fused_kernels
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -48,17 +46,11 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits over the vocabulary; each rank computes its vocab slice, then gather."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, fused: bool | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__(num_embeddings, embedding_dim)
-        # The Triton GEMM of kernels/linear.py for the rows a decode step samples, cuBLAS past
-        # it; opt-in until measured (minivllm.experiments).
-        self.gemm = fused_kernels("linear", fused) if experiment_on("lm_head_gemm") else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, vocab]
-        if self.gemm is not None and self.gemm.supports(hidden_states, self.weight):
-            logits = self.gemm.linear(hidden_states, self.weight)
-        else:
-            logits = F.linear(hidden_states, self.weight)
+        logits = F.linear(hidden_states, self.weight)
         if self.tp_size > 1:
             logits = self.tp_group.all_gather_last_dim(logits)[:, : self.num_embeddings]
         return logits

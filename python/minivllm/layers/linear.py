@@ -3,15 +3,12 @@
 Column-parallel layers split the output features across ranks, row-parallel layers split the input
 features and all-reduce the result. On one GPU at decode batch sizes a row-parallel layer may
 instead hand its consumer float32 split-K partial sums (`SplitKPartials`, see
-`RowParallelLinear.forward`), or with the "splitk_norm" experiment the product not computed yet
-(`DeferredLinear`), which that consumer turns into one GEMM + add + RMSNorm kernel. Every
-parameter carries a `weight_loader(param, loaded[, shard])` that copies this rank's slice of a
-checkpoint tensor into it, so the model code stays plain.
+`RowParallelLinear.forward`). Every parameter carries a `weight_loader(param, loaded[, shard])`
+that copies this rank's slice of a checkpoint tensor into it, so the model code stays plain.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -19,8 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed import get_tp_group, get_tp_size
-from minivllm.experiments import experiment_on
 from minivllm.layers import fused_kernels
+
+# gate/up's GEMM ends in SiLU-and-multiply up to this many tokens: measured faster at 1-16 tokens
+# and slower from 64 on (benchmarks/README.md, bench_layer_chain.py).
+GATED_MAX_TOKENS = 16
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -119,18 +119,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias)
-        # Opt-in until measured (minivllm.experiments): the GEMM ends in SiLU-and-multiply.
-        self.gated = (
-            experiment_on("gated_mlp")
-            and len(set(self.output_sizes)) == 1
-            and len(output_sizes) == 2
-        )
+        self.gated = len(set(self.output_sizes)) == 1 and len(output_sizes) == 2
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(gate) * up of the two projections in the Triton GEMM's epilogue (decode batch
-        sizes: one kernel, the [T, 2 * d] product never written), or None where the GEMM does not
-        take x: the caller then runs this layer and the activation."""
-        if self.gated and self.gemm is not None and self.gemm.supports(x, self.weight, gated=True):
+        """silu(gate) * up of the two projections in the Triton GEMM's epilogue (up to
+        GATED_MAX_TOKENS rows: one kernel, the [T, 2 * d] product never written), or None where
+        that does not apply: the caller then runs this layer and the activation."""
+        if (
+            self.gated
+            and self.gemm is not None
+            and x.shape[0] <= GATED_MAX_TOKENS
+            and self.gemm.supports(x, self.weight, gated=True)
+        ):
             return self.gemm.linear(x, self.weight, gated=True)
         return None
 
@@ -201,57 +201,19 @@ class SplitKPartials(NamedTuple):
         return self.parts.sum(0).to(self.dtype)
 
 
-class DeferredLinear(NamedTuple):
-    """A row-parallel projection's output y = x @ weight^T not computed yet, left for the
-    RMSNorm with a residual that follows it (the "splitk_norm" experiment): that norm hands over
-    its residual, weight and eps, and one kernel computes y, adds the residual and normalizes
-    (kernels/linear_norm.py), so the norm is no kernel of its own."""
-
-    x: torch.Tensor  # [T, K]
-    weight: torch.Tensor  # [N, K]
-    kernels: ModuleType  # minivllm.kernels.linear_norm
-
-    def add_rmsnorm(
-        self, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, N], [T, N])
-        """(norm_weight * norm(y + residual), y + residual), as the split-K GEMM followed by
-        the fused add + RMSNorm computes them."""
-        return self.kernels.linear_add_rmsnorm(self.x, self.weight, residual, norm_weight, eps)
-
-    def materialize(self) -> torch.Tensor:  # [T, N]
-        return F.linear(self.x, self.weight)
-
-
-# What a row-parallel layer hands the RMSNorm after it (`RowParallelLinear.forward`, partials=True).
-RowParallelOutput = torch.Tensor | SplitKPartials | DeferredLinear
-
-
 class RowParallelLinear(LinearBase):
     """y = x W^T with W's input features split across ranks; partial sums are all-reduced."""
 
-    def __init__(
-        self, input_size: int, output_size: int, bias: bool = False, fused: bool | None = None
-    ):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
         tp_size = get_tp_size()
-        super().__init__(
-            _divide(input_size, tp_size, "input_size"), output_size, bias, tp_dim=1, fused=fused
-        )
-        # Opt-in until measured (minivllm.experiments): the GEMM adds the residual and
-        # normalizes too, for the RMSNorm after it.
-        self.norm_gemm = None
-        if self.gemm is not None and experiment_on("splitk_norm"):
-            self.norm_gemm = fused_kernels("linear_norm", True)
+        super().__init__(_divide(input_size, tp_size, "input_size"), output_size, bias, tp_dim=1)
 
-    def forward(self, x: torch.Tensor, partials: bool = False) -> RowParallelOutput:
+    def forward(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor | SplitKPartials:
         """y = x W^T (+ bias). With `partials=True` (the caller feeds y to an RMSNorm with a
-        residual, which accepts SplitKPartials and DeferredLinear), one GPU and few tokens, y
-        comes back as split-K partial sums: at decode batch sizes this projection has too few
-        output tiles to fill the GPU (kernels/linear.py). With the "splitk_norm" experiment, at
-        the sizes its kernel takes, y comes back not computed (DeferredLinear): the norm runs
-        the GEMM with itself folded in."""
+        residual, which accepts SplitKPartials), one GPU and few tokens, y comes back as split-K
+        partial sums: at decode batch sizes this projection has too few output tiles to fill
+        the GPU (kernels/linear.py)."""
         partials = partials and self.tp_size == 1
-        if partials and self.norm_gemm is not None and self.norm_gemm.supports(x, self.weight):
-            return DeferredLinear(x, self.weight, self.norm_gemm)
         if self._triton_linear(x, partials):
             if partials:
                 return SplitKPartials(self.gemm.linear(x, self.weight, partials=True), x.dtype)

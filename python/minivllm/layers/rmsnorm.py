@@ -2,9 +2,7 @@
 
 On CUDA one Triton kernel (`kernels/fused_norm.py`) does the add and the norm; the torch code below
 is the CPU path and the kernel's test oracle. With a residual, x may also be the split-K partial
-sums a row-parallel projection left (`SplitKPartials`): the kernel adds them up as it reads them;
-or that projection not computed yet (`DeferredLinear`, the "splitk_norm" experiment): one kernel
-then computes it, adds the residual and normalizes.
+sums a row-parallel projection left (`SplitKPartials`): the kernel adds them up as it reads them.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ import torch
 from torch import nn
 
 from minivllm.layers import fused_kernels
-from minivllm.layers.linear import DeferredLinear, RowParallelOutput, SplitKPartials
+from minivllm.layers.linear import SplitKPartials
 
 
 class RMSNorm(nn.Module):
@@ -31,19 +29,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(
-        self, x: RowParallelOutput, residual: torch.Tensor | None = None
+        self, x: torch.Tensor | SplitKPartials, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
-        if isinstance(x, DeferredLinear):
-            assert residual is not None, "a deferred projection comes with a residual"
-            if self.kernels is None:
-                x = x.materialize()
-            else:
-                shape = residual.shape
-                out, new_residual = x.add_rmsnorm(
-                    residual.reshape(-1, shape[-1]), self.weight, self.eps
-                )
-                return out.view(shape), new_residual.view(shape)
         if isinstance(x, SplitKPartials):
             assert residual is not None, "split-K partial sums come with a residual"
             if self.kernels is None:

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from minivllm.layers import fused_kernels
-from minivllm.layers.attention import DeferredRope
 
 if TYPE_CHECKING:
     from minivllm.layers.attention import KVCacheWrite
@@ -50,17 +49,14 @@ class RotaryEmbedding(nn.Module):
         q_norm: RMSNorm | None = None,
         k_norm: RMSNorm | None = None,
         kv_write: KVCacheWrite | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | DeferredRope | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """rope(q), rope(k); with q_norm / k_norm (Qwen3), rope(q_norm(q)), rope(k_norm(k)).
 
         With `kv_write` (from `Attention.kv_write`) and the fused kernel in use, that kernel
         writes rope(k) and kv_write.value into the layer's KV cache and k comes back as None:
         nothing is left for the attention layer to store. Off the fused path (CPU,
         MINIVLLM_FUSED_KERNELS=0, a dtype the kernel does not take) kv_write is ignored and k is
-        returned for the attention layer's own store. With `kv_write.rope_in_decode` (the
-        "decode_fused_rope" experiment, a small decode-only step) on that same fused path, q comes
-        back as it is and k as a `DeferredRope`: the decode kernel applies the norm and rotary
-        and stores k and v.
+        returned for the attention layer's own store.
         """
         assert (q_norm is None) == (k_norm is None)
         if (
@@ -75,10 +71,6 @@ class RotaryEmbedding(nn.Module):
                 "k_eps": k_norm.eps if k_norm is not None else 0.0,
             }
             if kv_write is not None and kv_write.k_cache.dtype == q.dtype:
-                if kv_write.rope_in_decode:  # the decode kernel finishes q and k
-                    return q, DeferredRope(
-                        k, positions, self.cos_cache, self.sin_cache, **norm_args
-                    )
                 q = self.kernels.qk_norm_rope_store_kv(
                     q,
                     k,

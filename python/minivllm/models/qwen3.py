@@ -18,7 +18,7 @@ from minivllm.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
-    RowParallelOutput,
+    SplitKPartials,
 )
 from minivllm.layers.rmsnorm import RMSNorm
 from minivllm.layers.rotary import get_rotary_embedding
@@ -60,7 +60,7 @@ class Qwen3Attention(nn.Module):
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata
-    ) -> RowParallelOutput:
+    ) -> torch.Tensor | SplitKPartials:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
@@ -87,7 +87,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> RowParallelOutput:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
         act = self.gate_up_proj.silu_and_mul(x)  # one kernel at decode sizes
         if act is None:
             act = self.act_fn(self.gate_up_proj(x))
@@ -106,10 +106,10 @@ class Qwen3DecoderLayer(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        hidden_states: RowParallelOutput,  # the last layer's MLP output
+        hidden_states: torch.Tensor | SplitKPartials,  # the last layer's MLP output
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
-    ) -> tuple[RowParallelOutput, torch.Tensor]:
+    ) -> tuple[torch.Tensor | SplitKPartials, torch.Tensor]:
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)

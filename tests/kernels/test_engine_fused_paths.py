@@ -1,0 +1,62 @@
+"""The engine with every layer on its fused Triton path (as on a GPU), on the CPU interpreter: a
+float16 model gives the same greedy tokens as with the plain torch layers, and prompt logprobs
+within float16 rounding; the decode steps (<= GATED_MAX_TOKENS rows) run gate/up's GEMM with
+SiLU-and-multiply in its epilogue. tests/gpu runs the same paths in bf16 with CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_fixtures import assert_all_blocks_free, make_llm, mixed_prompts
+from minivllm import SamplingParams
+
+
+def _run(path, monkeypatch, fused: bool):
+    import minivllm.layers
+    from minivllm.kernels import linear
+
+    with monkeypatch.context() as mp:
+        mp.setattr(minivllm.layers, "fused_kernels_on", lambda device: fused)
+        gated_rows: list[int] = []
+        original = linear.linear
+
+        def spy(x, weight, *args, **kwargs):
+            if kwargs.get("gated"):
+                gated_rows.append(x.shape[0])
+            return original(x, weight, *args, **kwargs)
+
+        mp.setattr(linear, "linear", spy)
+        llm = make_llm(
+            path,
+            dtype="float16",
+            attention_backend="triton",
+            block_size=16,
+            max_num_seqs=4,
+            max_num_batched_tokens=64,
+        )
+        prompts = mixed_prompts(3, seed=71, min_len=6, max_len=30)
+        sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=0)
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        assert_all_blocks_free(llm)
+        llm.close()
+    logprobs = [[next(iter(p.values())).logprob for p in out.prompt_logprobs[1:]] for out in outs]
+    return [out.outputs[0].token_ids for out in outs], logprobs, gated_rows
+
+
+def test_fused_layers_match_the_plain_ones(tiny_qwen3, monkeypatch) -> None:
+    from minivllm.layers.linear import GATED_MAX_TOKENS
+
+    plain_tokens, plain_logprobs, plain_gated = _run(tiny_qwen3, monkeypatch, fused=False)
+    tokens, logprobs, gated = _run(tiny_qwen3, monkeypatch, fused=True)
+    assert plain_gated == []
+    assert gated and max(gated) <= GATED_MAX_TOKENS  # decode steps only
+    for got, expect in zip(logprobs, plain_logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), atol=3e-2, rtol=3e-2)
+    assert tokens == plain_tokens
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_only() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's run of the fused paths; tests/gpu covers the GPU")
