@@ -27,7 +27,9 @@ if [ $# -gt 0 ]; then steps=("$@"); else read -ra steps <<<"${STEPS:-tests throu
 KERNELS=(prefill_attention decode_attention decode_varlen gemm layer_chain small_kernels)
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-git rev-parse --short HEAD >"$OUT/commit.txt" 2>/dev/null || echo unknown >"$OUT/commit.txt"
+# The device's copy of the tree may carry an older .git: "+changes" says the files differ from it.
+(cd benchmarks && python3 -c 'import bench_common; print(bench_common.git_commit() or "unknown")') \
+  >"$OUT/commit.txt" 2>/dev/null || echo unknown >"$OUT/commit.txt"
 if ! timeout 300 python3 -m pip install --no-build-isolation --no-deps -e . -q \
     >"$OUT/pip.log" 2>&1; then
   echo "install failed:"
