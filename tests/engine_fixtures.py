@@ -94,9 +94,11 @@ def hf_model(path: str) -> Any:
 
 
 @functools.lru_cache(maxsize=4096)
-def _hf_greedy(path: str, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
-    model = hf_model(path)
-    ids = torch.tensor([prompt])
+def _hf_greedy(
+    path: str, prompt: tuple[int, ...], max_new_tokens: int, device: str
+) -> tuple[int, ...]:
+    model = hf_model(path).to(device)
+    ids = torch.tensor([prompt], device=device)
     with torch.inference_mode():
         out = model.generate(
             ids,
@@ -110,9 +112,12 @@ def _hf_greedy(path: str, prompt: tuple[int, ...], max_new_tokens: int) -> tuple
     return tuple(out[0, len(prompt) :].tolist())
 
 
-def hf_greedy(path: str | Path, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy generate, ignoring eos (the engine runs with ignore_eos=True)."""
-    return list(_hf_greedy(str(path), tuple(prompt), max_new_tokens))
+def hf_greedy(
+    path: str | Path, prompt: list[int], max_new_tokens: int, device: str = "cpu"
+) -> list[int]:
+    """transformers' greedy generate (float32, on `device`), ignoring eos (the engine runs with
+    ignore_eos=True)."""
+    return list(_hf_greedy(str(path), tuple(prompt), max_new_tokens, device))
 
 
 def make_llm(path: str | Path, **kwargs: Any) -> LLM:

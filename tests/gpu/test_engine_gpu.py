@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import hf_model, mixed_prompts
+from engine_fixtures import hf_greedy, mixed_prompts
 from minivllm import LLM, SamplingParams
 from minivllm.engine.staging import schedule_into
 
@@ -36,27 +36,11 @@ def greedy_ids(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREE
     return [o.outputs[0].token_ids for o in outs]
 
 
-def hf_greedy_cuda(path: Path, prompt: list[int], n: int) -> list[int]:
-    model = hf_model(str(path)).to("cuda")
-    ids = torch.tensor([prompt], device="cuda")
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def test_matches_transformers_on_gpu(gpu_qwen3):
     prompts = mixed_prompts(8, seed=11, min_len=1, max_len=100)
     got = greedy_ids(gpu_llm(gpu_qwen3), prompts)
     for prompt, ids in zip(prompts, got):
-        assert ids == hf_greedy_cuda(gpu_qwen3, prompt, GREEDY.max_tokens)
+        assert ids == hf_greedy(gpu_qwen3, prompt, GREEDY.max_tokens, device="cuda")
 
 
 def test_cuda_graphs_match_eager(gpu_qwen3):
