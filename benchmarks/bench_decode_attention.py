@@ -45,7 +45,15 @@ SWEEP = [
     (64, 4, 3, 256, None, False),
 ]
 # extra split counts, for batches with fewer (sequence, kv head) pairs than SMs
-SPLIT_SWEEP = [(64, 4, 3, 128, 128, True), (64, 4, 3, 512, 32, True)]
+SPLIT_SWEEP = [
+    (64, 4, 3, 128, 128, True),
+    (64, 4, 3, 512, 32, True),
+    (64, 4, 2, 64, 128, True),
+    (32, 4, 2, 64, 128, True),
+    (32, 4, 2, 32, 128, True),
+    (16, 4, 2, 32, 128, True),
+    (64, 8, 2, 64, 128, True),
+]
 STORE_SWEEP = [None, (4, 4), (8, 4), (16, 4), (32, 8)]  # (block_t, num_warps)
 
 

@@ -32,6 +32,9 @@ SHAPES = {  # Qwen3-0.6B: name -> (N, K, partials) of y = x @ W^T
     "gate_up": (6144, 1024, False),
     "down": (1024, 3072, True),
     "gate_up+silu": (6144, 1024, False),
+    # the column-parallel ones as split-K partial sums (a consumer would have to add them up)
+    "qkv/p": (4096, 1024, True),
+    "gate_up/p": (6144, 1024, True),
     "lm_head": (151936, 1024, False),  # the tied embedding (311 MB): once per step, not per layer
 }
 COPIES = 8  # weight copies cycled through, so every call reads its weight from HBM
@@ -42,16 +45,16 @@ def cold_replay_us(fns) -> float:
     return graph_calls_us(fns, samples=15) / len(fns)
 
 
-def configs(m: int, k: int, partials: bool, gated: bool = False):
+def configs(m: int, k: int, partials: bool, gated: bool = False, depths=(2, 3, 4, 5)):
     """GemmConfig candidates; splits > 1 only for partial sums. Shared memory per program is
     kept to what fits (stages x (BM + BN) x BK x 2 bytes <= 200 KB, two BN tiles when gated)."""
     xm = max(16, triton.next_power_of_2(m))
     tiles = 2 if gated else 1
     for bm, bn, bk, stages, splits in itertools.product(
         sorted({min(xm, 128), min(xm, 64), 16 if xm <= 32 else 32}),
-        (32, 64, 128) if gated else (64, 128),
+        (32, 64, 128) if gated or (m <= 32 and not partials) else (64, 128),
         (64, 128),
-        (2, 3, 4, 5),
+        depths,
         (1, 2, 4, 8) if partials else (1,),
     ):
         if k % (splits * bk) or (bm + tiles * bn) * bk * 2 * stages > 200_000:
@@ -85,6 +88,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--no-sweep", action="store_true", help="cuBLAS and the engine's config only")
     ap.add_argument("--top", type=int, default=3, help="best sweep configs printed per case")
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4, 5], help="swept depths")
     args = ap.parse_args()
     if DEVICE != "cuda":
         print("bench_gemm.py needs a CUDA GPU (tensor descriptors); nothing to do here")
@@ -130,7 +134,7 @@ def main() -> None:
             cfg = gemm_config(m, n // 2 if gated else n, k, partials, gated=gated)
             t_engine = time_config(x, ws, ref, partials, cfg, name, gated)
             results = []
-            for cfg in [] if args.no_sweep else configs(m, k, partials, gated):
+            for cfg in [] if args.no_sweep else configs(m, k, partials, gated, args.stages):
                 try:
                     results.append((time_config(x, ws, ref, partials, cfg, name, gated), cfg))
                 except Exception as e:  # noqa: BLE001 -- out of resources and the like

@@ -13,6 +13,8 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
   triton+pdl+gated    gate/up's GEMM ends in SiLU-and-multiply wherever the Triton GEMM takes it
   triton+pdl+nogated  never (the SiLU kernel at every size)
   mix+pdl       cuBLAS for qkv and gate/up at every size, PDL on
+  ...+stagesN   any Triton mode with its GEMMs' pipelines cut to at most N stages (less shared
+                memory per program, so the next kernel's programs can become resident sooner)
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -28,7 +30,7 @@ from bench_common import DEVICE, check_close, graph_calls_us
 from minivllm.kernels import pdl
 from minivllm.kernels.activation import silu_and_mul
 from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
-from minivllm.kernels.linear import linear, supports
+from minivllm.kernels.linear import gemm_config, linear, supports
 from minivllm.layers.linear import GATED_MAX_TOKENS
 
 HIDDEN, QKV, ATTN, INTER, LAYERS = 1024, 4096, 2048, 3072, 28
@@ -37,6 +39,9 @@ HIDDEN, QKV, ATTN, INTER, LAYERS = 1024, 4096, 2048, 3072, 28
 class Chain:
     def __init__(self, m: int, mode: str):
         self.m, self.mode = m, mode
+        base, _, stages = mode.partition("+stages")
+        self.max_stages = int(stages) if stages else None
+        mode = base
         self.gated = mode.endswith("+gated") or (
             mode.startswith("triton") and not mode.endswith("+nogated") and m <= GATED_MAX_TOKENS
         )
@@ -66,7 +71,15 @@ class Chain:
             or not supports(x, w, partials)
         ):  # where the engine keeps cuBLAS too
             return torch.mm(x, w.t())
-        return linear(x, w, partials=partials)
+        return linear(x, w, partials=partials, config=self.config(x, w, partials))
+
+    def config(self, x, w, partials=False, gated=False):
+        """The engine's GEMM configuration, its stages capped at max_stages; None: as is."""
+        if self.max_stages is None:
+            return None
+        n = w.shape[0] // 2 if gated else w.shape[0]
+        cfg = gemm_config(x.shape[0], n, x.shape[1], partials, gated=gated)
+        return cfg._replace(num_stages=min(cfg.num_stages, self.max_stages))
 
     def run(self):
         res = self.res0
@@ -77,7 +90,7 @@ class Chain:
             h, res = fused_add_rmsnorm(o, res, self.norm_w, 1e-6)
             w = self.w[layer]["gate_up"]
             if self.gated and supports(h, w, gated=True):
-                act = linear(h, w, gated=True)
+                act = linear(h, w, gated=True, config=self.config(h, w, gated=True))
             else:
                 act = silu_and_mul(self.gemm(h, layer, "gate_up"))
             down = self.gemm(act, layer, "down", partials=True)
