@@ -147,6 +147,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512, help="prompt of the decode runs")
     ap.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode run")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="the engine's (default: the longest run + 16); a server's 32k or 40k widens the "
+        "block tables, and with them the decode attention's split grid",
+    )
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, in seconds")
     args = ap.parse_args()
     if args.smoke:
@@ -163,7 +170,7 @@ def main() -> None:
         longest = max(*args.prompt_lens, args.prompt_len + args.decode_tokens)
         llm = LLM(
             model_dir,
-            max_model_len=longest + 16,
+            max_model_len=max(args.max_model_len or 0, longest + 16),
             max_num_seqs=max(max(args.running), 1),
             max_num_batched_tokens=max(8192, max(args.prompt_lens)),
             **engine_args(args.smoke),
@@ -176,6 +183,7 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "decode_tokens": args.decode_tokens,
         "repeats": args.repeats,
+        "max_model_len": llm.config.max_model_len,
     }
     results["first_token"] = [
         first_token(llm, prompts, n, args.repeats, cost, ceilings) for n in args.prompt_lens

@@ -2,10 +2,11 @@
 
 One query token per sequence. Program (b, kv_head, split) loads each K/V tile of its context
 partition once and scores it against all query heads of the GQA group at once: the group is packed
-into the M dimension of `tl.dot`, padded to 16 rows. The grid is (kv_heads, batch, max_num_splits)
-with max_num_splits fixed by the batch size and the block-table width, never by the data, so the
-launch can be captured in a CUDA graph; how many splits a sequence uses is decided on the GPU from
-its length, and programs without work exit at once. A second kernel merges the partial results with
+into the M dimension of `tl.dot`, padded to 16 rows. The grid is (kv_heads, batch, grid_splits),
+fixed by the batch size and the block-table width, never by the data, so the launch can be
+captured in a CUDA graph; how many splits a sequence uses (up to max_num_splits) is decided on the
+GPU from its length, split program s runs splits s, s + grid_splits, ..., and programs without
+work exit at once. A second kernel merges the partial results with
 their log-sum-exp. When max_num_splits is 1 (large batches already fill the GPU) the main kernel
 normalizes and writes the output itself: no reduce launch, no partial buffers.
 
@@ -21,6 +22,8 @@ time, which the memory serves faster than one head of many rows at a time
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +35,9 @@ _LOG2E = 1.4426950408889634
 # Upper bound of the default split count (a single sequence then has _SPLITS_CAP * num_kv_heads
 # programs).
 _SPLITS_CAP = 128
+# With 64-token splits (few rows, see _default_split): split programs per SM the grid holds. A
+# row with more splits than the grid has split programs runs several in each.
+_GRID_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -45,6 +51,59 @@ def _num_splits_and_partition(
     partition = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), 1) * BLOCK_N
     num_splits = tl.cdiv(seq_len, partition)  # 0 for an empty (padding) row
     return num_splits, partition
+
+
+@triton.jit
+def _attend_keys(
+    q,  # [GROUP_PAD, BLOCK_D]
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row,  # this row's block-table row
+    head_off,  # kv_head * stride_cache_head, int64
+    start,
+    end,  # keys [start, end)
+    qk_scale,
+    stride_cache_block,
+    stride_cache_tok,
+    HEAD_DIM: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SELECT_LOOKUP: tl.constexpr,
+):  # -> (acc [GROUP_PAD, BLOCK_D] unnormalized, m_i, l_i [GROUP_PAD]), log2 units
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_mask = offs_d < HEAD_DIM
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        n_mask = tile_start + offs_n < end
+        rows = tile_row_offsets(
+            bt_row,
+            tile_start,
+            end,
+            stride_cache_block,
+            stride_cache_tok,
+            BLOCK_SIZE,
+            BLOCK_N,
+            True,
+            SELECT_LOOKUP,
+        )
+        kv_off = head_off + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -92,24 +151,15 @@ def _paged_decode_kernel(
         num_kv_heads = tl.num_programs(1)
     if ROW_ORDER:
         b = tl.load(row_order_ptr + b)
-    split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    if SINGLE_SPLIT:
-        # The whole context; a seq_len == 0 padding row runs no tile and writes zeros below.
-        start = 0
-        end = seq_len
-    else:
+    if not SINGLE_SPLIT:
         num_splits, partition = _num_splits_and_partition(
             seq_len, max_num_splits, MIN_PARTITION, BLOCK_N
         )
-        if split >= num_splits:  # also every split of a seq_len == 0 padding row
+        if tl.program_id(2) >= num_splits:  # also every split of a seq_len == 0 padding row
             return
-        start = split * partition
-        end = tl.minimum(start + partition, seq_len)
-
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + offs_g
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
@@ -118,40 +168,30 @@ def _paged_decode_kernel(
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     )  # [GROUP_PAD, BLOCK_D]
-
-    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt_b
     head_off = kv_head.to(tl.int64) * stride_cache_head
-    for tile_start in range(start, end, BLOCK_N):
-        n_mask = tile_start + offs_n < end
-        rows = tile_row_offsets(
-            bt_row,
-            tile_start,
-            end,
-            stride_cache_block,
-            stride_cache_tok,
-            BLOCK_SIZE,
-            BLOCK_N,
-            True,
-            SELECT_LOOKUP,
-        )
-        kv_off = head_off + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
 
     if SINGLE_SPLIT:
-        # l_i > 0 for a real row; an empty row has acc == 0 and l_i == 0, so it writes zeros.
+        # The whole context; a seq_len == 0 padding row runs no tile and writes zeros: l_i > 0
+        # for a real row, an empty one has acc == 0 and l_i == 0.
+        acc, m_i, l_i = _attend_keys(
+            q,
+            k_cache_ptr,
+            v_cache_ptr,
+            bt_row,
+            head_off,
+            0,
+            seq_len,
+            qk_scale,
+            stride_cache_block,
+            stride_cache_tok,
+            HEAD_DIM,
+            GROUP_PAD,
+            BLOCK_D,
+            BLOCK_SIZE,
+            BLOCK_N,
+            SELECT_LOOKUP,
+        )
         out_off = b.to(tl.int64) * stride_out_b + heads[:, None] * stride_out_h + offs_d[None, :]
         tl.store(
             out_ptr + out_off,
@@ -159,14 +199,36 @@ def _paged_decode_kernel(
             mask=g_mask[:, None] & d_mask[None, :],
         )
     else:
-        # Every split holds >= 1 key, so l_i > 0 for the real rows.
-        part_row = (b * (GROUP * num_kv_heads) + heads).to(tl.int64) * max_num_splits + split
-        tl.store(part_lse_ptr + part_row, m_i + tl.log2(l_i), mask=g_mask)
-        tl.store(
-            part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :],
-            acc / l_i[:, None],
-            mask=g_mask[:, None] & d_mask[None, :],
-        )
+        part_rows = (b * (GROUP * num_kv_heads) + heads).to(tl.int64) * max_num_splits
+        # The grid may hold fewer split programs than a long row has splits: each takes every
+        # num_programs(2)-th.
+        for split in range(tl.program_id(2), num_splits, tl.num_programs(2)):
+            start = split * partition
+            acc, m_i, l_i = _attend_keys(
+                q,
+                k_cache_ptr,
+                v_cache_ptr,
+                bt_row,
+                head_off,
+                start,
+                tl.minimum(start + partition, seq_len),
+                qk_scale,
+                stride_cache_block,
+                stride_cache_tok,
+                HEAD_DIM,
+                GROUP_PAD,
+                BLOCK_D,
+                BLOCK_SIZE,
+                BLOCK_N,
+                SELECT_LOOKUP,
+            )
+            # Every split holds >= 1 key, so l_i > 0 for the real rows.
+            tl.store(part_lse_ptr + part_rows + split, m_i + tl.log2(l_i), mask=g_mask)
+            tl.store(
+                part_out_ptr + (part_rows + split)[:, None] * HEAD_DIM + offs_d[None, :],
+                acc / l_i[:, None],
+                mask=g_mask[:, None] & d_mask[None, :],
+            )
 
 
 @triton.jit
@@ -221,19 +283,28 @@ def _paged_decode_reduce_kernel(
     )
 
 
-def _default_split(
-    batch: int, num_kv_heads: int, max_context: int, device: torch.device
-) -> tuple[int, int]:
-    """(max_num_splits, min_partition) for a launch of `batch` rows: fixed by the batch size and
-    the block-table width (`max_context`), never by the data.
+class _Split(NamedTuple):
+    max_num_splits: int  # splits of the longest row the launch allows (the partial buffers)
+    min_partition: int  # fewest tokens per split
+    grid_splits: int  # split programs per (row, KV head) in the grid; each runs every n-th split
+
+
+def _default_split(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> _Split:
+    """The split of a launch of `batch` rows: fixed by the batch size and the block-table width
+    (`max_context`), never by the data.
 
     Each rule was the fastest in bench_decode_varlen.py's sweep (rows of mixed lengths taken
-    longest first; the figures are in benchmarks/README.md):
+    longest first) or in bench_latency.py (few rows); the figures are in benchmarks/README.md:
     - one split once the (row, KV head) programs alone give every SM five: more splits only add
       a reduce;
     - from three per SM, at most two splits of >= 512 tokens;
     - below that, enough splits of >= 256 tokens for ~32 programs per SM (the short splits keep
-      the long rows from forming the grid's tail).
+      the long rows from forming the grid's tail);
+    - up to one (row, KV head) pair per two SMs (one to eight requests of Qwen3's 8 KV heads),
+      splits down to one 64-token key tile, so that one request's 500-token context still
+      reaches most SMs; the grid then holds about _GRID_PROGRAMS_PER_SM split programs per SM,
+      not one per split the block table could need (a server's 32k-token tables would launch
+      thousands of programs that exit at once), and a long row's programs run several splits.
     """
     if device.type == "cuda":
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -241,11 +312,17 @@ def _default_split(
         num_sms = 4
     pairs = batch * num_kv_heads
     if pairs >= 5 * num_sms:
-        return 1, 256
+        return _Split(1, 256, 1)
     if pairs >= 3 * num_sms:
-        return max(1, min(2, triton.cdiv(max_context, 512))), 512
+        splits = max(1, min(2, triton.cdiv(max_context, 512)))
+        return _Split(splits, 512, splits)
     wanted = triton.cdiv(32 * num_sms, pairs)
-    return max(1, min(wanted, _SPLITS_CAP, triton.cdiv(max_context, 256))), 256
+    if 2 * pairs > num_sms:
+        splits = max(1, min(wanted, _SPLITS_CAP, triton.cdiv(max_context, 256)))
+        return _Split(splits, 256, splits)
+    splits = max(1, min(wanted, _SPLITS_CAP, triton.cdiv(max_context, 64)))
+    grid = min(splits, triton.cdiv(_GRID_PROGRAMS_PER_SM * num_sms, pairs))
+    return _Split(splits, 64, grid)
 
 
 def decode_attention(
@@ -306,11 +383,14 @@ def _decode_attention(
     row_order: torch.Tensor | None = None,  # [B] int32, a permutation of range(B)
     select_lookup: bool = True,
     heads_first: bool = True,
+    grid_splits: int | None = None,
 ) -> torch.Tensor:
     """`decode_attention` with the variants only the benchmarks' sweeps compare: the block-table
     lookup of a key tile wider than a cache block (`select_lookup`, see
-    block_table.tile_row_offsets) and the grid order (`heads_first=False`: the rows in the
-    grid's fastest dimension instead of the KV heads)."""
+    block_table.tile_row_offsets), the grid order (`heads_first=False`: the rows in the
+    grid's fastest dimension instead of the KV heads) and the grid's split programs per (row,
+    KV head) (`grid_splits`, at most max_num_splits; by default _default_split's, or
+    max_num_splits where that is given)."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
@@ -331,15 +411,18 @@ def _decode_attention(
     group = num_heads // num_kv_heads
     max_context = block_tables.shape[1] * block_size
     if max_num_splits is None:
-        max_num_splits, default_partition = _default_split(
+        max_num_splits, default_partition, default_grid = _default_split(
             batch, num_kv_heads, max_context, q.device
         )
         if min_partition is None:
-            min_partition = default_partition
+            min_partition = max(default_partition, block_n)
         else:  # never more than min_partition-sized pieces
             max_num_splits = max(1, min(max_num_splits, triton.cdiv(max_context, min_partition)))
+        if grid_splits is None:
+            grid_splits = default_grid
     elif min_partition is None:
         min_partition = 256
+    grid_splits = max_num_splits if grid_splits is None else min(grid_splits, max_num_splits)
     assert min_partition % block_n == 0, (min_partition, block_n)
     single_split = max_num_splits == 1
     if num_stages is None:
@@ -358,7 +441,7 @@ def _decode_attention(
     block_d = triton.next_power_of_2(head_dim)
     grid = (num_kv_heads, batch) if heads_first else (batch, num_kv_heads)
     pdl = pdl_enabled(q)
-    _paged_decode_kernel[(*grid, max_num_splits)](
+    _paged_decode_kernel[(*grid, grid_splits)](
         q_ptr=q,
         k_cache_ptr=k_cache,
         v_cache_ptr=v_cache,

@@ -164,16 +164,42 @@ def test_decode_single_split_by_default_at_large_batch(monkeypatch):
 
 def test_default_split_by_programs_per_sm():
     """The CPU stands in for a GPU of 4 SMs: one split from 5 (row, KV head) programs per SM, at
-    most two splits of >= 512 tokens from 3 per SM, else ~32 programs per SM of >= 256 tokens
+    most two splits of >= 512 tokens from 3 per SM, else ~32 programs per SM of >= 256 tokens,
+    and up to one pair per two SMs splits of >= 64 tokens in a grid of ~4 split programs per SM
     (never more pieces than the block-table width holds)."""
-    from minivllm.kernels.paged_decode import _default_split
+    from minivllm.kernels.paged_decode import _GRID_PROGRAMS_PER_SM, _default_split
 
     cpu = torch.device("cpu")
-    assert _default_split(20, 1, 4096, cpu) == (1, 256)
-    assert _default_split(12, 1, 4096, cpu) == (2, 512)
-    assert _default_split(12, 1, 512, cpu) == (1, 512)
-    assert _default_split(11, 1, 4096, cpu) == (12, 256)
-    assert _default_split(1, 1, 1024, cpu) == (4, 256)
+    assert _default_split(20, 1, 4096, cpu) == (1, 256, 1)
+    assert _default_split(12, 1, 4096, cpu) == (2, 512, 2)
+    assert _default_split(12, 1, 512, cpu) == (1, 512, 1)
+    assert _default_split(11, 1, 4096, cpu) == (12, 256, 12)
+    assert _default_split(3, 1, 4096, cpu) == (16, 256, 16)
+    assert _GRID_PROGRAMS_PER_SM == 4
+    assert _default_split(2, 1, 4096, cpu) == (64, 64, 8)
+    assert _default_split(1, 1, 1024, cpu) == (16, 64, 16)
+    assert _default_split(1, 1, 16384, cpu) == (128, 64, 16)
+    assert _default_split(1, 1, 256, cpu) == (4, 64, 4)
+
+
+@pytest.mark.parametrize("grid_splits", [1, 3])
+def test_decode_programs_loop_over_splits(grid_splits):
+    """A grid with fewer split programs than a row has splits (7 here, of 32 tokens): each
+    program runs every grid_splits-th split, and the rows come out as from one program per
+    split; padding rows stay zeros."""
+    _check(
+        [224, 0, 1, 100, 33],
+        4,
+        2,
+        32,
+        16,
+        torch.float32,
+        launch=_decode_attention,
+        max_num_splits=8,
+        min_partition=32,
+        block_n=32,
+        grid_splits=grid_splits,
+    )
 
 
 def test_decode_two_long_splits_by_default(monkeypatch):
@@ -182,7 +208,9 @@ def test_decode_two_long_splits_by_default(monkeypatch):
     from minivllm.kernels import paged_decode
 
     calls = []
-    monkeypatch.setattr(paged_decode, "_default_split", lambda *a: calls.append(a) or (2, 512))
+    monkeypatch.setattr(
+        paged_decode, "_default_split", lambda *a: calls.append(a) or paged_decode._Split(2, 512, 2)
+    )
     _check([700, 0, 1030, 511, 64, 512], 4, 2, 32, 16, torch.float32)
     assert calls
 
