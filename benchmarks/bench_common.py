@@ -194,6 +194,21 @@ def peak_memory_bytes(fn: Callable[[], Any]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def allocator_counters() -> dict[str, int]:
+    """The CUDA caching allocator's running totals: its cudaMalloc calls, the failed ones it
+    retried after freeing its cache (each a device-wide sync), and the bytes it holds; {} on the
+    CPU. One call costs tens of microseconds: read it around a run, or per step only where the
+    steps are profiled anyway."""
+    if DEVICE != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {
+        "cuda_mallocs": int(stats.get("num_device_alloc", 0)),
+        "alloc_retries": int(stats.get("num_alloc_retries", 0)),
+        "reserved_bytes": int(stats.get("reserved_bytes.all.current", 0)),
+    }
+
+
 def git_commit() -> str | None:
     """The checkout's commit (with "+changes" for a dirty tree), or None outside a git checkout."""
     here = os.path.dirname(os.path.abspath(__file__))

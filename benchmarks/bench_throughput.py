@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_common import device_info
+from bench_common import allocator_counters, device_info
 from minivllm import LLM, SamplingParams
 from roofline import Ceilings, ModelCost, workload_seconds
 from steps import StepLoop, StepRecord, StepRecorder
@@ -148,10 +148,12 @@ def run_minivllm(
     compiled_before = compiled_triton_kernels()
     with StepRecorder(llm) as recorder:
         sync(llm)
+        allocator_before = allocator_counters()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         sync(llm)
         elapsed = time.perf_counter() - t0
+        allocator_after = allocator_counters()
     compiled_after = compiled_triton_kernels()
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     ms_per_token = one_request_ms_per_token(llm, prompts[0]) if one_request else None
@@ -172,6 +174,18 @@ def run_minivllm(
             k: n - compiled_before.get(k, 0)
             for k, n in compiled_after.items()
             if n > compiled_before.get(k, 0)
+        },
+        # cudaMalloc calls and retries of the allocator during the timed run, and what it held
+        # before -> after (profile_workload.py says which steps made them)
+        "allocator_during_run": {
+            "cuda_mallocs": allocator_after.get("cuda_mallocs", 0)
+            - allocator_before.get("cuda_mallocs", 0),
+            "alloc_retries": allocator_after.get("alloc_retries", 0)
+            - allocator_before.get("alloc_retries", 0),
+            "reserved_gib": [
+                allocator_before.get("reserved_bytes", 0) / 2**30,
+                allocator_after.get("reserved_bytes", 0) / 2**30,
+            ],
         },
     }
     if breakdown is not None:
@@ -490,6 +504,12 @@ def print_summary(results: dict[str, Any]) -> None:
         ))  # fmt: skip
         compiles = results["cpp"]["triton_compiles_during_run"]
         print("Triton compiles during the timed run:", compiles or "none")
+        alloc = results["cpp"]["allocator_during_run"]
+        print(
+            f"CUDA allocator during the timed run: {alloc['cuda_mallocs']} cudaMalloc, "
+            f"{alloc['alloc_retries']} retries, held {alloc['reserved_gib'][0]:.2f} -> "
+            f"{alloc['reserved_gib'][1]:.2f} GiB"
+        )
     print(f"\n{'decode probe':<28}{'wall us':>9}{'gpu us':>9}{'busy':>7}{'idle us':>9}"
           f"{'sched+upd us':>14}")  # fmt: skip
     for key in ("cpp", "python"):

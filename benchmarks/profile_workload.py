@@ -1,17 +1,20 @@
 """Where does the GPU time of the throughput workload go, by kind of step and kind of kernel?
 
-Runs bench_throughput's workload (workload.py: nano-vllm's bench on Qwen3-0.6B's shape, dummy
-weights, bf16) once under torch.profiler (CUDA activity only, so host timings are not inflated
+Runs bench_throughput's workload (workload.py: nano-vllm's bench on Qwen3-0.6B's shape, or with
+--model-shape 8b / 14b Qwen3-8B's / 14B's, dummy weights, bf16) once under torch.profiler (CUDA activity only, so host timings are not inflated
 much) and splits the GPU timeline into steps at each step's one staging upload (the pinned
 host-to-device copy that starts every step). For each kind of step it prints the wall time on the
 GPU timeline, the time in kernels by category (decode attention, prefill attention, GEMMs,
 norms, rotary, activation, sampler, copies) and the idle time; then the top kernels of each kind.
 With programmatic dependent launch a kernel's interval starts when it is scheduled, before it
-waits, so the categories overlap: compare the wall and idle columns across runs.
+waits, so the categories overlap: compare the wall and idle columns across runs. Each step also
+counts the allocator's cudaMalloc calls (and retries) inside its launch and the Triton kernels
+compiled since the last one, and the first step with prefill, the three slowest and a median one
+of the slowest one's size list their own kernels: what makes one step slower than its peers.
 --smoke: the workload's first requests on a tiny model on the CPU, steps recorded, no GPU
 timeline (a check of the script).
 
-    python benchmarks/profile_workload.py [--out benchmarks/out/profile_workload.json]
+    python benchmarks/profile_workload.py [--model-shape 0.6b|8b|14b] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -30,7 +33,13 @@ from bench_common import device_info
 from bench_throughput import step_kind
 from minivllm import LLM, SamplingParams
 from steps import StepRecord, StepRecorder
-from workload import engine_args, make_model_dir, nano_vllm_workload, smoke_workload
+from workload import (
+    MODEL_SHAPES,
+    engine_args,
+    make_model_dir,
+    nano_vllm_workload,
+    smoke_workload,
+)
 
 CATEGORIES = (
     ("decode attn", ("_paged_decode",)),
@@ -72,6 +81,7 @@ def gpu_timeline(prof: Any, records: list[StepRecord]) -> dict[str, Any]:
     kinds: dict[str, dict[str, float]] = {}
     names: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     step_ms = []  # per step: (GPU segment, kernel time) in ms
+    bounds = []  # per step: its events[lo:hi]
     for s in range(min(len(uploads), len(records))):
         lo = uploads[s]
         hi = uploads[s + 1] if s + 1 < len(uploads) else len(events)
@@ -96,16 +106,69 @@ def gpu_timeline(prof: Any, records: list[StepRecord]) -> dict[str, Any]:
                 cur_e = max(cur_e, b)
         if cur_e is not None:
             k["busy_s"] += (cur_e - cur_s) * 1e-9
+        bounds.append((lo, hi))
     kinds["all"] = {
         c: sum(k[c] for k in kinds.values()) for c in ["steps", "wall_s", "busy_s", *cats]
     }
     top = {kd: sorted(v.items(), key=lambda x: -x[1])[:12] for kd, v in names.items()}
-    return {"kinds": kinds, "top_kernels": top, "step_gpu_ms": step_ms}
+    step_kernels = [
+        {
+            "step": s,
+            "why": why,
+            "tokens": records[s].num_tokens,
+            "decodes": records[s].num_decodes,
+            "segment_ms": step_ms[s][0],
+            "kernels": kernel_totals(events[slice(*bounds[s])]),
+        }
+        for s, why in steps_to_show(records[: len(step_ms)], [ms for ms, _ in step_ms])
+    ]
+    return {
+        "kinds": kinds,
+        "top_kernels": top,
+        "step_gpu_ms": step_ms,
+        "step_kernels": step_kernels,
+    }
+
+
+def steps_to_show(records: list[StepRecord], segment_ms: list[float]) -> list[tuple[int, str]]:
+    """Steps with prefill worth a kernel list: the first, the three slowest, and a typical one
+    (the median) of the slowest one's size, to set beside it."""
+    prefill = [i for i, r in enumerate(records) if r.num_tokens != r.num_decodes]
+    if not prefill:
+        return []
+    slowest = sorted(prefill, key=lambda i: -segment_ms[i])[:3]
+    shown = {prefill[0]: "first with prefill"}
+    for rank, i in enumerate(slowest):
+        shown.setdefault(i, f"slowest #{rank + 1}")
+    same_size = sorted(
+        (
+            i
+            for i in prefill
+            if records[i].num_tokens == records[slowest[0]].num_tokens and i not in shown
+        ),
+        key=lambda i: segment_ms[i],
+    )
+    if same_size:
+        shown[same_size[len(same_size) // 2]] = "median of its size"
+    return sorted(shown.items())
+
+
+def kernel_totals(
+    events: list[tuple[int, int, str]], top: int = 12
+) -> list[tuple[str, int, float]]:
+    """(name, launches, ms) of a step's kernels, the longest in total first."""
+    total: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for a, b, name in events:
+        total[name[:70]][0] += 1
+        total[name[:70]][1] += (b - a) * 1e-6
+    ranked = sorted(total.items(), key=lambda x: -x[1][1])[:top]
+    return [(name, int(n), ms) for name, (n, ms) in ranked]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/out/profile_workload.json")
+    ap.add_argument("--model-shape", default="0.6b", choices=list(MODEL_SHAPES))
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, no GPU timeline")
@@ -116,7 +179,7 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("profile_workload needs a CUDA GPU (or --smoke)")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_model_dir(tmp, smoke=args.smoke)
+        model_dir = make_model_dir(tmp, args.model_shape, smoke=args.smoke)
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         llm = LLM(
             str(model_dir),
@@ -131,8 +194,7 @@ def main() -> None:
     warm = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=16)
     llm.generate([p[:128][::-1] for p in prompts[:8]], warm, use_tqdm=False)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in max_tokens]
-    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
-    with StepRecorder(llm) as recorder:
+    with StepRecorder(llm, watch=True) as recorder:
         profiler = profile(activities=[ProfilerActivity.CUDA]) if cuda else contextlib.nullcontext()
         with profiler as prof:
             t0 = time.perf_counter()
@@ -142,20 +204,39 @@ def main() -> None:
             wall = time.perf_counter() - t0
     records = recorder.records
     out: dict[str, Any] = {**device_info(), "wall_s": wall}
+    out["allocator"] = {
+        "cuda_mallocs": sum(r.cuda_mallocs for r in records),
+        "alloc_retries": sum(r.alloc_retries for r in records),
+    }
+    out["triton_compiles"] = [[i, name] for i, r in enumerate(records) for name in r.compiles]
+    print(
+        f"during the run: {out['allocator']['cuda_mallocs']} cudaMalloc, "
+        f"{out['allocator']['alloc_retries']} allocator retries (cudaFree + retry), "
+        f"{len(out['triton_compiles'])} Triton compiles"
+    )
     if cuda:
-        out["allocator_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
-        print(f"allocator retries (cudaFree + retry) during the run: {out['allocator_retries']}")
         out.update(gpu_timeline(prof, records))
     print(
-        "first steps and every step with prefill: step, tokens, decodes, launched at ms, host ms "
-        "in launch[, GPU segment ms, kernel ms]"
+        "first steps, every step with prefill and every step that allocated or compiled: step, "
+        "tokens, decodes, launched at ms, host ms in launch, cudaMalloc, retries[, GPU segment "
+        "ms, kernel ms][, compiled]"
     )
     step_gpu_ms = out.get("step_gpu_ms", [])
     for i, r in enumerate(records):
-        if i < 24 or r.num_tokens != r.num_decodes:
+        if i < 24 or r.num_tokens != r.num_decodes or r.cuda_mallocs or r.compiles:
             gpu = "  ".join(f"{ms:.2f}" for ms in step_gpu_ms[i]) if i < len(step_gpu_ms) else ""
             at, host = (r.launched - t0) * 1e3, r.host_s * 1e3
-            print(f"   {i}  {r.num_tokens}  {r.num_decodes}  {at:.2f}  {host:.2f}  {gpu}")
+            print(
+                f"   {i}  {r.num_tokens}  {r.num_decodes}  {at:.2f}  {host:.2f}  "
+                f"{r.cuda_mallocs}  {r.alloc_retries}  {gpu}  {' '.join(r.compiles)}"
+            )
+    for st in out.get("step_kernels", []):
+        print(
+            f"\nstep {st['step']} ({st['why']}): {st['tokens']} tokens, {st['decodes']} decodes, "
+            f"GPU segment {st['segment_ms']:.2f} ms; its kernels (launches, ms):"
+        )
+        for name, n, ms in st["kernels"]:
+            print(f"   {ms:8.3f}  {n:5d}  {name}")
     llm.close()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import triton
+from bench_common import allocator_counters
 from minivllm import LLM
 from minivllm.engine.staging import schedule_into
 
@@ -119,44 +121,75 @@ class StepRecord:
     num_samples: int
     context_tokens: int  # sum of the rows' seq_lens
     pairs: int  # causal (query, key) pairs of its attention
+    # With StepRecorder(watch=True): what its launch did besides launching, each a cost the
+    # step's time pays once (a cudaMalloc; a retried one frees the allocator's cache first) ...
+    cuda_mallocs: int = 0
+    alloc_retries: int = 0
+    # ... and the Triton kernels compiled (or loaded from the disk cache) since the last launch.
+    compiles: tuple[str, ...] = ()
 
 
 class StepRecorder:
     """While active, wraps the runner's `launch` to record every step the engine runs (the
-    engine's own loop, e.g. inside LLM.generate)."""
+    engine's own loop, e.g. inside LLM.generate). With `watch`, each record also counts the
+    allocator's cudaMalloc calls inside its launch and the Triton compiles since the last one
+    (reading the allocator's counters costs tens of microseconds a step: for profiles)."""
 
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, watch: bool = False) -> None:
         self.runner = llm.model_runner
         self.records: list[StepRecord] = []
+        self.watch = watch
+        self._compiled: list[str] = []
+        self._hook_before: Any = None
 
     def __enter__(self) -> StepRecorder:  # noqa: PYI034 - py310 has no typing.Self
         real_launch, staging, records = self.runner.launch, self.runner.staging, self.records
+        counters = allocator_counters if self.watch else dict
+        compiled = self._compiled
+        if self.watch:
+            self._hook_before = triton.knobs.runtime.jit_post_compile_hook
+            triton.knobs.runtime.jit_post_compile_hook = self._on_compile
 
         def launch(batch: Any, *args: Any) -> _TimedResult:  # args: the runner's own
             seq_lens = staging.host_view("seq_lens")[: batch.num_seqs].astype(np.int64)
             new = np.diff(batch.query_start_loc).astype(np.int64)
             pairs = int((new * (seq_lens - (new - 1) / 2)).sum())
+            before = counters()
             launched = time.perf_counter()
             result = real_launch(batch, *args)
+            host_s = time.perf_counter() - launched
+            after = counters()
             record = StepRecord(
                 launched=launched,
-                host_s=time.perf_counter() - launched,
+                host_s=host_s,
                 read=None,
                 num_tokens=int(batch.num_tokens),
                 num_decodes=int(batch.num_decodes),
                 num_samples=int(batch.num_samples),
                 context_tokens=int(seq_lens.sum()),
                 pairs=pairs,
+                cuda_mallocs=after.get("cuda_mallocs", 0) - before.get("cuda_mallocs", 0),
+                alloc_retries=after.get("alloc_retries", 0) - before.get("alloc_retries", 0),
+                compiles=tuple(compiled),
             )
+            compiled.clear()
             records.append(record)
             return _TimedResult(result, record)
 
         self.runner.launch = launch  # an instance attribute shadows the method
         return self
 
+    def _on_compile(self, *args: Any, **kwargs: Any) -> Any:
+        fn = kwargs.get("fn")
+        self._compiled.append(getattr(fn, "name", None) or str(kwargs.get("key", "?")))
+        chained = self._hook_before
+        return chained(*args, **kwargs) if chained is not None else None
+
     def __exit__(self, *exc_info: object) -> None:
         # Back to the method: the closure would otherwise keep the engine alive.
         del self.runner.launch
+        if self.watch:
+            triton.knobs.runtime.jit_post_compile_hook = self._hook_before
 
 
 class _TimedResult:
