@@ -152,12 +152,19 @@ def _paged_decode_kernel(
     if ROW_ORDER:
         b = tl.load(row_order_ptr + b)
     seq_len = tl.load(seq_lens_ptr + b)
-    if not SINGLE_SPLIT:
+    if SINGLE_SPLIT:
+        # The whole context as one split (a loop of one constant trip, which the compiler
+        # removes); a seq_len == 0 padding row runs no key tile and writes zeros.
+        first_split, num_splits, split_step, partition = 0, 1, 1, seq_len
+    else:
         num_splits, partition = _num_splits_and_partition(
             seq_len, max_num_splits, MIN_PARTITION, BLOCK_N
         )
         if tl.program_id(2) >= num_splits:  # also every split of a seq_len == 0 padding row
             return
+        # The grid may hold fewer split programs than a long row has splits: each takes every
+        # num_programs(2)-th.
+        first_split, split_step = tl.program_id(2), tl.num_programs(2)
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_g
@@ -170,18 +177,17 @@ def _paged_decode_kernel(
     )  # [GROUP_PAD, BLOCK_D]
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt_b
     head_off = kv_head.to(tl.int64) * stride_cache_head
-
-    if SINGLE_SPLIT:
-        # The whole context; a seq_len == 0 padding row runs no tile and writes zeros: l_i > 0
-        # for a real row, an empty one has acc == 0 and l_i == 0.
+    part_rows = (b * (GROUP * num_kv_heads) + heads).to(tl.int64) * max_num_splits
+    for split in range(first_split, num_splits, split_step):
+        start = split * partition
         acc, m_i, l_i = _attend_keys(
             q,
             k_cache_ptr,
             v_cache_ptr,
             bt_row,
             head_off,
-            0,
-            seq_len,
+            start,
+            tl.minimum(start + partition, seq_len),
             qk_scale,
             stride_cache_block,
             stride_cache_tok,
@@ -192,37 +198,14 @@ def _paged_decode_kernel(
             BLOCK_N,
             SELECT_LOOKUP,
         )
-        out_off = b.to(tl.int64) * stride_out_b + heads[:, None] * stride_out_h + offs_d[None, :]
-        tl.store(
-            out_ptr + out_off,
-            (acc / tl.maximum(l_i, 1e-30)[:, None]).to(out_ptr.dtype.element_ty),
-            mask=g_mask[:, None] & d_mask[None, :],
-        )
-    else:
-        part_rows = (b * (GROUP * num_kv_heads) + heads).to(tl.int64) * max_num_splits
-        # The grid may hold fewer split programs than a long row has splits: each takes every
-        # num_programs(2)-th.
-        for split in range(tl.program_id(2), num_splits, tl.num_programs(2)):
-            start = split * partition
-            acc, m_i, l_i = _attend_keys(
-                q,
-                k_cache_ptr,
-                v_cache_ptr,
-                bt_row,
-                head_off,
-                start,
-                tl.minimum(start + partition, seq_len),
-                qk_scale,
-                stride_cache_block,
-                stride_cache_tok,
-                HEAD_DIM,
-                GROUP_PAD,
-                BLOCK_D,
-                BLOCK_SIZE,
-                BLOCK_N,
-                SELECT_LOOKUP,
+        if SINGLE_SPLIT:  # the final output: l_i > 0 for a real row, 0 for an empty one
+            out_off = b.to(tl.int64) * stride_out_b + heads[:, None] * stride_out_h
+            tl.store(
+                out_ptr + out_off + offs_d[None, :],
+                (acc / tl.maximum(l_i, 1e-30)[:, None]).to(out_ptr.dtype.element_ty),
+                mask=g_mask[:, None] & d_mask[None, :],
             )
-            # Every split holds >= 1 key, so l_i > 0 for the real rows.
+        else:  # every split holds >= 1 key, so l_i > 0 for the real rows
             tl.store(part_lse_ptr + part_rows + split, m_i + tl.log2(l_i), mask=g_mask)
             tl.store(
                 part_out_ptr + (part_rows + split)[:, None] * HEAD_DIM + offs_d[None, :],
