@@ -7,9 +7,12 @@ with the KV heads ("hf") in the grid's fastest dimension), and an optional head-
 (`--layout hnd`, passed as a permuted view).
 
 Qwen3-0.6B head shape (16 query heads, 8 KV heads, head_dim 128), bf16, block size 16, shuffled
-block tables; each variant timed as a CUDA-graph replay of 10 calls.
+block tables (as wide as the longest row, or --table-width tokens as a server's max_model_len
+makes them); each variant timed as a CUDA-graph replay of 10 calls.
 
     python benchmarks/bench_decode_varlen.py --batch 256 128 64
+    python benchmarks/bench_decode_varlen.py --batch 16 32 --lo 500 --hi 1100 --table-width 32768 \
+        --variants default grid4 grid8 grid16
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ VARIANTS = {
     "p64": {"min_partition": 64},
     "n32 p64": {"block_n": 32, "min_partition": 64},
     "n32 p32": {"block_n": 32, "min_partition": 32},
+    # The default split with the grid capped at N split programs per SM (each program looping
+    # over every n-th split), as _default_split does for 1-8 requests: a wide block table
+    # (--table-width) otherwise launches a program per split it could need, most of which exit.
+    "grid4": {"grid_per_sm": 4},
+    "grid8": {"grid_per_sm": 8},
+    "grid16": {"grid_per_sm": 16},
 }
 
 
@@ -99,6 +108,14 @@ def main() -> None:
     ap.add_argument("--lo", type=int, default=100)
     ap.add_argument("--hi", type=int, default=2048)
     ap.add_argument("--block-size", type=int, nargs="+", default=[16])
+    ap.add_argument(
+        "--table-width",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="block-table width in tokens, as a server's max_model_len sets it (default: the "
+        "longest row's)",
+    )
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument(
         "--layout",
@@ -110,6 +127,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     variants = {k: VARIANTS[k] for k in args.variants}
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(0)
     dtype = torch.bfloat16
     print(
@@ -134,7 +152,7 @@ def main() -> None:
             k_cache = torch.randn(shape, device="cuda", dtype=dtype).permute(0, 2, 1, 3)
             v_cache = torch.randn(shape, device="cuda", dtype=dtype).permute(0, 2, 1, 3)
         perm = torch.randperm(total).to(torch.int32)
-        width = int(blocks.max())
+        width = max(int(blocks.max()), -(-args.table_width // block))
         bt = torch.full((batch, width), -1, dtype=torch.int32)
         pos = 0
         for b in range(batch):
@@ -193,6 +211,12 @@ def main() -> None:
                 kv_bytes / graph_replay_us(lambda: gather(heads_first=True)) / 1e3,
             ]
             for kw in variants.values():
+                if "grid_per_sm" in kw:
+                    kw = {
+                        "grid_splits": triton.cdiv(
+                            kw["grid_per_sm"] * num_sms, batch * NUM_KV_HEADS
+                        )
+                    }
 
                 def call(
                     kw=kw,
