@@ -9,8 +9,9 @@ norms, rotary, activation, sampler, copies) and the idle time; then the top kern
 With programmatic dependent launch a kernel's interval starts when it is scheduled, before it
 waits, so the categories overlap: compare the wall and idle columns across runs. Each step also
 counts the allocator's cudaMalloc calls (and retries) inside its launch and the Triton kernels
-compiled since the last one, and the first step with prefill, the three slowest and a median one
-of the slowest one's size list their own kernels: what makes one step slower than its peers.
+compiled since the last one. A median decode step of each kind lists its own kernels (launches
+and time of each), as do the first step with prefill, the three slowest and a median one of the
+slowest one's size: what makes one step slower than its peers.
 --smoke: the workload's first requests on a tiny model on the CPU, steps recorded, no GPU
 timeline (a check of the script).
 
@@ -131,13 +132,22 @@ def gpu_timeline(prof: Any, records: list[StepRecord]) -> dict[str, Any]:
 
 
 def steps_to_show(records: list[StepRecord], segment_ms: list[float]) -> list[tuple[int, str]]:
-    """Steps with prefill worth a kernel list: the first, the three slowest, and a typical one
-    (the median) of the slowest one's size, to set beside it."""
+    """Steps worth a kernel list: a median decode step of each kind (its kernels one by one),
+    and of the steps with prefill the first, the three slowest, and a typical one (the median)
+    of the slowest one's size, to set beside it."""
+    shown: dict[int, str] = {}
+    kinds: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        if r.num_tokens == r.num_decodes:
+            kinds[step_kind(r.num_tokens, r.num_decodes)].append(i)
+    for kind, steps in sorted(kinds.items()):
+        steps.sort(key=lambda i: segment_ms[i])
+        shown[steps[len(steps) // 2]] = f"median {kind}"
     prefill = [i for i, r in enumerate(records) if r.num_tokens != r.num_decodes]
     if not prefill:
-        return []
+        return sorted(shown.items())
     slowest = sorted(prefill, key=lambda i: -segment_ms[i])[:3]
-    shown = {prefill[0]: "first with prefill"}
+    shown[prefill[0]] = "first with prefill"
     for rank, i in enumerate(slowest):
         shown.setdefault(i, f"slowest #{rank + 1}")
     same_size = sorted(
@@ -154,7 +164,7 @@ def steps_to_show(records: list[StepRecord], segment_ms: list[float]) -> list[tu
 
 
 def kernel_totals(
-    events: list[tuple[int, int, str]], top: int = 12
+    events: list[tuple[int, int, str]], top: int = 16
 ) -> list[tuple[str, int, float]]:
     """(name, launches, ms) of a step's kernels, the longest in total first."""
     total: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
