@@ -18,37 +18,61 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
+With --context N the chain is the whole decoder layer as a decode step runs it: the qkv output
+goes through q/k norm + rotary with the KV store (kernels/qk_norm_rope.py) and the paged decode
+attention (kernels/paged_decode.py, with its reduce) over N tokens per row, in a per-layer cache
+of shuffled 16-token blocks with block tables --table-width tokens wide (a server's
+max_model_len; default N), and the attention output feeds the o GEMM: what an attention-side
+change costs or saves between its PDL neighbours. --smoke runs two layers on the CPU (Triton's
+interpreter, float16): a check of the script, not a measurement.
+
     python benchmarks/bench_layer_chain.py --m 16 64 128 256
+    python benchmarks/bench_layer_chain.py --m 1 8 32 --modes triton+pdl --context 576
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import time
 
 import torch
+import triton
 from bench_common import DEVICE, check_close, graph_calls_us
 from minivllm.kernels import pdl
 from minivllm.kernels.activation import silu_and_mul
 from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
 from minivllm.kernels.linear import gemm_config, linear, supports
+from minivllm.kernels.paged_decode import decode_attention
+from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
 from minivllm.layers.linear import GATED_MAX_TOKENS
 
+# Qwen3-0.6B: hidden size, q + k + v, attention output, intermediate size, heads, layers
 HIDDEN, QKV, ATTN, INTER, LAYERS = 1024, 4096, 2048, 3072, 28
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, ROPE_THETA = 16, 8, 128, 16, 1e6
 
 
 class Chain:
-    def __init__(self, m: int, mode: str):
-        self.m, self.mode = m, mode
+    def __init__(
+        self,
+        m: int,
+        mode: str,
+        context: int = 0,
+        table_width: int = 0,
+        layers: int = LAYERS,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
+        self.m, self.mode, self.layers = m, mode, layers
         base, _, stages = mode.partition("+stages")
         self.max_stages = int(stages) if stages else None
         mode = base
         self.gated = mode.endswith("+gated") or (
             mode.startswith("triton") and not mode.endswith("+nogated") and m <= GATED_MAX_TOKENS
         )
-        g = torch.Generator(device="cuda").manual_seed(0)
+        g = torch.Generator(device=DEVICE).manual_seed(0)
 
         def rnd(*shape, scale=0.02):
-            return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g) * scale
+            return torch.randn(*shape, device=DEVICE, dtype=dtype, generator=g) * scale
 
         self.w = [
             {
@@ -57,11 +81,67 @@ class Chain:
                 "gate_up": rnd(2 * INTER, HIDDEN),
                 "down": rnd(HIDDEN, INTER),
             }
-            for _ in range(LAYERS)
+            for _ in range(layers)
         ]
-        self.norm_w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
+        self.norm_w = torch.ones(HIDDEN, device=DEVICE, dtype=dtype)
         self.attn = rnd(m, ATTN, scale=1.0)
         self.res0 = rnd(m, HIDDEN, scale=1.0)
+        self.context = context
+        if context:
+            self._attention_inputs(context, max(table_width, context), rnd, g, dtype)
+
+    def _attention_inputs(self, context, table_width, rnd, g, dtype):
+        """Per layer a KV cache holding `context` tokens of each row in shuffled blocks; the
+        decode step's own arrays: each row's new token at position context - 1."""
+        m, per_row = self.m, triton.cdiv(context, BLOCK_SIZE)
+        num_blocks = m * per_row
+        shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        self.caches = [(rnd(*shape, scale=1.0), rnd(*shape, scale=1.0)) for _ in range(self.layers)]
+        width = triton.cdiv(table_width, BLOCK_SIZE)
+        self.block_tables = torch.full((m, width), -1, dtype=torch.int32, device=DEVICE)
+        perm = torch.randperm(num_blocks, generator=g, device=DEVICE).to(torch.int32)
+        self.block_tables[:, :per_row] = perm.view(m, per_row)
+        self.seq_lens = torch.full((m,), context, dtype=torch.int32, device=DEVICE)
+        self.positions = torch.full((m,), context - 1, dtype=torch.int32, device=DEVICE)
+        last = self.block_tables[:, (context - 1) // BLOCK_SIZE]
+        self.slot_mapping = last * BLOCK_SIZE + (context - 1) % BLOCK_SIZE
+        self.row_order = torch.arange(m, dtype=torch.int32, device=DEVICE)
+        inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
+        freqs = torch.outer(torch.arange(context).float(), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1).to(DEVICE)
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        self.qk_norm_w = torch.ones(HEAD_DIM, device=DEVICE, dtype=dtype)
+        self.attn_out = torch.empty(m, NUM_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
+
+    def attention(self, qkv, layer):
+        """q/k norm + rotary + KV store, then paged decode attention: [m, ATTN]."""
+        kv_size = NUM_KV_HEADS * HEAD_DIM
+        q, k, v = qkv.split([NUM_HEADS * HEAD_DIM, kv_size, kv_size], -1)
+        k_cache, v_cache = self.caches[layer]
+        q = qk_norm_rope_store_kv(
+            q.view(self.m, NUM_HEADS, HEAD_DIM),
+            k.view(self.m, NUM_KV_HEADS, HEAD_DIM),
+            v.view(self.m, NUM_KV_HEADS, HEAD_DIM),
+            self.positions,
+            self.cos,
+            self.sin,
+            k_cache,
+            v_cache,
+            self.slot_mapping,
+            self.qk_norm_w,
+            self.qk_norm_w,
+        )
+        decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            self.seq_lens,
+            self.block_tables,
+            HEAD_DIM**-0.5,
+            out=self.attn_out,
+            row_order=self.row_order,
+        )
+        return self.attn_out.view(self.m, ATTN)
 
     def gemm(self, x, layer, name, partials=False):
         w = self.w[layer][name]
@@ -84,9 +164,10 @@ class Chain:
     def run(self):
         res = self.res0
         h = rmsnorm(res, self.norm_w, 1e-6)
-        for layer in range(LAYERS):
-            self.gemm(h, layer, "qkv")
-            o = self.gemm(self.attn, layer, "o", partials=True)
+        for layer in range(self.layers):
+            qkv = self.gemm(h, layer, "qkv")
+            attn = self.attention(qkv, layer) if self.context else self.attn
+            o = self.gemm(attn, layer, "o", partials=True)
             h, res = fused_add_rmsnorm(o, res, self.norm_w, 1e-6)
             w = self.w[layer]["gate_up"]
             if self.gated and supports(h, w, gated=True):
@@ -115,24 +196,48 @@ def main() -> None:
             "mix+pdl",
         ],
     )
+    ap.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        help="tokens per row of a whole decoder layer's attention (0: a fixed attention output)",
+    )
+    ap.add_argument(
+        "--table-width", type=int, default=0, help="block-table width in tokens (default: N)"
+    )
+    ap.add_argument("--smoke", action="store_true", help="two layers on the CPU, interpreted")
     args = ap.parse_args()
-    if DEVICE != "cuda":
-        print("bench_layer_chain.py needs a CUDA GPU; nothing to do here")
+    layers, dtype = LAYERS, torch.bfloat16
+    if args.smoke:
+        if DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--smoke runs on the CPU under TRITON_INTERPRET=1")
+        layers, dtype = 2, torch.float16
+    elif DEVICE != "cuda":
+        print("bench_layer_chain.py needs a CUDA GPU (or --smoke); nothing to do here")
         return
-    print(f"{'M':>5}" + "".join(f"{mode:>18}" for mode in args.modes) + "   (us per layer)")
+    what = f"a whole layer at {args.context} tokens of context" if args.context else "no attention"
+    print(
+        f"{'M':>5}" + "".join(f"{mode:>18}" for mode in args.modes) + f"   (us per layer, {what})"
+    )
     for m in args.m:
         row, ref = [], None
         for mode in args.modes:
             pdl._PDL = "+pdl" in mode
-            chain = Chain(m, mode)
+            chain = Chain(m, mode, args.context, args.table_width, layers, dtype)
             out = chain.run().float()
             if ref is None:
                 ref = out
             else:
                 check_close(f"M={m} {mode}", out, ref)
-            row.append(graph_calls_us([chain.run]) / LAYERS)
+            if args.smoke:
+                t0 = time.perf_counter()
+                chain.run()
+                row.append((time.perf_counter() - t0) * 1e6 / layers)
+            else:
+                row.append(graph_calls_us([chain.run]) / layers)
             del chain
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
         print(f"{m:>5}" + "".join(f"{t:>18.2f}" for t in row), flush=True)
     pdl._PDL = True
 
