@@ -75,7 +75,7 @@ for step in "${steps[@]}"; do
       host)
         run host 200 python3 benchmarks/bench_host.py --out "$OUT/host.json" $(extra host) ;;
       workload)
-        run profile_workload 200 python3 benchmarks/profile_workload.py \
+        run profile_workload 300 python3 benchmarks/profile_workload.py \
           --out "$OUT/profile_workload.json" $(extra workload) ;;
       prefill_attention | decode_attention)
         run "$s" 240 python3 "benchmarks/bench_$s.py" --out "$OUT/$s.json" $(extra "$s") ;;
