@@ -11,7 +11,7 @@
 #   serving     bench_serving.py             host      bench_host.py
 #   workload    profile_workload.py
 #   kernels     all of: prefill_attention decode_attention decode_varlen gemm layer_chain
-#               small_kernels (bench_<name>.py; each can be named alone)
+#               small_kernels mixed_decode (bench_<name>.py; each can be named alone)
 # Extra arguments per step: <STEP>_ARGS, e.g. THROUGHPUT_ARGS="--model-shape 8b --no-python"
 # (throughput defaults to --no-peer; PREFILL_ATTENTION_ARGS="--sweep --plot" and the like;
 # TESTS_ARGS: pytest's arguments, default tests/gpu).
@@ -24,7 +24,8 @@ BUDGET_S=${BUDGET_S:-570}
 mkdir -p "$OUT"
 : >"$OUT/steps.txt"
 if [ $# -gt 0 ]; then steps=("$@"); else read -ra steps <<<"${STEPS:-tests throughput latency}"; fi
-KERNELS=(prefill_attention decode_attention decode_varlen gemm layer_chain small_kernels)
+KERNELS=(prefill_attention decode_attention decode_varlen gemm layer_chain small_kernels
+  mixed_decode)
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 # The device's copy of the tree may carry an older .git: "+changes" says the files differ from it.
@@ -79,7 +80,7 @@ for step in "${steps[@]}"; do
           --out "$OUT/profile_workload.json" $(extra workload) ;;
       prefill_attention | decode_attention)
         run "$s" 240 python3 "benchmarks/bench_$s.py" --out "$OUT/$s.json" $(extra "$s") ;;
-      decode_varlen | gemm | layer_chain | small_kernels)
+      decode_varlen | gemm | layer_chain | small_kernels | mixed_decode)
         run "$s" 200 python3 "benchmarks/bench_$s.py" $(extra "$s") ;;
       *)
         echo "unknown step $s" | tee -a "$OUT/steps.txt" ;;
