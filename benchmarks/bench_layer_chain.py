@@ -15,6 +15,8 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
   mix+pdl       cuBLAS for qkv and gate/up at every size, PDL on
   ...+stagesN   any Triton mode with its GEMMs' pipelines cut to at most N stages (less shared
                 memory per program, so the next kernel's programs can become resident sooner)
+  ...+early     with --context: the decode kernel reads its first key tile before its PDL wait
+                (`_decode_attention(early_loads=True)`)
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -43,7 +45,7 @@ from minivllm.kernels import pdl
 from minivllm.kernels.activation import silu_and_mul
 from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
 from minivllm.kernels.linear import gemm_config, linear, supports
-from minivllm.kernels.paged_decode import decode_attention
+from minivllm.kernels.paged_decode import _decode_attention as decode_attention
 from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
 from minivllm.layers.linear import GATED_MAX_TOKENS
 
@@ -140,6 +142,7 @@ class Chain:
             HEAD_DIM**-0.5,
             out=self.attn_out,
             row_order=self.row_order,
+            **({"early_loads": True} if "+early" in self.mode else {}),
         )
         return self.attn_out.view(self.m, ATTN)
 

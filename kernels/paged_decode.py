@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .block_table import tile_row_offsets
-from .pdl import pdl_enabled, pdl_start
+from .pdl import pdl_enabled, pdl_launch_dependents, pdl_start, pdl_wait
 
 _LOG2E = 1.4426950408889634
 # Upper bound of the default split count (a single sequence then has _SPLITS_CAP * num_kv_heads
@@ -54,6 +54,87 @@ def _num_splits_and_partition(
 
 
 @triton.jit
+def _load_kv_tile(
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row,  # this row's block-table row
+    head_off,  # kv_head * stride_cache_head, int64
+    tile_start,
+    end,  # keys [tile_start, min(tile_start + BLOCK_N, end)); zeros past end
+    stride_cache_block,
+    stride_cache_tok,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SELECT_LOOKUP: tl.constexpr,
+):  # -> k, v [BLOCK_N, BLOCK_D]
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = tile_start + tl.arange(0, BLOCK_N) < end
+    rows = tile_row_offsets(
+        bt_row,
+        tile_start,
+        end,
+        stride_cache_block,
+        stride_cache_tok,
+        BLOCK_SIZE,
+        BLOCK_N,
+        True,
+        SELECT_LOOKUP,
+    )
+    kv_off = head_off + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_tile(q, k, v, n_mask, acc, m_i, l_i, qk_scale):
+    # One key tile of the online softmax (log2 units); keys outside n_mask are not seen.
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N]
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _with_newest_key(
+    k,  # [BLOCK_N, BLOCK_D], the tile at tile_start without the row's newest key
+    v,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row,
+    head_off,
+    tile_start,
+    end,
+    seq_len,
+    stride_cache_block,
+    stride_cache_tok,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # -> k, v with the row's newest key (position seq_len - 1) if it falls in the tile
+    newest = seq_len - 1
+    tile_end = tl.minimum(tile_start + BLOCK_N, end)
+    here = (newest >= tile_start) & (newest < tile_end)
+    block = tl.load(bt_row + newest // BLOCK_SIZE, mask=here, other=0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    off = head_off + block * stride_cache_block + (newest % BLOCK_SIZE) * stride_cache_tok + offs_d
+    pos = newest + offs_d * 0  # `here` per lane: Triton's interpreter takes no scalar in a mask
+    mask = (offs_d < HEAD_DIM) & (pos >= tile_start) & (pos < tile_end)
+    k_new = tl.load(k_cache_ptr + off, mask=mask, other=0.0)
+    v_new = tl.load(v_cache_ptr + off, mask=mask, other=0.0)
+    is_newest = (tile_start + tl.arange(0, BLOCK_N) == newest)[:, None]
+    return tl.where(is_newest, k_new[None, :], k), tl.where(is_newest, v_new[None, :], v)
+
+
+@triton.jit
 def _attend_keys(
     q,  # [GROUP_PAD, BLOCK_D]
     k_cache_ptr,
@@ -65,44 +146,45 @@ def _attend_keys(
     qk_scale,
     stride_cache_block,
     stride_cache_tok,
+    k_first,  # with EARLY_LOADS: the tile at `start`, loaded before the PDL wait
+    v_first,
+    use_first,  # with EARLY_LOADS: whether k_first / v_first are this range's first tile
     HEAD_DIM: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SELECT_LOOKUP: tl.constexpr,
+    EARLY_LOADS: tl.constexpr,
 ):  # -> (acc [GROUP_PAD, BLOCK_D] unnormalized, m_i, l_i [GROUP_PAD]), log2 units
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    d_mask = offs_d < HEAD_DIM
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-    for tile_start in range(start, end, BLOCK_N):
-        n_mask = tile_start + offs_n < end
-        rows = tile_row_offsets(
+    loop_start = start
+    if EARLY_LOADS:
+        if use_first & (start < end):
+            acc, m_i, l_i = _attend_tile(
+                q, k_first, v_first, start + offs_n < end, acc, m_i, l_i, qk_scale
+            )
+        loop_start = tl.where(use_first, start + BLOCK_N, start)
+    for tile_start in range(loop_start, end, BLOCK_N):
+        k, v = _load_kv_tile(
+            k_cache_ptr,
+            v_cache_ptr,
             bt_row,
+            head_off,
             tile_start,
             end,
             stride_cache_block,
             stride_cache_tok,
+            HEAD_DIM,
+            BLOCK_D,
             BLOCK_SIZE,
             BLOCK_N,
-            True,
             SELECT_LOOKUP,
         )
-        kv_off = head_off + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = _attend_tile(q, k, v, tile_start + offs_n < end, acc, m_i, l_i, qk_scale)
     return acc, m_i, l_i
 
 
@@ -139,8 +221,12 @@ def _paged_decode_kernel(
     ROW_ORDER: tl.constexpr,  # program b takes row row_order[b]
     HEADS_FIRST: tl.constexpr,  # grid (kv_heads, batch, splits) instead of (batch, kv_heads, ..)
     PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
+    EARLY_LOADS: tl.constexpr,  # the first key tile (but the newest key) read before the wait
 ):
-    pdl_start(PDL)
+    if EARLY_LOADS:
+        pdl_launch_dependents(PDL)
+    else:
+        pdl_start(PDL)
     if HEADS_FIRST:
         kv_head = tl.program_id(0)
         b = tl.program_id(1)
@@ -161,10 +247,55 @@ def _paged_decode_kernel(
             seq_len, max_num_splits, MIN_PARTITION, BLOCK_N
         )
         if tl.program_id(2) >= num_splits:  # also every split of a seq_len == 0 padding row
+            if EARLY_LOADS:
+                pdl_wait(PDL)  # every program waits before it ends: the chain's guarantee
             return
         # The grid may hold fewer split programs than a long row has splits: each takes every
         # num_programs(2)-th.
         first_split, split_step = tl.program_id(2), tl.num_programs(2)
+    k_first = seq_len  # unused without EARLY_LOADS
+    v_first = seq_len
+    if EARLY_LOADS:
+        bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt_b
+        head_off = kv_head.to(tl.int64) * stride_cache_head
+        # The step's arrays were uploaded and the earlier steps' keys stored before this step's
+        # first kernel ran; only the row's newest key (and q) come from the kernel before this
+        # one. So the first tile's other keys are read while that kernel still runs.
+        first_start = first_split * partition
+        first_end = tl.minimum(first_start + partition, seq_len)
+        k_first, v_first = _load_kv_tile(
+            k_cache_ptr,
+            v_cache_ptr,
+            bt_row,
+            head_off,
+            first_start,
+            tl.minimum(first_end, seq_len - 1),
+            stride_cache_block,
+            stride_cache_tok,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_SIZE,
+            BLOCK_N,
+            SELECT_LOOKUP,
+        )
+        pdl_wait(PDL)
+        k_first, v_first = _with_newest_key(
+            k_first,
+            v_first,
+            k_cache_ptr,
+            v_cache_ptr,
+            bt_row,
+            head_off,
+            first_start,
+            first_end,
+            seq_len,
+            stride_cache_block,
+            stride_cache_tok,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_SIZE,
+            BLOCK_N,
+        )
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_g
@@ -175,6 +306,7 @@ def _paged_decode_kernel(
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     )  # [GROUP_PAD, BLOCK_D]
+    # (again for EARLY_LOADS: here, after q, they keep the default's instruction order)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt_b
     head_off = kv_head.to(tl.int64) * stride_cache_head
     part_rows = (b * (GROUP * num_kv_heads) + heads).to(tl.int64) * max_num_splits
@@ -191,12 +323,16 @@ def _paged_decode_kernel(
             qk_scale,
             stride_cache_block,
             stride_cache_tok,
+            k_first,
+            v_first,
+            split == first_split,
             HEAD_DIM,
             GROUP_PAD,
             BLOCK_D,
             BLOCK_SIZE,
             BLOCK_N,
             SELECT_LOOKUP,
+            EARLY_LOADS,
         )
         if SINGLE_SPLIT:  # the final output: l_i > 0 for a real row, 0 for an empty one
             out_off = b.to(tl.int64) * stride_out_b + heads[:, None] * stride_out_h
@@ -367,13 +503,18 @@ def _decode_attention(
     select_lookup: bool = True,
     heads_first: bool = True,
     grid_splits: int | None = None,
+    early_loads: bool = False,
 ) -> torch.Tensor:
     """`decode_attention` with the variants only the benchmarks' sweeps compare: the block-table
     lookup of a key tile wider than a cache block (`select_lookup`, see
     block_table.tile_row_offsets), the grid order (`heads_first=False`: the rows in the
-    grid's fastest dimension instead of the KV heads) and the grid's split programs per (row,
+    grid's fastest dimension instead of the KV heads), the grid's split programs per (row,
     KV head) (`grid_splits`, at most max_num_splits; by default _default_split's, or
-    max_num_splits where that is given)."""
+    max_num_splits where that is given), and `early_loads`: each program reads its first key
+    tile, all but the row's newest key, before its PDL wait (that key and q after it), which is
+    only right where the kernel before this one writes no other key of these rows (a decode
+    step: the q/k-norm + rotary kernel stores the new token's K/V). Not the default until
+    measured (`bench_layer_chain.py --context N --modes triton+pdl triton+pdl+early`)."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
@@ -456,6 +597,7 @@ def _decode_attention(
         ROW_ORDER=row_order is not None,
         HEADS_FIRST=heads_first,
         PDL=pdl,
+        EARLY_LOADS=early_loads,
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=pdl,

@@ -52,3 +52,19 @@ def pdl_start(PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
+
+
+@triton.jit
+def pdl_launch_dependents(PDL: tl.constexpr):
+    """`pdl_start`'s first half, for a kernel that reads what no kernel of the step writes (the
+    step's uploaded arrays, KV of earlier steps) before it waits: let the next kernel launch."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """`pdl_start`'s second half: wait for the kernel before this one (every program of a PDL
+    kernel waits before it ends, so the kernels before that one have finished too)."""
+    if PDL:
+        gdc_wait()

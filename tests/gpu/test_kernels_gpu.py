@@ -266,3 +266,56 @@ def test_decode_cuda_graph_replay_matches_eager(batch):
             static_q, k_cache, v_cache, static_lens, static_tables, scale
         )
         torch.testing.assert_close(replayed, expect, **TOL)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 128])  # 64-token splits; 256-token splits; one split
+def test_decode_early_loads_read_the_key_written_just_before(batch):
+    """With early_loads the decode kernel reads its first key tile before its PDL wait, all but
+    the row's newest key, which the q/k-norm + rotary kernel launched just before it writes.
+    Replayed from a CUDA graph with a new token's q, k and v each time, its output is the plain
+    kernel's bit for bit (a newest key read too early would carry the last replay's value)."""
+    from minivllm.kernels.paged_decode import _decode_attention
+    from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
+
+    num_heads, kvh, d, block_size = 16, 8, 128, 16
+    seq_lens = ([1, 17, 64, 65, 300, 576, 1000, 2048] * 16)[: max(batch, 1)]
+    if batch == 1:
+        seq_lens = [576]
+    k_cache, v_cache, tables = _paged(seq_lens, kvh, d, block_size, torch.bfloat16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    positions = lens - 1
+    slots = tables.gather(1, (positions // block_size).long()[:, None])[:, 0] * block_size
+    slots = slots + positions % block_size
+    table = torch.randn(max(seq_lens), d, device="cuda").to(torch.bfloat16)
+    q_in = torch.empty(batch, num_heads, d, device="cuda", dtype=torch.bfloat16)
+    k_in = torch.empty(batch, kvh, d, device="cuda", dtype=torch.bfloat16)
+    v_in = torch.empty_like(k_in)
+    out = torch.empty_like(q_in)
+    order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
+
+    def step(early):
+        q = qk_norm_rope_store_kv(
+            q_in, k_in, v_in, positions, table, table, k_cache, v_cache, slots
+        )
+        return _decode_attention(
+            q, k_cache, v_cache, lens, tables, d**-0.5, out=out, row_order=order, early_loads=early
+        )
+
+    for x in (q_in, k_in, v_in):
+        x.normal_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(True)  # compile and warm up before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(True)
+    for trial in range(20):
+        gen = torch.Generator(device="cuda").manual_seed(trial)
+        for x in (q_in, k_in, v_in):
+            x.copy_(torch.randn(x.shape, generator=gen, device="cuda"))
+        out.fill_(float("nan"))
+        graph.replay()
+        early = out.clone()
+        assert torch.equal(early, step(False)), trial

@@ -248,3 +248,30 @@ def test_decode_row_order_changes_nothing_but_the_schedule(max_num_splits, heads
         q, k_cache, v_cache, lens, block_tables, 0.2, row_order=longest
     )
     torch.testing.assert_close(plain, expect, **tolerances(torch.float32))
+
+
+@pytest.mark.parametrize("block_size,block_n", [(16, 32), (256, 64)])
+@pytest.mark.parametrize("max_num_splits,grid_splits", [(1, None), (4, None), (8, 3)])
+def test_decode_early_loads_change_nothing(max_num_splits, grid_splits, block_size, block_n):
+    """Reading each program's first key tile (all but the row's newest key) before the PDL wait
+    and the newest key after it gives exactly the plain launch's output: one split, several, and
+    programs looping over splits; rows of 1 token, with the newest key in the first tile,
+    past it, and padding."""
+    seq_lens = [1, 0, 20, block_n, block_n + 1, 300, 77]
+    k_cache, v_cache, block_tables = make_paged_batch(
+        seq_lens, 2, 32, block_size, torch.float32, seed=7
+    )
+    q = torch.randn(len(seq_lens), 4, 32, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kw = {
+        "max_num_splits": max_num_splits,
+        "min_partition": block_n,
+        "block_n": block_n,
+        "grid_splits": grid_splits,
+    }
+    plain = _decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2, **kw)
+    out = poison_like(q)
+    _decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2, out=out, early_loads=True, **kw)
+    assert torch.equal(out, plain)
+    expect = reference.decode_attention(q, k_cache, v_cache, lens, block_tables, 0.2)
+    torch.testing.assert_close(out, expect, **tolerances(torch.float32))
