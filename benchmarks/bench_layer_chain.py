@@ -17,6 +17,8 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
                 memory per program, so the next kernel's programs can become resident sooner)
   ...+early     with --context: the decode kernel reads its first key tile before its PDL wait
                 (`_decode_attention(early_loads=True)`)
+  ...+gridN     with --context: the decode grid capped at N split programs per SM, each looping
+                over every n-th split (the default caps it at 4 only up to 8 rows)
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 import torch
@@ -68,6 +71,12 @@ class Chain:
         base, _, stages = mode.partition("+stages")
         self.max_stages = int(stages) if stages else None
         mode = base
+        # +gridN: the decode grid capped at N split programs per SM (None: the default split's)
+        grid = re.search(r"\+grid(\d+)", mode)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 4
+        self.grid_splits = (
+            triton.cdiv(int(grid.group(1)) * sms, m * NUM_KV_HEADS) if grid is not None else None
+        )
         self.gated = mode.endswith("+gated") or (
             mode.startswith("triton") and not mode.endswith("+nogated") and m <= GATED_MAX_TOKENS
         )
@@ -142,7 +151,8 @@ class Chain:
             HEAD_DIM**-0.5,
             out=self.attn_out,
             row_order=self.row_order,
-            **({"early_loads": True} if "+early" in self.mode else {}),
+            early_loads="+early" in self.mode,
+            grid_splits=self.grid_splits,
         )
         return self.attn_out.view(self.m, ATTN)
 
