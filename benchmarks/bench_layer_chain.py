@@ -229,9 +229,9 @@ def main() -> None:
         print("bench_layer_chain.py needs a CUDA GPU (or --smoke); nothing to do here")
         return
     what = f"a whole layer at {args.context} tokens of context" if args.context else "no attention"
-    print(
-        f"{'M':>5}" + "".join(f"{mode:>18}" for mode in args.modes) + f"   (us per layer, {what})"
-    )
+    widths = [max(18, len(mode) + 2) for mode in args.modes]
+    header = "".join(f"{mode:>{w}}" for mode, w in zip(args.modes, widths))
+    print(f"{'M':>5}{header}   (us per layer, {what})")
     for m in args.m:
         row, ref = [], None
         for mode in args.modes:
@@ -251,7 +251,7 @@ def main() -> None:
             del chain
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
-        print(f"{m:>5}" + "".join(f"{t:>18.2f}" for t in row), flush=True)
+        print(f"{m:>5}" + "".join(f"{t:>{w}.2f}" for t, w in zip(row, widths)), flush=True)
     pdl._PDL = True
 
 
