@@ -93,7 +93,7 @@ def step_breakdown(
     groups: dict[str, list[float]] = {}
     prev_end, covered, pending_roof = start, 0.0, 0.0
     timed = []
-    for r in records:
+    for index, r in enumerate(records):
         roof = cost.step_seconds(
             r.num_tokens, r.num_decodes, r.num_samples, r.context_tokens, r.pairs, ceilings
         )
@@ -107,15 +107,22 @@ def step_breakdown(
         g[1] += seconds
         covered += seconds
         timed.append(
-            (seconds, r.launched - start, r.num_tokens, r.num_decodes, roof + pending_roof)
+            {
+                "ms": seconds * 1e3,
+                "step": index,
+                "offset_s": r.launched - start,
+                "tokens": r.num_tokens,
+                "decodes": r.num_decodes,
+                "roofline_ms": (roof + pending_roof) * 1e3,
+                # the host's part: its launch call, and how long after the previous step's ids
+                # came back it started (negative: launched ahead, as async scheduling does)
+                "host_ms": r.host_s * 1e3,
+                "launched_after_prev_ms": (r.launched - prev_end) * 1e3,
+            }
         )
         prev_end, pending_roof = r.read, 0.0
-    slowest = sorted(timed, key=lambda st: -st[0])[:6]
     return {
-        "slowest_steps": [
-            {"ms": s * 1e3, "offset_s": off, "tokens": n, "decodes": nd, "roofline_ms": roof * 1e3}
-            for s, off, n, nd, roof in slowest
-        ],
+        "slowest_steps": sorted(timed, key=lambda st: -st["ms"])[:6],
         "num_steps": len(records),
         "seconds_in_steps": covered,
         "seconds_outside": (end - start) - covered,
@@ -499,8 +506,10 @@ def print_summary(results: dict[str, Any]) -> None:
                 f"{frac:>13.1%}"
             )
         print("slowest steps:", ", ".join(
-            f"{st['ms']:.1f} ms at {st['offset_s']:.2f} s ({st['tokens']} tokens, {st['decodes']} "
-            f"decodes, roofline {st['roofline_ms']:.1f} ms)" for st in steps["slowest_steps"]
+            f"{st['ms']:.1f} ms, step {st['step']} at {st['offset_s']:.2f} s ({st['tokens']} "
+            f"tokens, {st['decodes']} decodes, roofline {st['roofline_ms']:.1f} ms; host "
+            f"{st['host_ms']:.1f} ms in launch, launched {st['launched_after_prev_ms']:+.1f} ms "
+            "after the previous ids)" for st in steps["slowest_steps"]
         ))  # fmt: skip
         compiles = results["cpp"]["triton_compiles_during_run"]
         print("Triton compiles during the timed run:", compiles or "none")
