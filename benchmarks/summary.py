@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 KERNEL_LOGS = ("prefill_attention", "decode_attention", "decode_varlen", "gemm", "layer_chain",
-               "small_kernels")  # fmt: skip
+               "small_kernels", "mixed_decode")  # fmt: skip
 
 
 def load(out: Path, name: str) -> dict[str, Any] | None:
@@ -86,6 +86,13 @@ def workload(r: dict[str, Any]) -> None:
     print(f"\nGPU timeline, run {r['wall_s']:.2f} s (seconds: wall / idle)")
     for kind, k in sorted(r.get("kinds", {}).items()):
         print(f"  {kind:<16}{k['wall_s']:>7.2f}{k['wall_s'] - k['busy_s']:>7.2f}")
+    alloc = r.get("allocator", {})
+    print(f"  cudaMalloc {alloc.get('cuda_mallocs')}, allocator retries "
+          f"{alloc.get('alloc_retries')}, Triton compiles {len(r.get('triton_compiles', []))}")  # fmt: skip
+    for st in r.get("step_kernels", []):
+        top = ", ".join(f"{name[:28]} {ms:.2f}" for name, _, ms in st["kernels"][:3])
+        print(f"  step {st['step']} ({st['why']}, {st['tokens']} tokens): "
+              f"{st['segment_ms']:.2f} ms; {top}")  # fmt: skip
 
 
 def main() -> None:
