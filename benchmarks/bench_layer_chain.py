@@ -19,6 +19,8 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
                 (`_decode_attention(early_loads=True)`)
   ...+gridN     with --context: the decode grid capped at N split programs per SM, each looping
                 over every n-th split (the default caps it at 4 only up to 8 rows)
+  ...+merge     with --context: no decode reduce kernel; the o GEMM merges the splits itself
+                (kernels/merge_linear.py) where the decode runs several
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -48,6 +50,8 @@ from minivllm.kernels import pdl
 from minivllm.kernels.activation import silu_and_mul
 from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
 from minivllm.kernels.linear import gemm_config, linear, supports
+from minivllm.kernels.merge_linear import merge_linear
+from minivllm.kernels.paged_decode import DecodePartials
 from minivllm.kernels.paged_decode import _decode_attention as decode_attention
 from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
 from minivllm.layers.linear import GATED_MAX_TOKENS
@@ -142,7 +146,7 @@ class Chain:
             self.qk_norm_w,
             self.qk_norm_w,
         )
-        decode_attention(
+        out = decode_attention(
             q,
             k_cache,
             v_cache,
@@ -153,8 +157,9 @@ class Chain:
             row_order=self.row_order,
             early_loads="+early" in self.mode,
             grid_splits=self.grid_splits,
+            reduce="+merge" not in self.mode,
         )
-        return self.attn_out.view(self.m, ATTN)
+        return out if isinstance(out, DecodePartials) else out.view(self.m, ATTN)
 
     def gemm(self, x, layer, name, partials=False):
         w = self.w[layer][name]
@@ -180,7 +185,10 @@ class Chain:
         for layer in range(self.layers):
             qkv = self.gemm(h, layer, "qkv")
             attn = self.attention(qkv, layer) if self.context else self.attn
-            o = self.gemm(attn, layer, "o", partials=True)
+            if isinstance(attn, DecodePartials):  # +merge: the o GEMM merges the splits
+                o = merge_linear(attn, self.w[layer]["o"])
+            else:
+                o = self.gemm(attn, layer, "o", partials=True)
             h, res = fused_add_rmsnorm(o, res, self.norm_w, 1e-6)
             w = self.w[layer]["gate_up"]
             if self.gated and supports(h, w, gated=True):

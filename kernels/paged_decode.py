@@ -402,6 +402,19 @@ def _paged_decode_reduce_kernel(
     )
 
 
+class DecodePartials(NamedTuple):
+    """A split decode's unmerged result (`_decode_attention(reduce=False)`): each split's
+    normalized output and log-sum-exp, for a consumer that merges them itself
+    (kernels/merge_linear.py) instead of the reduce kernel."""
+
+    part_out: torch.Tensor  # [B, num_heads, max_num_splits, head_dim] float32
+    part_lse: torch.Tensor  # [B, num_heads, max_num_splits] float32, log2 units
+    seq_lens: torch.Tensor  # [B] int32: with the two below, each row's number of splits
+    min_partition: int
+    block_n: int
+    dtype: torch.dtype  # the attention output's
+
+
 class _Split(NamedTuple):
     max_num_splits: int  # splits of the longest row the launch allows (the partial buffers)
     min_partition: int  # fewest tokens per split
@@ -504,7 +517,8 @@ def _decode_attention(
     heads_first: bool = True,
     grid_splits: int | None = None,
     early_loads: bool = False,
-) -> torch.Tensor:
+    reduce: bool = True,
+) -> torch.Tensor | DecodePartials:
     """`decode_attention` with the variants only the benchmarks' sweeps compare: the block-table
     lookup of a key tile wider than a cache block (`select_lookup`, see
     block_table.tile_row_offsets), the grid order (`heads_first=False`: the rows in the
@@ -514,7 +528,10 @@ def _decode_attention(
     tile, all but the row's newest key, before its PDL wait (that key and q after it), which is
     only right where the kernel before this one writes no other key of these rows (a decode
     step: the q/k-norm + rotary kernel stores the new token's K/V). Not the default until
-    measured (`bench_layer_chain.py --context N --modes triton+pdl triton+pdl+early`)."""
+    measured (`bench_layer_chain.py --context N --modes triton+pdl triton+pdl+early`).
+    With `reduce=False` a launch of several splits returns its `DecodePartials` instead of
+    merging them (one split still writes `out`): for kernels/merge_linear.py, also unmeasured
+    (mode `+merge`)."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
@@ -604,6 +621,8 @@ def _decode_attention(
     )
     if single_split:
         return out
+    if not reduce:
+        return DecodePartials(part_out, part_lse, seq_lens, min_partition, block_n, out.dtype)
     _paged_decode_reduce_kernel[(batch, num_heads)](
         out_ptr=out,
         part_out_ptr=part_out,

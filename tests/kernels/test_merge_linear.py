@@ -1,0 +1,36 @@
+"""The o projection that merges split decode attention itself (kernels/merge_linear.py) against
+the reduce kernel followed by the plain product."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_testing import DEVICE, make_paged_batch, tolerances
+from minivllm.kernels.merge_linear import merge_linear
+from minivllm.kernels.paged_decode import DecodePartials, _decode_attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("max_num_splits", [2, 5])
+def test_merge_linear_matches_reduce_then_product(dtype, max_num_splits):
+    """Rows of 1 to 300 tokens (one split to several) and a padding row, 19 of them (two row
+    tiles), 80 outputs (a partial n tile): the sum of the per-head partial products is the
+    merged attention output times W^T, padding rows zero."""
+    seq_lens = [1, 0, 20, 64, 65, 300, 77, 129, 3, 250, 16, 17, 200, 5, 90, 31, 32, 33, 160]
+    heads, kv_heads, head_dim, n = 4, 2, 32, 80
+    k_cache, v_cache, block_tables = make_paged_batch(
+        seq_lens, kv_heads, head_dim, 16, dtype, seed=3
+    )
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(len(seq_lens), heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    weight = (torch.randn(n, heads * head_dim, generator=gen) * 0.1).to(dtype).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kw = {"max_num_splits": max_num_splits, "min_partition": 32, "block_n": 32}
+    merged = _decode_attention(q, k_cache, v_cache, lens, block_tables, 0.3, **kw)
+    partials = _decode_attention(q, k_cache, v_cache, lens, block_tables, 0.3, reduce=False, **kw)
+    assert isinstance(partials, DecodePartials)
+    parts = merge_linear(partials, weight)
+    assert parts.shape == (heads, len(seq_lens), n) and parts.dtype == torch.float32
+    expect = merged.flatten(1).float() @ weight.float().t()
+    torch.testing.assert_close(parts.sum(0), expect, **tolerances(dtype))
+    assert torch.equal(parts[:, 1], torch.zeros_like(parts[:, 1]))  # the padding row
