@@ -51,7 +51,6 @@ from minivllm.kernels.activation import silu_and_mul
 from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
 from minivllm.kernels.linear import gemm_config, linear, supports
 from minivllm.kernels.merge_linear import merge_linear
-from minivllm.kernels.paged_decode import DecodePartials
 from minivllm.kernels.paged_decode import _decode_attention as decode_attention
 from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
 from minivllm.layers.linear import GATED_MAX_TOKENS
@@ -159,7 +158,7 @@ class Chain:
             grid_splits=self.grid_splits,
             reduce="+merge" not in self.mode,
         )
-        return out if isinstance(out, DecodePartials) else out.view(self.m, ATTN)
+        return out.view(self.m, ATTN) if isinstance(out, torch.Tensor) else out  # DecodePartials
 
     def gemm(self, x, layer, name, partials=False):
         w = self.w[layer][name]
@@ -185,7 +184,7 @@ class Chain:
         for layer in range(self.layers):
             qkv = self.gemm(h, layer, "qkv")
             attn = self.attention(qkv, layer) if self.context else self.attn
-            if isinstance(attn, DecodePartials):  # +merge: the o GEMM merges the splits
+            if not isinstance(attn, torch.Tensor):  # +merge: the o GEMM merges DecodePartials
                 o = merge_linear(attn, self.w[layer]["o"])
             else:
                 o = self.gemm(attn, layer, "o", partials=True)
