@@ -187,3 +187,122 @@ def test_gated_mlp_on_the_interpreter_matches_torch() -> None:
         got.float(), torch.nn.functional.silu(gate) * up, atol=1e-2, rtol=1e-2
     )
     assert proj.silu_and_mul(torch.zeros(GATED_MAX_TOKENS + 1, 64).half()) is None
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "config"),
+    [
+        (1, 64, 1024, None),  # the default configuration: 8 splits
+        (7, 128, 512, (4, 16, 64, 64, 4, 3)),
+        (33, 96, 2048, (4, 64, 64, 128, 4, 5)),  # masked rows and columns
+        (100, 128, 320, (2, 64, 64, 64, 4, 3)),  # K not a multiple of splits x BK: short last
+        (5, 64, 64, None),  # one split: the only program is the last
+    ],
+)
+@pytest.mark.parametrize("gated", [False, True])
+def test_norm_in_the_gemms_matches_fused_add_rmsnorm(m, n, k, config, gated) -> None:
+    """linear_add_residual's h equals fused_add_rmsnorm's new residual bit for bit (the same
+    partials added in the same order), its sums of squares add up to h's, and the next GEMM
+    with `norm=` equals that GEMM of fused_add_rmsnorm's output (1 / rms summed in another
+    order: within a rounding step). The counters are zero after each call; a second call with
+    the residual updated in place gives the same as a fresh one."""
+    from minivllm.kernels.fused_norm import fused_add_rmsnorm
+    from minivllm.kernels.linear import RowNorm, linear, linear_add_residual, num_tile_counters
+
+    gen = _gen(m + n + k)
+    x, w = _operands(m, n, k)
+    residual = torch.randn(m, n, generator=gen).half()
+    norm_w = (torch.rand(n, generator=gen) + 0.5).half()
+    w_next = (torch.randn(2 * 64 if gated else 80, n, generator=gen) * 0.05).half()
+    counters = torch.zeros(num_tile_counters(n), dtype=torch.int32)
+    x, w, residual, norm_w, w_next, counters = (
+        t.to(DEVICE) for t in (x, w, residual, norm_w, w_next, counters)
+    )
+
+    parts = linear(x, w, partials=True, config=config)
+    expect_out, expect_h = fused_add_rmsnorm(parts, residual, norm_w, 1e-6)
+    expect_next = linear(expect_out, w_next, gated=gated)
+
+    h, sumsq = linear_add_residual(x, w, residual, counters, config=config)
+    assert h.dtype == torch.float16 and sumsq.dtype == torch.float32 and sumsq.shape[1] == m
+    torch.testing.assert_close(h.cpu(), expect_h.cpu(), atol=0, rtol=0)
+    torch.testing.assert_close(
+        sumsq.sum(0).cpu(), h.cpu().float().square().sum(-1), rtol=1e-5, atol=1e-5
+    )
+    assert not counters.any()
+    got_next = linear(h, w_next, gated=gated, norm=RowNorm(sumsq, norm_w, 1e-6))
+    assert got_next.shape == expect_next.shape
+    torch.testing.assert_close(got_next.cpu(), expect_next.cpu(), atol=2e-3, rtol=2e-3)
+
+    # In place, counters reused: the same h.
+    again = residual.clone()
+    h2, sumsq2 = linear_add_residual(x, w, again, counters, residual_out=again, config=config)
+    assert h2.data_ptr() == again.data_ptr() and not counters.any()
+    torch.testing.assert_close(h2.cpu(), expect_h.cpu(), atol=0, rtol=0)
+    torch.testing.assert_close(sumsq2.cpu(), sumsq.cpu(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_norm_in_gemm_layers_match_the_default_route(monkeypatch, tokens: int) -> None:
+    """The layers with NORM_IN_GEMM_MAX_TOKENS on (interpreter, float16): a row-parallel
+    projection hands a PendingProduct to a norm that feeds a GEMM, which gets NormedRows and
+    applies the norm itself (qkv-like, gate/up with SiLU, and through cuBLAS's stand-in when the
+    rows are materialized); a norm that feeds no GEMM (the model's last) gets a tensor. All
+    equal the default route (partials + fused add + RMSNorm) within a rounding step."""
+    from minivllm.layers import fused_kernels
+    from minivllm.layers import linear as linear_layers
+
+    gen = _gen(tokens)
+    hidden, inter = 64, 96
+
+    def build(max_tokens: int):
+        monkeypatch.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", max_tokens)
+        down = linear_layers.RowParallelLinear(inter, hidden)
+        column = linear_layers.ColumnParallelLinear(hidden, 80)
+        gate_up = linear_layers.MergedColumnParallelLinear(hidden, [inter, inter])
+        for layer in (down, column, gate_up):
+            layer.gemm = fused_kernels("linear", True)
+        if max_tokens:  # built on a CPU without the fused path: its counters by hand
+            down.tile_counters = torch.zeros(down.gemm.num_tile_counters(hidden), dtype=torch.int32)
+        return down, column, gate_up
+
+    weights = [
+        (torch.randn(*s, generator=gen) * 0.1).half()
+        for s in ((hidden, inter), (80, hidden), (2 * inter, hidden))
+    ]
+    norm = RMSNorm(hidden, eps=1e-6, fused=True, feeds_gemm=True).half()
+    norm.weight.copy_(torch.rand(hidden, generator=gen) + 0.5)
+    last_norm = RMSNorm(hidden, eps=1e-6, fused=True).half()
+    act = torch.randn(tokens, inter, generator=gen).half()
+    residual = torch.randn(tokens, hidden, generator=gen).half()
+
+    results = []
+    for max_tokens in (0, 64):
+        down, column, gate_up = build(max_tokens)
+        for layer, w in zip((down, column, gate_up), weights):
+            layer.weight.data = w.clone()
+        product = down(act, partials=True)
+        assert isinstance(product, linear_layers.PendingProduct) == (max_tokens > 0)
+        normed, new_residual = norm(product, residual.clone())
+        assert isinstance(normed, linear_layers.NormedRows) == (max_tokens > 0)
+        out, final_residual = last_norm(down(act, partials=True), residual.clone())
+        assert isinstance(out, torch.Tensor)
+        gated = gate_up.silu_and_mul(normed)
+        cublas = linear_layers.ColumnParallelLinear(hidden, 80)  # no Triton GEMM: materializes
+        assert cublas.gemm is None
+        cublas.weight.data = weights[1].clone()
+        results.append(
+            [
+                new_residual,
+                column(normed),
+                gated if gated is not None else torch.zeros(0),
+                gate_up(normed),  # the plain GEMM of the same NormedRows
+                cublas(normed),
+                out,
+                final_residual,
+                normed.materialize() if max_tokens else normed,
+            ]
+        )
+    for got, expect in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expect, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=0)  # h bit for bit

@@ -9,6 +9,7 @@ that copies this rank's slice of a checkpoint tensor into it, so the model code 
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,12 @@ from minivllm.layers import fused_kernels
 # gate/up's GEMM ends in SiLU-and-multiply up to this many tokens: measured faster at 1-16 tokens
 # and slower from 64 on (benchmarks/README.md, bench_layer_chain.py).
 GATED_MAX_TOKENS = 16
+
+# Opt-in and not measured yet (0: off): up to this many tokens the add + RMSNorm between a
+# row-parallel projection and the next column-parallel one runs inside the two GEMMs
+# (`PendingProduct`, `NormedRows`), one kernel fewer each time. Set through the environment so
+# that one benchmark call can time the engine with and without it.
+NORM_IN_GEMM_MAX_TOKENS = int(os.environ.get("MINIVLLM_NORM_IN_GEMM_MAX_TOKENS", "0"))
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -90,7 +97,11 @@ class LinearBase(nn.Module):
         `supports`). Larger GEMMs stay on cuBLAS."""
         return self.gemm is not None and self.gemm.supports(x, self.weight, partials)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormedRows) -> torch.Tensor:
+        if isinstance(x, NormedRows):
+            if self._triton_linear(x.h):
+                return self.gemm.linear(x.h, self.weight, norm=x.row_norm())
+            x = x.materialize()
         if self._triton_linear(x):
             return self.gemm.linear(x, self.weight)
         return F.linear(x, self.weight, self.bias)
@@ -121,17 +132,19 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias)
         self.gated = len(set(self.output_sizes)) == 1 and len(output_sizes) == 2
 
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+    def silu_and_mul(self, x: torch.Tensor | NormedRows) -> torch.Tensor | None:
         """silu(gate) * up of the two projections in the Triton GEMM's epilogue (up to
         GATED_MAX_TOKENS rows: one kernel, the [T, 2 * d] product never written), or None where
         that does not apply: the caller then runs this layer and the activation."""
+        rows = x.h if isinstance(x, NormedRows) else x
         if (
             self.gated
             and self.gemm is not None
-            and x.shape[0] <= GATED_MAX_TOKENS
-            and self.gemm.supports(x, self.weight, gated=True)
+            and rows.shape[0] <= GATED_MAX_TOKENS
+            and self.gemm.supports(rows, self.weight, gated=True)
         ):
-            return self.gemm.linear(x, self.weight, gated=True)
+            norm = x.row_norm() if isinstance(x, NormedRows) else None
+            return self.gemm.linear(rows, self.weight, gated=True, norm=norm)
         return None
 
     def weight_loader(
@@ -201,20 +214,68 @@ class SplitKPartials(NamedTuple):
         return self.parts.sum(0).to(self.dtype)
 
 
+class PendingProduct(NamedTuple):
+    """x @ W^T of a row-parallel projection, not launched yet, for the RMSNorm with a residual
+    that follows (`NORM_IN_GEMM_MAX_TOKENS`): launched as split-K partial sums for the fused
+    add + RMSNorm (`partials`), or with the residual add in its epilogue for a norm that the
+    next GEMM applies (`add_residual`, then `NormedRows`)."""
+
+    x: torch.Tensor  # [T, K]
+    layer: RowParallelLinear
+
+    def partials(self) -> SplitKPartials:
+        layer = self.layer
+        return SplitKPartials(layer.gemm.linear(self.x, layer.weight, partials=True), self.x.dtype)
+
+    def add_residual(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h = residual + x @ W^T [T, N], h's squares summed per column tile [C, T])."""
+        layer = self.layer
+        return layer.gemm.linear_add_residual(self.x, layer.weight, residual, layer.tile_counters)
+
+
+class NormedRows(NamedTuple):
+    """rmsnorm(h) * weight, left for the GEMM that reads it to compute as it loads h
+    (kernels/linear.py `linear(norm=)`); `materialize` where that GEMM is cuBLAS."""
+
+    h: torch.Tensor  # [T, K]
+    sumsq: torch.Tensor  # [C, T] float32: h's squares summed over C column tiles
+    weight: torch.Tensor  # [K]
+    eps: float
+
+    def row_norm(self):  # kernels.linear.RowNorm
+        from minivllm.kernels.linear import RowNorm
+
+        return RowNorm(self.sumsq, self.weight, self.eps)
+
+    def materialize(self) -> torch.Tensor:  # [T, K]
+        from minivllm.kernels.fused_norm import rmsnorm
+
+        return rmsnorm(self.h, self.weight, self.eps)
+
+
 class RowParallelLinear(LinearBase):
     """y = x W^T with W's input features split across ranks; partial sums are all-reduced."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         tp_size = get_tp_size()
         super().__init__(_divide(input_size, tp_size, "input_size"), output_size, bias, tp_dim=1)
+        self.tile_counters = None  # zero between calls: `PendingProduct.add_residual`'s
+        if self.gemm is not None and NORM_IN_GEMM_MAX_TOKENS > 0 and self.tp_size == 1:
+            size = self.gemm.num_tile_counters(output_size)
+            self.tile_counters = torch.zeros(size, dtype=torch.int32)
 
-    def forward(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor | SplitKPartials:
+    def forward(
+        self, x: torch.Tensor, partials: bool = False
+    ) -> torch.Tensor | SplitKPartials | PendingProduct:
         """y = x W^T (+ bias). With `partials=True` (the caller feeds y to an RMSNorm with a
-        residual, which accepts SplitKPartials), one GPU and few tokens, y comes back as split-K
-        partial sums: at decode batch sizes this projection has too few output tiles to fill
-        the GPU (kernels/linear.py)."""
+        residual, which accepts SplitKPartials and PendingProduct), one GPU and few tokens, y
+        comes back as split-K partial sums: at decode batch sizes this projection has too few
+        output tiles to fill the GPU (kernels/linear.py). Up to NORM_IN_GEMM_MAX_TOKENS, not
+        launched yet: the norm chooses how."""
         partials = partials and self.tp_size == 1
         if self._triton_linear(x, partials):
+            if partials and self.tile_counters is not None and len(x) <= NORM_IN_GEMM_MAX_TOKENS:
+                return PendingProduct(x, self)
             if partials:
                 return SplitKPartials(self.gemm.linear(x, self.weight, partials=True), x.dtype)
             return self.tp_group.all_reduce(self.gemm.linear(x, self.weight))

@@ -16,6 +16,8 @@ from minivllm.layers.attention import Attention, AttentionBackend, AttentionMeta
 from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from minivllm.layers.linear import (
     MergedColumnParallelLinear,
+    NormedRows,
+    PendingProduct,
     QKVParallelLinear,
     RowParallelLinear,
     SplitKPartials,
@@ -59,8 +61,11 @@ class Qwen3Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, backend)
 
     def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor | SplitKPartials:
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor | NormedRows,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor | SplitKPartials | PendingProduct:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
@@ -87,7 +92,9 @@ class Qwen3MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
+    def forward(
+        self, x: torch.Tensor | NormedRows
+    ) -> torch.Tensor | SplitKPartials | PendingProduct:
         act = self.gate_up_proj.silu_and_mul(x)  # one kernel at decode sizes
         if act is None:
             act = self.act_fn(self.gate_up_proj(x))
@@ -100,16 +107,19 @@ class Qwen3DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Qwen3Attention(config, backend)
         self.mlp = Qwen3MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # Both feed a GEMM (qkv, gate/up), which may apply them itself (layers.linear.NormedRows).
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, feeds_gemm=True)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, feeds_gemm=True
+        )
 
     def forward(
         self,
         positions: torch.Tensor,
-        hidden_states: torch.Tensor | SplitKPartials,  # the last layer's MLP output
+        hidden_states: torch.Tensor | SplitKPartials | PendingProduct,  # the last MLP's output
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor | SplitKPartials, torch.Tensor]:
+    ) -> tuple[torch.Tensor | SplitKPartials | PendingProduct, torch.Tensor]:
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
