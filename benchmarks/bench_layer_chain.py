@@ -21,6 +21,9 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
                 over every n-th split (the default caps it at 4 only up to 8 rows)
   ...+merge     with --context: no decode reduce kernel; the o GEMM merges the splits itself
                 (kernels/merge_linear.py) where the decode runs several
+  ...+normgemm  no norm kernels: o and down add the residual in their epilogues
+                (`linear_add_residual`) and qkv and gate/up normalise their input as they load
+                it (`linear(norm=)`), where the Triton GEMMs take both sides
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -49,7 +52,15 @@ from bench_common import DEVICE, check_close, graph_calls_us
 from minivllm.kernels import pdl
 from minivllm.kernels.activation import silu_and_mul
 from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
-from minivllm.kernels.linear import gemm_config, linear, supports
+from minivllm.kernels.linear import (
+    MAX_COLUMN_TOKENS,
+    RowNorm,
+    gemm_config,
+    linear,
+    linear_add_residual,
+    num_tile_counters,
+    supports,
+)
 from minivllm.kernels.merge_linear import merge_linear
 from minivllm.kernels.paged_decode import _decode_attention as decode_attention
 from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
@@ -98,6 +109,13 @@ class Chain:
             for _ in range(layers)
         ]
         self.norm_w = torch.ones(HIDDEN, device=DEVICE, dtype=dtype)
+        # +normgemm: the tile counters of each layer's o and down GEMMs (zero between calls)
+        if "+normgemm" in mode and "+merge" in mode:
+            raise SystemExit("+normgemm and +merge do not combine (merge_linear adds no residual)")
+        self.normgemm = "+normgemm" in mode and m <= MAX_COLUMN_TOKENS
+        self.counters = torch.zeros(
+            layers, 2, num_tile_counters(HIDDEN), dtype=torch.int32, device=DEVICE
+        )
         self.attn = rnd(m, ATTN, scale=1.0)
         self.res0 = rnd(m, HIDDEN, scale=1.0)
         self.context = context
@@ -178,24 +196,38 @@ class Chain:
         cfg = gemm_config(x.shape[0], n, x.shape[1], partials, gated=gated)
         return cfg._replace(num_stages=min(cfg.num_stages, self.max_stages))
 
+    def add_norm(self, x, res, layer, name):
+        """The row-parallel GEMM `name` of x, added to the residual, and the RMSNorm after it:
+        (the next GEMM's input, its RowNorm or None, the new residual)."""
+        if self.normgemm:  # the norm left to the next GEMM
+            counters = self.counters[layer, int(name == "down")]
+            res, sumsq = linear_add_residual(x, self.w[layer][name], res, counters)
+            return res, RowNorm(sumsq, self.norm_w, 1e-6), res
+        if not isinstance(x, torch.Tensor):  # +merge: the o GEMM merges DecodePartials
+            product = merge_linear(x, self.w[layer][name])
+        else:
+            product = self.gemm(x, layer, name, partials=True)
+        h, res = fused_add_rmsnorm(product, res, self.norm_w, 1e-6)
+        return h, None, res
+
     def run(self):
         res = self.res0
-        h = rmsnorm(res, self.norm_w, 1e-6)
+        h, norm = rmsnorm(res, self.norm_w, 1e-6), None
         for layer in range(self.layers):
-            qkv = self.gemm(h, layer, "qkv")
-            attn = self.attention(qkv, layer) if self.context else self.attn
-            if not isinstance(attn, torch.Tensor):  # +merge: the o GEMM merges DecodePartials
-                o = merge_linear(attn, self.w[layer]["o"])
+            if norm is not None:
+                qkv = linear(h, self.w[layer]["qkv"], norm=norm)
             else:
-                o = self.gemm(attn, layer, "o", partials=True)
-            h, res = fused_add_rmsnorm(o, res, self.norm_w, 1e-6)
+                qkv = self.gemm(h, layer, "qkv")
+            attn = self.attention(qkv, layer) if self.context else self.attn
+            h, norm, res = self.add_norm(attn, res, layer, "o")
             w = self.w[layer]["gate_up"]
             if self.gated and supports(h, w, gated=True):
-                act = linear(h, w, gated=True, config=self.config(h, w, gated=True))
+                act = linear(h, w, gated=True, norm=norm, config=self.config(h, w, gated=True))
+            elif norm is not None:
+                act = silu_and_mul(linear(h, w, norm=norm))
             else:
                 act = silu_and_mul(self.gemm(h, layer, "gate_up"))
-            down = self.gemm(act, layer, "down", partials=True)
-            h, res = fused_add_rmsnorm(down, res, self.norm_w, 1e-6)  # the next input norm
+            h, norm, res = self.add_norm(act, res, layer, "down")  # and the next input norm
         return res
 
 
