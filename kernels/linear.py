@@ -88,6 +88,69 @@ def _add_residual_if_last(
         tl.atomic_xchg(counters_ptr + tile, 0)
 
 
+@triton.jit
+def _gemm_tile(
+    x_desc,
+    w_desc,
+    M,
+    N,
+    K,
+    k0,
+    k_len,
+    off_m,
+    off_n,
+    sumsq_ptr,
+    norm_w_ptr,
+    eps,
+    out_dtype: tl.constexpr,  # GATED: what the gate and up products round to, as in torch
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SWAP: tl.constexpr,
+    GATED: tl.constexpr,
+    NORM: tl.constexpr,
+    NUM_SUMSQ: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """The float32 [BM, BN] tile (off_m, off_n) of x @ W^T over K columns k0 .. k0 + k_len, with
+    `_linear_kernel`'s GATED and NORM options (the kernels/qkv_rope.py GEMM shares it)."""
+    if NORM:  # each token row's 1 / rms from the squares its producer summed
+        rows = off_m + tl.arange(0, BM)
+        sq = tl.zeros((BM,), dtype=tl.float32)
+        for t in tl.static_range(NUM_SUMSQ):
+            sq += tl.load(sumsq_ptr + t * M + rows, mask=rows < M, other=0.0)
+        rstd = tl.math.rsqrt(sq / K + eps)  # as kernels/fused_norm.py computes it
+    if SWAP:  # acc is the [BN, BM] tile of y^T
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    up = tl.zeros_like(acc) if GATED else acc  # the up projection's tile
+    for k in tl.range(k0, k0 + k_len, BK, num_stages=NUM_STAGES):
+        x = x_desc.load([off_m, k])
+        if NORM:
+            x = _rms_normed(x, rstd, norm_w_ptr, k, K, BK)
+        w = w_desc.load([off_n, k])
+        if SWAP:
+            acc = tl.dot(w, x.T, acc)
+        else:
+            acc = tl.dot(x, w.T, acc)
+        if GATED:
+            w_up = w_desc.load([N + off_n, k])
+            if SWAP:
+                up = tl.dot(w_up, x.T, up)
+            else:
+                up = tl.dot(x, w_up.T, up)
+    if SWAP:
+        acc = acc.T
+        up = up.T
+    if GATED:  # as silu_and_mul on the rounded product: silu rounded, then the product
+        dtype = out_dtype
+        gate = acc.to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        acc = silu * up.to(dtype).to(tl.float32)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])  # one compile for every batch size
 def _linear_kernel(
     x_desc,  # [M, K] block [BM, BK]
@@ -120,40 +183,29 @@ def _linear_kernel(
     off_m = tl.program_id(1) * BM
     split = tl.program_id(2)
     k0 = split * k_per_split
-    if NORM:  # each token row's 1 / rms from the squares its producer summed
-        rows = off_m + tl.arange(0, BM)
-        sq = tl.zeros((BM,), dtype=tl.float32)
-        for t in tl.static_range(NUM_SUMSQ):
-            sq += tl.load(sumsq_ptr + t * M + rows, mask=rows < M, other=0.0)
-        rstd = tl.math.rsqrt(sq / K + eps)  # as kernels/fused_norm.py computes it
-    if SWAP:  # acc is the [BN, BM] tile of y^T
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    up = tl.zeros_like(acc) if GATED else acc  # the up projection's tile
-    for k in tl.range(k0, k0 + k_per_split, BK, num_stages=NUM_STAGES):
-        x = x_desc.load([off_m, k])
-        if NORM:
-            x = _rms_normed(x, rstd, norm_w_ptr, k, K, BK)
-        w = w_desc.load([off_n, k])
-        if SWAP:
-            acc = tl.dot(w, x.T, acc)
-        else:
-            acc = tl.dot(x, w.T, acc)
-        if GATED:
-            w_up = w_desc.load([N + off_n, k])
-            if SWAP:
-                up = tl.dot(w_up, x.T, up)
-            else:
-                up = tl.dot(x, w_up.T, up)
-    if SWAP:
-        acc = acc.T
-        up = up.T
-    if GATED:  # as silu_and_mul on the rounded product: silu rounded, then the product
-        dtype = out_ptr.dtype.element_ty
-        gate = acc.to(dtype).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        acc = silu * up.to(dtype).to(tl.float32)
+    acc = _gemm_tile(
+        x_desc,
+        w_desc,
+        M,
+        N,
+        K,
+        k0,
+        k_per_split,
+        off_m,
+        off_n,
+        sumsq_ptr,
+        norm_w_ptr,
+        eps,
+        out_ptr.dtype.element_ty,
+        BM,
+        BN,
+        BK,
+        SWAP,
+        GATED,
+        NORM,
+        NUM_SUMSQ,
+        NUM_STAGES,
+    )
     offs_m = off_m + tl.arange(0, BM)
     offs_n = off_n + tl.arange(0, BN)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)

@@ -21,6 +21,31 @@ from .pdl import pdl_enabled, pdl_start
 
 
 @triton.jit
+def _norm_rope(x1, x2, weight_ptr, cos1, cos2, sin1, sin2, eps, HAS_NORM: tl.constexpr, HEAD_DIM):
+    """rope(norm(x)) of head rows split in halves x1, x2 ([R, BLOCK_HALF], x's dtype; pairs past
+    HALF are zeros); cos / sin halves float32, [BLOCK_HALF] rows broadcast against x. Returns the
+    two halves, rounded to x's dtype."""
+    dtype = x1.dtype
+    if HAS_NORM:
+        half = HEAD_DIM // 2
+        offs_d = tl.arange(0, x1.shape[1])[None, :]
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        ss = tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)  # [R]
+        rstd = tl.math.rsqrt(ss / HEAD_DIM + eps)[:, None]
+        w1 = tl.load(weight_ptr + offs_d, mask=offs_d < half, other=0.0).to(tl.float32)
+        w2 = tl.load(weight_ptr + half + offs_d, mask=offs_d < half, other=0.0).to(tl.float32)
+        x1 = (w1 * (f1 * rstd).to(dtype).to(tl.float32)).to(dtype)
+        x2 = (w2 * (f2 * rstd).to(dtype).to(tl.float32)).to(dtype)
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
+    # x * cos + cat(-x2, x1) * sin, each product rounded to the dtype as the torch ops do.
+    o1 = (f1 * cos1).to(dtype).to(tl.float32) + (-f2 * sin1).to(dtype).to(tl.float32)
+    o2 = (f2 * cos2).to(dtype).to(tl.float32) + (f1 * sin2).to(dtype).to(tl.float32)
+    return o1.to(dtype), o2.to(dtype)
+
+
+@triton.jit
 def _norm_rope_heads(
     x_ptr,  # [T, H, D] strided
     weight_ptr,  # [D]
@@ -41,7 +66,6 @@ def _norm_rope_heads(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    dtype = x_ptr.dtype.element_ty
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
     # A negative row (cache slot -1) has no head in range: nothing is loaded or written. (Folded
@@ -50,27 +74,21 @@ def _norm_rope_heads(
     src = x_ptr + tok * stride_t + offs_h * stride_h + offs_d
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
-    if HAS_NORM:
-        f1 = x1.to(tl.float32)
-        f2 = x2.to(tl.float32)
-        ss = tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)  # [BLOCK_H]
-        rstd = tl.math.rsqrt(ss / HEAD_DIM + eps)[:, None]
-        w1 = tl.load(weight_ptr + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
-        w2 = tl.load(weight_ptr + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
-        x1 = (w1 * (f1 * rstd).to(dtype).to(tl.float32)).to(dtype)
-        x2 = (w2 * (f2 * rstd).to(dtype).to(tl.float32)).to(dtype)
-    f1 = x1.to(tl.float32)
-    f2 = x2.to(tl.float32)
-    # x * cos + cat(-x2, x1) * sin, each product rounded to the dtype as the torch ops do.
-    o1 = (f1 * cos1[None, :]).to(dtype).to(tl.float32) + (-f2 * sin1[None, :]).to(dtype).to(
-        tl.float32
-    )
-    o2 = (f2 * cos2[None, :]).to(dtype).to(tl.float32) + (f1 * sin2[None, :]).to(dtype).to(
-        tl.float32
+    o1, o2 = _norm_rope(
+        x1,
+        x2,
+        weight_ptr,
+        cos1[None, :],
+        cos2[None, :],
+        sin1[None, :],
+        sin2[None, :],
+        eps,
+        HAS_NORM,
+        HEAD_DIM,
     )
     dst = out_ptr + out_row + offs_h * HEAD_DIM + offs_d  # out_ptr is in the same dtype
-    tl.store(dst, o1.to(dtype), mask=mask)
-    tl.store(dst + HALF, o2.to(dtype), mask=mask)
+    tl.store(dst, o1, mask=mask)
+    tl.store(dst + HALF, o2, mask=mask)
 
 
 @triton.jit
