@@ -12,12 +12,15 @@ from engine_fixtures import assert_all_blocks_free, make_llm, mixed_prompts
 from minivllm import SamplingParams
 
 
-def _run(path, monkeypatch, fused: bool):
+def _run(path, monkeypatch, fused: bool, in_gemm_max_tokens: int = 0):
     import minivllm.layers
     from minivllm.kernels import linear
+    from minivllm.layers import linear as linear_layers
 
     with monkeypatch.context() as mp:
         mp.setattr(minivllm.layers, "fused_kernels_on", lambda device: fused)
+        mp.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", in_gemm_max_tokens)
+        mp.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", in_gemm_max_tokens)
         gated_rows: list[int] = []
         original = linear.linear
 
@@ -54,6 +57,34 @@ def test_fused_layers_match_the_plain_ones(tiny_qwen3, monkeypatch) -> None:
     for got, expect in zip(logprobs, plain_logprobs, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), atol=3e-2, rtol=3e-2)
     assert tokens == plain_tokens
+
+
+def test_norm_and_rope_in_the_gemms_match_the_fused_layers(gpu_qwen3, monkeypatch) -> None:
+    """The opt-in routes of NORM_IN_GEMM_MAX_TOKENS and ROPE_IN_GEMM_MAX_TOKENS (no norm and no
+    rotary kernels: the GEMMs do them) in the engine, on a head_dim 64 model so the qkv GEMM's
+    tiles hold whole heads: the same greedy tokens as the default fused layers, prompt logprobs
+    within float16 rounding, and both routes taken."""
+    from minivllm.kernels import linear, qkv_rope
+
+    calls = {"add": 0, "rope": 0}
+
+    def counting(module, name, key):
+        original = getattr(module, name)
+
+        def spy(*args, **kwargs):
+            calls[key] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+
+    expect_tokens, expect_logprobs, _ = _run(gpu_qwen3, monkeypatch, fused=True)
+    counting(linear, "linear_add_residual", "add")
+    counting(qkv_rope, "qkv_rope_store_kv", "rope")
+    tokens, logprobs, _ = _run(gpu_qwen3, monkeypatch, fused=True, in_gemm_max_tokens=64)
+    assert calls["add"] > 0 and calls["rope"] > 0, calls
+    for got, expect in zip(logprobs, expect_logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), atol=3e-2, rtol=3e-2)
+    assert tokens == expect_tokens
 
 
 @pytest.fixture(autouse=True)
