@@ -24,6 +24,8 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
   ...+normgemm  no norm kernels: o and down add the residual in their epilogues
                 (`linear_add_residual`) and qkv and gate/up normalise their input as they load
                 it (`linear(norm=)`), where the Triton GEMMs take both sides
+  ...+ropegemm  with --context: no rotary kernel; the qkv GEMM ends in q/k norm + rotary and
+                the KV store (kernels/qkv_rope.py), where the Triton GEMM takes qkv
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -64,6 +66,7 @@ from minivllm.kernels.linear import (
 from minivllm.kernels.merge_linear import merge_linear
 from minivllm.kernels.paged_decode import _decode_attention as decode_attention
 from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
+from minivllm.kernels.qkv_rope import num_rope_counters, qkv_rope_store_kv, supports_rope
 from minivllm.layers.linear import GATED_MAX_TOKENS
 
 # Qwen3-0.6B: hidden size, q + k + v, attention output, intermediate size, heads, layers
@@ -113,6 +116,10 @@ class Chain:
         if "+normgemm" in mode and "+merge" in mode:
             raise SystemExit("+normgemm and +merge do not combine (merge_linear adds no residual)")
         self.normgemm = "+normgemm" in mode and m <= MAX_COLUMN_TOKENS
+        self.ropegemm = "+ropegemm" in mode
+        self.rope_counters = torch.zeros(
+            layers, num_rope_counters(NUM_HEADS, NUM_KV_HEADS), dtype=torch.int32, device=DEVICE
+        )
         self.counters = torch.zeros(
             layers, 2, num_tile_counters(HIDDEN), dtype=torch.int32, device=DEVICE
         )
@@ -145,11 +152,20 @@ class Chain:
         self.qk_norm_w = torch.ones(HEAD_DIM, device=DEVICE, dtype=dtype)
         self.attn_out = torch.empty(m, NUM_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
 
-    def attention(self, qkv, layer):
-        """q/k norm + rotary + KV store, then paged decode attention: [m, ATTN]."""
+    def attention(self, h, norm, layer):
+        """qkv GEMM, q/k norm + rotary + KV store, then paged decode attention: [m, ATTN]."""
+        k_cache, v_cache = self.caches[layer]
+        w = self.w[layer]["qkv"]
+        if self.ropegemm and supports_rope(h, w, HEAD_DIM):  # one kernel
+            q = qkv_rope_store_kv(
+                h, w, NUM_HEADS, self.positions, self.cos, self.sin, k_cache, v_cache,
+                self.slot_mapping, self.rope_counters[layer], self.qk_norm_w, self.qk_norm_w,
+                norm=norm,
+            )  # fmt: skip
+            return self.decode(q, layer)
+        qkv = linear(h, w, norm=norm) if norm is not None else self.gemm(h, layer, "qkv")
         kv_size = NUM_KV_HEADS * HEAD_DIM
         q, k, v = qkv.split([NUM_HEADS * HEAD_DIM, kv_size, kv_size], -1)
-        k_cache, v_cache = self.caches[layer]
         q = qk_norm_rope_store_kv(
             q.view(self.m, NUM_HEADS, HEAD_DIM),
             k.view(self.m, NUM_KV_HEADS, HEAD_DIM),
@@ -163,6 +179,11 @@ class Chain:
             self.qk_norm_w,
             self.qk_norm_w,
         )
+        return self.decode(q, layer)
+
+    def decode(self, q, layer):
+        """Paged decode attention of q over this layer's cache: [m, ATTN] (or DecodePartials)."""
+        k_cache, v_cache = self.caches[layer]
         out = decode_attention(
             q,
             k_cache,
@@ -214,11 +235,14 @@ class Chain:
         res = self.res0
         h, norm = rmsnorm(res, self.norm_w, 1e-6), None
         for layer in range(self.layers):
-            if norm is not None:
-                qkv = linear(h, self.w[layer]["qkv"], norm=norm)
+            if self.context:
+                attn = self.attention(h, norm, layer)
+            elif norm is not None:
+                linear(h, self.w[layer]["qkv"], norm=norm)  # the qkv GEMM; attention is fixed
+                attn = self.attn
             else:
-                qkv = self.gemm(h, layer, "qkv")
-            attn = self.attention(qkv, layer) if self.context else self.attn
+                self.gemm(h, layer, "qkv")
+                attn = self.attn
             h, norm, res = self.add_norm(attn, res, layer, "o")
             w = self.w[layer]["gate_up"]
             if self.gated and supports(h, w, gated=True):

@@ -105,11 +105,12 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
     assert rel < 2e-2, rel
 
 
-def test_norm_in_the_gemms_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
-    """The opt-in route of layers.linear.NORM_IN_GEMM_MAX_TOKENS (no norm kernels: the GEMMs
-    around each norm do it) inside the engine, bf16: one step's logits within 1% of the default
-    route's, and greedy generation with CUDA graphs giving the same tokens but where two
-    logits tie within a bf16 rounding (at most one sequence in eight)."""
+def test_norm_and_rope_in_the_gemms_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
+    """The opt-in routes of layers.linear.NORM_IN_GEMM_MAX_TOKENS and ROPE_IN_GEMM_MAX_TOKENS
+    (no norm and no rotary kernels: the GEMMs do them) inside the engine, bf16: one step's
+    logits within 1% of the default route's, and greedy generation with CUDA graphs giving the
+    same tokens but where two logits tie within a bf16 rounding (at most one sequence in
+    eight)."""
     from minivllm.layers import linear as linear_layers
 
     prompts = mixed_prompts(8, seed=17, min_len=3, max_len=14)  # one step of <= 112 tokens
@@ -117,6 +118,7 @@ def test_norm_in_the_gemms_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
     logits, tokens = {}, {}
     for max_tokens in (0, 128):
         monkeypatch.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", max_tokens)
+        monkeypatch.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", max_tokens)
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16", enforce_eager=True)
         runner = llm.model_runner
         for i, p in enumerate(prompts):
