@@ -22,8 +22,9 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
   ...+merge     with --context: no decode reduce kernel; the o GEMM merges the splits itself
                 (kernels/merge_linear.py) where the decode runs several
   ...+normgemm  no norm kernels: o and down add the residual in their epilogues
-                (`linear_add_residual`) and qkv and gate/up normalise their input as they load
-                it (`linear(norm=)`), where the Triton GEMMs take both sides
+                (`linear_add_residual`; with +merge `merge_linear_add_residual`) and qkv and
+                gate/up normalise their input as they load it (`linear(norm=)`), where the
+                Triton GEMMs take both sides
   ...+ropegemm  with --context: no rotary kernel; the qkv GEMM ends in q/k norm + rotary and
                 the KV store (kernels/qkv_rope.py), where the Triton GEMM takes qkv
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
@@ -63,7 +64,7 @@ from minivllm.kernels.linear import (
     num_tile_counters,
     supports,
 )
-from minivllm.kernels.merge_linear import merge_linear
+from minivllm.kernels.merge_linear import merge_linear, merge_linear_add_residual
 from minivllm.kernels.paged_decode import _decode_attention as decode_attention
 from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
 from minivllm.kernels.qkv_rope import num_rope_counters, qkv_rope_store_kv, supports_rope
@@ -113,8 +114,6 @@ class Chain:
         ]
         self.norm_w = torch.ones(HIDDEN, device=DEVICE, dtype=dtype)
         # +normgemm: the tile counters of each layer's o and down GEMMs (zero between calls)
-        if "+normgemm" in mode and "+merge" in mode:
-            raise SystemExit("+normgemm and +merge do not combine (merge_linear adds no residual)")
         self.normgemm = "+normgemm" in mode and m <= MAX_COLUMN_TOKENS
         self.ropegemm = "+ropegemm" in mode
         self.rope_counters = torch.zeros(
@@ -222,7 +221,10 @@ class Chain:
         (the next GEMM's input, its RowNorm or None, the new residual)."""
         if self.normgemm:  # the norm left to the next GEMM
             counters = self.counters[layer, int(name == "down")]
-            res, sumsq = linear_add_residual(x, self.w[layer][name], res, counters)
+            if not isinstance(x, torch.Tensor):  # +merge: DecodePartials
+                res, sumsq = merge_linear_add_residual(x, self.w[layer][name], res, counters)
+            else:
+                res, sumsq = linear_add_residual(x, self.w[layer][name], res, counters)
             return res, RowNorm(sumsq, self.norm_w, 1e-6), res
         if not isinstance(x, torch.Tensor):  # +merge: the o GEMM merges DecodePartials
             product = merge_linear(x, self.w[layer][name])

@@ -58,24 +58,34 @@ def _rms_normed(x, rstd, norm_w_ptr, k, K, BK: tl.constexpr):
 
 @triton.jit
 def _add_residual_if_last(
-    out_ptr, residual_ptr, h_ptr, sumsq_ptr, counters_ptr, M, N, offs_m, offs_n
+    out_ptr,  # [num_splits, M, N] float32 partial sums
+    residual_ptr,
+    h_ptr,
+    sumsq_ptr,
+    counters_ptr,
+    M,
+    N,
+    offs_m,
+    offs_n,
+    tile,  # this output tile's counter
+    n_tile,  # its column tile: sumsq's row
+    num_splits,
 ):
     """Called by each split program of an output tile once its partial sum is stored; the last
     one to arrive adds the tile's partials up in split order (float32, rounded to the residual's
     dtype, as kernels/fused_norm.py does), adds the residual, writes the sum h and h's squares
     summed over the tile's columns, and sets the tile's counter back to zero for the next call.
-    Which program is last varies; what it computes does not."""
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    Which program is last varies; what it computes does not. (kernels/merge_linear.py too.)"""
     tl.debug_barrier()  # every thread's partial stored before the count says so
     arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")
-    if arrived == tl.num_programs(2) - 1:
+    if arrived == num_splits - 1:
         rows = offs_m[:, None].to(tl.int64)
         mask = (rows < M) & (offs_n[None, :] < N)
         # .cg: from L2, where the other programs' partials are (never a stale L1 line)
         y = tl.load(
             out_ptr + rows * N + offs_n[None, :], mask=mask, other=0.0, cache_modifier=".cg"
         )
-        for s in range(1, tl.num_programs(2)):
+        for s in range(1, num_splits):
             part = out_ptr + (s * M + rows) * N + offs_n[None, :]
             y += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
         dtype = h_ptr.dtype.element_ty
@@ -83,7 +93,7 @@ def _add_residual_if_last(
         h = (y.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
         tl.store(h_ptr + rows * N + offs_n[None, :], h, mask=mask)
         hf = h.to(tl.float32)
-        sumsq = sumsq_ptr + tl.program_id(0) * M + offs_m
+        sumsq = sumsq_ptr + n_tile * M + offs_m
         tl.store(sumsq, tl.sum(hf * hf, axis=1), mask=offs_m < M)
         tl.atomic_xchg(counters_ptr + tile, 0)
 
@@ -213,9 +223,11 @@ def _linear_kernel(
         out = out_ptr + (split.to(tl.int64) * M + offs_m[:, None]) * N + offs_n[None, :]
         tl.store(out, acc, mask=mask)
         if ADD_RESIDUAL:
+            tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
             _add_residual_if_last(
-                out_ptr, residual_ptr, h_ptr, sumsq_ptr, counters_ptr, M, N, offs_m, offs_n
-            )
+                out_ptr, residual_ptr, h_ptr, sumsq_ptr, counters_ptr, M, N, offs_m, offs_n,
+                tile, tl.program_id(0), tl.num_programs(2),
+            )  # fmt: skip
     else:
         out = out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)

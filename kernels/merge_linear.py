@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear import _add_residual_if_last
 from .paged_decode import DecodePartials, _num_splits_and_partition
 from .pdl import pdl_enabled, pdl_launch_dependents, pdl_wait
 
@@ -31,6 +32,10 @@ def _merge_linear_kernel(
     seq_lens_ptr,  # [M] int32
     w_ptr,  # [N, NUM_HEADS * HEAD_DIM]
     out_ptr,  # [NUM_HEADS, M, N] float32 partial sums
+    residual_ptr,  # [M, N], ADD_RESIDUAL only
+    h_ptr,  # [M, N]: residual + the product, ADD_RESIDUAL only (may alias residual_ptr)
+    sumsq_ptr,  # [cdiv(N, BN), M] float32, ADD_RESIDUAL only
+    counters_ptr,  # [cdiv(N, BN) * cdiv(M, BM)] int32, zero before and after, ADD_RESIDUAL only
     M,
     N,
     max_num_splits,
@@ -40,6 +45,7 @@ def _merge_linear_kernel(
     BN: tl.constexpr,
     MIN_PARTITION: tl.constexpr,  # the decode launch's, to recount each row's splits
     DEC_BLOCK_N: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr,  # the last head of each tile adds the heads and the residual
     PDL: tl.constexpr,
 ):
     pdl_launch_dependents(PDL)
@@ -83,15 +89,21 @@ def _merge_linear_kernel(
     acc = tl.dot(w, tl.trans(x))  # [BN, BM]: y^T for these rows and outputs
     out = out_ptr + (head * M + rows[None, :]).to(tl.int64) * N + offs_n[:, None]
     tl.store(out, acc, mask=(offs_n < N)[:, None] & row_mask[None, :])
+    if ADD_RESIDUAL:  # as kernels/linear.py's split-K GEMM does, the heads as its splits
+        tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        _add_residual_if_last(
+            out_ptr, residual_ptr, h_ptr, sumsq_ptr, counters_ptr, M, N, rows, offs_n, tile,
+            tl.program_id(0), NUM_HEADS,
+        )  # fmt: skip
 
 
-def merge_linear(
+def _launch(
     partials: DecodePartials,
-    weight: torch.Tensor,  # [N, num_heads * head_dim], contiguous, the attention output's dtype
-    block_n: int = 64,
-    num_warps: int = 4,
-) -> torch.Tensor:  # [num_heads, M, N] float32, summing to merge(partials) @ weight^T
-    """The o projection of split decode attention, its splits merged on the way in."""
+    weight: torch.Tensor,
+    block_n: int,
+    num_warps: int,
+    add: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # residual, h, counters
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # (partial sums, sumsq with `add`)
     part_out, part_lse = partials.part_out, partials.part_lse
     m, num_heads, max_num_splits, head_dim = part_out.shape
     n = weight.shape[0]
@@ -100,6 +112,14 @@ def merge_linear(
     assert part_out.is_contiguous() and part_lse.shape == (m, num_heads, max_num_splits)
     out = torch.empty((num_heads, m, n), dtype=torch.float32, device=weight.device)
     block_m = 16  # the smallest tile tl.dot takes; the rows are few (split decode)
+    residual = h = counters = sumsq = None
+    if add is not None:
+        residual, h, counters = add
+        for t in (residual, h):
+            assert t.shape == (m, n) and t.dtype == weight.dtype and t.is_contiguous(), t.shape
+        num_tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+        assert counters.dtype == torch.int32 and counters.numel() >= num_tiles, counters.shape
+        sumsq = torch.empty((triton.cdiv(n, block_n), m), dtype=torch.float32, device=out.device)
     pdl = pdl_enabled(weight)
     _merge_linear_kernel[(triton.cdiv(n, block_n), num_heads, triton.cdiv(m, block_m))](
         part_out_ptr=part_out,
@@ -107,6 +127,10 @@ def merge_linear(
         seq_lens_ptr=partials.seq_lens,
         w_ptr=weight,
         out_ptr=out,
+        residual_ptr=residual if add is not None else out,
+        h_ptr=h if add is not None else out,
+        sumsq_ptr=sumsq if add is not None else out,
+        counters_ptr=counters if add is not None else out,
         M=m,
         N=n,
         max_num_splits=max_num_splits,
@@ -116,8 +140,37 @@ def merge_linear(
         BN=block_n,
         MIN_PARTITION=partials.min_partition,
         DEC_BLOCK_N=partials.block_n,
+        ADD_RESIDUAL=add is not None,
         PDL=pdl,
         num_warps=num_warps,
         launch_pdl=pdl,
     )
-    return out
+    return out, sumsq
+
+
+def merge_linear(
+    partials: DecodePartials,
+    weight: torch.Tensor,  # [N, num_heads * head_dim], contiguous, the attention output's dtype
+    block_n: int = 64,
+    num_warps: int = 4,
+) -> torch.Tensor:  # [num_heads, M, N] float32, summing to merge(partials) @ weight^T
+    """The o projection of split decode attention, its splits merged on the way in."""
+    return _launch(partials, weight, block_n, num_warps)[0]
+
+
+def merge_linear_add_residual(
+    partials: DecodePartials,
+    weight: torch.Tensor,  # [N, num_heads * head_dim]
+    residual: torch.Tensor,  # [M, N] the weight's dtype, contiguous
+    counters: torch.Tensor,  # int32, >= linear.num_tile_counters(N), zero; left zero
+    *,
+    residual_out: torch.Tensor | None = None,  # [M, N], contiguous; may be `residual` itself
+    block_n: int = 64,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (h [M, N], sumsq [cdiv(N, block_n), M] float32)
+    """`merge_linear` added to the residual in the kernel, as linear.linear_add_residual adds
+    its split-K GEMM's: h and its squares summed per column tile, for the next GEMM's norm."""
+    h = residual_out if residual_out is not None else torch.empty_like(residual)
+    _, sumsq = _launch(partials, weight, block_n, num_warps, add=(residual, h, counters))
+    assert sumsq is not None
+    return h, sumsq
