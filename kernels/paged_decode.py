@@ -472,14 +472,17 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
     row_order: torch.Tensor | None = None,  # [B] int32, a permutation of range(B)
-) -> torch.Tensor:
+    early_loads: bool = False,
+    reduce: bool = True,
+) -> torch.Tensor | DecodePartials:
     """Attention of one query per sequence (position seq_lens[b] - 1) over its paged context.
 
     The keyword-only arguments tune the split: `max_num_splits` and `min_partition` (fewest tokens
     per split; both default from the batch size and the block-table width, so a fixed-shape call
     has a fixed grid), the key tile `block_n` and the launch's `num_warps` / `num_stages` (default
     2 with one split, 3 with several); `row_order` (longest context first) is the order the
-    programs take the rows in.
+    programs take the rows in. Opt-in and not measured yet (the engine's switches in
+    layers/attention.py): `early_loads` and `reduce=False`, see `_decode_attention`.
     """
     return _decode_attention(
         q,
@@ -495,6 +498,8 @@ def decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
         row_order=row_order,
+        early_loads=early_loads,
+        reduce=reduce,
     )
 
 

@@ -105,12 +105,14 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
     assert rel < 2e-2, rel
 
 
-def test_norm_and_rope_in_the_gemms_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
-    """The opt-in routes of layers.linear.NORM_IN_GEMM_MAX_TOKENS and ROPE_IN_GEMM_MAX_TOKENS
-    (no norm and no rotary kernels: the GEMMs do them) inside the engine, bf16: one step's
-    logits within 1% of the default route's, and greedy generation with CUDA graphs giving the
-    same tokens but where two logits tie within a bf16 rounding (at most one sequence in
-    eight)."""
+def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
+    """The opt-in routes all at once (layers.linear's NORM_IN_GEMM_MAX_TOKENS and
+    ROPE_IN_GEMM_MAX_TOKENS: no norm and no rotary kernels, the GEMMs do them; layers.attention's
+    MERGE_SPLITS_IN_O_PROJ and DECODE_EARLY_LOADS) inside the engine, bf16: one step's logits
+    within 1% of the default route's, and greedy generation with CUDA graphs (split decodes)
+    giving the same tokens but where two logits tie within a bf16 rounding (at most one
+    sequence in eight)."""
+    from minivllm.layers import attention
     from minivllm.layers import linear as linear_layers
 
     prompts = mixed_prompts(8, seed=17, min_len=3, max_len=14)  # one step of <= 112 tokens
@@ -119,6 +121,8 @@ def test_norm_and_rope_in_the_gemms_close_to_the_default_in_bf16(gpu_qwen3, monk
     for max_tokens in (0, 128):
         monkeypatch.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", max_tokens)
         monkeypatch.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", max_tokens)
+        monkeypatch.setattr(attention, "MERGE_SPLITS_IN_O_PROJ", max_tokens > 0)
+        monkeypatch.setattr(attention, "DECODE_EARLY_LOADS", max_tokens > 0)
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16", enforce_eager=True)
         runner = llm.model_runner
         for i, p in enumerate(prompts):

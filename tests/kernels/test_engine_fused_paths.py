@@ -12,15 +12,19 @@ from engine_fixtures import assert_all_blocks_free, make_llm, mixed_prompts
 from minivllm import SamplingParams
 
 
-def _run(path, monkeypatch, fused: bool, in_gemm_max_tokens: int = 0):
+def _run(path, monkeypatch, fused: bool, experiments: bool = False, max_len: int = 30):
     import minivllm.layers
     from minivllm.kernels import linear
+    from minivllm.layers import attention
     from minivllm.layers import linear as linear_layers
 
     with monkeypatch.context() as mp:
         mp.setattr(minivllm.layers, "fused_kernels_on", lambda device: fused)
-        mp.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", in_gemm_max_tokens)
-        mp.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", in_gemm_max_tokens)
+        # Every opt-in route at once (layers.linear, layers.attention), or none.
+        mp.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", 64 if experiments else 0)
+        mp.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", 64 if experiments else 0)
+        mp.setattr(attention, "DECODE_EARLY_LOADS", experiments)
+        mp.setattr(attention, "MERGE_SPLITS_IN_O_PROJ", experiments)
         gated_rows: list[int] = []
         original = linear.linear
 
@@ -38,7 +42,7 @@ def _run(path, monkeypatch, fused: bool, in_gemm_max_tokens: int = 0):
             max_num_seqs=4,
             max_num_batched_tokens=64,
         )
-        prompts = mixed_prompts(3, seed=71, min_len=6, max_len=30)
+        prompts = mixed_prompts(3, seed=71, min_len=6, max_len=max_len)
         sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=0)
         outs = llm.generate(prompts, sp, use_tqdm=False)
         assert_all_blocks_free(llm)
@@ -59,14 +63,15 @@ def test_fused_layers_match_the_plain_ones(tiny_qwen3, monkeypatch) -> None:
     assert tokens == plain_tokens
 
 
-def test_norm_and_rope_in_the_gemms_match_the_fused_layers(gpu_qwen3, monkeypatch) -> None:
-    """The opt-in routes of NORM_IN_GEMM_MAX_TOKENS and ROPE_IN_GEMM_MAX_TOKENS (no norm and no
-    rotary kernels: the GEMMs do them) in the engine, on a head_dim 64 model so the qkv GEMM's
-    tiles hold whole heads: the same greedy tokens as the default fused layers, prompt logprobs
-    within float16 rounding, and both routes taken."""
-    from minivllm.kernels import linear, qkv_rope
+def test_the_opt_in_routes_match_the_fused_layers(gpu_qwen3, monkeypatch) -> None:
+    """The opt-in routes all at once (NORM_IN_GEMM_MAX_TOKENS and ROPE_IN_GEMM_MAX_TOKENS: no
+    norm and no rotary kernels, the GEMMs do them; MERGE_SPLITS_IN_O_PROJ: no decode reduce,
+    o_proj merges the splits and adds the residual; DECODE_EARLY_LOADS) in the engine, on a
+    head_dim 64 model so the qkv GEMM's tiles hold whole heads: the same greedy tokens as the
+    default fused layers, prompt logprobs within float16 rounding, and every route taken."""
+    from minivllm.kernels import linear, merge_linear, qkv_rope
 
-    calls = {"add": 0, "rope": 0}
+    calls = {"add": 0, "rope": 0, "merge": 0}
 
     def counting(module, name, key):
         original = getattr(module, name)
@@ -77,11 +82,13 @@ def test_norm_and_rope_in_the_gemms_match_the_fused_layers(gpu_qwen3, monkeypatc
 
         monkeypatch.setattr(module, name, spy)
 
-    expect_tokens, expect_logprobs, _ = _run(gpu_qwen3, monkeypatch, fused=True)
+    # Contexts past 256 tokens: the decode runs two splits (what o_proj merges).
+    expect_tokens, expect_logprobs, _ = _run(gpu_qwen3, monkeypatch, fused=True, max_len=300)
     counting(linear, "linear_add_residual", "add")
     counting(qkv_rope, "qkv_rope_store_kv", "rope")
-    tokens, logprobs, _ = _run(gpu_qwen3, monkeypatch, fused=True, in_gemm_max_tokens=64)
-    assert calls["add"] > 0 and calls["rope"] > 0, calls
+    counting(merge_linear, "merge_linear_add_residual", "merge")
+    tokens, logprobs, _ = _run(gpu_qwen3, monkeypatch, fused=True, experiments=True, max_len=300)
+    assert calls["add"] > 0 and calls["rope"] > 0 and calls["merge"] > 0, calls
     for got, expect in zip(logprobs, expect_logprobs, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), atol=3e-2, rtol=3e-2)
     assert tokens == expect_tokens

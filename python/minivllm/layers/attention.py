@@ -13,12 +13,24 @@ given. Every other path (torch backend, CPU, MINIVLLM_FUSED_KERNELS=0) gets k ba
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
+
+from minivllm.distributed import get_tp_size
+
+# Opt-in and not measured yet (default off; read when a layer is built, so that one benchmark
+# call can time the engine both ways), triton backend, decode-only steps:
+# "1": the decode kernel reads its first key tile before its PDL wait (`early_loads`);
+DECODE_EARLY_LOADS = os.environ.get("MINIVLLM_DECODE_EARLY_LOADS", "0") == "1"
+# "1": no reduce kernel after a split decode: the layer returns the splits' partial results
+# (paged_decode.DecodePartials) and the o projection merges them (kernels/merge_linear.py).
+MERGE_SPLITS_IN_O_PROJ = os.environ.get("MINIVLLM_MERGE_SPLITS_IN_O_PROJ", "0") == "1"
 
 
 @dataclass
@@ -108,6 +120,13 @@ class Attention(nn.Module):
         self.backend = backend
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache = torch.empty(0)
+        # The opt-in decode options of decode-only steps (see DECODE_EARLY_LOADS above).
+        self.decode_options: dict[str, Any] = {}
+        if backend.name == "triton":
+            if DECODE_EARLY_LOADS:
+                self.decode_options["early_loads"] = True
+            if MERGE_SPLITS_IN_O_PROJ and get_tp_size() == 1:
+                self.decode_options["reduce"] = False
 
     def kv_write(self, v: torch.Tensor | None, meta: AttentionMetadata) -> KVCacheWrite | None:
         """This step's cache write for the rotary kernel (or the qkv GEMM, v None) to fuse, or
@@ -122,16 +141,18 @@ class Attention(nn.Module):
         k: torch.Tensor | None,  # [T, num_kv_heads, head_dim]; None: k and v already stored
         v: torch.Tensor | None,  # [T, num_kv_heads, head_dim]
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+    ) -> torch.Tensor | Any:  # [T, num_heads, head_dim] (or paged_decode.DecodePartials)
         """Store this step's k and v (unless the rotary kernel did: k is None), then attend. The
-        attention kernels read K/V from the cache only."""
+        attention kernels read K/V from the cache only. A decode-only step with the opt-in
+        `reduce=False` may return the splits' DecodePartials for the o projection to merge."""
         backend = self.backend
         if k is not None:
             backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd > 0:
-            backend.decode_attention(
+            decode_only = meta.max_prefill_query_len == 0
+            decoded = backend.decode_attention(
                 q[:nd],
                 self.k_cache,
                 self.v_cache,
@@ -140,7 +161,10 @@ class Attention(nn.Module):
                 self.scale,
                 out=out[:nd],
                 row_order=meta.decode_row_order,
+                **(self.decode_options if decode_only else {}),
             )
+            if not isinstance(decoded, torch.Tensor):  # DecodePartials: nothing else to attend
+                return decoded
         if meta.max_prefill_query_len > 0:
             backend.prefill_attention(
                 q[nd:],

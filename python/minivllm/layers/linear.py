@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -276,19 +276,39 @@ class PendingProduct(NamedTuple):
     """x @ W^T of a row-parallel projection, not launched yet, for the RMSNorm with a residual
     that follows (`NORM_IN_GEMM_MAX_TOKENS`): launched as split-K partial sums for the fused
     add + RMSNorm (`partials`), or with the residual add in its epilogue for a norm that the
-    next GEMM applies (`add_residual`, then `NormedRows`)."""
+    next GEMM applies (`add_residual`, then `NormedRows`). x may also be a split decode's
+    unmerged result (paged_decode.DecodePartials, layers.attention.MERGE_SPLITS_IN_O_PROJ),
+    which the product merges on the way in (kernels/merge_linear.py)."""
 
-    x: torch.Tensor  # [T, K]
+    x: torch.Tensor | Any  # [T, K], or DecodePartials
     layer: RowParallelLinear
 
+    @property
+    def num_tokens(self) -> int:
+        x = self.x
+        return len(x) if isinstance(x, torch.Tensor) else x.part_out.shape[0]
+
+    @property
+    def can_add_residual(self) -> bool:
+        return self.layer.tile_counters is not None and self.num_tokens <= NORM_IN_GEMM_MAX_TOKENS
+
     def partials(self) -> SplitKPartials:
-        layer = self.layer
-        return SplitKPartials(layer.gemm.linear(self.x, layer.weight, partials=True), self.x.dtype)
+        layer, x = self.layer, self.x
+        if isinstance(x, torch.Tensor):
+            return SplitKPartials(layer.gemm.linear(x, layer.weight, partials=True), x.dtype)
+        return SplitKPartials(_merge_linear().merge_linear(x, layer.weight), x.dtype)
 
     def add_residual(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h = residual + x @ W^T [T, N], h's squares summed per column tile [C, T])."""
-        layer = self.layer
-        return layer.gemm.linear_add_residual(self.x, layer.weight, residual, layer.tile_counters)
+        layer, x = self.layer, self.x
+        counters = layer.tile_counters
+        if isinstance(x, torch.Tensor):
+            return layer.gemm.linear_add_residual(x, layer.weight, residual, counters)
+        return _merge_linear().merge_linear_add_residual(x, layer.weight, residual, counters)
+
+
+def _merge_linear():  # kernels/merge_linear.py, imported where a split decode needs it
+    return importlib.import_module("minivllm.kernels.merge_linear")
 
 
 class NormedRows(NamedTuple):
@@ -323,13 +343,17 @@ class RowParallelLinear(LinearBase):
             self.tile_counters = torch.zeros(size, dtype=torch.int32)
 
     def forward(
-        self, x: torch.Tensor, partials: bool = False
+        self, x: torch.Tensor | Any, partials: bool = False
     ) -> torch.Tensor | SplitKPartials | PendingProduct:
         """y = x W^T (+ bias). With `partials=True` (the caller feeds y to an RMSNorm with a
         residual, which accepts SplitKPartials and PendingProduct), one GPU and few tokens, y
         comes back as split-K partial sums: at decode batch sizes this projection has too few
-        output tiles to fill the GPU (kernels/linear.py). Up to NORM_IN_GEMM_MAX_TOKENS, not
-        launched yet: the norm chooses how."""
+        output tiles to fill the GPU (kernels/linear.py). Up to NORM_IN_GEMM_MAX_TOKENS, and for
+        x a split decode's DecodePartials (the attention layer returns those only with
+        partials possible here), not launched yet: the norm chooses how."""
+        if not isinstance(x, torch.Tensor):  # DecodePartials (no isinstance: tests reload it)
+            assert partials and self.tp_size == 1 and self.gemm is not None, "unmerged splits"
+            return PendingProduct(x, self)
         partials = partials and self.tp_size == 1
         if self._triton_linear(x, partials):
             if partials and self.tile_counters is not None and len(x) <= NORM_IN_GEMM_MAX_TOKENS:

@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
         if isinstance(x, PendingProduct):
             assert residual is not None, "a pending product comes with a residual"
             shape = residual.shape
-            if self.feeds_gemm:
+            if self.feeds_gemm and x.can_add_residual:
                 h, sumsq = x.add_residual(residual.reshape(-1, shape[-1]))
                 return NormedRows(h, sumsq, self.weight, self.eps), h.view(shape)
             x = x.partials()

@@ -6,7 +6,7 @@ metadata comes in as an explicit argument.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ class Qwen3Attention(nn.Module):
             self.attn.kv_write(None, meta),
         )
         if q is not None:  # one kernel: k and v are in the cache
-            return self.o_proj(self.attn(q, None, None, meta).flatten(1), partials=True)
+            return self.o_proj(_flat(self.attn(q, None, None, meta)), partials=True)
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
@@ -89,7 +89,13 @@ class Qwen3Attention(nn.Module):
         )
         o = self.attn(q, k, v, meta)
         # The post-attention RMSNorm takes split-K partial sums (decode batch sizes, one GPU).
-        return self.o_proj(o.flatten(1), partials=True)
+        return self.o_proj(_flat(o), partials=True)
+
+
+def _flat(o: torch.Tensor | Any) -> torch.Tensor | Any:
+    """[T, heads, head_dim] -> [T, heads * head_dim]; a split decode's unmerged DecodePartials
+    (layers.attention.MERGE_SPLITS_IN_O_PROJ) as they are, for o_proj to merge."""
+    return o.flatten(1) if isinstance(o, torch.Tensor) else o
 
 
 class Qwen3MLP(nn.Module):
