@@ -10,6 +10,10 @@
 #   throughput  bench_throughput.py          latency   bench_latency.py
 #   serving     bench_serving.py             host      bench_host.py
 #   workload    profile_workload.py
+#   latency_ab  bench_latency.py once per variant of $LATENCY_AB, each with its own environment
+#               (the engine's opt-in switches): "NAME:VAR=VALUE,VAR=VALUE NAME: ..." (default:
+#               base, the in-GEMM norm + rotary, split merging in o_proj, and all of them with
+#               the early decode loads); $LATENCY_AB_ARGS for each run, JSON latency_NAME.json
 #   kernels     all of: prefill_attention decode_attention decode_varlen gemm layer_chain
 #               small_kernels mixed_decode (bench_<name>.py; each can be named alone)
 # Extra arguments per step: <STEP>_ARGS, e.g. THROUGHPUT_ARGS="--model-shape 8b --no-python"
@@ -70,6 +74,17 @@ for step in "${steps[@]}"; do
       latency)
         run latency 200 python3 benchmarks/bench_latency.py --out "$OUT/latency.json" \
           $(extra latency) ;;
+      latency_ab)
+        ingemm=MINIVLLM_NORM_IN_GEMM_MAX_TOKENS=128,MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS=128
+        default="base: ingemm:$ingemm merge:MINIVLLM_MERGE_SPLITS_IN_O_PROJ=1"
+        default+=" all:$ingemm,MINIVLLM_MERGE_SPLITS_IN_O_PROJ=1,MINIVLLM_DECODE_EARLY_LOADS=1"
+        for variant in ${LATENCY_AB:-$default}; do
+          name=${variant%%:*}
+          IFS=, read -ra envs <<<"${variant#*:}"
+          run "latency_$name" 150 env "${envs[@]}" python3 benchmarks/bench_latency.py \
+            --out "$OUT/latency_$name.json" $(extra latency_ab "--prompt-lens 1024 --running 1 8 \
+            16 32 --decode-tokens 64 --max-model-len 32768")
+        done ;;
       serving)
         run serving 300 python3 benchmarks/bench_serving.py --out "$OUT/serving.json" \
           $(extra serving) ;;

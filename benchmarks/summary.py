@@ -49,8 +49,8 @@ def throughput(r: dict[str, Any]) -> None:
               f"{busy}, schedule + update {d['schedule_update_us_median']:.0f} us")  # fmt: skip
 
 
-def latency(r: dict[str, Any]) -> None:
-    print(f"\nlatency, {r['model_shape']} (ms; roofline in brackets)")
+def latency(r: dict[str, Any], name: str = "") -> None:
+    print(f"\nlatency{name}, {r['model_shape']} (ms; roofline in brackets)")
     print("  TTFT   " + "  ".join(
         f"{x['prompt_len']}: {x['ttft_ms']:.1f} [{x['roofline_ms']:.1f}]" for x in r["first_token"]
     ))  # fmt: skip
@@ -112,6 +112,8 @@ def main() -> None:
         r = load(out, name)
         if r is not None:
             show(r)
+    for path in sorted(out.glob("latency_*.json")):  # run_device.sh's latency_ab variants
+        latency(json.loads(path.read_text()), f" {path.stem[len('latency_'):]}")
     for name in KERNEL_LOGS:
         log = out / f"{name}.log"
         if log.exists():
