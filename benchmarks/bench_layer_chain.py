@@ -27,6 +27,8 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
                 Triton GEMMs take both sides
   ...+ropegemm  with --context: no rotary kernel; the qkv GEMM ends in q/k norm + rotary and
                 the KV store (kernels/qkv_rope.py), where the Triton GEMM takes qkv
+  ...+prefetch  each Triton GEMM asks L2 for the next GEMM's weights (kernels/prefetch.py;
+                the merge_linear o projection does not)
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -159,10 +161,13 @@ class Chain:
             q = qkv_rope_store_kv(
                 h, w, NUM_HEADS, self.positions, self.cos, self.sin, k_cache, v_cache,
                 self.slot_mapping, self.rope_counters[layer], self.qk_norm_w, self.qk_norm_w,
-                norm=norm,
+                norm=norm, prefetch=self.after(layer, "qkv"),
             )  # fmt: skip
             return self.decode(q, layer)
-        qkv = linear(h, w, norm=norm) if norm is not None else self.gemm(h, layer, "qkv")
+        if norm is not None:
+            qkv = linear(h, w, norm=norm, prefetch=self.after(layer, "qkv"))
+        else:
+            qkv = self.gemm(h, layer, "qkv")
         kv_size = NUM_KV_HEADS * HEAD_DIM
         q, k, v = qkv.split([NUM_HEADS * HEAD_DIM, kv_size, kv_size], -1)
         q = qk_norm_rope_store_kv(
@@ -206,7 +211,18 @@ class Chain:
             or not supports(x, w, partials)
         ):  # where the engine keeps cuBLAS too
             return torch.mm(x, w.t())
-        return linear(x, w, partials=partials, config=self.config(x, w, partials))
+        config = self.config(x, w, partials)
+        return linear(x, w, partials=partials, config=config, prefetch=self.after(layer, name))
+
+    def after(self, layer, name):
+        """+prefetch: the weight of the GEMM after `name` in layer `layer` (None: no prefetch)."""
+        if "+prefetch" not in self.mode:
+            return None
+        order = ("qkv", "o", "gate_up", "down")
+        i = order.index(name) + 1
+        if i == len(order):
+            layer, i = layer + 1, 0
+        return self.w[layer][order[i]] if layer < self.layers else None
 
     def config(self, x, w, partials=False, gated=False):
         """The engine's GEMM configuration, its stages capped at max_stages; None: as is."""
@@ -224,7 +240,8 @@ class Chain:
             if not isinstance(x, torch.Tensor):  # +merge: DecodePartials
                 res, sumsq = merge_linear_add_residual(x, self.w[layer][name], res, counters)
             else:
-                res, sumsq = linear_add_residual(x, self.w[layer][name], res, counters)
+                w, after = self.w[layer][name], self.after(layer, name)
+                res, sumsq = linear_add_residual(x, w, res, counters, prefetch=after)
             return res, RowNorm(sumsq, self.norm_w, 1e-6), res
         if not isinstance(x, torch.Tensor):  # +merge: the o GEMM merges DecodePartials
             product = merge_linear(x, self.w[layer][name])
@@ -240,7 +257,8 @@ class Chain:
             if self.context:
                 attn = self.attention(h, norm, layer)
             elif norm is not None:
-                linear(h, self.w[layer]["qkv"], norm=norm)  # the qkv GEMM; attention is fixed
+                # the qkv GEMM; attention is fixed
+                linear(h, self.w[layer]["qkv"], norm=norm, prefetch=self.after(layer, "qkv"))
                 attn = self.attn
             else:
                 self.gemm(h, layer, "qkv")
@@ -248,9 +266,10 @@ class Chain:
             h, norm, res = self.add_norm(attn, res, layer, "o")
             w = self.w[layer]["gate_up"]
             if self.gated and supports(h, w, gated=True):
-                act = linear(h, w, gated=True, norm=norm, config=self.config(h, w, gated=True))
+                config, after = self.config(h, w, gated=True), self.after(layer, "gate_up")
+                act = linear(h, w, gated=True, norm=norm, config=config, prefetch=after)
             elif norm is not None:
-                act = silu_and_mul(linear(h, w, norm=norm))
+                act = silu_and_mul(linear(h, w, norm=norm, prefetch=self.after(layer, "gate_up")))
             else:
                 act = silu_and_mul(self.gemm(h, layer, "gate_up"))
             h, norm, res = self.add_norm(act, res, layer, "down")  # and the next input norm

@@ -37,6 +37,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .pdl import device_index, pdl_enabled, pdl_start, sm90_or_newer
+from .prefetch import l2_prefetch
 
 # Largest M (tokens) given to this kernel; bigger GEMMs (prefill) fill the GPU under cuBLAS.
 MAX_TOKENS = 256
@@ -176,6 +177,8 @@ def _linear_kernel(
     norm_w_ptr,  # [K] the RMSNorm's weight, x's dtype, NORM only
     K,  # the row length x is normalised over (NORM)
     eps,
+    prefetch_ptr,  # PREFETCH only: prefetch_bytes bytes (a later GEMM's weight) to ask L2 for
+    prefetch_bytes,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -187,7 +190,11 @@ def _linear_kernel(
     NUM_SUMSQ: tl.constexpr,  # NORM: sumsq's rows, summed per token row
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,  # kernels/prefetch.py, before the PDL wait
+    PREFETCH_LANES: tl.constexpr,  # 32 x num_warps
 ):
+    if PREFETCH:
+        l2_prefetch(prefetch_ptr, prefetch_bytes, PREFETCH_LANES)
     pdl_start(PDL)
     off_n = tl.program_id(0) * BN
     off_m = tl.program_id(1) * BM
@@ -346,6 +353,7 @@ def _launch(
     gated: bool = False,
     norm: RowNorm | None = None,
     add: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # residual, h, counters
+    prefetch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (the output, sumsq with `add`)
     assert supports(x, weight, partials, gated), (x.shape, x.stride(), x.dtype, weight.shape)
     m, k = x.shape
@@ -378,6 +386,7 @@ def _launch(
         assert norm.sumsq.dim() == 2 and norm.sumsq.shape[1] == m and norm.sumsq.is_contiguous()
         assert norm.sumsq.dtype == torch.float32
     pdl = pdl_enabled(x)
+    do_prefetch = can_prefetch(x, prefetch)
     _linear_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), splits)](
         x_desc=TensorDescriptor.from_tensor(x, [bm, bk]),
         w_desc=TensorDescriptor.from_tensor(weight, [bn, bk]),
@@ -392,6 +401,8 @@ def _launch(
         norm_w_ptr=norm.weight if norm is not None else out,
         K=k,
         eps=norm.eps if norm is not None else 0.0,
+        prefetch_ptr=prefetch if do_prefetch else out,
+        prefetch_bytes=prefetch.numel() * prefetch.element_size() if do_prefetch else 0,
         BM=bm,
         BN=bn,
         BK=bk,
@@ -403,10 +414,24 @@ def _launch(
         NUM_SUMSQ=norm.sumsq.shape[0] if norm is not None else 0,
         NUM_STAGES=num_stages,
         PDL=pdl,
+        PREFETCH=do_prefetch,
+        PREFETCH_LANES=32 * num_warps,
         num_warps=num_warps,
         launch_pdl=pdl,
     )
     return out, sumsq
+
+
+def can_prefetch(x: torch.Tensor, prefetch: torch.Tensor | None) -> bool:
+    """Whether a GEMM on x issues the L2 prefetch of `prefetch` (kernels/prefetch.py): CUDA,
+    Hopper or newer, a contiguous tensor on 16-byte boundaries."""
+    return (
+        prefetch is not None
+        and sm90_or_newer(x)
+        and prefetch.is_contiguous()
+        and prefetch.data_ptr() % 16 == 0
+        and (prefetch.numel() * prefetch.element_size()) % 16 == 0
+    )
 
 
 def linear(
@@ -416,12 +441,13 @@ def linear(
     partials: bool = False,
     gated: bool = False,
     norm: RowNorm | None = None,
+    prefetch: torch.Tensor | None = None,  # a later GEMM's weight to ask L2 for (CUDA only)
     config: tuple | None = None,  # a GemmConfig or its fields
 ) -> torch.Tensor:  # [M, N] x.dtype; with partials [S, M, N] float32 summing to x @ weight^T
     """x @ weight^T; with `partials`, its float32 partial sums over S slices of K (S may be 1);
     with `gated`, silu(x @ gate^T) * (x @ up^T) for weight = [gate; up] ([M, N / 2]); with
     `norm`, of rmsnorm(x) (x then is h of `linear_add_residual`, norm its sums of squares)."""
-    return _launch(x, weight, config, partials, gated, norm=norm)[0]
+    return _launch(x, weight, config, partials, gated, norm=norm, prefetch=prefetch)[0]
 
 
 def linear_add_residual(
@@ -431,6 +457,7 @@ def linear_add_residual(
     counters: torch.Tensor,  # int32, >= num_tile_counters(N), zero; the caller's, left zero
     *,
     residual_out: torch.Tensor | None = None,  # [M, N], contiguous; may be `residual` itself
+    prefetch: torch.Tensor | None = None,  # as for `linear`
     config: tuple | None = None,  # a GemmConfig or its fields (partial sums)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (h [M, N], sumsq [T, M] float32)
     """h = residual + x @ weight^T, the product rounded to x's dtype from its split-K partial
@@ -439,6 +466,7 @@ def linear_add_residual(
     apply the RMSNorm that follows. One kernel; `counters` must not be shared by two launches
     that can run at once."""
     h = residual_out if residual_out is not None else torch.empty_like(residual)
-    _, sumsq = _launch(x, weight, config, partials=True, add=(residual, h, counters))
+    add = (residual, h, counters)
+    _, sumsq = _launch(x, weight, config, partials=True, add=add, prefetch=prefetch)
     assert sumsq is not None
     return h, sumsq

@@ -26,10 +26,12 @@ from .linear import (
     RowNorm,
     _gemm_tile,
     _num_sms,
+    can_prefetch,
     gemm_config,
     supports,
 )
 from .pdl import device_index, pdl_enabled, pdl_start
+from .prefetch import l2_prefetch
 from .qk_norm_rope import _norm_rope
 
 
@@ -122,6 +124,8 @@ def _qkv_rope_kernel(
     eps,
     q_eps,
     k_eps,
+    prefetch_ptr,  # PREFETCH only: prefetch_bytes bytes to ask L2 for (kernels/prefetch.py)
+    prefetch_bytes,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -133,7 +137,11 @@ def _qkv_rope_kernel(
     BLOCK_HALF: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PREFETCH_LANES: tl.constexpr,  # 32 x num_warps
 ):
+    if PREFETCH:
+        l2_prefetch(prefetch_ptr, prefetch_bytes, PREFETCH_LANES)
     pdl_start(PDL)
     off_n = tl.program_id(0) * BN
     off_m = tl.program_id(1) * BM
@@ -198,6 +206,7 @@ def qkv_rope_store_kv(
     k_eps: float = 1e-6,
     *,
     norm: RowNorm | None = None,  # x's RMSNorm, applied as it is loaded (`linear(norm=)`)
+    prefetch: torch.Tensor | None = None,  # a later GEMM's weight to ask L2 for (CUDA only)
     config: tuple | None = None,  # a GemmConfig or its fields
 ) -> torch.Tensor:  # [T, num_q_heads, head_dim], contiguous
     """rope(q_norm(q)) of qkv = x @ weight^T, with rope(k_norm(k)) and v written into their
@@ -229,6 +238,7 @@ def qkv_rope_store_kv(
     q_out = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     qk = torch.empty((m, (num_q_heads + num_kv_heads) * head_dim), dtype=x.dtype, device=x.device)
     pdl = pdl_enabled(x)
+    do_prefetch = can_prefetch(x, prefetch)
     _qkv_rope_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         x_desc=TensorDescriptor.from_tensor(x, [bm, bk]),
         w_desc=TensorDescriptor.from_tensor(weight, [bn, bk]),
@@ -253,6 +263,8 @@ def qkv_rope_store_kv(
         eps=norm.eps if norm is not None else 0.0,
         q_eps=q_eps,
         k_eps=k_eps,
+        prefetch_ptr=prefetch if do_prefetch else q_out,
+        prefetch_bytes=prefetch.numel() * prefetch.element_size() if do_prefetch else 0,
         BM=bm,
         BN=bn,
         BK=bk,
@@ -264,6 +276,8 @@ def qkv_rope_store_kv(
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         NUM_STAGES=num_stages,
         PDL=pdl,
+        PREFETCH=do_prefetch,
+        PREFETCH_LANES=32 * num_warps,
         num_warps=num_warps,
         launch_pdl=pdl,
     )

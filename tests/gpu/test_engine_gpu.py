@@ -107,7 +107,8 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
 
 def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
     """The opt-in routes all at once (layers.linear's NORM_IN_GEMM_MAX_TOKENS and
-    ROPE_IN_GEMM_MAX_TOKENS: no norm and no rotary kernels, the GEMMs do them; layers.attention's
+    ROPE_IN_GEMM_MAX_TOKENS: no norm and no rotary kernels, the GEMMs do them, and
+    L2_PREFETCH_MAX_TOKENS; layers.attention's
     MERGE_SPLITS_IN_O_PROJ and DECODE_EARLY_LOADS) inside the engine, bf16: one step's logits
     within 1% of the default route's, and greedy generation with CUDA graphs (split decodes)
     giving the same tokens but where two logits tie within a bf16 rounding (at most one
@@ -121,6 +122,7 @@ def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
     for max_tokens in (0, 128):
         monkeypatch.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", max_tokens)
         monkeypatch.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", max_tokens)
+        monkeypatch.setattr(linear_layers, "L2_PREFETCH_MAX_TOKENS", max_tokens)
         monkeypatch.setattr(attention, "MERGE_SPLITS_IN_O_PROJ", max_tokens > 0)
         monkeypatch.setattr(attention, "DECODE_EARLY_LOADS", max_tokens > 0)
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16", enforce_eager=True)

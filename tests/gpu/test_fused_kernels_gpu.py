@@ -332,6 +332,27 @@ def test_qkv_rope_bf16(rows: int) -> None:
         assert k_cache.any() and not counters.any()
 
 
+@pytest.mark.parametrize("rows", [1, 16, 128])
+def test_gemms_with_the_l2_prefetch_equal_without_bf16(rows: int) -> None:
+    """The L2 prefetch (kernels/prefetch.py) is a hint: each Triton GEMM kind asked to prefetch
+    a next weight gives the same bits, eagerly and replayed from a CUDA graph."""
+    from minivllm.kernels.linear import can_prefetch, linear
+
+    x = torch.randn(rows, HIDDEN, generator=_gen(40), device="cuda").to(DT)
+    w = (0.05 * torch.randn(2 * INTER, HIDDEN, generator=_gen(41), device="cuda")).to(DT)
+    nxt = torch.randn(HIDDEN, INTER, generator=_gen(42), device="cuda").to(DT)
+    assert can_prefetch(x, nxt)
+    kinds = [{}, {"partials": True}, {"gated": True}]
+    expect = [linear(x, w, **kind) for kind in kinds]
+    got = [linear(x, w, prefetch=nxt, **kind) for kind in kinds]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = [linear(x, w, prefetch=nxt, **kind) for kind in kinds]
+    graph.replay()
+    for e, g, c in zip(expect, got, captured):
+        assert torch.equal(e, g) and torch.equal(e, c)
+
+
 def test_silu_and_mul_bf16() -> None:
     from minivllm.kernels.activation import silu_and_mul
 

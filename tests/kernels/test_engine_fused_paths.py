@@ -23,6 +23,7 @@ def _run(path, monkeypatch, fused: bool, experiments: bool = False, max_len: int
         # Every opt-in route at once (layers.linear, layers.attention), or none.
         mp.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", 64 if experiments else 0)
         mp.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", 64 if experiments else 0)
+        mp.setattr(linear_layers, "L2_PREFETCH_MAX_TOKENS", 64 if experiments else 0)
         mp.setattr(attention, "DECODE_EARLY_LOADS", experiments)
         mp.setattr(attention, "MERGE_SPLITS_IN_O_PROJ", experiments)
         gated_rows: list[int] = []

@@ -306,3 +306,30 @@ def test_norm_in_gemm_layers_match_the_default_route(monkeypatch, tokens: int) -
     for got, expect in zip(results[1], results[0]):
         torch.testing.assert_close(got, expect, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=0)  # h bit for bit
+
+
+def test_each_gemm_prefetches_the_next_ones_weight(tiny_llm, monkeypatch) -> None:
+    """The model chains its GEMMs in the order a layer runs them (qkv, o, gate/up, down, the next
+    layer's qkv); a layer names the next weight to prefetch only up to L2_PREFETCH_MAX_TOKENS
+    rows, and no prefetch is issued off a Hopper GPU."""
+    from minivllm.kernels.linear import can_prefetch
+    from minivllm.layers import linear as linear_layers
+
+    layers = tiny_llm.model_runner.model.model.layers
+    order = [
+        proj
+        for layer in layers
+        for proj in (
+            layer.self_attn.qkv_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_up_proj,
+            layer.mlp.down_proj,
+        )
+    ]
+    assert [g.next_gemm[0] for g in order[:-1]] == order[1:] and order[-1].next_gemm == ()
+    assert all("next_gemm" not in name for name, _ in tiny_llm.model_runner.model.named_modules())
+    monkeypatch.setattr(linear_layers, "L2_PREFETCH_MAX_TOKENS", 0)
+    assert order[0].prefetch(1) is None
+    monkeypatch.setattr(linear_layers, "L2_PREFETCH_MAX_TOKENS", 8)
+    assert order[0].prefetch(8) is order[1].weight and order[0].prefetch(9) is None
+    assert not can_prefetch(torch.zeros(4, 64).half(), order[1].weight)  # the CPU: never

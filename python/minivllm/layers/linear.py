@@ -37,6 +37,9 @@ NORM_IN_GEMM_MAX_TOKENS = int(os.environ.get("MINIVLLM_NORM_IN_GEMM_MAX_TOKENS",
 # Opt-in and not measured yet (0: off), the same way: up to this many tokens the qkv GEMM ends
 # in the q/k norm + rotary and the KV-cache store (`QKVParallelLinear.rope_store_kv`).
 ROPE_IN_GEMM_MAX_TOKENS = int(os.environ.get("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS", "0"))
+# Opt-in and not measured yet (0: off), the same way: up to this many tokens each Triton GEMM asks
+# L2 for the weights of the GEMM after it (`LinearBase.next_gemm`, kernels/prefetch.py).
+L2_PREFETCH_MAX_TOKENS = int(os.environ.get("MINIVLLM_L2_PREFETCH_MAX_TOKENS", "0"))
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -87,6 +90,16 @@ class LinearBase(nn.Module):
             self.bias.full_shape = (full[0],)
         else:
             self.register_parameter("bias", None)
+        # The GEMM layer that runs after this one (set by the model; a tuple, so that it is not
+        # registered as a submodule), whose weight this one's Triton GEMM may prefetch.
+        self.next_gemm: tuple[LinearBase, ...] = ()
+
+    def prefetch(self, num_tokens: int) -> torch.Tensor | None:
+        """The weight to ask L2 for while this layer's GEMM of num_tokens rows runs, if any
+        (L2_PREFETCH_MAX_TOKENS)."""
+        if not self.next_gemm or num_tokens > L2_PREFETCH_MAX_TOKENS:
+            return None
+        return self.next_gemm[0].weight
 
     def _shard(self, param: nn.Parameter, loaded: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a full checkpoint tensor along the sharded dim."""
@@ -109,10 +122,11 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor | NormedRows) -> torch.Tensor:
         if isinstance(x, NormedRows):
             if self._triton_linear(x.h):
-                return self.gemm.linear(x.h, self.weight, norm=x.row_norm())
+                norm, prefetch = x.row_norm(), self.prefetch(len(x.h))
+                return self.gemm.linear(x.h, self.weight, norm=norm, prefetch=prefetch)
             x = x.materialize()
         if self._triton_linear(x):
-            return self.gemm.linear(x, self.weight)
+            return self.gemm.linear(x, self.weight, prefetch=self.prefetch(len(x)))
         return F.linear(x, self.weight, self.bias)
 
 
@@ -153,7 +167,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             and self.gemm.supports(rows, self.weight, gated=True)
         ):
             norm = x.row_norm() if isinstance(x, NormedRows) else None
-            return self.gemm.linear(rows, self.weight, gated=True, norm=norm)
+            prefetch = self.prefetch(len(rows))
+            return self.gemm.linear(rows, self.weight, gated=True, norm=norm, prefetch=prefetch)
         return None
 
     def weight_loader(
@@ -238,6 +253,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             kv_write.slot_mapping,
             self.rope_counters,
             norm=x.row_norm() if isinstance(x, NormedRows) else None,
+            prefetch=self.prefetch(len(rows)),
             **norm_args,
         )
 
@@ -295,7 +311,10 @@ class PendingProduct(NamedTuple):
     def partials(self) -> SplitKPartials:
         layer, x = self.layer, self.x
         if isinstance(x, torch.Tensor):
-            return SplitKPartials(layer.gemm.linear(x, layer.weight, partials=True), x.dtype)
+            parts = layer.gemm.linear(
+                x, layer.weight, partials=True, prefetch=layer.prefetch(len(x))
+            )
+            return SplitKPartials(parts, x.dtype)
         return SplitKPartials(_merge_linear().merge_linear(x, layer.weight), x.dtype)
 
     def add_residual(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,7 +322,10 @@ class PendingProduct(NamedTuple):
         layer, x = self.layer, self.x
         counters = layer.tile_counters
         if isinstance(x, torch.Tensor):
-            return layer.gemm.linear_add_residual(x, layer.weight, residual, counters)
+            prefetch = layer.prefetch(len(x))
+            return layer.gemm.linear_add_residual(
+                x, layer.weight, residual, counters, prefetch=prefetch
+            )
         return _merge_linear().merge_linear_add_residual(x, layer.weight, residual, counters)
 
 
@@ -359,7 +381,10 @@ class RowParallelLinear(LinearBase):
             if partials and self.tile_counters is not None and len(x) <= NORM_IN_GEMM_MAX_TOKENS:
                 return PendingProduct(x, self)
             if partials:
-                return SplitKPartials(self.gemm.linear(x, self.weight, partials=True), x.dtype)
+                parts = self.gemm.linear(
+                    x, self.weight, partials=True, prefetch=self.prefetch(len(x))
+                )
+                return SplitKPartials(parts, x.dtype)
             return self.tp_group.all_reduce(self.gemm.linear(x, self.weight))
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return self.tp_group.all_reduce(y)

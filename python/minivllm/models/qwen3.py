@@ -6,6 +6,7 @@ metadata comes in as an explicit argument.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, ClassVar
 
 import torch
@@ -154,6 +155,19 @@ class Qwen3Model(nn.Module):
             [Qwen3DecoderLayer(config, backend) for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # Each GEMM may ask L2 for the next one's weights (layers.linear.L2_PREFETCH_MAX_TOKENS).
+        gemms = [
+            proj
+            for layer in self.layers
+            for proj in (
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            )
+        ]
+        for gemm, after in itertools.pairwise(gemms):
+            gemm.next_gemm = (after,)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
