@@ -20,9 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import _add_residual_if_last
+from .linear import _add_residual_if_last, can_prefetch
 from .paged_decode import DecodePartials, _num_splits_and_partition
 from .pdl import pdl_enabled, pdl_launch_dependents, pdl_wait
+from .prefetch import l2_prefetch
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -36,6 +37,8 @@ def _merge_linear_kernel(
     h_ptr,  # [M, N]: residual + the product, ADD_RESIDUAL only (may alias residual_ptr)
     sumsq_ptr,  # [cdiv(N, BN), M] float32, ADD_RESIDUAL only
     counters_ptr,  # [cdiv(N, BN) * cdiv(M, BM)] int32, zero before and after, ADD_RESIDUAL only
+    prefetch_ptr,  # PREFETCH only: prefetch_bytes bytes to ask L2 for (kernels/prefetch.py)
+    prefetch_bytes,
     M,
     N,
     max_num_splits,
@@ -47,7 +50,11 @@ def _merge_linear_kernel(
     DEC_BLOCK_N: tl.constexpr,
     ADD_RESIDUAL: tl.constexpr,  # the last head of each tile adds the heads and the residual
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PREFETCH_LANES: tl.constexpr,  # 32 x num_warps
 ):
+    if PREFETCH:
+        l2_prefetch(prefetch_ptr, prefetch_bytes, PREFETCH_LANES)
     pdl_launch_dependents(PDL)
     head = tl.program_id(1)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -103,6 +110,7 @@ def _launch(
     block_n: int,
     num_warps: int,
     add: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # residual, h, counters
+    prefetch: torch.Tensor | None = None,  # a later GEMM's weight to ask L2 for (CUDA only)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (partial sums, sumsq with `add`)
     part_out, part_lse = partials.part_out, partials.part_lse
     m, num_heads, max_num_splits, head_dim = part_out.shape
@@ -121,6 +129,7 @@ def _launch(
         assert counters.dtype == torch.int32 and counters.numel() >= num_tiles, counters.shape
         sumsq = torch.empty((triton.cdiv(n, block_n), m), dtype=torch.float32, device=out.device)
     pdl = pdl_enabled(weight)
+    do_prefetch = can_prefetch(weight, prefetch)
     _merge_linear_kernel[(triton.cdiv(n, block_n), num_heads, triton.cdiv(m, block_m))](
         part_out_ptr=part_out,
         part_lse_ptr=part_lse,
@@ -131,6 +140,8 @@ def _launch(
         h_ptr=h if add is not None else out,
         sumsq_ptr=sumsq if add is not None else out,
         counters_ptr=counters if add is not None else out,
+        prefetch_ptr=prefetch if do_prefetch else out,
+        prefetch_bytes=prefetch.numel() * prefetch.element_size() if do_prefetch else 0,
         M=m,
         N=n,
         max_num_splits=max_num_splits,
@@ -142,6 +153,8 @@ def _launch(
         DEC_BLOCK_N=partials.block_n,
         ADD_RESIDUAL=add is not None,
         PDL=pdl,
+        PREFETCH=do_prefetch,
+        PREFETCH_LANES=32 * num_warps,
         num_warps=num_warps,
         launch_pdl=pdl,
     )
@@ -153,9 +166,10 @@ def merge_linear(
     weight: torch.Tensor,  # [N, num_heads * head_dim], contiguous, the attention output's dtype
     block_n: int = 64,
     num_warps: int = 4,
+    prefetch: torch.Tensor | None = None,  # a later GEMM's weight to ask L2 for (CUDA only)
 ) -> torch.Tensor:  # [num_heads, M, N] float32, summing to merge(partials) @ weight^T
     """The o projection of split decode attention, its splits merged on the way in."""
-    return _launch(partials, weight, block_n, num_warps)[0]
+    return _launch(partials, weight, block_n, num_warps, prefetch=prefetch)[0]
 
 
 def merge_linear_add_residual(
@@ -167,10 +181,12 @@ def merge_linear_add_residual(
     residual_out: torch.Tensor | None = None,  # [M, N], contiguous; may be `residual` itself
     block_n: int = 64,
     num_warps: int = 4,
+    prefetch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (h [M, N], sumsq [cdiv(N, block_n), M] float32)
     """`merge_linear` added to the residual in the kernel, as linear.linear_add_residual adds
     its split-K GEMM's: h and its squares summed per column tile, for the next GEMM's norm."""
     h = residual_out if residual_out is not None else torch.empty_like(residual)
-    _, sumsq = _launch(partials, weight, block_n, num_warps, add=(residual, h, counters))
+    add = (residual, h, counters)
+    _, sumsq = _launch(partials, weight, block_n, num_warps, add=add, prefetch=prefetch)
     assert sumsq is not None
     return h, sumsq

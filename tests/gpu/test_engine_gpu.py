@@ -108,17 +108,16 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
 def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
     """The opt-in routes all at once (layers.linear's NORM_IN_GEMM_MAX_TOKENS and
     ROPE_IN_GEMM_MAX_TOKENS: no norm and no rotary kernels, the GEMMs do them, and
-    L2_PREFETCH_MAX_TOKENS; layers.attention's
-    MERGE_SPLITS_IN_O_PROJ and DECODE_EARLY_LOADS) inside the engine, bf16: one step's logits
-    within 1% of the default route's, and greedy generation with CUDA graphs (split decodes)
-    giving the same tokens but where two logits tie within a bf16 rounding (at most one
-    sequence in eight)."""
+    L2_PREFETCH_MAX_TOKENS; layers.attention's MERGE_SPLITS_IN_O_PROJ and DECODE_EARLY_LOADS)
+    inside the engine, bf16: one step's logits within 1% of the default route's; greedy
+    generation with CUDA graphs (split decodes) gives the same tokens up to where a sequence's
+    top two logprobs tie within bf16 rounding, where the two routes may part."""
     from minivllm.layers import attention
     from minivllm.layers import linear as linear_layers
 
     prompts = mixed_prompts(8, seed=17, min_len=3, max_len=14)  # one step of <= 112 tokens
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    logits, tokens = {}, {}
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    logits, outputs = {}, {}
     for max_tokens in (0, 128):
         monkeypatch.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", max_tokens)
         monkeypatch.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", max_tokens)
@@ -137,10 +136,18 @@ def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
         for i in range(len(prompts)):
             llm.scheduler.abort(i)
         llm.close()
-        tokens[max_tokens] = greedy_ids(gpu_llm(gpu_qwen3, dtype="bfloat16"), prompts, params)
+        llm = gpu_llm(gpu_qwen3, dtype="bfloat16")
+        outputs[max_tokens] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.num_free_blocks == llm.runtime.num_kv_blocks
+        llm.close()
     a, b = logits[128], logits[0]
     assert ((a - b).norm() / b.norm()).item() < 1e-2
-    assert sum(x == y for x, y in zip(tokens[128], tokens[0])) >= len(prompts) - 1
+    for got, expect in zip(outputs[128], outputs[0]):
+        for i, (x, y) in enumerate(zip(got.token_ids, expect.token_ids)):
+            if x != y:  # parted at a near tie of the default route's top two
+                top = sorted((lp.logprob for lp in expect.logprobs[i].values()), reverse=True)
+                assert top[0] - top[1] < 0.05, (i, top)
+                break
 
 
 def test_prefix_caching_on_off_identical(gpu_qwen3):

@@ -310,23 +310,21 @@ class PendingProduct(NamedTuple):
 
     def partials(self) -> SplitKPartials:
         layer, x = self.layer, self.x
+        prefetch = layer.prefetch(self.num_tokens)
         if isinstance(x, torch.Tensor):
-            parts = layer.gemm.linear(
-                x, layer.weight, partials=True, prefetch=layer.prefetch(len(x))
-            )
-            return SplitKPartials(parts, x.dtype)
-        return SplitKPartials(_merge_linear().merge_linear(x, layer.weight), x.dtype)
+            parts = layer.gemm.linear(x, layer.weight, partials=True, prefetch=prefetch)
+        else:
+            parts = _merge_linear().merge_linear(x, layer.weight, prefetch=prefetch)
+        return SplitKPartials(parts, x.dtype)
 
     def add_residual(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h = residual + x @ W^T [T, N], h's squares summed per column tile [C, T])."""
         layer, x = self.layer, self.x
-        counters = layer.tile_counters
-        if isinstance(x, torch.Tensor):
-            prefetch = layer.prefetch(len(x))
-            return layer.gemm.linear_add_residual(
-                x, layer.weight, residual, counters, prefetch=prefetch
-            )
-        return _merge_linear().merge_linear_add_residual(x, layer.weight, residual, counters)
+        add = layer.gemm.linear_add_residual
+        if not isinstance(x, torch.Tensor):
+            add = _merge_linear().merge_linear_add_residual
+        prefetch = layer.prefetch(self.num_tokens)
+        return add(x, layer.weight, residual, layer.tile_counters, prefetch=prefetch)
 
 
 def _merge_linear():  # kernels/merge_linear.py, imported where a split decode needs it
