@@ -19,7 +19,7 @@
 #               small_kernels mixed_decode (bench_<name>.py; each can be named alone)
 # Extra arguments per step: <STEP>_ARGS, e.g. THROUGHPUT_ARGS="--model-shape 8b --no-python"
 # (throughput defaults to --no-peer; PREFILL_ATTENTION_ARGS="--sweep --plot" and the like;
-# TESTS_ARGS: pytest's arguments, default tests/gpu).
+# TESTS_ARGS: pytest's arguments, default tests/gpu; TESTS_TIMEOUT_S, default 330).
 # BUDGET_S (default 570): no step runs past this many seconds from the start, so the summary
 # comes back within the device's 10-minute command limit; steps left without time are skipped.
 set -uo pipefail
@@ -68,7 +68,7 @@ for step in "${steps[@]}"; do
   for s in "$@"; do
     case $s in
       tests)
-        run gpu_tests 330 python3 -m pytest -q -p no:cacheprovider $(extra tests tests/gpu) ;;
+        run gpu_tests "${TESTS_TIMEOUT_S:-330}" python3 -m pytest -q -p no:cacheprovider $(extra tests tests/gpu) ;;
       throughput)
         run throughput 300 python3 benchmarks/bench_throughput.py \
           --out "$OUT/throughput.json" $(extra throughput --no-peer) ;;
