@@ -68,7 +68,8 @@ for step in "${steps[@]}"; do
   for s in "$@"; do
     case $s in
       tests)
-        run gpu_tests "${TESTS_TIMEOUT_S:-330}" python3 -m pytest -q -p no:cacheprovider $(extra tests tests/gpu) ;;
+        run gpu_tests "${TESTS_TIMEOUT_S:-330}" \
+          python3 -m pytest -q -p no:cacheprovider $(extra tests tests/gpu) ;;
       throughput)
         run throughput 300 python3 benchmarks/bench_throughput.py \
           --out "$OUT/throughput.json" $(extra throughput --no-peer) ;;
