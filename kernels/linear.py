@@ -338,6 +338,14 @@ class RowNorm(NamedTuple):
     eps: float
 
 
+def check_row_norm(norm: RowNorm, x: torch.Tensor) -> None:
+    """Asserts that `norm` fits the GEMM input x ([M, K]) it is to normalise."""
+    m, k = x.shape
+    assert norm.weight.shape == (k,) and norm.weight.dtype == x.dtype, norm.weight.shape
+    assert norm.sumsq.dim() == 2 and norm.sumsq.shape[1] == m and norm.sumsq.is_contiguous()
+    assert norm.sumsq.dtype == torch.float32, norm.sumsq.dtype
+
+
 def num_tile_counters(n: int) -> int:
     """How many int32 counters `linear_add_residual` needs for N = n at any M it takes."""
     return max(
@@ -382,9 +390,7 @@ def _launch(
         ) * triton.cdiv(m, bm), (counters.shape, config)
         sumsq = torch.empty((triton.cdiv(n, bn), m), dtype=torch.float32, device=x.device)
     if norm is not None:
-        assert norm.weight.shape == (k,) and norm.weight.dtype == x.dtype, norm.weight.shape
-        assert norm.sumsq.dim() == 2 and norm.sumsq.shape[1] == m and norm.sumsq.is_contiguous()
-        assert norm.sumsq.dtype == torch.float32
+        check_row_norm(norm, x)
     pdl = pdl_enabled(x)
     do_prefetch = can_prefetch(x, prefetch)
     _linear_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), splits)](

@@ -27,6 +27,7 @@ from .linear import (
     _gemm_tile,
     _num_sms,
     can_prefetch,
+    check_row_norm,
     gemm_config,
     supports,
 )
@@ -233,8 +234,7 @@ def qkv_rope_store_kv(
         assert q_weight.shape == k_weight.shape == (head_dim,)
         assert q_weight.dtype == k_weight.dtype == x.dtype
     if norm is not None:
-        assert norm.weight.shape == (k,) and norm.weight.dtype == x.dtype, norm.weight.shape
-        assert norm.sumsq.dim() == 2 and norm.sumsq.shape[1] == m and norm.sumsq.is_contiguous()
+        check_row_norm(norm, x)
     q_out = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     qk = torch.empty((m, (num_q_heads + num_kv_heads) * head_dim), dtype=x.dtype, device=x.device)
     pdl = pdl_enabled(x)

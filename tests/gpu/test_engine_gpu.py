@@ -36,6 +36,22 @@ def greedy_ids(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREE
     return [o.outputs[0].token_ids for o in outs]
 
 
+def one_step_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
+    """The logits of the sampled rows of one eager step with every prompt (float32); the
+    requests are aborted after it."""
+    runner = llm.model_runner
+    for i, p in enumerate(prompts):
+        llm.scheduler.add_request(i, p, 1, ignore_eos=True, temperature=0.0)
+    batch = schedule_into(llm.scheduler, runner.staging)
+    inputs = runner.staging.step_inputs(runner._stage(batch, eager=True))
+    with torch.inference_mode():
+        hidden = runner.run_model(inputs)
+        logits = runner.model.compute_logits(hidden[inputs.logits_indices]).float()
+    for i in range(len(prompts)):
+        llm.scheduler.abort(i)
+    return logits
+
+
 def test_matches_transformers_on_gpu(gpu_qwen3):
     prompts = mixed_prompts(8, seed=11, min_len=1, max_len=100)
     got = greedy_ids(gpu_llm(gpu_qwen3), prompts)
@@ -90,16 +106,7 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
     logits = {}
     for backend in ("triton", "torch"):
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16", attention_backend=backend, enforce_eager=True)
-        runner = llm.model_runner
-        for i, p in enumerate(prompts):
-            llm.scheduler.add_request(i, p, 1, ignore_eos=True, temperature=0.0)
-        batch = schedule_into(llm.scheduler, runner.staging)
-        inputs = runner.staging.step_inputs(runner._stage(batch, eager=True))
-        with torch.inference_mode():
-            hidden = runner.run_model(inputs)
-            logits[backend] = runner.model.compute_logits(hidden[inputs.logits_indices]).float()
-        for i in range(len(prompts)):
-            llm.scheduler.abort(i)
+        logits[backend] = one_step_logits(llm, prompts)
     a, b = logits["triton"], logits["torch"]
     rel = ((a - b).norm() / b.norm()).item()
     assert rel < 2e-2, rel
@@ -125,16 +132,7 @@ def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
         monkeypatch.setattr(attention, "MERGE_SPLITS_IN_O_PROJ", max_tokens > 0)
         monkeypatch.setattr(attention, "DECODE_EARLY_LOADS", max_tokens > 0)
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16", enforce_eager=True)
-        runner = llm.model_runner
-        for i, p in enumerate(prompts):
-            llm.scheduler.add_request(i, p, 1, ignore_eos=True, temperature=0.0)
-        batch = schedule_into(llm.scheduler, runner.staging)
-        inputs = runner.staging.step_inputs(runner._stage(batch, eager=True))
-        with torch.inference_mode():
-            hidden = runner.run_model(inputs)
-            logits[max_tokens] = runner.model.compute_logits(hidden[inputs.logits_indices]).float()
-        for i in range(len(prompts)):
-            llm.scheduler.abort(i)
+        logits[max_tokens] = one_step_logits(llm, prompts)
         llm.close()
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16")
         outputs[max_tokens] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -11,8 +11,14 @@ import torch
 from engine_fixtures import assert_all_blocks_free, make_llm, mixed_prompts
 from minivllm import SamplingParams
 
+# The opt-in routes' switches (layers.linear, layers.attention), each off by default.
+SWITCHES = {
+    "linear": ("NORM_IN_GEMM_MAX_TOKENS", "ROPE_IN_GEMM_MAX_TOKENS", "L2_PREFETCH_MAX_TOKENS"),
+    "attention": ("DECODE_EARLY_LOADS", "MERGE_SPLITS_IN_O_PROJ"),
+}
 
-def _run(path, monkeypatch, fused: bool, experiments: bool = False, max_len: int = 30):
+
+def _run(path, monkeypatch, fused: bool, switches: tuple[str, ...] = (), max_len: int = 30):
     import minivllm.layers
     from minivllm.kernels import linear
     from minivllm.layers import attention
@@ -20,12 +26,10 @@ def _run(path, monkeypatch, fused: bool, experiments: bool = False, max_len: int
 
     with monkeypatch.context() as mp:
         mp.setattr(minivllm.layers, "fused_kernels_on", lambda device: fused)
-        # Every opt-in route at once (layers.linear, layers.attention), or none.
-        mp.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", 64 if experiments else 0)
-        mp.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", 64 if experiments else 0)
-        mp.setattr(linear_layers, "L2_PREFETCH_MAX_TOKENS", 64 if experiments else 0)
-        mp.setattr(attention, "DECODE_EARLY_LOADS", experiments)
-        mp.setattr(attention, "MERGE_SPLITS_IN_O_PROJ", experiments)
+        for name in SWITCHES["linear"]:
+            mp.setattr(linear_layers, name, 64 if name in switches else 0)
+        for name in SWITCHES["attention"]:
+            mp.setattr(attention, name, name in switches)
         gated_rows: list[int] = []
         original = linear.linear
 
@@ -64,15 +68,25 @@ def test_fused_layers_match_the_plain_ones(tiny_qwen3, monkeypatch) -> None:
     assert tokens == plain_tokens
 
 
-def test_the_opt_in_routes_match_the_fused_layers(gpu_qwen3, monkeypatch) -> None:
-    """The opt-in routes all at once (NORM_IN_GEMM_MAX_TOKENS and ROPE_IN_GEMM_MAX_TOKENS: no
+@pytest.mark.parametrize(
+    ("switches", "taken"),
+    [
+        (SWITCHES["linear"] + SWITCHES["attention"], ("add", "rope", "merge_add")),
+        (("MERGE_SPLITS_IN_O_PROJ", "DECODE_EARLY_LOADS"), ("merge",)),
+    ],
+    ids=["all", "merge-only"],
+)
+def test_the_opt_in_routes_match_the_fused_layers(gpu_qwen3, monkeypatch, switches, taken):
+    """The opt-in routes in the engine (NORM_IN_GEMM_MAX_TOKENS and ROPE_IN_GEMM_MAX_TOKENS: no
     norm and no rotary kernels, the GEMMs do them; MERGE_SPLITS_IN_O_PROJ: no decode reduce,
-    o_proj merges the splits and adds the residual; DECODE_EARLY_LOADS) in the engine, on a
-    head_dim 64 model so the qkv GEMM's tiles hold whole heads: the same greedy tokens as the
-    default fused layers, prompt logprobs within float16 rounding, and every route taken."""
+    o_proj merges the splits, adding the residual too when the norm is in the GEMMs;
+    DECODE_EARLY_LOADS; L2_PREFETCH_MAX_TOKENS, a no-op off a GPU), all at once and the split
+    merge alone, on a head_dim 64 model so the qkv GEMM's tiles hold whole heads: the same
+    greedy tokens as the default fused layers, prompt logprobs within float16 rounding, and
+    each route taken."""
     from minivllm.kernels import linear, merge_linear, qkv_rope
 
-    calls = {"add": 0, "rope": 0, "merge": 0}
+    calls = dict.fromkeys(("add", "rope", "merge", "merge_add"), 0)
 
     def counting(module, name, key):
         original = getattr(module, name)
@@ -87,9 +101,10 @@ def test_the_opt_in_routes_match_the_fused_layers(gpu_qwen3, monkeypatch) -> Non
     expect_tokens, expect_logprobs, _ = _run(gpu_qwen3, monkeypatch, fused=True, max_len=300)
     counting(linear, "linear_add_residual", "add")
     counting(qkv_rope, "qkv_rope_store_kv", "rope")
-    counting(merge_linear, "merge_linear_add_residual", "merge")
-    tokens, logprobs, _ = _run(gpu_qwen3, monkeypatch, fused=True, experiments=True, max_len=300)
-    assert calls["add"] > 0 and calls["rope"] > 0 and calls["merge"] > 0, calls
+    counting(merge_linear, "merge_linear", "merge")
+    counting(merge_linear, "merge_linear_add_residual", "merge_add")
+    tokens, logprobs, _ = _run(gpu_qwen3, monkeypatch, True, switches, max_len=300)
+    assert {key for key, n in calls.items() if n} == set(taken), calls
     for got, expect in zip(logprobs, expect_logprobs, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), atol=3e-2, rtol=3e-2)
     assert tokens == expect_tokens
