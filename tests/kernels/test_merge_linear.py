@@ -65,3 +65,39 @@ def test_merge_linear_add_residual_matches_fused_add_rmsnorm(dtype):
     torch.testing.assert_close(h, expect_h, atol=0, rtol=0)
     torch.testing.assert_close(sumsq.sum(0), h.float().square().sum(-1), rtol=1e-5, atol=1e-5)
     assert not counters.any()
+
+
+def test_row_parallel_layer_takes_unmerged_splits():
+    """RowParallelLinear given a split decode's DecodePartials (layers.attention's
+    MERGE_SPLITS_IN_O_PROJ): a PendingProduct on the Triton GEMM's path, else (a bias, no
+    fused kernels) the merged product itself plus the bias."""
+    from minivllm.layers import fused_kernels
+    from minivllm.layers.linear import PendingProduct, RowParallelLinear
+
+    seq_lens = [300, 20, 129]
+    heads, kv_heads, head_dim, n = 4, 2, 32, 64
+    k_cache, v_cache, block_tables = make_paged_batch(
+        seq_lens, kv_heads, head_dim, 16, torch.float16, seed=5
+    )
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(len(seq_lens), heads, head_dim, generator=gen).half().to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kw = {"max_num_splits": 3, "min_partition": 32, "block_n": 32}
+    merged = _decode_attention(q, k_cache, v_cache, lens, block_tables, 0.3, **kw)
+    partials = _decode_attention(q, k_cache, v_cache, lens, block_tables, 0.3, reduce=False, **kw)
+    fused = RowParallelLinear(heads * head_dim, n)
+    fused.gemm = fused_kernels("linear", True)
+    with_bias = RowParallelLinear(heads * head_dim, n, bias=True)
+    assert with_bias.gemm is None
+    for layer in (fused, with_bias):
+        layer.weight.data = (torch.randn(n, heads * head_dim, generator=gen) * 0.1).half()
+    with_bias.bias.data = torch.randn(n, generator=gen).half()
+    pending = fused(partials, partials=True)
+    assert isinstance(pending, PendingProduct) and pending.num_tokens == len(seq_lens)
+    expect = merged.flatten(1).float() @ fused.weight.float().t()
+    torch.testing.assert_close(
+        pending.partials().materialize().float(), expect, **tolerances(torch.float16)
+    )
+    got = with_bias(partials, partials=True)
+    expect = merged.flatten(1).float() @ with_bias.weight.float().t() + with_bias.bias.float()
+    torch.testing.assert_close(got.float(), expect, **tolerances(torch.float16))

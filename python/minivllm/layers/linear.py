@@ -372,8 +372,11 @@ class RowParallelLinear(LinearBase):
         x a split decode's DecodePartials (the attention layer returns those only with
         partials possible here), not launched yet: the norm chooses how."""
         if not isinstance(x, torch.Tensor):  # DecodePartials (no isinstance: tests reload it)
-            assert partials and self.tp_size == 1 and self.gemm is not None, "unmerged splits"
-            return PendingProduct(x, self)
+            assert self.tp_size == 1, "unmerged decode splits on one GPU only"
+            if partials and self.gemm is not None:
+                return PendingProduct(x, self)
+            y = _merge_linear().merge_linear(x, self.weight).sum(0).to(x.dtype)  # bias: cuBLAS'
+            return y + self.bias if self.bias is not None else y
         partials = partials and self.tp_size == 1
         if self._triton_linear(x, partials):
             if partials and self.tile_counters is not None and len(x) <= NORM_IN_GEMM_MAX_TOKENS:
