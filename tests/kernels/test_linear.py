@@ -333,3 +333,26 @@ def test_each_gemm_prefetches_the_next_ones_weight(tiny_llm, monkeypatch) -> Non
     monkeypatch.setattr(linear_layers, "L2_PREFETCH_MAX_TOKENS", 8)
     assert order[0].prefetch(8) is order[1].weight and order[0].prefetch(9) is None
     assert not can_prefetch(torch.zeros(4, 64).half(), order[1].weight)  # the CPU: never
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MINIVLLM_NORM_IN_GEMM_MAX_TOKENS", "yes", "expected a number of tokens"),
+        ("MINIVLLM_L2_PREFETCH_MAX_TOKENS", "-4", "expected a number of tokens"),
+        ("MINIVLLM_MERGE_SPLITS_IN_O_PROJ", "true", "expected 1 (on) or 0 (off)"),
+    ],
+)
+def test_a_bad_experiment_switch_is_named(name: str, value: str, message: str) -> None:
+    """The opt-in routes' environment switches refuse a value they cannot read, naming it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, name: value}
+    code = "import minivllm.layers.linear, minivllm.layers.attention"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode != 0
+    assert f"ValueError: {name}={value!r}: {message}" in proc.stderr

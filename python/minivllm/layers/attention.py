@@ -24,13 +24,22 @@ from torch import nn
 
 from minivllm.distributed import get_tp_size
 
+
+def _env_switch(name: str) -> bool:
+    """An on/off switch from the environment: "1" on; unset, empty or "0" off."""
+    value = os.environ.get(name, "0")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 1 (on) or 0 (off)")
+    return value == "1"
+
+
 # Opt-in and not measured yet (default off; read when a layer is built, so that one benchmark
 # call can time the engine both ways), triton backend, decode-only steps:
-# "1": the decode kernel reads its first key tile before its PDL wait (`early_loads`);
-DECODE_EARLY_LOADS = os.environ.get("MINIVLLM_DECODE_EARLY_LOADS", "0") == "1"
-# "1": no reduce kernel after a split decode: the layer returns the splits' partial results
+# the decode kernel reads its first key tile before its PDL wait (`early_loads`);
+DECODE_EARLY_LOADS = _env_switch("MINIVLLM_DECODE_EARLY_LOADS")
+# no reduce kernel after a split decode: the layer returns the splits' partial results
 # (paged_decode.DecodePartials) and the o projection merges them (kernels/merge_linear.py).
-MERGE_SPLITS_IN_O_PROJ = os.environ.get("MINIVLLM_MERGE_SPLITS_IN_O_PROJ", "0") == "1"
+MERGE_SPLITS_IN_O_PROJ = _env_switch("MINIVLLM_MERGE_SPLITS_IN_O_PROJ")
 
 
 @dataclass

@@ -25,6 +25,19 @@ if TYPE_CHECKING:
     from minivllm.layers.rmsnorm import RMSNorm
     from minivllm.layers.rotary import RotaryEmbedding
 
+
+def _env_tokens(name: str) -> int:
+    """A token bound from the environment (unset or 0: off)."""
+    value = os.environ.get(name, "0")
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = -1
+    if tokens < 0:
+        raise ValueError(f"{name}={value!r}: expected a number of tokens (0 turns it off)")
+    return tokens
+
+
 # gate/up's GEMM ends in SiLU-and-multiply up to this many tokens: measured faster at 1-16 tokens
 # and slower from 64 on (benchmarks/README.md, bench_layer_chain.py).
 GATED_MAX_TOKENS = 16
@@ -33,13 +46,13 @@ GATED_MAX_TOKENS = 16
 # row-parallel projection and the next column-parallel one runs inside the two GEMMs
 # (`PendingProduct`, `NormedRows`), one kernel fewer each time. Set through the environment so
 # that one benchmark call can time the engine with and without it.
-NORM_IN_GEMM_MAX_TOKENS = int(os.environ.get("MINIVLLM_NORM_IN_GEMM_MAX_TOKENS", "0"))
+NORM_IN_GEMM_MAX_TOKENS = _env_tokens("MINIVLLM_NORM_IN_GEMM_MAX_TOKENS")
 # Opt-in and not measured yet (0: off), the same way: up to this many tokens the qkv GEMM ends
 # in the q/k norm + rotary and the KV-cache store (`QKVParallelLinear.rope_store_kv`).
-ROPE_IN_GEMM_MAX_TOKENS = int(os.environ.get("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS", "0"))
+ROPE_IN_GEMM_MAX_TOKENS = _env_tokens("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS")
 # Opt-in and not measured yet (0: off), the same way: up to this many tokens each Triton GEMM asks
 # L2 for the weights of the GEMM after it (`LinearBase.next_gemm`, kernels/prefetch.py).
-L2_PREFETCH_MAX_TOKENS = int(os.environ.get("MINIVLLM_L2_PREFETCH_MAX_TOKENS", "0"))
+L2_PREFETCH_MAX_TOKENS = _env_tokens("MINIVLLM_L2_PREFETCH_MAX_TOKENS")
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
