@@ -37,7 +37,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .pdl import device_index, pdl_enabled, pdl_start, sm90_or_newer
-from .prefetch import l2_prefetch
+from .prefetch import l2_prefetch, prefetch_args
 
 # Largest M (tokens) given to this kernel; bigger GEMMs (prefill) fill the GPU under cuBLAS.
 MAX_TOKENS = 256
@@ -392,7 +392,6 @@ def _launch(
     if norm is not None:
         check_row_norm(norm, x)
     pdl = pdl_enabled(x)
-    do_prefetch = can_prefetch(x, prefetch)
     _linear_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), splits)](
         x_desc=TensorDescriptor.from_tensor(x, [bm, bk]),
         w_desc=TensorDescriptor.from_tensor(weight, [bn, bk]),
@@ -407,8 +406,6 @@ def _launch(
         norm_w_ptr=norm.weight if norm is not None else out,
         K=k,
         eps=norm.eps if norm is not None else 0.0,
-        prefetch_ptr=prefetch if do_prefetch else out,
-        prefetch_bytes=prefetch.numel() * prefetch.element_size() if do_prefetch else 0,
         BM=bm,
         BN=bn,
         BK=bk,
@@ -420,24 +417,11 @@ def _launch(
         NUM_SUMSQ=norm.sumsq.shape[0] if norm is not None else 0,
         NUM_STAGES=num_stages,
         PDL=pdl,
-        PREFETCH=do_prefetch,
-        PREFETCH_LANES=32 * num_warps,
         num_warps=num_warps,
         launch_pdl=pdl,
+        **prefetch_args(x, prefetch, out, num_warps),
     )
     return out, sumsq
-
-
-def can_prefetch(x: torch.Tensor, prefetch: torch.Tensor | None) -> bool:
-    """Whether a GEMM on x issues the L2 prefetch of `prefetch` (kernels/prefetch.py): CUDA,
-    Hopper or newer, a contiguous tensor on 16-byte boundaries."""
-    return (
-        prefetch is not None
-        and sm90_or_newer(x)
-        and prefetch.is_contiguous()
-        and prefetch.data_ptr() % 16 == 0
-        and (prefetch.numel() * prefetch.element_size()) % 16 == 0
-    )
 
 
 def linear(

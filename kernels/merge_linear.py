@@ -20,10 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import _add_residual_if_last, can_prefetch
+from .linear import _add_residual_if_last
 from .paged_decode import DecodePartials, _num_splits_and_partition
 from .pdl import pdl_enabled, pdl_launch_dependents, pdl_wait
-from .prefetch import l2_prefetch
+from .prefetch import l2_prefetch, prefetch_args
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -129,7 +129,6 @@ def _launch(
         assert counters.dtype == torch.int32 and counters.numel() >= num_tiles, counters.shape
         sumsq = torch.empty((triton.cdiv(n, block_n), m), dtype=torch.float32, device=out.device)
     pdl = pdl_enabled(weight)
-    do_prefetch = can_prefetch(weight, prefetch)
     _merge_linear_kernel[(triton.cdiv(n, block_n), num_heads, triton.cdiv(m, block_m))](
         part_out_ptr=part_out,
         part_lse_ptr=part_lse,
@@ -140,8 +139,6 @@ def _launch(
         h_ptr=h if add is not None else out,
         sumsq_ptr=sumsq if add is not None else out,
         counters_ptr=counters if add is not None else out,
-        prefetch_ptr=prefetch if do_prefetch else out,
-        prefetch_bytes=prefetch.numel() * prefetch.element_size() if do_prefetch else 0,
         M=m,
         N=n,
         max_num_splits=max_num_splits,
@@ -153,10 +150,9 @@ def _launch(
         DEC_BLOCK_N=partials.block_n,
         ADD_RESIDUAL=add is not None,
         PDL=pdl,
-        PREFETCH=do_prefetch,
-        PREFETCH_LANES=32 * num_warps,
         num_warps=num_warps,
         launch_pdl=pdl,
+        **prefetch_args(weight, prefetch, out, num_warps),
     )
     return out, sumsq
 

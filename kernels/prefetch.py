@@ -12,8 +12,13 @@ on it, and it is never issued on the CPU (the interpreter has no inline assembly
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import triton
 import triton.language as tl
+
+from .pdl import sm90_or_newer
 
 
 @triton.jit
@@ -39,3 +44,30 @@ def l2_prefetch(ptr, nbytes, LANES: tl.constexpr):
         is_pure=False,
         pack=1,
     )
+
+
+def can_prefetch(x: torch.Tensor, prefetch: torch.Tensor | None) -> bool:
+    """Whether a kernel on x's device issues the L2 prefetch of `prefetch`: CUDA, Hopper or
+    newer, a contiguous tensor on 16-byte boundaries."""
+    return (
+        prefetch is not None
+        and sm90_or_newer(x)
+        and prefetch.is_contiguous()
+        and prefetch.data_ptr() % 16 == 0
+        and (prefetch.numel() * prefetch.element_size()) % 16 == 0
+    )
+
+
+def prefetch_args(
+    x: torch.Tensor, prefetch: torch.Tensor | None, placeholder: torch.Tensor, num_warps: int
+) -> dict[str, Any]:
+    """The launch arguments of a kernel that calls `l2_prefetch` (prefetch_ptr, prefetch_bytes,
+    PREFETCH, PREFETCH_LANES): `prefetch` where `can_prefetch`, else off (`placeholder` stands
+    in for the pointer)."""
+    on = can_prefetch(x, prefetch)
+    return {
+        "prefetch_ptr": prefetch if on else placeholder,
+        "prefetch_bytes": prefetch.numel() * prefetch.element_size() if on else 0,
+        "PREFETCH": on,
+        "PREFETCH_LANES": 32 * num_warps,
+    }

@@ -26,13 +26,12 @@ from .linear import (
     RowNorm,
     _gemm_tile,
     _num_sms,
-    can_prefetch,
     check_row_norm,
     gemm_config,
     supports,
 )
 from .pdl import device_index, pdl_enabled, pdl_start
-from .prefetch import l2_prefetch
+from .prefetch import l2_prefetch, prefetch_args
 from .qk_norm_rope import _norm_rope
 
 
@@ -238,7 +237,6 @@ def qkv_rope_store_kv(
     q_out = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     qk = torch.empty((m, (num_q_heads + num_kv_heads) * head_dim), dtype=x.dtype, device=x.device)
     pdl = pdl_enabled(x)
-    do_prefetch = can_prefetch(x, prefetch)
     _qkv_rope_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         x_desc=TensorDescriptor.from_tensor(x, [bm, bk]),
         w_desc=TensorDescriptor.from_tensor(weight, [bn, bk]),
@@ -263,8 +261,6 @@ def qkv_rope_store_kv(
         eps=norm.eps if norm is not None else 0.0,
         q_eps=q_eps,
         k_eps=k_eps,
-        prefetch_ptr=prefetch if do_prefetch else q_out,
-        prefetch_bytes=prefetch.numel() * prefetch.element_size() if do_prefetch else 0,
         BM=bm,
         BN=bn,
         BK=bk,
@@ -276,9 +272,8 @@ def qkv_rope_store_kv(
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         NUM_STAGES=num_stages,
         PDL=pdl,
-        PREFETCH=do_prefetch,
-        PREFETCH_LANES=32 * num_warps,
         num_warps=num_warps,
         launch_pdl=pdl,
+        **prefetch_args(x, prefetch, q_out, num_warps),
     )
     return q_out

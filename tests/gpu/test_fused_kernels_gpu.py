@@ -336,7 +336,8 @@ def test_qkv_rope_bf16(rows: int) -> None:
 def test_gemms_with_the_l2_prefetch_equal_without_bf16(rows: int) -> None:
     """The L2 prefetch (kernels/prefetch.py) is a hint: each Triton GEMM kind asked to prefetch
     a next weight gives the same bits, eagerly and replayed from a CUDA graph."""
-    from minivllm.kernels.linear import can_prefetch, linear
+    from minivllm.kernels.linear import linear
+    from minivllm.kernels.prefetch import can_prefetch
 
     x = torch.randn(rows, HIDDEN, generator=_gen(40), device="cuda").to(DT)
     w = (0.05 * torch.randn(2 * INTER, HIDDEN, generator=_gen(41), device="cuda")).to(DT)

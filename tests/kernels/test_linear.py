@@ -312,7 +312,7 @@ def test_each_gemm_prefetches_the_next_ones_weight(tiny_llm, monkeypatch) -> Non
     """The model chains its GEMMs in the order a layer runs them (qkv, o, gate/up, down, the next
     layer's qkv); a layer names the next weight to prefetch only up to L2_PREFETCH_MAX_TOKENS
     rows, and no prefetch is issued off a Hopper GPU."""
-    from minivllm.kernels.linear import can_prefetch
+    from minivllm.kernels.prefetch import can_prefetch
     from minivllm.layers import linear as linear_layers
 
     layers = tiny_llm.model_runner.model.model.layers
