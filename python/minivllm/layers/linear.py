@@ -2,8 +2,8 @@
 
 Column-parallel layers split the output features across ranks, row-parallel layers split the input
 features and all-reduce the result. On one GPU at decode batch sizes a row-parallel layer may
-instead hand its consumer float32 split-K partial sums (`SplitKPartials`, see
-`RowParallelLinear.forward`). Every parameter carries a `weight_loader(param, loaded[, shard])`
+instead hand its consumer float32 split-K partial sums (`SplitKPartials`, layers/deferred.py,
+see `RowParallelLinear.forward`). Every parameter carries a `weight_loader(param, loaded[, shard])`
 that copies this rank's slice of a checkpoint tensor into it, so the model code stays plain.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,12 @@ from torch import nn
 
 from minivllm.distributed import get_tp_group, get_tp_size
 from minivllm.layers import fused_kernels
+from minivllm.layers.deferred import (
+    NormedRows,
+    PendingProduct,
+    SplitKPartials,
+    merge_linear_kernels,
+)
 
 if TYPE_CHECKING:
     from minivllm.layers.attention import KVCacheWrite
@@ -289,81 +295,6 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
 
 
-class SplitKPartials(NamedTuple):
-    """A row-parallel projection's output left as float32 partial sums over slices of K,
-    [S, T, N]: y = parts.sum(0) rounded to `dtype`. The fused add + RMSNorm that follows adds
-    them up as it reads them (kernels/fused_norm.py), so the split costs no reduce launch."""
-
-    parts: torch.Tensor  # [S, T, N] float32
-    dtype: torch.dtype  # the activation dtype y stands in
-
-    def materialize(self) -> torch.Tensor:  # [T, N]
-        return self.parts.sum(0).to(self.dtype)
-
-
-class PendingProduct(NamedTuple):
-    """x @ W^T of a row-parallel projection, not launched yet, for the RMSNorm with a residual
-    that follows (`NORM_IN_GEMM_MAX_TOKENS`): launched as split-K partial sums for the fused
-    add + RMSNorm (`partials`), or with the residual add in its epilogue for a norm that the
-    next GEMM applies (`add_residual`, then `NormedRows`). x may also be a split decode's
-    unmerged result (paged_decode.DecodePartials, layers.attention.MERGE_SPLITS_IN_O_PROJ),
-    which the product merges on the way in (kernels/merge_linear.py)."""
-
-    x: torch.Tensor | Any  # [T, K], or DecodePartials
-    layer: RowParallelLinear
-
-    @property
-    def num_tokens(self) -> int:
-        x = self.x
-        return len(x) if isinstance(x, torch.Tensor) else x.part_out.shape[0]
-
-    @property
-    def can_add_residual(self) -> bool:
-        return self.layer.tile_counters is not None and self.num_tokens <= NORM_IN_GEMM_MAX_TOKENS
-
-    def partials(self) -> SplitKPartials:
-        layer, x = self.layer, self.x
-        prefetch = layer.prefetch(self.num_tokens)
-        if isinstance(x, torch.Tensor):
-            parts = layer.gemm.linear(x, layer.weight, partials=True, prefetch=prefetch)
-        else:
-            parts = _merge_linear().merge_linear(x, layer.weight, prefetch=prefetch)
-        return SplitKPartials(parts, x.dtype)
-
-    def add_residual(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h = residual + x @ W^T [T, N], h's squares summed per column tile [C, T])."""
-        layer, x = self.layer, self.x
-        add = layer.gemm.linear_add_residual
-        if not isinstance(x, torch.Tensor):
-            add = _merge_linear().merge_linear_add_residual
-        prefetch = layer.prefetch(self.num_tokens)
-        return add(x, layer.weight, residual, layer.tile_counters, prefetch=prefetch)
-
-
-def _merge_linear():  # kernels/merge_linear.py, imported where a split decode needs it
-    return importlib.import_module("minivllm.kernels.merge_linear")
-
-
-class NormedRows(NamedTuple):
-    """rmsnorm(h) * weight, left for the GEMM that reads it to compute as it loads h
-    (kernels/linear.py `linear(norm=)`); `materialize` where that GEMM is cuBLAS."""
-
-    h: torch.Tensor  # [T, K]
-    sumsq: torch.Tensor  # [C, T] float32: h's squares summed over C column tiles
-    weight: torch.Tensor  # [K]
-    eps: float
-
-    def row_norm(self):  # kernels.linear.RowNorm
-        from minivllm.kernels.linear import RowNorm
-
-        return RowNorm(self.sumsq, self.weight, self.eps)
-
-    def materialize(self) -> torch.Tensor:  # [T, K]
-        from minivllm.kernels.fused_norm import rmsnorm
-
-        return rmsnorm(self.h, self.weight, self.eps)
-
-
 class RowParallelLinear(LinearBase):
     """y = x W^T with W's input features split across ranks; partial sums are all-reduced."""
 
@@ -374,6 +305,11 @@ class RowParallelLinear(LinearBase):
         if self.gemm is not None and NORM_IN_GEMM_MAX_TOKENS > 0 and self.tp_size == 1:
             size = self.gemm.num_tile_counters(output_size)
             self.tile_counters = torch.zeros(size, dtype=torch.int32)
+
+    def adds_residual(self, num_tokens: int) -> bool:
+        """Whether this projection of num_tokens rows adds the residual in its GEMM's epilogue
+        for a norm the next GEMM applies (NORM_IN_GEMM_MAX_TOKENS)."""
+        return self.tile_counters is not None and num_tokens <= NORM_IN_GEMM_MAX_TOKENS
 
     def forward(
         self, x: torch.Tensor | Any, partials: bool = False
@@ -388,7 +324,9 @@ class RowParallelLinear(LinearBase):
             assert self.tp_size == 1, "unmerged decode splits on one GPU only"
             if partials and self.gemm is not None:
                 return PendingProduct(x, self)
-            y = _merge_linear().merge_linear(x, self.weight).sum(0).to(x.dtype)  # bias: cuBLAS'
+            y = (
+                merge_linear_kernels().merge_linear(x, self.weight).sum(0).to(x.dtype)
+            )  # bias: cuBLAS'
             return y + self.bias if self.bias is not None else y
         partials = partials and self.tp_size == 1
         if self._triton_linear(x, partials):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from minivllm.layers import fused_kernels
-from minivllm.layers.linear import NormedRows, PendingProduct, SplitKPartials
+from minivllm.layers.deferred import NormedRows, PendingProduct, SplitKPartials
 
 
 class RMSNorm(nn.Module):

@@ -14,14 +14,12 @@ from torch import nn
 
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import Attention, AttentionBackend, AttentionMetadata
+from minivllm.layers.deferred import NormedRows, PendingProduct, SplitKPartials
 from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from minivllm.layers.linear import (
     MergedColumnParallelLinear,
-    NormedRows,
-    PendingProduct,
     QKVParallelLinear,
     RowParallelLinear,
-    SplitKPartials,
 )
 from minivllm.layers.rmsnorm import RMSNorm
 from minivllm.layers.rotary import get_rotary_embedding
