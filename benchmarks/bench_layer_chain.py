@@ -19,16 +19,8 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
                 (`_decode_attention(early_loads=True)`)
   ...+gridN     with --context: the decode grid capped at N split programs per SM, each looping
                 over every n-th split (the default caps it at 4 only up to 8 rows)
-  ...+merge     with --context: no decode reduce kernel; the o GEMM merges the splits itself
-                (kernels/merge_linear.py) where the decode runs several
-  ...+normgemm  no norm kernels: o and down add the residual in their epilogues
-                (`linear_add_residual`; with +merge `merge_linear_add_residual`) and qkv and
-                gate/up normalise their input as they load it (`linear(norm=)`), where the
-                Triton GEMMs take both sides
   ...+ropegemm  with --context: no rotary kernel; the qkv GEMM ends in q/k norm + rotary and
                 the KV store (kernels/qkv_rope.py), where the Triton GEMM takes qkv
-  ...+prefetch  each Triton GEMM asks L2 for the next GEMM's weights (kernels/prefetch.py;
-                the merge_linear o projection does not)
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -57,16 +49,7 @@ from bench_common import DEVICE, check_close, graph_calls_us
 from minivllm.kernels import pdl
 from minivllm.kernels.activation import silu_and_mul
 from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
-from minivllm.kernels.linear import (
-    MAX_COLUMN_TOKENS,
-    RowNorm,
-    gemm_config,
-    linear,
-    linear_add_residual,
-    num_tile_counters,
-    supports,
-)
-from minivllm.kernels.merge_linear import merge_linear, merge_linear_add_residual
+from minivllm.kernels.linear import gemm_config, linear, supports
 from minivllm.kernels.paged_decode import _decode_attention as decode_attention
 from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
 from minivllm.kernels.qkv_rope import num_rope_counters, qkv_rope_store_kv, supports_rope
@@ -115,14 +98,9 @@ class Chain:
             for _ in range(layers)
         ]
         self.norm_w = torch.ones(HIDDEN, device=DEVICE, dtype=dtype)
-        # +normgemm: the tile counters of each layer's o and down GEMMs (zero between calls)
-        self.normgemm = "+normgemm" in mode and m <= MAX_COLUMN_TOKENS
         self.ropegemm = "+ropegemm" in mode
         self.rope_counters = torch.zeros(
             layers, num_rope_counters(NUM_HEADS, NUM_KV_HEADS), dtype=torch.int32, device=DEVICE
-        )
-        self.counters = torch.zeros(
-            layers, 2, num_tile_counters(HIDDEN), dtype=torch.int32, device=DEVICE
         )
         self.attn = rnd(m, ATTN, scale=1.0)
         self.res0 = rnd(m, HIDDEN, scale=1.0)
@@ -153,7 +131,7 @@ class Chain:
         self.qk_norm_w = torch.ones(HEAD_DIM, device=DEVICE, dtype=dtype)
         self.attn_out = torch.empty(m, NUM_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
 
-    def attention(self, h, norm, layer):
+    def attention(self, h, layer):
         """qkv GEMM, q/k norm + rotary + KV store, then paged decode attention: [m, ATTN]."""
         k_cache, v_cache = self.caches[layer]
         w = self.w[layer]["qkv"]
@@ -161,13 +139,9 @@ class Chain:
             q = qkv_rope_store_kv(
                 h, w, NUM_HEADS, self.positions, self.cos, self.sin, k_cache, v_cache,
                 self.slot_mapping, self.rope_counters[layer], self.qk_norm_w, self.qk_norm_w,
-                norm=norm, prefetch=self.after(layer, "qkv"),
             )  # fmt: skip
             return self.decode(q, layer)
-        if norm is not None:
-            qkv = linear(h, w, norm=norm, prefetch=self.after(layer, "qkv"))
-        else:
-            qkv = self.gemm(h, layer, "qkv")
+        qkv = self.gemm(h, layer, "qkv")
         kv_size = NUM_KV_HEADS * HEAD_DIM
         q, k, v = qkv.split([NUM_HEADS * HEAD_DIM, kv_size, kv_size], -1)
         q = qk_norm_rope_store_kv(
@@ -186,7 +160,7 @@ class Chain:
         return self.decode(q, layer)
 
     def decode(self, q, layer):
-        """Paged decode attention of q over this layer's cache: [m, ATTN] (or DecodePartials)."""
+        """Paged decode attention of q over this layer's cache: [m, ATTN]."""
         k_cache, v_cache = self.caches[layer]
         out = decode_attention(
             q,
@@ -199,9 +173,8 @@ class Chain:
             row_order=self.row_order,
             early_loads="+early" in self.mode,
             grid_splits=self.grid_splits,
-            reduce="+merge" not in self.mode,
         )
-        return out.view(self.m, ATTN) if isinstance(out, torch.Tensor) else out  # DecodePartials
+        return out.view(self.m, ATTN)
 
     def gemm(self, x, layer, name, partials=False):
         w = self.w[layer][name]
@@ -212,17 +185,7 @@ class Chain:
         ):  # where the engine keeps cuBLAS too
             return torch.mm(x, w.t())
         config = self.config(x, w, partials)
-        return linear(x, w, partials=partials, config=config, prefetch=self.after(layer, name))
-
-    def after(self, layer, name):
-        """+prefetch: the weight of the GEMM after `name` in layer `layer` (None: no prefetch)."""
-        if "+prefetch" not in self.mode:
-            return None
-        order = ("qkv", "o", "gate_up", "down")
-        i = order.index(name) + 1
-        if i == len(order):
-            layer, i = layer + 1, 0
-        return self.w[layer][order[i]] if layer < self.layers else None
+        return linear(x, w, partials=partials, config=config)
 
     def config(self, x, w, partials=False, gated=False):
         """The engine's GEMM configuration, its stages capped at max_stages; None: as is."""
@@ -234,45 +197,26 @@ class Chain:
 
     def add_norm(self, x, res, layer, name):
         """The row-parallel GEMM `name` of x, added to the residual, and the RMSNorm after it:
-        (the next GEMM's input, its RowNorm or None, the new residual)."""
-        if self.normgemm:  # the norm left to the next GEMM
-            counters = self.counters[layer, int(name == "down")]
-            if not isinstance(x, torch.Tensor):  # +merge: DecodePartials
-                res, sumsq = merge_linear_add_residual(x, self.w[layer][name], res, counters)
-            else:
-                w, after = self.w[layer][name], self.after(layer, name)
-                res, sumsq = linear_add_residual(x, w, res, counters, prefetch=after)
-            return res, RowNorm(sumsq, self.norm_w, 1e-6), res
-        if not isinstance(x, torch.Tensor):  # +merge: the o GEMM merges DecodePartials
-            product = merge_linear(x, self.w[layer][name])
-        else:
-            product = self.gemm(x, layer, name, partials=True)
-        h, res = fused_add_rmsnorm(product, res, self.norm_w, 1e-6)
-        return h, None, res
+        (the next GEMM's input, the new residual)."""
+        product = self.gemm(x, layer, name, partials=True)
+        return fused_add_rmsnorm(product, res, self.norm_w, 1e-6)
 
     def run(self):
         res = self.res0
-        h, norm = rmsnorm(res, self.norm_w, 1e-6), None
+        h = rmsnorm(res, self.norm_w, 1e-6)
         for layer in range(self.layers):
             if self.context:
-                attn = self.attention(h, norm, layer)
-            elif norm is not None:
-                # the qkv GEMM; attention is fixed
-                linear(h, self.w[layer]["qkv"], norm=norm, prefetch=self.after(layer, "qkv"))
-                attn = self.attn
+                attn = self.attention(h, layer)
             else:
-                self.gemm(h, layer, "qkv")
+                self.gemm(h, layer, "qkv")  # attention is fixed
                 attn = self.attn
-            h, norm, res = self.add_norm(attn, res, layer, "o")
+            h, res = self.add_norm(attn, res, layer, "o")
             w = self.w[layer]["gate_up"]
             if self.gated and supports(h, w, gated=True):
-                config, after = self.config(h, w, gated=True), self.after(layer, "gate_up")
-                act = linear(h, w, gated=True, norm=norm, config=config, prefetch=after)
-            elif norm is not None:
-                act = silu_and_mul(linear(h, w, norm=norm, prefetch=self.after(layer, "gate_up")))
+                act = linear(h, w, gated=True, config=self.config(h, w, gated=True))
             else:
                 act = silu_and_mul(self.gemm(h, layer, "gate_up"))
-            h, norm, res = self.add_norm(act, res, layer, "down")  # and the next input norm
+            h, res = self.add_norm(act, res, layer, "down")  # and the next input norm
         return res
 
 

@@ -11,10 +11,9 @@
 #   serving     bench_serving.py             host      bench_host.py
 #   workload    profile_workload.py
 #   latency_ab  bench_latency.py once per variant of $LATENCY_AB, each with its own environment
-#               (the engine's opt-in switches): "NAME:VAR=VALUE,VAR=VALUE NAME: ..." (default:
-#               base, the in-GEMM norm + rotary, split merging in o_proj, the L2 prefetch, and
-#               all of them with the early decode loads); $LATENCY_AB_ARGS for each run, JSON
-#               latency_NAME.json
+#               (the engine's switches): "NAME:VAR=VALUE,VAR=VALUE NAME: ..." (default: base,
+#               the rotary in the qkv GEMM, and without the early decode loads);
+#               $LATENCY_AB_ARGS for each run, JSON latency_NAME.json
 #   kernels     all of: prefill_attention decode_attention decode_varlen gemm layer_chain
 #               small_kernels mixed_decode (bench_<name>.py; each can be named alone)
 # Extra arguments per step: <STEP>_ARGS, e.g. THROUGHPUT_ARGS="--model-shape 8b --no-python"
@@ -77,11 +76,8 @@ for step in "${steps[@]}"; do
         run latency 200 python3 benchmarks/bench_latency.py --out "$OUT/latency.json" \
           $(extra latency) ;;
       latency_ab)
-        ingemm=MINIVLLM_NORM_IN_GEMM_MAX_TOKENS=128,MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS=128
-        default="base: ingemm:$ingemm merge:MINIVLLM_MERGE_SPLITS_IN_O_PROJ=1"
-        default+=" prefetch:MINIVLLM_L2_PREFETCH_MAX_TOKENS=128"
-        default+=" all:$ingemm,MINIVLLM_MERGE_SPLITS_IN_O_PROJ=1,MINIVLLM_DECODE_EARLY_LOADS=1"
-        default+=",MINIVLLM_L2_PREFETCH_MAX_TOKENS=128"
+        default="base: rope:MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS=128"
+        default+=" noearly:MINIVLLM_DECODE_EARLY_LOADS=0"
         for variant in ${LATENCY_AB:-$default}; do
           name=${variant%%:*}
           IFS=, read -ra envs <<<"${variant#*:}"

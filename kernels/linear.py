@@ -12,12 +12,6 @@ cannot overlap the kernel before it. This kernel:
 - for the MLP's gate/up projection, can end in SiLU-and-multiply (`gated`): each program holds a
   gate tile and the matching up tile and writes silu(gate) * up, so the activation is no kernel
   of its own and the 2 x intermediate-wide product never leaves the SM;
-- opt-in, not measured yet (`linear_add_residual`, `linear(norm=)`): the add + RMSNorm between
-  a row-parallel projection and the column-parallel one after it done by the two GEMMs, so the
-  norm is no kernel of its own. The last of an output tile's S split programs to finish (a
-  counter per tile) adds the S partials up in split order, adds the residual and writes the sum
-  h with its squares summed over the tile's columns; the next GEMM reads h, turns those sums into
-  each row's rstd and normalises its tiles as it loads them;
 - launches as a programmatic dependent (kernels/pdl.py), like every other kernel of the layer.
 
 `benchmarks/bench_layer_chain.py` measures what this buys a decoder layer against cuBLAS (its
@@ -37,7 +31,6 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .pdl import device_index, pdl_enabled, pdl_start, sm90_or_newer
-from .prefetch import l2_prefetch, prefetch_args
 
 # Largest M (tokens) given to this kernel; bigger GEMMs (prefill) fill the GPU under cuBLAS.
 MAX_TOKENS = 256
@@ -48,89 +41,24 @@ MAX_COLUMN_TOKENS = 128
 
 
 @triton.jit
-def _rms_normed(x, rstd, norm_w_ptr, k, K, BK: tl.constexpr):
-    """Tile x[:, k:k + BK] of the rows rstd belongs to, RMS-normalised and weighted with the op
-    order and roundings of kernels/fused_norm.py."""
-    offs = k + tl.arange(0, BK)
-    w = tl.load(norm_w_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
-    y = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
-    return (w[None, :] * y).to(x.dtype)
-
-
-@triton.jit
-def _add_residual_if_last(
-    out_ptr,  # [num_splits, M, N] float32 partial sums
-    residual_ptr,
-    h_ptr,
-    sumsq_ptr,
-    counters_ptr,
-    M,
-    N,
-    offs_m,
-    offs_n,
-    tile,  # this output tile's counter
-    n_tile,  # its column tile: sumsq's row
-    num_splits,
-):
-    """Called by each split program of an output tile once its partial sum is stored; the last
-    one to arrive adds the tile's partials up in split order (float32, rounded to the residual's
-    dtype, as kernels/fused_norm.py does), adds the residual, writes the sum h and h's squares
-    summed over the tile's columns, and sets the tile's counter back to zero for the next call.
-    Which program is last varies; what it computes does not. (kernels/merge_linear.py too.)"""
-    tl.debug_barrier()  # every thread's partial stored before the count says so
-    arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")
-    if arrived == num_splits - 1:
-        rows = offs_m[:, None].to(tl.int64)
-        mask = (rows < M) & (offs_n[None, :] < N)
-        # .cg: from L2, where the other programs' partials are (never a stale L1 line)
-        y = tl.load(
-            out_ptr + rows * N + offs_n[None, :], mask=mask, other=0.0, cache_modifier=".cg"
-        )
-        for s in range(1, num_splits):
-            part = out_ptr + (s * M + rows) * N + offs_n[None, :]
-            y += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
-        dtype = h_ptr.dtype.element_ty
-        r = tl.load(residual_ptr + rows * N + offs_n[None, :], mask=mask, other=0.0)
-        h = (y.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
-        tl.store(h_ptr + rows * N + offs_n[None, :], h, mask=mask)
-        hf = h.to(tl.float32)
-        sumsq = sumsq_ptr + n_tile * M + offs_m
-        tl.store(sumsq, tl.sum(hf * hf, axis=1), mask=offs_m < M)
-        tl.atomic_xchg(counters_ptr + tile, 0)
-
-
-@triton.jit
 def _gemm_tile(
     x_desc,
     w_desc,
-    M,
     N,
-    K,
     k0,
     k_len,
     off_m,
     off_n,
-    sumsq_ptr,
-    norm_w_ptr,
-    eps,
     out_dtype: tl.constexpr,  # GATED: what the gate and up products round to, as in torch
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     SWAP: tl.constexpr,
     GATED: tl.constexpr,
-    NORM: tl.constexpr,
-    NUM_SUMSQ: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     """The float32 [BM, BN] tile (off_m, off_n) of x @ W^T over K columns k0 .. k0 + k_len, with
-    `_linear_kernel`'s GATED and NORM options (the kernels/qkv_rope.py GEMM shares it)."""
-    if NORM:  # each token row's 1 / rms from the squares its producer summed
-        rows = off_m + tl.arange(0, BM)
-        sq = tl.zeros((BM,), dtype=tl.float32)
-        for t in tl.static_range(NUM_SUMSQ):
-            sq += tl.load(sumsq_ptr + t * M + rows, mask=rows < M, other=0.0)
-        rstd = tl.math.rsqrt(sq / K + eps)  # as kernels/fused_norm.py computes it
+    `_linear_kernel`'s GATED option (the kernels/qkv_rope.py GEMM shares it)."""
     if SWAP:  # acc is the [BN, BM] tile of y^T
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
@@ -138,8 +66,6 @@ def _gemm_tile(
     up = tl.zeros_like(acc) if GATED else acc  # the up projection's tile
     for k in tl.range(k0, k0 + k_len, BK, num_stages=NUM_STAGES):
         x = x_desc.load([off_m, k])
-        if NORM:
-            x = _rms_normed(x, rstd, norm_w_ptr, k, K, BK)
         w = w_desc.load([off_n, k])
         if SWAP:
             acc = tl.dot(w, x.T, acc)
@@ -170,31 +96,15 @@ def _linear_kernel(
     M,
     N,
     k_per_split,  # a multiple of BK
-    residual_ptr,  # [M, N] x's dtype, ADD_RESIDUAL only
-    h_ptr,  # [M, N] x's dtype: residual + x @ W^T, ADD_RESIDUAL only (may alias residual_ptr)
-    sumsq_ptr,  # [cdiv(N, BN), M] float32 written with ADD_RESIDUAL; [NUM_SUMSQ, M] read with NORM
-    counters_ptr,  # [cdiv(N, BN) * cdiv(M, BM)] int32, zero before and after, ADD_RESIDUAL only
-    norm_w_ptr,  # [K] the RMSNorm's weight, x's dtype, NORM only
-    K,  # the row length x is normalised over (NORM)
-    eps,
-    prefetch_ptr,  # PREFETCH only: prefetch_bytes bytes (a later GEMM's weight) to ask L2 for
-    prefetch_bytes,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     SWAP: tl.constexpr,  # weight rows on the MMA's M side (few tokens), else token rows
     PARTIALS: tl.constexpr,
     GATED: tl.constexpr,  # out = silu(x @ W[:N]^T) * (x @ W[N:]^T), each rounded as torch would
-    ADD_RESIDUAL: tl.constexpr,  # with PARTIALS: the last split of each tile writes h and sumsq
-    NORM: tl.constexpr,  # x is rmsnorm(x) (rstd from sumsq) with norm_w
-    NUM_SUMSQ: tl.constexpr,  # NORM: sumsq's rows, summed per token row
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,  # kernels/prefetch.py, before the PDL wait
-    PREFETCH_LANES: tl.constexpr,  # 32 x num_warps
 ):
-    if PREFETCH:
-        l2_prefetch(prefetch_ptr, prefetch_bytes, PREFETCH_LANES)
     pdl_start(PDL)
     off_n = tl.program_id(0) * BN
     off_m = tl.program_id(1) * BM
@@ -203,24 +113,17 @@ def _linear_kernel(
     acc = _gemm_tile(
         x_desc,
         w_desc,
-        M,
         N,
-        K,
         k0,
         k_per_split,
         off_m,
         off_n,
-        sumsq_ptr,
-        norm_w_ptr,
-        eps,
         out_ptr.dtype.element_ty,
         BM,
         BN,
         BK,
         SWAP,
         GATED,
-        NORM,
-        NUM_SUMSQ,
         NUM_STAGES,
     )
     offs_m = off_m + tl.arange(0, BM)
@@ -229,12 +132,6 @@ def _linear_kernel(
     if PARTIALS:
         out = out_ptr + (split.to(tl.int64) * M + offs_m[:, None]) * N + offs_n[None, :]
         tl.store(out, acc, mask=mask)
-        if ADD_RESIDUAL:
-            tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-            _add_residual_if_last(
-                out_ptr, residual_ptr, h_ptr, sumsq_ptr, counters_ptr, M, N, offs_m, offs_n,
-                tile, tl.program_id(0), tl.num_programs(2),
-            )  # fmt: skip
     else:
         out = out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -329,40 +226,16 @@ def supports(
     )
 
 
-class RowNorm(NamedTuple):
-    """The RMSNorm `linear(h, ..., norm=)` applies to its input rows as it loads them: h and
-    sumsq as `linear_add_residual` wrote them."""
-
-    sumsq: torch.Tensor  # [T, M] float32: h's squares summed over each of T column tiles
-    weight: torch.Tensor  # [K], h's dtype
-    eps: float
-
-
-def check_row_norm(norm: RowNorm, x: torch.Tensor) -> None:
-    """Asserts that `norm` fits the GEMM input x ([M, K]) it is to normalise."""
-    m, k = x.shape
-    assert norm.weight.shape == (k,) and norm.weight.dtype == x.dtype, norm.weight.shape
-    assert norm.sumsq.dim() == 2 and norm.sumsq.shape[1] == m and norm.sumsq.is_contiguous()
-    assert norm.sumsq.dtype == torch.float32, norm.sumsq.dtype
-
-
-def num_tile_counters(n: int) -> int:
-    """How many int32 counters `linear_add_residual` needs for N = n at any M it takes."""
-    return max(
-        triton.cdiv(n, c.block_n) * triton.cdiv(bound, c.block_m) for bound, c in _PARTIALS_TABLE
-    )
-
-
-def _launch(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    config: tuple | None,
+def linear(
+    x: torch.Tensor,  # [M, K], fp16 or bf16, K contiguous (see `supports`)
+    weight: torch.Tensor,  # [N, K], contiguous, x's dtype
+    *,
     partials: bool = False,
     gated: bool = False,
-    norm: RowNorm | None = None,
-    add: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # residual, h, counters
-    prefetch: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # (the output, sumsq with `add`)
+    config: tuple | None = None,  # a GemmConfig or its fields
+) -> torch.Tensor:  # [M, N] x.dtype; with partials [S, M, N] float32 summing to x @ weight^T
+    """x @ weight^T; with `partials`, its float32 partial sums over S slices of K (S may be 1);
+    with `gated`, silu(x @ gate^T) * (x @ up^T) for weight = [gate; up] ([M, N / 2])."""
     assert supports(x, weight, partials, gated), (x.shape, x.stride(), x.dtype, weight.shape)
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
@@ -379,18 +252,6 @@ def _launch(
         out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     else:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    residual = h = counters = sumsq = None
-    if add is not None:
-        assert partials, "the residual is added by the last split of each tile"
-        residual, h, counters = add
-        for t in (residual, h):
-            assert t.shape == (m, n) and t.dtype == x.dtype and t.is_contiguous(), t.shape
-        assert counters.dtype == torch.int32 and counters.numel() >= triton.cdiv(
-            n, bn
-        ) * triton.cdiv(m, bm), (counters.shape, config)
-        sumsq = torch.empty((triton.cdiv(n, bn), m), dtype=torch.float32, device=x.device)
-    if norm is not None:
-        check_row_norm(norm, x)
     pdl = pdl_enabled(x)
     _linear_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), splits)](
         x_desc=TensorDescriptor.from_tensor(x, [bm, bk]),
@@ -399,64 +260,15 @@ def _launch(
         M=m,
         N=n,
         k_per_split=k_per_split,
-        residual_ptr=residual if add is not None else out,
-        h_ptr=h if add is not None else out,
-        sumsq_ptr=sumsq if add is not None else norm.sumsq if norm is not None else out,
-        counters_ptr=counters if add is not None else out,
-        norm_w_ptr=norm.weight if norm is not None else out,
-        K=k,
-        eps=norm.eps if norm is not None else 0.0,
         BM=bm,
         BN=bn,
         BK=bk,
         SWAP=swap,
         PARTIALS=partials,
         GATED=gated,
-        ADD_RESIDUAL=add is not None,
-        NORM=norm is not None,
-        NUM_SUMSQ=norm.sumsq.shape[0] if norm is not None else 0,
         NUM_STAGES=num_stages,
         PDL=pdl,
         num_warps=num_warps,
         launch_pdl=pdl,
-        **prefetch_args(x, prefetch, out, num_warps),
     )
-    return out, sumsq
-
-
-def linear(
-    x: torch.Tensor,  # [M, K], fp16 or bf16, K contiguous (see `supports`)
-    weight: torch.Tensor,  # [N, K], contiguous, x's dtype
-    *,
-    partials: bool = False,
-    gated: bool = False,
-    norm: RowNorm | None = None,
-    prefetch: torch.Tensor | None = None,  # a later GEMM's weight to ask L2 for (CUDA only)
-    config: tuple | None = None,  # a GemmConfig or its fields
-) -> torch.Tensor:  # [M, N] x.dtype; with partials [S, M, N] float32 summing to x @ weight^T
-    """x @ weight^T; with `partials`, its float32 partial sums over S slices of K (S may be 1);
-    with `gated`, silu(x @ gate^T) * (x @ up^T) for weight = [gate; up] ([M, N / 2]); with
-    `norm`, of rmsnorm(x) (x then is h of `linear_add_residual`, norm its sums of squares)."""
-    return _launch(x, weight, config, partials, gated, norm=norm, prefetch=prefetch)[0]
-
-
-def linear_add_residual(
-    x: torch.Tensor,  # [M, K], as for `linear`
-    weight: torch.Tensor,  # [N, K]
-    residual: torch.Tensor,  # [M, N] x's dtype, contiguous
-    counters: torch.Tensor,  # int32, >= num_tile_counters(N), zero; the caller's, left zero
-    *,
-    residual_out: torch.Tensor | None = None,  # [M, N], contiguous; may be `residual` itself
-    prefetch: torch.Tensor | None = None,  # as for `linear`
-    config: tuple | None = None,  # a GemmConfig or its fields (partial sums)
-) -> tuple[torch.Tensor, torch.Tensor]:  # (h [M, N], sumsq [T, M] float32)
-    """h = residual + x @ weight^T, the product rounded to x's dtype from its split-K partial
-    sums added in split order (as fused_add_rmsnorm adds them), and h's squares summed over each
-    of the T output tiles' columns: what `linear(h, ..., norm=RowNorm(sumsq, ...))` needs to
-    apply the RMSNorm that follows. One kernel; `counters` must not be shared by two launches
-    that can run at once."""
-    h = residual_out if residual_out is not None else torch.empty_like(residual)
-    add = (residual, h, counters)
-    _, sumsq = _launch(x, weight, config, partials=True, add=add, prefetch=prefetch)
-    assert sumsq is not None
-    return h, sumsq
+    return out

@@ -402,19 +402,6 @@ def _paged_decode_reduce_kernel(
     )
 
 
-class DecodePartials(NamedTuple):
-    """A split decode's unmerged result (`_decode_attention(reduce=False)`): each split's
-    normalized output and log-sum-exp, for a consumer that merges them itself
-    (kernels/merge_linear.py) instead of the reduce kernel."""
-
-    part_out: torch.Tensor  # [B, num_heads, max_num_splits, head_dim] float32
-    part_lse: torch.Tensor  # [B, num_heads, max_num_splits] float32, log2 units
-    seq_lens: torch.Tensor  # [B] int32: with the two below, each row's number of splits
-    min_partition: int
-    block_n: int
-    dtype: torch.dtype  # the attention output's
-
-
 class _Split(NamedTuple):
     max_num_splits: int  # splits of the longest row the launch allows (the partial buffers)
     min_partition: int  # fewest tokens per split
@@ -473,16 +460,15 @@ def decode_attention(
     num_stages: int | None = None,
     row_order: torch.Tensor | None = None,  # [B] int32, a permutation of range(B)
     early_loads: bool = False,
-    reduce: bool = True,
-) -> torch.Tensor | DecodePartials:
+) -> torch.Tensor:
     """Attention of one query per sequence (position seq_lens[b] - 1) over its paged context.
 
     The keyword-only arguments tune the split: `max_num_splits` and `min_partition` (fewest tokens
     per split; both default from the batch size and the block-table width, so a fixed-shape call
     has a fixed grid), the key tile `block_n` and the launch's `num_warps` / `num_stages` (default
     2 with one split, 3 with several); `row_order` (longest context first) is the order the
-    programs take the rows in. Opt-in and not measured yet (the engine's switches in
-    layers/attention.py): `early_loads` and `reduce=False`, see `_decode_attention`.
+    programs take the rows in. `early_loads` (the engine's decode-only steps take it,
+    layers/attention.py): see `_decode_attention`.
     """
     return _decode_attention(
         q,
@@ -499,7 +485,6 @@ def decode_attention(
         num_stages=num_stages,
         row_order=row_order,
         early_loads=early_loads,
-        reduce=reduce,
     )
 
 
@@ -522,8 +507,7 @@ def _decode_attention(
     heads_first: bool = True,
     grid_splits: int | None = None,
     early_loads: bool = False,
-    reduce: bool = True,
-) -> torch.Tensor | DecodePartials:
+) -> torch.Tensor:
     """`decode_attention` with the variants only the benchmarks' sweeps compare: the block-table
     lookup of a key tile wider than a cache block (`select_lookup`, see
     block_table.tile_row_offsets), the grid order (`heads_first=False`: the rows in the
@@ -532,11 +516,8 @@ def _decode_attention(
     max_num_splits where that is given), and `early_loads`: each program reads its first key
     tile, all but the row's newest key, before its PDL wait (that key and q after it), which is
     only right where the kernel before this one writes no other key of these rows (a decode
-    step: the q/k-norm + rotary kernel stores the new token's K/V). Not the default until
-    measured (`bench_layer_chain.py --context N --modes triton+pdl triton+pdl+early`).
-    With `reduce=False` a launch of several splits returns its `DecodePartials` instead of
-    merging them (one split still writes `out`): for kernels/merge_linear.py, also unmeasured
-    (mode `+merge`)."""
+    step: the q/k-norm + rotary kernel stores the new token's K/V; the engine's decode-only
+    steps take it, benchmarks/README.md has the figures)."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
@@ -626,8 +607,6 @@ def _decode_attention(
     )
     if single_split:
         return out
-    if not reduce:
-        return DecodePartials(part_out, part_lse, seq_lens, min_partition, block_n, out.dtype)
     _paged_decode_reduce_kernel[(batch, num_heads)](
         out_ptr=out,
         part_out_ptr=part_out,

@@ -1,15 +1,15 @@
 """Triton: the qkv projection at decode sizes ending in q/k RMSNorm + rotary and the KV-cache
-store, so that `qk_norm_rope.qk_norm_rope_store_kv` is no kernel of its own. Opt-in, not
-measured yet (layers.linear.ROPE_IN_GEMM_MAX_TOKENS).
+store, so that `qk_norm_rope.qk_norm_rope_store_kv` is no kernel of its own. Opt-in
+(layers.linear.ROPE_IN_GEMM_MAX_TOKENS); benchmarks/README.md has its bench_layer_chain figures.
 
-The GEMM is kernels/linear.py's (`_gemm_tile`, the same configurations, the input RMSNorm of
-`linear(norm=)` included). Its epilogue, per [BM tokens, BN columns] tile:
+The GEMM is kernels/linear.py's (`_gemm_tile`, the same configurations). Its epilogue, per
+[BM tokens, BN columns] tile:
 - v columns go straight into their cache slots;
 - q and k columns are stored to a scratch [T, (q + k heads) * head_dim] buffer, then the last of
-  the HEAD_DIM / BN programs of a head to finish (a counter per token tile and head, as
-  `linear.linear_add_residual` counts) reads the whole head back and applies the per-head norm
-  and the rotation with `qk_norm_rope`'s op order and roundings: q into q_out, k into its cache
-  slots. Which program is last varies; what it computes does not.
+  the HEAD_DIM / BN programs of a head to finish (a counter per token tile and head) reads the
+  whole head back and applies the per-head norm and the rotation with `qk_norm_rope`'s op order
+  and roundings: q into q_out, k into its cache slots. Which program is last varies; what it
+  computes does not.
 The results equal the Triton qkv GEMM followed by `qk_norm_rope_store_kv` bit for bit.
 """
 
@@ -23,15 +23,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .linear import (
     MAX_COLUMN_TOKENS,
     GemmConfig,
-    RowNorm,
     _gemm_tile,
     _num_sms,
-    check_row_norm,
     gemm_config,
     supports,
 )
 from .pdl import device_index, pdl_enabled, pdl_start
-from .prefetch import l2_prefetch, prefetch_args
 from .qk_norm_rope import _norm_rope
 
 
@@ -114,41 +111,29 @@ def _qkv_rope_kernel(
     q_weight_ptr,  # [HEAD_DIM], HAS_QK_NORM only
     k_weight_ptr,  # [HEAD_DIM], HAS_QK_NORM only
     counters_ptr,  # [cdiv(M, BM) * (num_q_heads + num_kv_heads)] int32, zero before and after
-    sumsq_ptr,  # [NUM_SUMSQ, M] float32, NORM only (kernels/linear.py `linear(norm=)`)
-    norm_w_ptr,  # [K], NORM only
     M,
-    K,
     k_len,  # K rounded up to BK
     num_q_heads,
     num_kv_heads,
-    eps,
     q_eps,
     k_eps,
-    prefetch_ptr,  # PREFETCH only: prefetch_bytes bytes to ask L2 for (kernels/prefetch.py)
-    prefetch_bytes,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     SWAP: tl.constexpr,
-    NORM: tl.constexpr,
-    NUM_SUMSQ: tl.constexpr,
     HAS_QK_NORM: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    PREFETCH_LANES: tl.constexpr,  # 32 x num_warps
 ):
-    if PREFETCH:
-        l2_prefetch(prefetch_ptr, prefetch_bytes, PREFETCH_LANES)
     pdl_start(PDL)
     off_n = tl.program_id(0) * BN
     off_m = tl.program_id(1) * BM
     n = (num_q_heads + 2 * num_kv_heads) * HEAD_DIM
     acc = _gemm_tile(
-        x_desc, w_desc, M, n, K, 0, k_len, off_m, off_n, sumsq_ptr, norm_w_ptr, eps,
-        q_out_ptr.dtype.element_ty, BM, BN, BK, SWAP, False, NORM, NUM_SUMSQ, NUM_STAGES,
+        x_desc, w_desc, n, 0, k_len, off_m, off_n, q_out_ptr.dtype.element_ty, BM, BN, BK,
+        SWAP, False, NUM_STAGES,
     )  # fmt: skip
     y = acc.to(q_out_ptr.dtype.element_ty)
     offs_m = off_m + tl.arange(0, BM)
@@ -205,8 +190,6 @@ def qkv_rope_store_kv(
     q_eps: float = 1e-6,
     k_eps: float = 1e-6,
     *,
-    norm: RowNorm | None = None,  # x's RMSNorm, applied as it is loaded (`linear(norm=)`)
-    prefetch: torch.Tensor | None = None,  # a later GEMM's weight to ask L2 for (CUDA only)
     config: tuple | None = None,  # a GemmConfig or its fields
 ) -> torch.Tensor:  # [T, num_q_heads, head_dim], contiguous
     """rope(q_norm(q)) of qkv = x @ weight^T, with rope(k_norm(k)) and v written into their
@@ -232,8 +215,6 @@ def qkv_rope_store_kv(
     if q_weight is not None:
         assert q_weight.shape == k_weight.shape == (head_dim,)
         assert q_weight.dtype == k_weight.dtype == x.dtype
-    if norm is not None:
-        check_row_norm(norm, x)
     q_out = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     qk = torch.empty((m, (num_q_heads + num_kv_heads) * head_dim), dtype=x.dtype, device=x.device)
     pdl = pdl_enabled(x)
@@ -251,22 +232,16 @@ def qkv_rope_store_kv(
         q_weight_ptr=q_weight if q_weight is not None else q_out,
         k_weight_ptr=k_weight if k_weight is not None else q_out,
         counters_ptr=counters,
-        sumsq_ptr=norm.sumsq if norm is not None else q_out,
-        norm_w_ptr=norm.weight if norm is not None else q_out,
         M=m,
-        K=k,
         k_len=triton.cdiv(k, bk) * bk,
         num_q_heads=num_q_heads,
         num_kv_heads=num_kv_heads,
-        eps=norm.eps if norm is not None else 0.0,
         q_eps=q_eps,
         k_eps=k_eps,
         BM=bm,
         BN=bn,
         BK=bk,
         SWAP=swap,
-        NORM=norm is not None,
-        NUM_SUMSQ=norm.sumsq.shape[0] if norm is not None else 0,
         HAS_QK_NORM=q_weight is not None,
         HEAD_DIM=head_dim,
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
@@ -274,6 +249,5 @@ def qkv_rope_store_kv(
         PDL=pdl,
         num_warps=num_warps,
         launch_pdl=pdl,
-        **prefetch_args(x, prefetch, q_out, num_warps),
     )
     return q_out

@@ -113,12 +113,11 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
 
 
 def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
-    """The opt-in routes all at once (layers.linear's NORM_IN_GEMM_MAX_TOKENS and
-    ROPE_IN_GEMM_MAX_TOKENS: no norm and no rotary kernels, the GEMMs do them, and
-    L2_PREFETCH_MAX_TOKENS; layers.attention's MERGE_SPLITS_IN_O_PROJ and DECODE_EARLY_LOADS)
-    inside the engine, bf16: one step's logits within 1% of the default route's; greedy
-    generation with CUDA graphs (split decodes) gives the same tokens up to where a sequence's
-    top two logprobs tie within bf16 rounding, where the two routes may part."""
+    """The rope in the qkv GEMM (layers.linear.ROPE_IN_GEMM_MAX_TOKENS, opt-in: no rotary
+    kernel) with the early decode loads (layers.attention.DECODE_EARLY_LOADS, the default)
+    against both off, inside the engine, bf16: one step's logits within 1%; greedy generation
+    with CUDA graphs (split decodes) gives the same tokens up to where a sequence's top two
+    logprobs tie within bf16 rounding, where the two routes may part."""
     from minivllm.layers import attention
     from minivllm.layers import linear as linear_layers
 
@@ -126,10 +125,7 @@ def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     logits, outputs = {}, {}
     for max_tokens in (0, 128):
-        monkeypatch.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", max_tokens)
         monkeypatch.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", max_tokens)
-        monkeypatch.setattr(linear_layers, "L2_PREFETCH_MAX_TOKENS", max_tokens)
-        monkeypatch.setattr(attention, "MERGE_SPLITS_IN_O_PROJ", max_tokens > 0)
         monkeypatch.setattr(attention, "DECODE_EARLY_LOADS", max_tokens > 0)
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16", enforce_eager=True)
         logits[max_tokens] = one_step_logits(llm, prompts)

@@ -210,69 +210,6 @@ def test_gate_up_with_silu_in_the_epilogue_bf16(rows: int) -> None:
     torch.testing.assert_close(got, F.silu(gate) * up, atol=2e-2, rtol=2e-2)
 
 
-def _norm_in_gemm_route(rows: int, max_tokens: int) -> list[list[torch.Tensor]]:
-    """down_proj -> RMSNorm with a residual -> qkv and gate/up (SiLU where it applies), built
-    with NORM_IN_GEMM_MAX_TOKENS = max_tokens, captured in a CUDA graph; each replay's outputs
-    (checked equal to an eager call on the same inputs)."""
-    from minivllm.layers import linear as linear_layers
-
-    with torch.device("cuda"):
-        down = linear_layers.RowParallelLinear(INTER, HIDDEN).to(dtype=DT)
-        qkv = linear_layers.QKVParallelLinear(HIDDEN, HEAD_DIM, NUM_HEADS, NUM_KV_HEADS).to(DT)
-        gate_up = linear_layers.MergedColumnParallelLinear(HIDDEN, [INTER, INTER]).to(DT)
-        norm = RMSNorm(HIDDEN, eps=1e-6, feeds_gemm=True).to(dtype=DT)
-    for i, layer in enumerate((down, qkv, gate_up, norm)):
-        w = torch.randn(layer.weight.shape, generator=_gen(20 + i), device="cuda")
-        layer.weight.copy_(w + 1 if layer is norm else 0.05 * w)
-    act = torch.empty(rows, INTER, device="cuda", dtype=DT)
-    residual = torch.empty(rows, HIDDEN, device="cuda", dtype=DT)
-
-    def fill(seed: int) -> None:
-        act.copy_(torch.randn(act.shape, generator=_gen(seed), device="cuda"))
-        residual.copy_(torch.randn(residual.shape, generator=_gen(seed + 1), device="cuda"))
-
-    def step() -> list[torch.Tensor]:
-        product = down(act, partials=True)
-        assert isinstance(product, linear_layers.PendingProduct) == (max_tokens >= rows)
-        normed, new_residual = norm(product, residual)
-        gated = gate_up.silu_and_mul(normed)
-        return [new_residual, qkv(normed), gated if gated is not None else gate_up(normed)]
-
-    fill(0)
-    step()  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    replays = []
-    for seed in (0, 5, 9):
-        fill(seed)
-        graph.replay()
-        replays.append([t.clone() for t in captured])
-        fill(seed)
-        assert all(torch.equal(a, b) for a, b in zip(replays[-1], step())), (rows, seed)
-    if max_tokens:
-        assert not down.tile_counters.any()
-    return replays
-
-
-@pytest.mark.parametrize("rows", [1, 8, 16, 64, 128])
-def test_norm_in_the_gemms_bf16(monkeypatch, rows: int) -> None:
-    """With NORM_IN_GEMM_MAX_TOKENS on, down_proj adds the residual in its epilogue
-    (PendingProduct) and the next qkv / gate-up GEMMs apply the RMSNorm themselves (NormedRows):
-    the residual bit for bit and the GEMMs' outputs within a rounding of the default route's,
-    from CUDA-graph replays on new inputs (the tile counters reset by the kernel itself)."""
-    from minivllm.layers import linear as linear_layers
-
-    outputs = {}
-    for max_tokens in (0, 128):
-        monkeypatch.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", max_tokens)
-        outputs[max_tokens] = _norm_in_gemm_route(rows, max_tokens)
-    for fused, plain in zip(outputs[128], outputs[0]):
-        assert torch.equal(fused[0], plain[0])  # the residual sum
-        for got, expect in zip(fused[1:], plain[1:]):
-            _close_and_mostly_equal(got, expect)
-
-
 @pytest.mark.parametrize("rows", [1, 8, 64, 128])
 def test_qkv_rope_bf16(rows: int) -> None:
     """The qkv GEMM ending in q/k norm + rotary + the KV store at Qwen3-0.6B's shape, bf16:
@@ -330,28 +267,6 @@ def test_qkv_rope_bf16(rows: int) -> None:
         want = expect()
         assert all(torch.equal(a, b) for a, b in zip(got, want)), (rows, seed)
         assert k_cache.any() and not counters.any()
-
-
-@pytest.mark.parametrize("rows", [1, 16, 128])
-def test_gemms_with_the_l2_prefetch_equal_without_bf16(rows: int) -> None:
-    """The L2 prefetch (kernels/prefetch.py) is a hint: each Triton GEMM kind asked to prefetch
-    a next weight gives the same bits, eagerly and replayed from a CUDA graph."""
-    from minivllm.kernels.linear import linear
-    from minivllm.kernels.prefetch import can_prefetch
-
-    x = torch.randn(rows, HIDDEN, generator=_gen(40), device="cuda").to(DT)
-    w = (0.05 * torch.randn(2 * INTER, HIDDEN, generator=_gen(41), device="cuda")).to(DT)
-    nxt = torch.randn(HIDDEN, INTER, generator=_gen(42), device="cuda").to(DT)
-    assert can_prefetch(x, nxt)
-    kinds = [{}, {"partials": True}, {"gated": True}]
-    expect = [linear(x, w, **kind) for kind in kinds]
-    got = [linear(x, w, prefetch=nxt, **kind) for kind in kinds]
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = [linear(x, w, prefetch=nxt, **kind) for kind in kinds]
-    graph.replay()
-    for e, g, c in zip(expect, got, captured):
-        assert torch.equal(e, g) and torch.equal(e, c)
 
 
 def test_silu_and_mul_bf16() -> None:

@@ -319,24 +319,3 @@ def test_decode_early_loads_read_the_key_written_just_before(batch):
         graph.replay()
         early = out.clone()
         assert torch.equal(early, step(False)), trial
-
-
-@pytest.mark.parametrize("batch", [1, 8, 16, 48])
-def test_merge_linear_bf16(batch):
-    """The o projection merging split decode attention itself (kernels/merge_linear.py, an
-    unmeasured experiment) against the reduce kernel followed by the product, Qwen3-0.6B's
-    shapes."""
-    from minivllm.kernels.merge_linear import merge_linear
-    from minivllm.kernels.paged_decode import _decode_attention
-
-    seq_lens = ([576, 1000, 513, 1100, 700, 0, 900, 2048] * 6)[:batch]
-    k_cache, v_cache, tables = _paged(seq_lens, 8, 128, 16, torch.bfloat16)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, 16, 128, device="cuda").to(torch.bfloat16)
-    weight = (torch.randn(1024, 2048, device="cuda") * 0.02).to(torch.bfloat16)
-    merged = _decode_attention(q, k_cache, v_cache, lens, tables, 128**-0.5)
-    partials = _decode_attention(q, k_cache, v_cache, lens, tables, 128**-0.5, reduce=False)
-    assert not isinstance(partials, torch.Tensor)  # DecodePartials: the rows split
-    parts = merge_linear(partials, weight)
-    expect = merged.flatten(1).float() @ weight.float().t()
-    torch.testing.assert_close(parts.sum(0), expect, **TOL)

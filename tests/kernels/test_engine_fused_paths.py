@@ -11,14 +11,10 @@ import torch
 from engine_fixtures import assert_all_blocks_free, make_llm, mixed_prompts
 from minivllm import SamplingParams
 
-# The opt-in routes' switches (layers.linear, layers.attention), each off by default.
-SWITCHES = {
-    "linear": ("NORM_IN_GEMM_MAX_TOKENS", "ROPE_IN_GEMM_MAX_TOKENS", "L2_PREFETCH_MAX_TOKENS"),
-    "attention": ("DECODE_EARLY_LOADS", "MERGE_SPLITS_IN_O_PROJ"),
-}
 
-
-def _run(path, monkeypatch, fused: bool, switches: tuple[str, ...] = (), max_len: int = 30):
+def _run(path, monkeypatch, fused: bool, switches: dict | None = None, max_len: int = 30):
+    """Greedy tokens, prompt logprobs and gate/up's gated GEMM sizes of a small run; `switches`
+    sets layers.linear's / layers.attention's switches of that name for the run."""
     import minivllm.layers
     from minivllm.kernels import linear
     from minivllm.layers import attention
@@ -26,10 +22,8 @@ def _run(path, monkeypatch, fused: bool, switches: tuple[str, ...] = (), max_len
 
     with monkeypatch.context() as mp:
         mp.setattr(minivllm.layers, "fused_kernels_on", lambda device: fused)
-        for name in SWITCHES["linear"]:
-            mp.setattr(linear_layers, name, 64 if name in switches else 0)
-        for name in SWITCHES["attention"]:
-            mp.setattr(attention, name, name in switches)
+        for name, value in (switches or {}).items():
+            mp.setattr(linear_layers if hasattr(linear_layers, name) else attention, name, value)
         gated_rows: list[int] = []
         original = linear.linear
 
@@ -68,43 +62,32 @@ def test_fused_layers_match_the_plain_ones(tiny_qwen3, monkeypatch) -> None:
     assert tokens == plain_tokens
 
 
-@pytest.mark.parametrize(
-    ("switches", "taken"),
-    [
-        (SWITCHES["linear"] + SWITCHES["attention"], ("add", "rope", "merge_add")),
-        (("MERGE_SPLITS_IN_O_PROJ", "DECODE_EARLY_LOADS"), ("merge",)),
-    ],
-    ids=["all", "merge-only"],
-)
-def test_the_opt_in_routes_match_the_fused_layers(gpu_qwen3, monkeypatch, switches, taken):
-    """The opt-in routes in the engine (NORM_IN_GEMM_MAX_TOKENS and ROPE_IN_GEMM_MAX_TOKENS: no
-    norm and no rotary kernels, the GEMMs do them; MERGE_SPLITS_IN_O_PROJ: no decode reduce,
-    o_proj merges the splits, adding the residual too when the norm is in the GEMMs;
-    DECODE_EARLY_LOADS; L2_PREFETCH_MAX_TOKENS, a no-op off a GPU), all at once and the split
-    merge alone, on a head_dim 64 model so the qkv GEMM's tiles hold whole heads: the same
-    greedy tokens as the default fused layers, prompt logprobs within float16 rounding, and
-    each route taken."""
-    from minivllm.kernels import linear, merge_linear, qkv_rope
+def test_the_rope_in_gemm_and_early_loads_match_the_plain_decode(gpu_qwen3, monkeypatch):
+    """The opt-in rope in the qkv GEMM (ROPE_IN_GEMM_MAX_TOKENS: no rotary kernel) and the
+    default early decode loads (DECODE_EARLY_LOADS), on a head_dim 64 model so the qkv GEMM's
+    tiles hold whole heads, against both off: the same greedy tokens, prompt logprobs within
+    float16 rounding, and each route taken."""
+    from minivllm.kernels import paged_decode, qkv_rope
 
-    calls = dict.fromkeys(("add", "rope", "merge", "merge_add"), 0)
+    calls = {"rope": 0, "early": 0}
+    original_rope, original_decode = qkv_rope.qkv_rope_store_kv, paged_decode.decode_attention
 
-    def counting(module, name, key):
-        original = getattr(module, name)
+    def rope(*args, **kwargs):
+        calls["rope"] += 1
+        return original_rope(*args, **kwargs)
 
-        def spy(*args, **kwargs):
-            calls[key] += 1
-            return original(*args, **kwargs)
+    def decode(*args, **kwargs):
+        calls["early"] += bool(kwargs.get("early_loads"))
+        return original_decode(*args, **kwargs)
 
-        monkeypatch.setattr(module, name, spy)
-
-    # Contexts past 256 tokens: the decode runs two splits (what o_proj merges).
-    expect_tokens, expect_logprobs, _ = _run(gpu_qwen3, monkeypatch, fused=True, max_len=300)
-    counting(linear, "linear_add_residual", "add")
-    counting(qkv_rope, "qkv_rope_store_kv", "rope")
-    counting(merge_linear, "merge_linear", "merge")
-    counting(merge_linear, "merge_linear_add_residual", "merge_add")
-    tokens, logprobs, _ = _run(gpu_qwen3, monkeypatch, True, switches, max_len=300)
-    assert {key for key, n in calls.items() if n} == set(taken), calls
+    off = {"ROPE_IN_GEMM_MAX_TOKENS": 0, "DECODE_EARLY_LOADS": False}
+    # Contexts past 256 tokens: the decode runs two splits.
+    expect_tokens, expect_logprobs, _ = _run(gpu_qwen3, monkeypatch, True, off, max_len=300)
+    monkeypatch.setattr(qkv_rope, "qkv_rope_store_kv", rope)
+    monkeypatch.setattr(paged_decode, "decode_attention", decode)
+    on = {"ROPE_IN_GEMM_MAX_TOKENS": 64, "DECODE_EARLY_LOADS": True}
+    tokens, logprobs, _ = _run(gpu_qwen3, monkeypatch, True, on, max_len=300)
+    assert calls["rope"] and calls["early"], calls
     for got, expect in zip(logprobs, expect_logprobs, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), atol=3e-2, rtol=3e-2)
     assert tokens == expect_tokens

@@ -85,44 +85,6 @@ def test_qkv_rope_equals_gemm_then_qk_norm_rope_store_kv(
     assert not torch.equal(k_cache.cpu(), cache) and not torch.equal(v_cache.cpu(), cache + 1)
 
 
-def test_qkv_rope_with_the_input_norm_equals_the_gemm_of_the_normed_rows() -> None:
-    """With `norm=` (the input RMSNorm applied by the GEMM, kernels/linear.py) the same as
-    `linear(norm=)` then `qk_norm_rope_store_kv`."""
-    from minivllm.kernels.linear import RowNorm, linear, linear_add_residual, num_tile_counters
-    from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
-    from minivllm.kernels.qkv_rope import num_rope_counters, qkv_rope_store_kv
-
-    m, hq, hkv, d, hidden = 5, 4, 2, 128, 128
-    x, w, positions, cos, sin, cache, slots, q_w, k_w = _case(m, hq, hkv, d, hidden, 7)
-    gen = torch.Generator().manual_seed(8)
-    act = torch.randn(m, 256, generator=gen).half()
-    w_down = (torch.randn(hidden, 256, generator=gen) * 0.05).half()
-    norm_w = (torch.rand(hidden, generator=gen) + 0.5).half()
-    tensors = (w, positions, cos, sin, slots, q_w, k_w, act, w_down, x, norm_w)
-    w, positions, cos, sin, slots, q_w, k_w, act, w_down, residual, norm_w = (
-        t.to(DEVICE) for t in tensors
-    )
-    down_counters = torch.zeros(num_tile_counters(hidden), dtype=torch.int32).to(DEVICE)
-    h, sumsq = linear_add_residual(act, w_down, residual, down_counters)
-    row_norm = RowNorm(sumsq, norm_w, 1e-6)
-    qkv = linear(h, w, norm=row_norm)
-    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], -1)
-    k_expect, v_expect = cache.clone().to(DEVICE), cache.clone().to(DEVICE)
-    expect_q = qk_norm_rope_store_kv(
-        q.view(m, hq, d), k.view(m, hkv, d), v.view(m, hkv, d), positions, cos, sin,
-        k_expect, v_expect, slots, q_w, k_w,
-    )  # fmt: skip
-    k_cache, v_cache = cache.clone().to(DEVICE), cache.clone().to(DEVICE)
-    counters = torch.zeros(num_rope_counters(hq, hkv), dtype=torch.int32).to(DEVICE)
-    got_q = qkv_rope_store_kv(
-        h, w, hq, positions, cos, sin, k_cache, v_cache, slots, counters, q_w, k_w,
-        norm=row_norm,
-    )  # fmt: skip
-    torch.testing.assert_close(got_q.cpu(), expect_q.cpu(), atol=0, rtol=0)
-    torch.testing.assert_close(k_cache.cpu(), k_expect.cpu(), atol=0, rtol=0)
-    torch.testing.assert_close(v_cache.cpu(), v_expect.cpu(), atol=0, rtol=0)
-
-
 def test_supports_rope_needs_whole_heads_per_tile() -> None:
     from minivllm.kernels.qkv_rope import supports_rope
 
@@ -147,7 +109,6 @@ def test_qkv_layer_rope_store_kv_matches_the_rotary_layer(monkeypatch, tokens: i
     from minivllm.layers.rotary import RotaryEmbedding
 
     hidden, hq, hkv, d = 128, 4, 2, 64
-    monkeypatch.setattr(linear_layers, "NORM_IN_GEMM_MAX_TOKENS", 0)
     monkeypatch.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", 32)
     with torch.device("cpu"):
         proj = linear_layers.QKVParallelLinear(hidden, d, hq, hkv)

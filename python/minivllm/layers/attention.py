@@ -22,24 +22,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from minivllm.distributed import get_tp_size
 
-
-def _env_switch(name: str) -> bool:
-    """An on/off switch from the environment: "1" on; unset, empty or "0" off."""
-    value = os.environ.get(name, "0")
+def _env_switch(name: str, default: bool) -> bool:
+    """An on/off switch from the environment: "1" on, "0" off; unset or empty: `default`."""
+    value = os.environ.get(name, "")
     if value not in ("", "0", "1"):
         raise ValueError(f"{name}={value!r}: expected 1 (on) or 0 (off)")
-    return value == "1"
+    return default if value == "" else value == "1"
 
 
-# Opt-in and not measured yet (default off; read when a layer is built, so that one benchmark
-# call can time the engine both ways), triton backend, decode-only steps:
-# the decode kernel reads its first key tile before its PDL wait (`early_loads`);
-DECODE_EARLY_LOADS = _env_switch("MINIVLLM_DECODE_EARLY_LOADS")
-# no reduce kernel after a split decode: the layer returns the splits' partial results
-# (paged_decode.DecodePartials) and the o projection merges them (kernels/merge_linear.py).
-MERGE_SPLITS_IN_O_PROJ = _env_switch("MINIVLLM_MERGE_SPLITS_IN_O_PROJ")
+# Triton backend, decode-only steps: the decode kernel reads its first key tile before its PDL
+# wait (`early_loads`: 1-3.5% faster at 1, 16 and 32 running, even at 8; benchmarks/README.md).
+# Read when a layer is built, so that MINIVLLM_DECODE_EARLY_LOADS=0 times the engine without it.
+DECODE_EARLY_LOADS = _env_switch("MINIVLLM_DECODE_EARLY_LOADS", True)
 
 
 @dataclass
@@ -129,13 +124,10 @@ class Attention(nn.Module):
         self.backend = backend
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache = torch.empty(0)
-        # The opt-in decode options of decode-only steps (see DECODE_EARLY_LOADS above).
+        # The decode kernel's options for decode-only steps (see DECODE_EARLY_LOADS above).
         self.decode_options: dict[str, Any] = {}
-        if backend.name == "triton":
-            if DECODE_EARLY_LOADS:
-                self.decode_options["early_loads"] = True
-            if MERGE_SPLITS_IN_O_PROJ and get_tp_size() == 1:
-                self.decode_options["reduce"] = False
+        if backend.name == "triton" and DECODE_EARLY_LOADS:
+            self.decode_options["early_loads"] = True
 
     def kv_write(self, v: torch.Tensor | None, meta: AttentionMetadata) -> KVCacheWrite | None:
         """This step's cache write for the rotary kernel (or the qkv GEMM, v None) to fuse, or
@@ -150,10 +142,9 @@ class Attention(nn.Module):
         k: torch.Tensor | None,  # [T, num_kv_heads, head_dim]; None: k and v already stored
         v: torch.Tensor | None,  # [T, num_kv_heads, head_dim]
         meta: AttentionMetadata,
-    ) -> torch.Tensor | Any:  # [T, num_heads, head_dim] (or paged_decode.DecodePartials)
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Store this step's k and v (unless the rotary kernel did: k is None), then attend. The
-        attention kernels read K/V from the cache only. A decode-only step with the opt-in
-        `reduce=False` may return the splits' DecodePartials for the o projection to merge."""
+        attention kernels read K/V from the cache only."""
         backend = self.backend
         if k is not None:
             backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
@@ -161,7 +152,7 @@ class Attention(nn.Module):
         nd = meta.num_decodes
         if nd > 0:
             decode_only = meta.max_prefill_query_len == 0
-            decoded = backend.decode_attention(
+            backend.decode_attention(
                 q[:nd],
                 self.k_cache,
                 self.v_cache,
@@ -172,8 +163,6 @@ class Attention(nn.Module):
                 row_order=meta.decode_row_order,
                 **(self.decode_options if decode_only else {}),
             )
-            if not isinstance(decoded, torch.Tensor):  # DecodePartials: nothing else to attend
-                return decoded
         if meta.max_prefill_query_len > 0:
             backend.prefill_attention(
                 q[nd:],

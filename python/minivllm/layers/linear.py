@@ -2,8 +2,8 @@
 
 Column-parallel layers split the output features across ranks, row-parallel layers split the input
 features and all-reduce the result. On one GPU at decode batch sizes a row-parallel layer may
-instead hand its consumer float32 split-K partial sums (`SplitKPartials`, layers/deferred.py,
-see `RowParallelLinear.forward`). Every parameter carries a `weight_loader(param, loaded[, shard])`
+instead hand its consumer float32 split-K partial sums (`SplitKPartials`, see
+`RowParallelLinear.forward`). Every parameter carries a `weight_loader(param, loaded[, shard])`
 that copies this rank's slice of a checkpoint tensor into it, so the model code stays plain.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +19,6 @@ from torch import nn
 
 from minivllm.distributed import get_tp_group, get_tp_size
 from minivllm.layers import fused_kernels
-from minivllm.layers.deferred import (
-    NormedRows,
-    PendingProduct,
-    SplitKPartials,
-    merge_linear_kernels,
-)
 
 if TYPE_CHECKING:
     from minivllm.layers.attention import KVCacheWrite
@@ -48,17 +42,10 @@ def _env_tokens(name: str) -> int:
 # and slower from 64 on (benchmarks/README.md, bench_layer_chain.py).
 GATED_MAX_TOKENS = 16
 
-# Opt-in and not measured yet (0: off): up to this many tokens the add + RMSNorm between a
-# row-parallel projection and the next column-parallel one runs inside the two GEMMs
-# (`PendingProduct`, `NormedRows`), one kernel fewer each time. Set through the environment so
-# that one benchmark call can time the engine with and without it.
-NORM_IN_GEMM_MAX_TOKENS = _env_tokens("MINIVLLM_NORM_IN_GEMM_MAX_TOKENS")
-# Opt-in and not measured yet (0: off), the same way: up to this many tokens the qkv GEMM ends
-# in the q/k norm + rotary and the KV-cache store (`QKVParallelLinear.rope_store_kv`).
+# Opt-in, not measured in the engine yet (0: off): up to this many tokens the qkv GEMM ends in
+# the q/k norm + rotary and the KV-cache store (`QKVParallelLinear.rope_store_kv`). Set through
+# the environment so that one benchmark call can time the engine with and without it.
 ROPE_IN_GEMM_MAX_TOKENS = _env_tokens("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS")
-# Opt-in and not measured yet (0: off), the same way: up to this many tokens each Triton GEMM asks
-# L2 for the weights of the GEMM after it (`LinearBase.next_gemm`, kernels/prefetch.py).
-L2_PREFETCH_MAX_TOKENS = _env_tokens("MINIVLLM_L2_PREFETCH_MAX_TOKENS")
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -109,16 +96,6 @@ class LinearBase(nn.Module):
             self.bias.full_shape = (full[0],)
         else:
             self.register_parameter("bias", None)
-        # The GEMM layer that runs after this one (set by the model; a tuple, so that it is not
-        # registered as a submodule), whose weight this one's Triton GEMM may prefetch.
-        self.next_gemm: tuple[LinearBase, ...] = ()
-
-    def prefetch(self, num_tokens: int) -> torch.Tensor | None:
-        """The weight to ask L2 for while this layer's GEMM of num_tokens rows runs, if any
-        (L2_PREFETCH_MAX_TOKENS)."""
-        if not self.next_gemm or num_tokens > L2_PREFETCH_MAX_TOKENS:
-            return None
-        return self.next_gemm[0].weight
 
     def _shard(self, param: nn.Parameter, loaded: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a full checkpoint tensor along the sharded dim."""
@@ -138,14 +115,9 @@ class LinearBase(nn.Module):
         `supports`). Larger GEMMs stay on cuBLAS."""
         return self.gemm is not None and self.gemm.supports(x, self.weight, partials)
 
-    def forward(self, x: torch.Tensor | NormedRows) -> torch.Tensor:
-        if isinstance(x, NormedRows):
-            if self._triton_linear(x.h):
-                norm, prefetch = x.row_norm(), self.prefetch(len(x.h))
-                return self.gemm.linear(x.h, self.weight, norm=norm, prefetch=prefetch)
-            x = x.materialize()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._triton_linear(x):
-            return self.gemm.linear(x, self.weight, prefetch=self.prefetch(len(x)))
+            return self.gemm.linear(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -174,20 +146,17 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias)
         self.gated = len(set(self.output_sizes)) == 1 and len(output_sizes) == 2
 
-    def silu_and_mul(self, x: torch.Tensor | NormedRows) -> torch.Tensor | None:
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of the two projections in the Triton GEMM's epilogue (up to
         GATED_MAX_TOKENS rows: one kernel, the [T, 2 * d] product never written), or None where
         that does not apply: the caller then runs this layer and the activation."""
-        rows = x.h if isinstance(x, NormedRows) else x
         if (
             self.gated
             and self.gemm is not None
-            and rows.shape[0] <= GATED_MAX_TOKENS
-            and self.gemm.supports(rows, self.weight, gated=True)
+            and x.shape[0] <= GATED_MAX_TOKENS
+            and self.gemm.supports(x, self.weight, gated=True)
         ):
-            norm = x.row_norm() if isinstance(x, NormedRows) else None
-            prefetch = self.prefetch(len(rows))
-            return self.gemm.linear(rows, self.weight, gated=True, norm=norm, prefetch=prefetch)
+            return self.gemm.linear(x, self.weight, gated=True)
         return None
 
     def weight_loader(
@@ -234,7 +203,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def rope_store_kv(
         self,
-        x: torch.Tensor | NormedRows,
+        x: torch.Tensor,  # [T, hidden]
         positions: torch.Tensor,  # [T]
         rotary: RotaryEmbedding,
         q_norm: RMSNorm | None,
@@ -244,16 +213,15 @@ class QKVParallelLinear(ColumnParallelLinear):
         """rope(q_norm(q)) with rope(k_norm(k)) and v written into the KV cache, all in the
         GEMM's epilogue (kernels/qkv_rope.py) up to ROPE_IN_GEMM_MAX_TOKENS rows; None where
         that does not apply: the caller then runs this layer, the rotary layer and the store."""
-        rows = x.h if isinstance(x, NormedRows) else x
-        dtype = rows.dtype
+        dtype = x.dtype
         if (
             self.rope_kernels is None
             or kv_write is None
-            or len(rows) > ROPE_IN_GEMM_MAX_TOKENS
+            or len(x) > ROPE_IN_GEMM_MAX_TOKENS
             or kv_write.k_cache.dtype != dtype
             or rotary.cos_cache.dtype != dtype
             or (q_norm is not None and not q_norm.weight.dtype == k_norm.weight.dtype == dtype)
-            or not self.rope_kernels.supports_rope(rows, self.weight, self.head_dim)
+            or not self.rope_kernels.supports_rope(x, self.weight, self.head_dim)
         ):
             return None
         norm_args = {}
@@ -261,7 +229,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             norm_args = {"q_weight": q_norm.weight, "k_weight": k_norm.weight}
             norm_args.update(q_eps=q_norm.eps, k_eps=k_norm.eps)
         return self.rope_kernels.qkv_rope_store_kv(
-            rows,
+            x,
             self.weight,
             self.num_heads,
             positions,
@@ -271,8 +239,6 @@ class QKVParallelLinear(ColumnParallelLinear):
             kv_write.v_cache,
             kv_write.slot_mapping,
             self.rope_counters,
-            norm=x.row_norm() if isinstance(x, NormedRows) else None,
-            prefetch=self.prefetch(len(rows)),
             **norm_args,
         )
 
@@ -295,48 +261,34 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
 
 
+class SplitKPartials(NamedTuple):
+    """A row-parallel projection's output left as float32 partial sums over slices of K,
+    [S, T, N]: y = parts.sum(0) rounded to `dtype`. The fused add + RMSNorm that follows adds
+    them up as it reads them (kernels/fused_norm.py), so the split costs no reduce launch."""
+
+    parts: torch.Tensor  # [S, T, N] float32
+    dtype: torch.dtype  # the activation dtype y stands in
+
+    def materialize(self) -> torch.Tensor:  # [T, N]
+        return self.parts.sum(0).to(self.dtype)
+
+
 class RowParallelLinear(LinearBase):
     """y = x W^T with W's input features split across ranks; partial sums are all-reduced."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         tp_size = get_tp_size()
         super().__init__(_divide(input_size, tp_size, "input_size"), output_size, bias, tp_dim=1)
-        self.tile_counters = None  # zero between calls: `PendingProduct.add_residual`'s
-        if self.gemm is not None and NORM_IN_GEMM_MAX_TOKENS > 0 and self.tp_size == 1:
-            size = self.gemm.num_tile_counters(output_size)
-            self.tile_counters = torch.zeros(size, dtype=torch.int32)
 
-    def adds_residual(self, num_tokens: int) -> bool:
-        """Whether this projection of num_tokens rows adds the residual in its GEMM's epilogue
-        for a norm the next GEMM applies (NORM_IN_GEMM_MAX_TOKENS)."""
-        return self.tile_counters is not None and num_tokens <= NORM_IN_GEMM_MAX_TOKENS
-
-    def forward(
-        self, x: torch.Tensor | Any, partials: bool = False
-    ) -> torch.Tensor | SplitKPartials | PendingProduct:
+    def forward(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor | SplitKPartials:
         """y = x W^T (+ bias). With `partials=True` (the caller feeds y to an RMSNorm with a
-        residual, which accepts SplitKPartials and PendingProduct), one GPU and few tokens, y
-        comes back as split-K partial sums: at decode batch sizes this projection has too few
-        output tiles to fill the GPU (kernels/linear.py). Up to NORM_IN_GEMM_MAX_TOKENS, and for
-        x a split decode's DecodePartials (the attention layer returns those only with
-        partials possible here), not launched yet: the norm chooses how."""
-        if not isinstance(x, torch.Tensor):  # DecodePartials (no isinstance: tests reload it)
-            assert self.tp_size == 1, "unmerged decode splits on one GPU only"
-            if partials and self.gemm is not None:
-                return PendingProduct(x, self)
-            y = (
-                merge_linear_kernels().merge_linear(x, self.weight).sum(0).to(x.dtype)
-            )  # bias: cuBLAS'
-            return y + self.bias if self.bias is not None else y
+        residual, which accepts SplitKPartials), one GPU and few tokens, y comes back as split-K
+        partial sums: at decode batch sizes this projection has too few output tiles to fill
+        the GPU (kernels/linear.py)."""
         partials = partials and self.tp_size == 1
         if self._triton_linear(x, partials):
-            if partials and self.tile_counters is not None and len(x) <= NORM_IN_GEMM_MAX_TOKENS:
-                return PendingProduct(x, self)
             if partials:
-                parts = self.gemm.linear(
-                    x, self.weight, partials=True, prefetch=self.prefetch(len(x))
-                )
-                return SplitKPartials(parts, x.dtype)
+                return SplitKPartials(self.gemm.linear(x, self.weight, partials=True), x.dtype)
             return self.tp_group.all_reduce(self.gemm.linear(x, self.weight))
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return self.tp_group.all_reduce(y)

@@ -11,21 +11,13 @@ import torch
 from torch import nn
 
 from minivllm.layers import fused_kernels
-from minivllm.layers.deferred import NormedRows, PendingProduct, SplitKPartials
+from minivllm.layers.linear import SplitKPartials
 
 
 class RMSNorm(nn.Module):
-    def __init__(
-        self,
-        hidden_size: int,
-        eps: float = 1e-6,
-        fused: bool | None = None,
-        feeds_gemm: bool = False,
-    ):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, fused: bool | None = None):
         super().__init__()
         self.eps = eps
-        # The output goes straight into a linear layer, which accepts NormedRows.
-        self.feeds_gemm = feeds_gemm
         self.kernels = fused_kernels("fused_norm", fused)
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
@@ -37,20 +29,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(
-        self,
-        x: torch.Tensor | SplitKPartials | PendingProduct,
-        residual: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor | NormedRows, torch.Tensor]:
-        """norm(x), or with `residual`: (norm(x + residual), x + residual); the norm as
-        NormedRows (computed by the GEMM after it) when x is a PendingProduct and this norm
-        feeds a GEMM."""
-        if isinstance(x, PendingProduct):
-            assert residual is not None, "a pending product comes with a residual"
-            shape = residual.shape
-            if self.feeds_gemm and x.can_add_residual:
-                h, sumsq = x.add_residual(residual.reshape(-1, shape[-1]))
-                return NormedRows(h, sumsq, self.weight, self.eps), h.view(shape)
-            x = x.partials()
+        self, x: torch.Tensor | SplitKPartials, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
         if isinstance(x, SplitKPartials):
             assert residual is not None, "split-K partial sums come with a residual"
             if self.kernels is None:

@@ -6,20 +6,19 @@ metadata comes in as an explicit argument.
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import Attention, AttentionBackend, AttentionMetadata
-from minivllm.layers.deferred import NormedRows, PendingProduct, SplitKPartials
 from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from minivllm.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    SplitKPartials,
 )
 from minivllm.layers.rmsnorm import RMSNorm
 from minivllm.layers.rotary import get_rotary_embedding
@@ -60,11 +59,10 @@ class Qwen3Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, backend)
 
     def forward(
-        self,
-        positions: torch.Tensor,
-        hidden_states: torch.Tensor | NormedRows,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor | SplitKPartials | PendingProduct:
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor | SplitKPartials:
+        # Opt-in (layers.linear.ROPE_IN_GEMM_MAX_TOKENS): the qkv GEMM also does the q/k norm,
+        # the rotary and the KV store.
         q = self.qkv_proj.rope_store_kv(
             hidden_states,
             positions,
@@ -74,7 +72,7 @@ class Qwen3Attention(nn.Module):
             self.attn.kv_write(None, meta),
         )
         if q is not None:  # one kernel: k and v are in the cache
-            return self.o_proj(_flat(self.attn(q, None, None, meta)), partials=True)
+            return self.o_proj(self.attn(q, None, None, meta).flatten(1), partials=True)
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
@@ -88,13 +86,7 @@ class Qwen3Attention(nn.Module):
         )
         o = self.attn(q, k, v, meta)
         # The post-attention RMSNorm takes split-K partial sums (decode batch sizes, one GPU).
-        return self.o_proj(_flat(o), partials=True)
-
-
-def _flat(o: torch.Tensor | Any) -> torch.Tensor | Any:
-    """[T, heads, head_dim] -> [T, heads * head_dim]; a split decode's unmerged DecodePartials
-    (layers.attention.MERGE_SPLITS_IN_O_PROJ) as they are, for o_proj to merge."""
-    return o.flatten(1) if isinstance(o, torch.Tensor) else o
+        return self.o_proj(o.flatten(1), partials=True)
 
 
 class Qwen3MLP(nn.Module):
@@ -107,9 +99,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = SiluAndMul()
 
-    def forward(
-        self, x: torch.Tensor | NormedRows
-    ) -> torch.Tensor | SplitKPartials | PendingProduct:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
         act = self.gate_up_proj.silu_and_mul(x)  # one kernel at decode sizes
         if act is None:
             act = self.act_fn(self.gate_up_proj(x))
@@ -122,19 +112,16 @@ class Qwen3DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Qwen3Attention(config, backend)
         self.mlp = Qwen3MLP(config)
-        # Both feed a GEMM (qkv, gate/up), which may apply them itself (layers.linear.NormedRows).
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, feeds_gemm=True)
-        self.post_attention_layernorm = RMSNorm(
-            config.hidden_size, config.rms_norm_eps, feeds_gemm=True
-        )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
         positions: torch.Tensor,
-        hidden_states: torch.Tensor | SplitKPartials | PendingProduct,  # the last MLP's output
+        hidden_states: torch.Tensor | SplitKPartials,  # the last layer's MLP output
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor | SplitKPartials | PendingProduct, torch.Tensor]:
+    ) -> tuple[torch.Tensor | SplitKPartials, torch.Tensor]:
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -153,19 +140,6 @@ class Qwen3Model(nn.Module):
             [Qwen3DecoderLayer(config, backend) for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # Each GEMM may ask L2 for the next one's weights (layers.linear.L2_PREFETCH_MAX_TOKENS).
-        gemms = [
-            proj
-            for layer in self.layers
-            for proj in (
-                layer.self_attn.qkv_proj,
-                layer.self_attn.o_proj,
-                layer.mlp.gate_up_proj,
-                layer.mlp.down_proj,
-            )
-        ]
-        for gemm, after in itertools.pairwise(gemms):
-            gemm.next_gemm = (after,)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
