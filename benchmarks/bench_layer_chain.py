@@ -19,6 +19,8 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
                 (`_decode_attention(early_loads=True)`)
   ...+gridN     with --context: the decode grid capped at N split programs per SM, each looping
                 over every n-th split (the default caps it at 4 only up to 8 rows)
+  ...+wearlyN   each Triton GEMM program reads up to N of its first weight columns before its
+                PDL wait (kernels/linear.py `early`; the engine's MINIVLLM_GEMM_EARLY_COLUMNS)
   ...+ropegemm  with --context: no rotary kernel; the qkv GEMM ends in q/k norm + rotary and
                 the KV store (kernels/qkv_rope.py), where the Triton GEMM takes qkv
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
@@ -74,6 +76,8 @@ class Chain:
         base, _, stages = mode.partition("+stages")
         self.max_stages = int(stages) if stages else None
         mode = base
+        wearly = re.search(r"\+wearly(\d+)", mode)  # +wearlyN: early weight columns
+        self.w_early = int(wearly.group(1)) if wearly else 0
         # +gridN: the decode grid capped at N split programs per SM (None: the default split's)
         grid = re.search(r"\+grid(\d+)", mode)
         sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 4
@@ -185,7 +189,7 @@ class Chain:
         ):  # where the engine keeps cuBLAS too
             return torch.mm(x, w.t())
         config = self.config(x, w, partials)
-        return linear(x, w, partials=partials, config=config)
+        return linear(x, w, partials=partials, config=config, early=self.w_early)
 
     def config(self, x, w, partials=False, gated=False):
         """The engine's GEMM configuration, its stages capped at max_stages; None: as is."""
@@ -213,7 +217,9 @@ class Chain:
             h, res = self.add_norm(attn, res, layer, "o")
             w = self.w[layer]["gate_up"]
             if self.gated and supports(h, w, gated=True):
-                act = linear(h, w, gated=True, config=self.config(h, w, gated=True))
+                act = linear(
+                    h, w, gated=True, config=self.config(h, w, gated=True), early=self.w_early
+                )
             else:
                 act = silu_and_mul(self.gemm(h, layer, "gate_up"))
             h, res = self.add_norm(act, res, layer, "down")  # and the next input norm

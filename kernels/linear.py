@@ -30,7 +30,14 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .pdl import device_index, pdl_enabled, pdl_start, sm90_or_newer
+from .pdl import (
+    device_index,
+    pdl_enabled,
+    pdl_launch_dependents,
+    pdl_start,
+    pdl_wait,
+    sm90_or_newer,
+)
 
 # Largest M (tokens) given to this kernel; bigger GEMMs (prefill) fill the GPU under cuBLAS.
 MAX_TOKENS = 256
@@ -38,6 +45,54 @@ MAX_TOKENS = 256
 # cuBLAS, even with the launch overlap lost (bench_layer_chain.py); the split-K row-parallel ones
 # stay here up to MAX_TOKENS.
 MAX_COLUMN_TOKENS = 128
+
+
+@triton.jit
+def _gemm_acc(
+    x_desc,
+    w_desc,
+    N,
+    k0,
+    k_len,
+    off_m,
+    off_n,
+    acc,  # [BN, BM] when SWAP, else [BM, BN], float32: the sum so far
+    up,  # GATED: the up projection's tile, as acc; else acc again (not read)
+    BK: tl.constexpr,
+    SWAP: tl.constexpr,
+    GATED: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """acc (and up) plus x @ W^T over K columns k0 .. k0 + k_len, in MMA orientation."""
+    for k in tl.range(k0, k0 + k_len, BK, num_stages=NUM_STAGES):
+        x = x_desc.load([off_m, k])
+        w = w_desc.load([off_n, k])
+        if SWAP:
+            acc = tl.dot(w, x.T, acc)
+        else:
+            acc = tl.dot(x, w.T, acc)
+        if GATED:
+            w_up = w_desc.load([N + off_n, k])
+            if SWAP:
+                up = tl.dot(w_up, x.T, up)
+            else:
+                up = tl.dot(x, w_up.T, up)
+    return acc, up
+
+
+@triton.jit
+def _gemm_finish(acc, up, out_dtype: tl.constexpr, SWAP: tl.constexpr, GATED: tl.constexpr):
+    """The [BM, BN] tile from `_gemm_acc`'s sums: transposed back, and with GATED
+    silu(gate) * up as silu_and_mul on the rounded products (silu rounded, then the product)."""
+    if SWAP:
+        acc = acc.T
+        up = up.T
+    if GATED:
+        dtype = out_dtype
+        gate = acc.to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        acc = silu * up.to(dtype).to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -63,29 +118,27 @@ def _gemm_tile(
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    up = tl.zeros_like(acc) if GATED else acc  # the up projection's tile
-    for k in tl.range(k0, k0 + k_len, BK, num_stages=NUM_STAGES):
-        x = x_desc.load([off_m, k])
-        w = w_desc.load([off_n, k])
-        if SWAP:
-            acc = tl.dot(w, x.T, acc)
-        else:
-            acc = tl.dot(x, w.T, acc)
-        if GATED:
-            w_up = w_desc.load([N + off_n, k])
-            if SWAP:
-                up = tl.dot(w_up, x.T, up)
-            else:
-                up = tl.dot(x, w_up.T, up)
+    up = tl.zeros_like(acc) if GATED else acc
+    acc, up = _gemm_acc(x_desc, w_desc, N, k0, k_len, off_m, off_n, acc, up, BK, SWAP, GATED,
+                        NUM_STAGES)  # fmt: skip
+    return _gemm_finish(acc, up, out_dtype, SWAP, GATED)
+
+
+@triton.jit
+def _early_product(w_first, x_ptr, stride_x, M, K, k0, off_m, BM: tl.constexpr,
+                   EARLY_K: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
+    """w_first (a program's first EARLY_K weight columns, read before the PDL wait) times the
+    matching x columns, read now: the float32 product in MMA orientation."""
+    offs_m = off_m + tl.arange(0, BM)
+    offs_k = k0 + tl.arange(0, EARLY_K)
+    x = tl.load(
+        x_ptr + offs_m[:, None].to(tl.int64) * stride_x + offs_k[None, :],
+        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+        other=0.0,
+    )
     if SWAP:
-        acc = acc.T
-        up = up.T
-    if GATED:  # as silu_and_mul on the rounded product: silu rounded, then the product
-        dtype = out_dtype
-        gate = acc.to(dtype).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        acc = silu * up.to(dtype).to(tl.float32)
-    return acc
+        return tl.dot(w_first, x.T)
+    return tl.dot(x, w_first.T)
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every batch size
@@ -93,8 +146,12 @@ def _linear_kernel(
     x_desc,  # [M, K] block [BM, BK]
     w_desc,  # [N, K] block [BN, BK]; [2N, K] when GATED (gate rows, then up rows)
     out_ptr,  # [M, N] x's dtype; or [S, M, N] float32 when PARTIALS
+    x_ptr,  # x itself (EARLY_K): [M, K], row stride stride_x
+    w_ptr,  # the weight itself (EARLY_K): [N, K] ([2N, K] when GATED), contiguous
+    stride_x,
     M,
     N,
+    K,
     k_per_split,  # a multiple of BK
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -104,28 +161,49 @@ def _linear_kernel(
     GATED: tl.constexpr,  # out = silu(x @ W[:N]^T) * (x @ W[N:]^T), each rounded as torch would
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
+    EARLY_K: tl.constexpr,  # > 0: the first EARLY_K weight columns read before the PDL wait
 ):
-    pdl_start(PDL)
     off_n = tl.program_id(0) * BN
     off_m = tl.program_id(1) * BM
     split = tl.program_id(2)
     k0 = split * k_per_split
-    acc = _gemm_tile(
-        x_desc,
-        w_desc,
-        N,
-        k0,
-        k_per_split,
-        off_m,
-        off_n,
-        out_ptr.dtype.element_ty,
-        BM,
-        BN,
-        BK,
-        SWAP,
-        GATED,
-        NUM_STAGES,
-    )
+    if EARLY_K > 0:
+        # The weights are no kernel's output: a program reads its first columns while the
+        # kernel before it is still running, and only x after the wait.
+        pdl_launch_dependents(PDL)
+        rows = off_n + tl.arange(0, BN)
+        cols = k0 + tl.arange(0, EARLY_K)
+        w_rows = w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
+        w_mask = (rows[:, None] < N) & (cols[None, :] < K)
+        w_first = tl.load(w_rows, mask=w_mask, other=0.0)
+        if GATED:
+            up_first = tl.load(w_rows + N * K, mask=w_mask, other=0.0)
+        pdl_wait(PDL)
+        acc = _early_product(w_first, x_ptr, stride_x, M, K, k0, off_m, BM, EARLY_K, SWAP)
+        up = acc
+        if GATED:
+            up = _early_product(up_first, x_ptr, stride_x, M, K, k0, off_m, BM, EARLY_K, SWAP)
+        acc, up = _gemm_acc(x_desc, w_desc, N, k0 + EARLY_K, k_per_split - EARLY_K, off_m,
+                            off_n, acc, up, BK, SWAP, GATED, NUM_STAGES)  # fmt: skip
+        acc = _gemm_finish(acc, up, out_ptr.dtype.element_ty, SWAP, GATED)
+    else:
+        pdl_start(PDL)
+        acc = _gemm_tile(
+            x_desc,
+            w_desc,
+            N,
+            k0,
+            k_per_split,
+            off_m,
+            off_n,
+            out_ptr.dtype.element_ty,
+            BM,
+            BN,
+            BK,
+            SWAP,
+            GATED,
+            NUM_STAGES,
+        )
     offs_m = off_m + tl.arange(0, BM)
     offs_n = off_n + tl.arange(0, BN)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -233,9 +311,12 @@ def linear(
     partials: bool = False,
     gated: bool = False,
     config: tuple | None = None,  # a GemmConfig or its fields
+    early: int = 0,
 ) -> torch.Tensor:  # [M, N] x.dtype; with partials [S, M, N] float32 summing to x @ weight^T
     """x @ weight^T; with `partials`, its float32 partial sums over S slices of K (S may be 1);
-    with `gated`, silu(x @ gate^T) * (x @ up^T) for weight = [gate; up] ([M, N / 2])."""
+    with `gated`, silu(x @ gate^T) * (x @ up^T) for weight = [gate; up] ([M, N / 2]).
+    `early` > 0: each program reads up to that many of its first weight columns before its PDL
+    wait (see `early_columns`)."""
     assert supports(x, weight, partials, gated), (x.shape, x.stride(), x.dtype, weight.shape)
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
@@ -257,8 +338,12 @@ def linear(
         x_desc=TensorDescriptor.from_tensor(x, [bm, bk]),
         w_desc=TensorDescriptor.from_tensor(weight, [bn, bk]),
         out_ptr=out,
+        x_ptr=x,
+        w_ptr=weight,
+        stride_x=x.stride(0),
         M=m,
         N=n,
+        K=k,
         k_per_split=k_per_split,
         BM=bm,
         BN=bn,
@@ -268,7 +353,20 @@ def linear(
         GATED=gated,
         NUM_STAGES=num_stages,
         PDL=pdl,
+        EARLY_K=early_columns(early, k_per_split, bk),
         num_warps=num_warps,
         launch_pdl=pdl,
     )
     return out
+
+
+def early_columns(early: int, k_per_split: int, block_k: int) -> int:
+    """The weight columns a program reads before its PDL wait when up to `early` are asked
+    for: the largest power-of-two multiple of block_k within early and its K slice (the
+    pipelined loop after them steps by block_k to the slice's end), else 0."""
+    if early < 0:
+        raise ValueError(f"early={early}: expected a number of weight columns (0: none)")
+    columns = 0
+    while (columns or block_k) * (2 if columns else 1) <= min(early, k_per_split):
+        columns = columns * 2 if columns else block_k
+    return columns

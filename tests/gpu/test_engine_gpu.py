@@ -114,8 +114,8 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
 
 def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
     """The rope in the qkv GEMM (layers.linear.ROPE_IN_GEMM_MAX_TOKENS, opt-in: no rotary
-    kernel) with the early decode loads (layers.attention.DECODE_EARLY_LOADS, the default)
-    against both off, inside the engine, bf16: one step's logits within 1%; greedy generation
+    kernel) and early weight columns in the GEMMs (GEMM_EARLY_COLUMNS, opt-in) with the early
+    decode loads (layers.attention.DECODE_EARLY_LOADS, the default) against all three off, inside the engine, bf16: one step's logits within 1%; greedy generation
     with CUDA graphs (split decodes) gives the same tokens up to where a sequence's top two
     logprobs tie within bf16 rounding, where the two routes may part."""
     from minivllm.layers import attention
@@ -127,6 +127,7 @@ def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
     for max_tokens in (0, 128):
         monkeypatch.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", max_tokens)
         monkeypatch.setattr(attention, "DECODE_EARLY_LOADS", max_tokens > 0)
+        monkeypatch.setattr(linear_layers, "GEMM_EARLY_COLUMNS", 2 * max_tokens)
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16", enforce_eager=True)
         logits[max_tokens] = one_step_logits(llm, prompts)
         llm.close()

@@ -13,7 +13,8 @@ from minivllm import SamplingParams
 
 
 def _run(path, monkeypatch, fused: bool, switches: dict | None = None, max_len: int = 30):
-    """Greedy tokens, prompt logprobs and gate/up's gated GEMM sizes of a small run; `switches`
+    """Greedy tokens, prompt logprobs, gate/up's gated GEMM sizes and the number of Triton GEMMs
+    reading weight columns before their PDL wait (`early`) of a small run; `switches`
     sets layers.linear's / layers.attention's switches of that name for the run."""
     import minivllm.layers
     from minivllm.kernels import linear
@@ -25,11 +26,13 @@ def _run(path, monkeypatch, fused: bool, switches: dict | None = None, max_len: 
         for name, value in (switches or {}).items():
             mp.setattr(linear_layers if hasattr(linear_layers, name) else attention, name, value)
         gated_rows: list[int] = []
+        early = [0]
         original = linear.linear
 
         def spy(x, weight, *args, **kwargs):
             if kwargs.get("gated"):
                 gated_rows.append(x.shape[0])
+            early[0] += kwargs.get("early", 0) > 0
             return original(x, weight, *args, **kwargs)
 
         mp.setattr(linear, "linear", spy)
@@ -47,14 +50,15 @@ def _run(path, monkeypatch, fused: bool, switches: dict | None = None, max_len: 
         assert_all_blocks_free(llm)
         llm.close()
     logprobs = [[next(iter(p.values())).logprob for p in out.prompt_logprobs[1:]] for out in outs]
-    return [out.outputs[0].token_ids for out in outs], logprobs, gated_rows
+    return [out.outputs[0].token_ids for out in outs], logprobs, gated_rows, early[0]
 
 
 def test_fused_layers_match_the_plain_ones(tiny_qwen3, monkeypatch) -> None:
     from minivllm.layers.linear import GATED_MAX_TOKENS
 
-    plain_tokens, plain_logprobs, plain_gated = _run(tiny_qwen3, monkeypatch, fused=False)
-    tokens, logprobs, gated = _run(tiny_qwen3, monkeypatch, fused=True)
+    plain_tokens, plain_logprobs, plain_gated, _ = _run(tiny_qwen3, monkeypatch, fused=False)
+    tokens, logprobs, gated, early = _run(tiny_qwen3, monkeypatch, fused=True)
+    assert early == 0  # opt-in
     assert plain_gated == []
     assert gated and max(gated) <= GATED_MAX_TOKENS  # decode steps only
     for got, expect in zip(logprobs, plain_logprobs, strict=True):
@@ -63,8 +67,9 @@ def test_fused_layers_match_the_plain_ones(tiny_qwen3, monkeypatch) -> None:
 
 
 def test_the_rope_in_gemm_and_early_loads_match_the_plain_decode(gpu_qwen3, monkeypatch):
-    """The opt-in rope in the qkv GEMM (ROPE_IN_GEMM_MAX_TOKENS: no rotary kernel) and the
-    default early decode loads (DECODE_EARLY_LOADS), on a head_dim 64 model so the qkv GEMM's
+    """The opt-in rope in the qkv GEMM (ROPE_IN_GEMM_MAX_TOKENS: no rotary kernel) and early
+    weight columns in the GEMMs (GEMM_EARLY_COLUMNS), and the default early decode loads
+    (DECODE_EARLY_LOADS), on a head_dim 64 model so the qkv GEMM's
     tiles hold whole heads, against both off: the same greedy tokens, prompt logprobs within
     float16 rounding, and each route taken."""
     from minivllm.kernels import paged_decode, qkv_rope
@@ -80,14 +85,14 @@ def test_the_rope_in_gemm_and_early_loads_match_the_plain_decode(gpu_qwen3, monk
         calls["early"] += bool(kwargs.get("early_loads"))
         return original_decode(*args, **kwargs)
 
-    off = {"ROPE_IN_GEMM_MAX_TOKENS": 0, "DECODE_EARLY_LOADS": False}
+    off = {"ROPE_IN_GEMM_MAX_TOKENS": 0, "DECODE_EARLY_LOADS": False, "GEMM_EARLY_COLUMNS": 0}
     # Contexts past 256 tokens: the decode runs two splits.
-    expect_tokens, expect_logprobs, _ = _run(gpu_qwen3, monkeypatch, True, off, max_len=300)
+    expect_tokens, expect_logprobs, _, _ = _run(gpu_qwen3, monkeypatch, True, off, max_len=300)
     monkeypatch.setattr(qkv_rope, "qkv_rope_store_kv", rope)
     monkeypatch.setattr(paged_decode, "decode_attention", decode)
-    on = {"ROPE_IN_GEMM_MAX_TOKENS": 64, "DECODE_EARLY_LOADS": True}
-    tokens, logprobs, _ = _run(gpu_qwen3, monkeypatch, True, on, max_len=300)
-    assert calls["rope"] and calls["early"], calls
+    on = {"ROPE_IN_GEMM_MAX_TOKENS": 64, "DECODE_EARLY_LOADS": True, "GEMM_EARLY_COLUMNS": 128}
+    tokens, logprobs, _, early = _run(gpu_qwen3, monkeypatch, True, on, max_len=300)
+    assert calls["rope"] and calls["early"] and early, (calls, early)
     for got, expect in zip(logprobs, expect_logprobs, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), atol=3e-2, rtol=3e-2)
     assert tokens == expect_tokens

@@ -91,6 +91,35 @@ def test_gated_linear_is_silu_and_mul_of_the_product(m, n, k, config) -> None:
     torch.testing.assert_close(y.cpu(), expect, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize(
+    ("m", "n", "k", "config", "kind", "early"),
+    [
+        (1, 64, 1024, None, "plain", 256),  # 256 of 1024 columns early, the loop the rest
+        (70, 128, 192, (1, 64, 128, 64, 4, 2, False), "plain", 128),  # token rows on M
+        (33, 64, 2048, (4, 64, 64, 128, 4, 5), "partials", 512),  # whole slices early
+        (100, 128, 320, (2, 64, 64, 64, 4, 3), "partials", 256),  # 128 of 192; a short slice
+        (7, 96, 256, None, "gated", 128),  # the gate and the up tile both early
+    ],
+)
+def test_early_weight_columns_give_the_same_product(m, n, k, config, kind, early) -> None:
+    """Weight columns read before the PDL wait (`early`) change only when they are read: the
+    result is the product, and the default kernel's within float32 summation order."""
+    from minivllm.kernels.linear import linear
+
+    x, w = _operands(m, 2 * n if kind == "gated" else n, k)
+    x, w = x.to(DEVICE), w.to(DEVICE)
+    options = {"partials": kind == "partials", "gated": kind == "gated", "config": config}
+    got = linear(x, w, early=early, **options).cpu().float()
+    default = linear(x, w, **options).cpu().float()
+    torch.testing.assert_close(got, default, atol=2e-3, rtol=2e-3)
+    if kind == "partials":
+        got = got.sum(0)
+    if kind != "gated":
+        torch.testing.assert_close(got, x.float().cpu() @ w.float().cpu().T, atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="early=-1"):
+        linear(x, w, early=-1, **options)
+
+
 def test_gemm_config_and_supports_decline_what_they_do_not_fit() -> None:
     from minivllm.kernels.linear import MAX_COLUMN_TOKENS, MAX_TOKENS, gemm_config, supports
 
@@ -195,6 +224,7 @@ def test_gated_mlp_on_the_interpreter_matches_torch() -> None:
         ("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS", "yes", "expected a number of tokens"),
         ("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS", "-4", "expected a number of tokens"),
         ("MINIVLLM_DECODE_EARLY_LOADS", "true", "expected 1 (on) or 0 (off)"),
+        ("MINIVLLM_GEMM_EARLY_COLUMNS", "256k", "expected a number of weight columns"),
     ],
 )
 def test_a_bad_experiment_switch_is_named(name: str, value: str, message: str) -> None:

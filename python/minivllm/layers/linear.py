@@ -26,16 +26,16 @@ if TYPE_CHECKING:
     from minivllm.layers.rotary import RotaryEmbedding
 
 
-def _env_tokens(name: str) -> int:
-    """A token bound from the environment (unset or 0: off)."""
+def _env_count(name: str, what: str = "tokens") -> int:
+    """A count (of tokens, of columns) from the environment (unset or 0: off)."""
     value = os.environ.get(name, "0")
     try:
-        tokens = int(value)
+        count = int(value)
     except ValueError:
-        tokens = -1
-    if tokens < 0:
-        raise ValueError(f"{name}={value!r}: expected a number of tokens (0 turns it off)")
-    return tokens
+        count = -1
+    if count < 0:
+        raise ValueError(f"{name}={value!r}: expected a number of {what} (0 turns it off)")
+    return count
 
 
 # gate/up's GEMM ends in SiLU-and-multiply up to this many tokens: measured faster at 1-16 tokens
@@ -45,7 +45,12 @@ GATED_MAX_TOKENS = 16
 # Opt-in, not measured in the engine yet (0: off): up to this many tokens the qkv GEMM ends in
 # the q/k norm + rotary and the KV-cache store (`QKVParallelLinear.rope_store_kv`). Set through
 # the environment so that one benchmark call can time the engine with and without it.
-ROPE_IN_GEMM_MAX_TOKENS = _env_tokens("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS")
+ROPE_IN_GEMM_MAX_TOKENS = _env_count("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS")
+
+# Opt-in, not measured in the engine yet (0: off): each program of the Triton GEMM reads up to
+# this many of its first weight columns before its PDL wait (kernels/linear.py `early`), so
+# that the weights stream in while the kernel before it finishes.
+GEMM_EARLY_COLUMNS = _env_count("MINIVLLM_GEMM_EARLY_COLUMNS", "weight columns")
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -117,7 +122,7 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._triton_linear(x):
-            return self.gemm.linear(x, self.weight)
+            return self.gemm.linear(x, self.weight, early=GEMM_EARLY_COLUMNS)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -156,7 +161,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             and x.shape[0] <= GATED_MAX_TOKENS
             and self.gemm.supports(x, self.weight, gated=True)
         ):
-            return self.gemm.linear(x, self.weight, gated=True)
+            return self.gemm.linear(x, self.weight, gated=True, early=GEMM_EARLY_COLUMNS)
         return None
 
     def weight_loader(
@@ -288,7 +293,12 @@ class RowParallelLinear(LinearBase):
         partials = partials and self.tp_size == 1
         if self._triton_linear(x, partials):
             if partials:
-                return SplitKPartials(self.gemm.linear(x, self.weight, partials=True), x.dtype)
-            return self.tp_group.all_reduce(self.gemm.linear(x, self.weight))
+                return SplitKPartials(
+                    self.gemm.linear(x, self.weight, partials=True, early=GEMM_EARLY_COLUMNS),
+                    x.dtype,
+                )
+            return self.tp_group.all_reduce(
+                self.gemm.linear(x, self.weight, early=GEMM_EARLY_COLUMNS)
+            )
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return self.tp_group.all_reduce(y)
