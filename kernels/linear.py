@@ -12,7 +12,9 @@ cannot overlap the kernel before it. This kernel:
 - for the MLP's gate/up projection, can end in SiLU-and-multiply (`gated`): each program holds a
   gate tile and the matching up tile and writes silu(gate) * up, so the activation is no kernel
   of its own and the 2 x intermediate-wide product never leaves the SM;
-- launches as a programmatic dependent (kernels/pdl.py), like every other kernel of the layer.
+- launches as a programmatic dependent (kernels/pdl.py), like every other kernel of the layer;
+  with `early` each program reads its first weight columns (no kernel writes the weights)
+  before it waits for the kernel before it, and only x after the wait.
 
 `benchmarks/bench_layer_chain.py` measures what this buys a decoder layer against cuBLAS (its
 norms, four GEMMs and SiLU over 28 layers of cold weights in one CUDA graph). Past 128 tokens
