@@ -1,4 +1,4 @@
-"""Split-K paged decode attention (flash-decoding) with GQA head packing, plus the LSE reduce.
+"""Split-K paged decode attention (flash-decoding) with GQA head packing.
 
 One query token per sequence. Program (b, kv_head, split) loads each K/V tile of its context
 partition once and scores it against all query heads of the GQA group at once: the group is packed
@@ -7,7 +7,8 @@ fixed by the batch size and the block-table width, never by the data, so the lau
 captured in a CUDA graph; how many splits a sequence uses (up to max_num_splits) is decided on the
 GPU from its length, split program s runs splits s, s + grid_splits, ..., and programs without
 work exit at once. A second kernel merges the partial results with
-their log-sum-exp. When max_num_splits is 1 (large batches already fill the GPU) the main kernel
+their log-sum-exp (the split rule and the reduce: kernels/decode_split.py; the per-tile steps:
+kernels/decode_tiles.py). When max_num_splits is 1 (large batches already fill the GPU) the main kernel
 normalizes and writes the output itself: no reduce launch, no partial buffers.
 
 With `row_order` (a permutation of the rows, longest context first) program b takes row
@@ -22,170 +23,19 @@ time, which the memory serves faster than one head of many rows at a time
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from .block_table import tile_row_offsets
+from .decode_split import (
+    _default_split,
+    _num_splits_and_partition,
+    _paged_decode_reduce_kernel,
+)
+from .decode_tiles import _attend_keys, _load_kv_tile, _with_newest_key
 from .pdl import pdl_enabled, pdl_launch_dependents, pdl_start, pdl_wait
 
 _LOG2E = 1.4426950408889634
-# Upper bound of the default split count (a single sequence then has _SPLITS_CAP * num_kv_heads
-# programs).
-_SPLITS_CAP = 128
-# With 64-token splits (few rows, see _default_split): split programs per SM the grid holds. A
-# row with more splits than the grid has split programs runs several in each.
-_GRID_PROGRAMS_PER_SM = 4
-
-
-@triton.jit
-def _num_splits_and_partition(
-    seq_len, max_num_splits, MIN_PARTITION: tl.constexpr, BLOCK_N: tl.constexpr
-):
-    # Spread the context over at most max_num_splits splits of at least MIN_PARTITION tokens,
-    # each a multiple of BLOCK_N; the reduce kernel recomputes the same numbers.
-    num_splits = tl.minimum(tl.cdiv(seq_len, MIN_PARTITION), max_num_splits)
-    num_splits = tl.maximum(num_splits, 1)
-    partition = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), 1) * BLOCK_N
-    num_splits = tl.cdiv(seq_len, partition)  # 0 for an empty (padding) row
-    return num_splits, partition
-
-
-@triton.jit
-def _load_kv_tile(
-    k_cache_ptr,
-    v_cache_ptr,
-    bt_row,  # this row's block-table row
-    head_off,  # kv_head * stride_cache_head, int64
-    tile_start,
-    end,  # keys [tile_start, min(tile_start + BLOCK_N, end)); zeros past end
-    stride_cache_block,
-    stride_cache_tok,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SELECT_LOOKUP: tl.constexpr,
-):  # -> k, v [BLOCK_N, BLOCK_D]
-    offs_d = tl.arange(0, BLOCK_D)
-    n_mask = tile_start + tl.arange(0, BLOCK_N) < end
-    rows = tile_row_offsets(
-        bt_row,
-        tile_start,
-        end,
-        stride_cache_block,
-        stride_cache_tok,
-        BLOCK_SIZE,
-        BLOCK_N,
-        True,
-        SELECT_LOOKUP,
-    )
-    kv_off = head_off + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-    return k, v
-
-
-@triton.jit
-def _attend_tile(q, k, v, n_mask, acc, m_i, l_i, qk_scale):
-    # One key tile of the online softmax (log2 units); keys outside n_mask are not seen.
-    s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N]
-    s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _with_newest_key(
-    k,  # [BLOCK_N, BLOCK_D], the tile at tile_start without the row's newest key
-    v,
-    k_cache_ptr,
-    v_cache_ptr,
-    bt_row,
-    head_off,
-    tile_start,
-    end,
-    seq_len,
-    stride_cache_block,
-    stride_cache_tok,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):  # -> k, v with the row's newest key (position seq_len - 1) if it falls in the tile
-    newest = seq_len - 1
-    tile_end = tl.minimum(tile_start + BLOCK_N, end)
-    here = (newest >= tile_start) & (newest < tile_end)
-    block = tl.load(bt_row + newest // BLOCK_SIZE, mask=here, other=0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    off = head_off + block * stride_cache_block + (newest % BLOCK_SIZE) * stride_cache_tok + offs_d
-    pos = newest + offs_d * 0  # `here` per lane: Triton's interpreter takes no scalar in a mask
-    mask = (offs_d < HEAD_DIM) & (pos >= tile_start) & (pos < tile_end)
-    k_new = tl.load(k_cache_ptr + off, mask=mask, other=0.0)
-    v_new = tl.load(v_cache_ptr + off, mask=mask, other=0.0)
-    is_newest = (tile_start + tl.arange(0, BLOCK_N) == newest)[:, None]
-    return tl.where(is_newest, k_new[None, :], k), tl.where(is_newest, v_new[None, :], v)
-
-
-@triton.jit
-def _attend_keys(
-    q,  # [GROUP_PAD, BLOCK_D]
-    k_cache_ptr,
-    v_cache_ptr,
-    bt_row,  # this row's block-table row
-    head_off,  # kv_head * stride_cache_head, int64
-    start,
-    end,  # keys [start, end)
-    qk_scale,
-    stride_cache_block,
-    stride_cache_tok,
-    k_first,  # with EARLY_LOADS: the tile at `start`, loaded before the PDL wait
-    v_first,
-    use_first,  # with EARLY_LOADS: whether k_first / v_first are this range's first tile
-    HEAD_DIM: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SELECT_LOOKUP: tl.constexpr,
-    EARLY_LOADS: tl.constexpr,
-):  # -> (acc [GROUP_PAD, BLOCK_D] unnormalized, m_i, l_i [GROUP_PAD]), log2 units
-    offs_n = tl.arange(0, BLOCK_N)
-    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-    loop_start = start
-    if EARLY_LOADS:
-        if use_first & (start < end):
-            acc, m_i, l_i = _attend_tile(
-                q, k_first, v_first, start + offs_n < end, acc, m_i, l_i, qk_scale
-            )
-        loop_start = tl.where(use_first, start + BLOCK_N, start)
-    for tile_start in range(loop_start, end, BLOCK_N):
-        k, v = _load_kv_tile(
-            k_cache_ptr,
-            v_cache_ptr,
-            bt_row,
-            head_off,
-            tile_start,
-            end,
-            stride_cache_block,
-            stride_cache_tok,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_SIZE,
-            BLOCK_N,
-            SELECT_LOOKUP,
-        )
-        acc, m_i, l_i = _attend_tile(q, k, v, tile_start + offs_n < end, acc, m_i, l_i, qk_scale)
-    return acc, m_i, l_i
 
 
 @triton.jit
@@ -348,100 +198,6 @@ def _paged_decode_kernel(
                 acc / l_i[:, None],
                 mask=g_mask[:, None] & d_mask[None, :],
             )
-
-
-@triton.jit
-def _paged_decode_reduce_kernel(
-    out_ptr,  # [B, num_heads, head_dim]
-    part_out_ptr,  # [B, num_heads, max_num_splits, head_dim] float32
-    part_lse_ptr,  # [B, num_heads, max_num_splits] float32, log2 units
-    seq_lens_ptr,  # [B] int32
-    max_num_splits,
-    stride_out_b,
-    stride_out_h,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr,  # splits merged per step: [SPLIT_CHUNK, BLOCK_D] in registers
-    MIN_PARTITION: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    pdl_start(PDL)
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + b)
-    num_splits, _ = _num_splits_and_partition(seq_len, max_num_splits, MIN_PARTITION, BLOCK_N)
-    offs_s = tl.arange(0, SPLIT_CHUNK)
-    offs_d = tl.arange(0, BLOCK_D)
-    row = (b * tl.num_programs(1) + head).to(tl.int64) * max_num_splits
-    # Finite fills, so an empty row computes exp2(-huge) = 0 instead of inf - inf.
-    lse_max = tl.full([SPLIT_CHUNK], -1e30, dtype=tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        s_mask = s0 + offs_s < num_splits
-        lse = tl.load(part_lse_ptr + row + s0 + offs_s, mask=s_mask, other=-1e30)
-        lse_max = tl.maximum(lse_max, lse)
-    m = tl.max(lse_max, 0)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    total = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        s_mask = s0 + offs_s < num_splits
-        lse = tl.load(part_lse_ptr + row + s0 + offs_s, mask=s_mask, other=-1e30)
-        weights = tl.where(s_mask, tl.exp2(lse - m), 0.0)
-        parts = tl.load(
-            part_out_ptr + (row + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
-            other=0.0,
-        )  # [SPLIT_CHUNK, BLOCK_D]
-        acc += tl.sum(parts * weights[:, None], 0)
-        total += weights
-    o = acc / tl.maximum(tl.sum(total, 0), 1e-30)  # zeros when there is no split (empty row)
-    tl.store(
-        out_ptr + b.to(tl.int64) * stride_out_b + head * stride_out_h + offs_d,
-        o.to(out_ptr.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
-    )
-
-
-class _Split(NamedTuple):
-    max_num_splits: int  # splits of the longest row the launch allows (the partial buffers)
-    min_partition: int  # fewest tokens per split
-    grid_splits: int  # split programs per (row, KV head) in the grid; each runs every n-th split
-
-
-def _default_split(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> _Split:
-    """The split of a launch of `batch` rows: fixed by the batch size and the block-table width
-    (`max_context`), never by the data.
-
-    Each rule was the fastest in bench_decode_varlen.py's sweep (rows of mixed lengths taken
-    longest first) or in bench_latency.py (few rows); the figures are in benchmarks/README.md:
-    - one split once the (row, KV head) programs alone give every SM five: more splits only add
-      a reduce;
-    - from three per SM, at most two splits of >= 512 tokens;
-    - below that, enough splits of >= 256 tokens for ~32 programs per SM (the short splits keep
-      the long rows from forming the grid's tail);
-    - up to one (row, KV head) pair per two SMs (one to eight requests of Qwen3's 8 KV heads),
-      splits down to one 64-token key tile, so that one request's 500-token context still
-      reaches most SMs; the grid then holds about _GRID_PROGRAMS_PER_SM split programs per SM,
-      not one per split the block table could need (a server's 32k-token tables would launch
-      thousands of programs that exit at once), and a long row's programs run several splits.
-    """
-    if device.type == "cuda":
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        num_sms = 4
-    pairs = batch * num_kv_heads
-    if pairs >= 5 * num_sms:
-        return _Split(1, 256, 1)
-    if pairs >= 3 * num_sms:
-        splits = max(1, min(2, triton.cdiv(max_context, 512)))
-        return _Split(splits, 512, splits)
-    wanted = triton.cdiv(32 * num_sms, pairs)
-    if 2 * pairs > num_sms:
-        splits = max(1, min(wanted, _SPLITS_CAP, triton.cdiv(max_context, 256)))
-        return _Split(splits, 256, splits)
-    splits = max(1, min(wanted, _SPLITS_CAP, triton.cdiv(max_context, 64)))
-    grid = min(splits, triton.cdiv(_GRID_PROGRAMS_PER_SM * num_sms, pairs))
-    return _Split(splits, 64, grid)
 
 
 def decode_attention(

@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before @triton.jit decorates the kernels (see tests/kernels/conftest.py).
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("kv_store", "flash_prefill", "paged_decode"):
+    for _name in ("kv_store", "flash_prefill", "decode_split", "decode_tiles", "paged_decode"):
         _module = sys.modules.get(f"minivllm.kernels.{_name}")
         if _module is not None:
             importlib.reload(_module)

@@ -133,13 +133,13 @@ def test_decode_single_split_bf16(monkeypatch, block_size, longest_first):
     """256 sequences x 8 KV heads fill an H100 (132 SMs): one split by default, so the main kernel
     writes the output and the reduce is never launched; padding rows (seq_len 0) are zeros. Also
     with the programs taking the rows longest first, as decode graph steps do."""
-    from minivllm.kernels import paged_decode
+    from minivllm.kernels import decode_split, paged_decode
 
     gen = torch.Generator().manual_seed(block_size)
     seq_lens = torch.randint(1, 3000, (256,), generator=gen)
     seq_lens[[0, 100, 255]] = 0
     max_context = -(-int(seq_lens.max()) // block_size) * block_size
-    assert paged_decode._default_split(256, 8, max_context, torch.device("cuda"))[0] == 1
+    assert decode_split._default_split(256, 8, max_context, torch.device("cuda"))[0] == 1
     monkeypatch.setattr(paged_decode, "_paged_decode_reduce_kernel", None)  # must not be needed
     order = torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32).cuda()
     kwargs = {"row_order": order} if longest_first else {}

@@ -149,7 +149,7 @@ def test_decode_single_split(monkeypatch, dtype, num_heads, num_kv_heads, block_
 
 def test_decode_single_split_by_default_at_large_batch(monkeypatch):
     """A batch that fills the GPU (8 KV heads, >= 4 programs per SM) gets one split by default."""
-    from minivllm.kernels.paged_decode import _default_split
+    from minivllm.kernels.decode_split import _default_split
 
     batch, num_kv_heads, block_size = 80, 8, 16
     gen = torch.Generator().manual_seed(80)
@@ -167,7 +167,7 @@ def test_default_split_by_programs_per_sm():
     most two splits of >= 512 tokens from 3 per SM, else ~32 programs per SM of >= 256 tokens,
     and up to one pair per two SMs splits of >= 64 tokens in a grid of ~4 split programs per SM
     (never more pieces than the block-table width holds)."""
-    from minivllm.kernels.paged_decode import _GRID_PROGRAMS_PER_SM, _default_split
+    from minivllm.kernels.decode_split import _GRID_PROGRAMS_PER_SM, _default_split
 
     cpu = torch.device("cpu")
     assert _default_split(20, 1, 4096, cpu) == (1, 256, 1)
@@ -205,11 +205,11 @@ def test_decode_programs_loop_over_splits(grid_splits):
 def test_decode_two_long_splits_by_default(monkeypatch):
     """3-4 programs per SM: the default takes at most two splits of >= 512 tokens; rows longer
     than 512 tokens use both, shorter ones one, padding rows none."""
-    from minivllm.kernels import paged_decode
+    from minivllm.kernels import decode_split, paged_decode
 
     calls = []
     monkeypatch.setattr(
-        paged_decode, "_default_split", lambda *a: calls.append(a) or paged_decode._Split(2, 512, 2)
+        paged_decode, "_default_split", lambda *a: calls.append(a) or decode_split._Split(2, 512, 2)
     )
     _check([700, 0, 1030, 511, 64, 512], 4, 2, 32, 16, torch.float32)
     assert calls
