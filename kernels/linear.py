@@ -139,8 +139,10 @@ def _early_product(w_first, x_ptr, stride_x, M, K, k0, off_m, BM: tl.constexpr,
         other=0.0,
     )
     if SWAP:
-        return tl.dot(w_first, x.T)
-    return tl.dot(x, w_first.T)
+        acc = tl.dot(w_first, x.T)
+    else:
+        acc = tl.dot(x, w_first.T)
+    return acc
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every batch size
@@ -335,6 +337,14 @@ def linear(
         out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     else:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    early_k = early_columns(early, k_per_split, bk)
+    # The early tiles pass through shared memory too: fewer pipeline stages (two at least), and
+    # fewer early columns where even two would not fit.
+    row_bytes = ((2 * bn if gated else bn) + bm) * x.element_size()
+    while early_k and row_bytes * (early_k + 2 * bk) > _SMEM_BYTES:
+        early_k = early_k // 2 if early_k > bk else 0
+    if early_k:
+        num_stages = max(2, min(num_stages, (_SMEM_BYTES // row_bytes - early_k) // bk))
     pdl = pdl_enabled(x)
     _linear_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), splits)](
         x_desc=TensorDescriptor.from_tensor(x, [bm, bk]),
@@ -355,7 +365,7 @@ def linear(
         GATED=gated,
         NUM_STAGES=num_stages,
         PDL=pdl,
-        EARLY_K=early_columns(early, k_per_split, bk),
+        EARLY_K=early_k,
         num_warps=num_warps,
         launch_pdl=pdl,
     )

@@ -114,9 +114,9 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
 
 def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
     """The rope in the qkv GEMM (layers.linear.ROPE_IN_GEMM_MAX_TOKENS, opt-in: no rotary
-    kernel) and early weight columns in the GEMMs (GEMM_EARLY_COLUMNS, opt-in) with the early
-    decode loads (layers.attention.DECODE_EARLY_LOADS, the default) against all three off, inside the engine, bf16: one step's logits within 1%; greedy generation
-    with CUDA graphs (split decodes) gives the same tokens up to where a sequence's top two
+    kernel) with the early weight columns in the GEMMs (GEMM_EARLY_COLUMNS) and the early
+    decode loads (layers.attention.DECODE_EARLY_LOADS), both the default, against all three
+    off, inside the engine, bf16: one step's logits within 1%; greedy generation with CUDA graphs (split decodes) gives the same tokens up to where a sequence's top two
     logprobs tie within bf16 rounding, where the two routes may part."""
     from minivllm.layers import attention
     from minivllm.layers import linear as linear_layers

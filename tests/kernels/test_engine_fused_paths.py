@@ -58,7 +58,7 @@ def test_fused_layers_match_the_plain_ones(tiny_qwen3, monkeypatch) -> None:
 
     plain_tokens, plain_logprobs, plain_gated, _ = _run(tiny_qwen3, monkeypatch, fused=False)
     tokens, logprobs, gated, early = _run(tiny_qwen3, monkeypatch, fused=True)
-    assert early == 0  # opt-in
+    assert early  # decode steps: GEMM_EARLY_COLUMNS by default
     assert plain_gated == []
     assert gated and max(gated) <= GATED_MAX_TOKENS  # decode steps only
     for got, expect in zip(logprobs, plain_logprobs, strict=True):
@@ -67,11 +67,11 @@ def test_fused_layers_match_the_plain_ones(tiny_qwen3, monkeypatch) -> None:
 
 
 def test_the_rope_in_gemm_and_early_loads_match_the_plain_decode(gpu_qwen3, monkeypatch):
-    """The opt-in rope in the qkv GEMM (ROPE_IN_GEMM_MAX_TOKENS: no rotary kernel) and early
-    weight columns in the GEMMs (GEMM_EARLY_COLUMNS), and the default early decode loads
-    (DECODE_EARLY_LOADS), on a head_dim 64 model so the qkv GEMM's
-    tiles hold whole heads, against both off: the same greedy tokens, prompt logprobs within
-    float16 rounding, and each route taken."""
+    """The opt-in rope in the qkv GEMM (ROPE_IN_GEMM_MAX_TOKENS: no rotary kernel), and the
+    default early weight columns in the GEMMs (GEMM_EARLY_COLUMNS) and early decode loads
+    (DECODE_EARLY_LOADS), on a head_dim 64 model so the qkv GEMM's tiles hold whole heads,
+    against all three off: the same greedy tokens, prompt logprobs within float16 rounding, and
+    each route taken."""
     from minivllm.kernels import paged_decode, qkv_rope
 
     calls = {"rope": 0, "early": 0}

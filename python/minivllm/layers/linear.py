@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from minivllm.layers.rotary import RotaryEmbedding
 
 
-def _env_count(name: str, what: str = "tokens") -> int:
-    """A count (of tokens, of columns) from the environment (unset or 0: off)."""
-    value = os.environ.get(name, "0")
+def _env_count(name: str, what: str = "tokens", default: int = 0) -> int:
+    """A count (of tokens, of columns) from the environment (0: off; unset: `default`)."""
+    value = os.environ.get(name, str(default))
     try:
         count = int(value)
     except ValueError:
@@ -47,10 +47,17 @@ GATED_MAX_TOKENS = 16
 # the environment so that one benchmark call can time the engine with and without it.
 ROPE_IN_GEMM_MAX_TOKENS = _env_count("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS")
 
-# Opt-in, not measured in the engine yet (0: off): each program of the Triton GEMM reads up to
-# this many of its first weight columns before its PDL wait (kernels/linear.py `early`), so
-# that the weights stream in while the kernel before it finishes.
-GEMM_EARLY_COLUMNS = _env_count("MINIVLLM_GEMM_EARLY_COLUMNS", "weight columns")
+# In steps of up to GEMM_EARLY_MAX_TOKENS tokens each program of the Triton GEMM reads up to
+# GEMM_EARLY_COLUMNS of its first weight columns before its PDL wait (kernels/linear.py
+# `early`): the weights stream in while the kernel before it finishes. Faster at 1-8 running,
+# equal at 16-64 (H100, benchmarks/README.md); MINIVLLM_GEMM_EARLY_COLUMNS=0 turns it off.
+GEMM_EARLY_COLUMNS = _env_count("MINIVLLM_GEMM_EARLY_COLUMNS", "weight columns", default=256)
+GEMM_EARLY_MAX_TOKENS = 64
+
+
+def _early(x: torch.Tensor) -> int:
+    """The early weight columns of a Triton GEMM of x (0: none)."""
+    return GEMM_EARLY_COLUMNS if x.shape[0] <= GEMM_EARLY_MAX_TOKENS else 0
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -122,7 +129,7 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._triton_linear(x):
-            return self.gemm.linear(x, self.weight, early=GEMM_EARLY_COLUMNS)
+            return self.gemm.linear(x, self.weight, early=_early(x))
         return F.linear(x, self.weight, self.bias)
 
 
@@ -161,7 +168,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             and x.shape[0] <= GATED_MAX_TOKENS
             and self.gemm.supports(x, self.weight, gated=True)
         ):
-            return self.gemm.linear(x, self.weight, gated=True, early=GEMM_EARLY_COLUMNS)
+            return self.gemm.linear(x, self.weight, gated=True, early=_early(x))
         return None
 
     def weight_loader(
@@ -294,11 +301,9 @@ class RowParallelLinear(LinearBase):
         if self._triton_linear(x, partials):
             if partials:
                 return SplitKPartials(
-                    self.gemm.linear(x, self.weight, partials=True, early=GEMM_EARLY_COLUMNS),
+                    self.gemm.linear(x, self.weight, partials=True, early=_early(x)),
                     x.dtype,
                 )
-            return self.tp_group.all_reduce(
-                self.gemm.linear(x, self.weight, early=GEMM_EARLY_COLUMNS)
-            )
+            return self.tp_group.all_reduce(self.gemm.linear(x, self.weight, early=_early(x)))
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return self.tp_group.all_reduce(y)
