@@ -12,7 +12,8 @@
 #   workload    profile_workload.py
 #   latency_ab  bench_latency.py once per variant of $LATENCY_AB, each with its own environment
 #               (the engine's switches): "NAME:VAR=VALUE,VAR=VALUE NAME: ..." (default: base,
-#               the rotary in the qkv GEMM, and without the early decode loads);
+#               without the GEMMs' early weight columns, without the early decode loads, and
+#               the rotary in the qkv GEMM);
 #               $LATENCY_AB_ARGS for each run, JSON latency_NAME.json
 #   kernels     all of: prefill_attention decode_attention decode_varlen gemm layer_chain
 #               small_kernels mixed_decode (bench_<name>.py; each can be named alone)
@@ -76,8 +77,8 @@ for step in "${steps[@]}"; do
         run latency 200 python3 benchmarks/bench_latency.py --out "$OUT/latency.json" \
           $(extra latency) ;;
       latency_ab)
-        default="base: rope:MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS=128"
-        default+=" noearly:MINIVLLM_DECODE_EARLY_LOADS=0"
+        default="base: nowearly:MINIVLLM_GEMM_EARLY_COLUMNS=0"
+        default+=" noearly:MINIVLLM_DECODE_EARLY_LOADS=0 rope:MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS=128"
         for variant in ${LATENCY_AB:-$default}; do
           name=${variant%%:*}
           IFS=, read -ra envs <<<"${variant#*:}"
