@@ -50,6 +50,18 @@ MAX_COLUMN_TOKENS = 128
 
 
 @triton.jit
+def _zero_acc(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, GATED: tl.constexpr):
+    """`_gemm_acc`'s starting sums: zeros in MMA orientation ([BN, BM], the tile of y^T, when
+    SWAP), and a second tile for the up projection when GATED."""
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    up = tl.zeros_like(acc) if GATED else acc
+    return acc, up
+
+
+@triton.jit
 def _gemm_acc(
     x_desc,
     w_desc,
@@ -116,11 +128,7 @@ def _gemm_tile(
 ):
     """The float32 [BM, BN] tile (off_m, off_n) of x @ W^T over K columns k0 .. k0 + k_len, with
     `_linear_kernel`'s GATED option (the kernels/qkv_rope.py GEMM shares it)."""
-    if SWAP:  # acc is the [BN, BM] tile of y^T
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    up = tl.zeros_like(acc) if GATED else acc
+    acc, up = _zero_acc(BM, BN, SWAP, GATED)
     acc, up = _gemm_acc(x_desc, w_desc, N, k0, k_len, off_m, off_n, acc, up, BK, SWAP, GATED,
                         NUM_STAGES)  # fmt: skip
     return _gemm_finish(acc, up, out_dtype, SWAP, GATED)
@@ -187,27 +195,12 @@ def _linear_kernel(
         up = acc
         if GATED:
             up = _early_product(up_first, x_ptr, stride_x, M, K, k0, off_m, BM, EARLY_K, SWAP)
-        acc, up = _gemm_acc(x_desc, w_desc, N, k0 + EARLY_K, k_per_split - EARLY_K, off_m,
-                            off_n, acc, up, BK, SWAP, GATED, NUM_STAGES)  # fmt: skip
-        acc = _gemm_finish(acc, up, out_ptr.dtype.element_ty, SWAP, GATED)
     else:
         pdl_start(PDL)
-        acc = _gemm_tile(
-            x_desc,
-            w_desc,
-            N,
-            k0,
-            k_per_split,
-            off_m,
-            off_n,
-            out_ptr.dtype.element_ty,
-            BM,
-            BN,
-            BK,
-            SWAP,
-            GATED,
-            NUM_STAGES,
-        )
+        acc, up = _zero_acc(BM, BN, SWAP, GATED)
+    acc, up = _gemm_acc(x_desc, w_desc, N, k0 + EARLY_K, k_per_split - EARLY_K, off_m, off_n,
+                        acc, up, BK, SWAP, GATED, NUM_STAGES)  # fmt: skip
+    acc = _gemm_finish(acc, up, out_ptr.dtype.element_ty, SWAP, GATED)
     offs_m = off_m + tl.arange(0, BM)
     offs_n = off_n + tl.arange(0, BN)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
