@@ -19,6 +19,8 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
                 (`_decode_attention(early_loads=True)`)
   ...+gridN     with --context: the decode grid capped at N split programs per SM, each looping
                 over every n-th split (the default caps it at 4 only up to 8 rows)
+  ...+rearly    with --context: the rotary kernel reads each token's position, slot and cos /
+                sin rows before its PDL wait (`early_loads`; the engine's MINIVLLM_ROPE_EARLY_LOADS)
   ...+wearlyN   each Triton GEMM program reads up to N of its first weight columns before its
                 PDL wait (kernels/linear.py `early`; the engine's MINIVLLM_GEMM_EARLY_COLUMNS)
   ...+ropegemm  with --context: no rotary kernel; the qkv GEMM ends in q/k norm + rotary and
@@ -160,6 +162,7 @@ class Chain:
             self.slot_mapping,
             self.qk_norm_w,
             self.qk_norm_w,
+            early_loads="+rearly" in self.mode,
         )
         return self.decode(q, layer)
 

@@ -77,8 +77,8 @@ for step in "${steps[@]}"; do
         run latency 200 python3 benchmarks/bench_latency.py --out "$OUT/latency.json" \
           $(extra latency) ;;
       latency_ab)
-        default="base: nowearly:MINIVLLM_GEMM_EARLY_COLUMNS=0"
-        default+=" noearly:MINIVLLM_DECODE_EARLY_LOADS=0 rope:MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS=128"
+        default="base: norearly:MINIVLLM_ROPE_EARLY_LOADS=0 nowearly:MINIVLLM_GEMM_EARLY_COLUMNS=0"
+        default+=" rope:MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS=128"
         for variant in ${LATENCY_AB:-$default}; do
           name=${variant%%:*}
           IFS=, read -ra envs <<<"${variant#*:}"

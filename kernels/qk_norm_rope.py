@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_enabled, pdl_start
+from .pdl import pdl_enabled, pdl_launch_dependents, pdl_start, pdl_wait
 
 
 @triton.jit
@@ -125,8 +125,12 @@ def _qk_norm_rope_kernel(
     BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
     PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
+    EARLY_LOADS: tl.constexpr,  # the token's position, slot and cos / sin rows read before the wait
 ):
-    pdl_start(PDL)
+    if EARLY_LOADS:
+        pdl_launch_dependents(PDL)
+    else:
+        pdl_start(PDL)
     # Program (token, part): part 0 normalises and rotates the token's q heads, part 1 its k
     # heads, part 2 (STORE_KV only) copies its v into the cache. Three short dependency chains
     # side by side instead of one long one: a decode step has only a few hundred tokens.
@@ -142,63 +146,67 @@ def _qk_norm_rope_kernel(
     else:
         k_dst_ptr = k_out_ptr
         k_row = tok * kv_row_size
-    if part == 2:
+    # The position and its cos / sin rows (v's part does not use them). With EARLY_LOADS these,
+    # and the slot above, are read while the kernel before this one still runs: the engine
+    # uploads positions and slots before a step's first kernel, and the tables are constants.
+    pos = tl.load(positions_ptr + tok).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    dmask = offs_d < HALF
+    row = pos * HEAD_DIM + offs_d
+    cos1 = tl.load(cos_ptr + row, mask=dmask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + row, mask=dmask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
+    if EARLY_LOADS:
+        pdl_wait(PDL)
+    if part == 0:
+        _norm_rope_heads(
+            q_ptr,
+            q_weight_ptr,
+            q_out_ptr,
+            tok * (num_q_heads * HEAD_DIM),
+            cos1,
+            cos2,
+            sin1,
+            sin2,
+            tok,
+            stride_q_t,
+            stride_q_h,
+            num_q_heads,
+            q_eps,
+            HAS_NORM,
+            HEAD_DIM,
+            HALF,
+            BLOCK_HQ,
+            BLOCK_HALF,
+        )
+    elif part == 1:
+        _norm_rope_heads(
+            k_ptr,
+            k_weight_ptr,
+            k_dst_ptr,
+            k_row,
+            cos1,
+            cos2,
+            sin1,
+            sin2,
+            tok,
+            stride_k_t,
+            stride_k_h,
+            num_kv_heads,
+            k_eps,
+            HAS_NORM,
+            HEAD_DIM,
+            HALF,
+            BLOCK_HK,
+            BLOCK_HALF,
+        )
+    else:
         offs_h = tl.arange(0, BLOCK_HK)[:, None]
         offs_vd = tl.arange(0, BLOCK_D)[None, :]
         mask = (offs_h < tl.where(k_row >= 0, num_kv_heads, 0)) & (offs_vd < HEAD_DIM)
         v = tl.load(v_ptr + tok * stride_v_t + offs_h * stride_v_h + offs_vd, mask=mask)
         tl.store(v_cache_ptr + k_row + offs_h * HEAD_DIM + offs_vd, v, mask=mask)
-    else:
-        pos = tl.load(positions_ptr + tok).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_HALF)
-        dmask = offs_d < HALF
-        row = pos * HEAD_DIM + offs_d
-        cos1 = tl.load(cos_ptr + row, mask=dmask, other=0.0).to(tl.float32)
-        cos2 = tl.load(cos_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
-        sin1 = tl.load(sin_ptr + row, mask=dmask, other=0.0).to(tl.float32)
-        sin2 = tl.load(sin_ptr + row + HALF, mask=dmask, other=0.0).to(tl.float32)
-        if part == 0:
-            _norm_rope_heads(
-                q_ptr,
-                q_weight_ptr,
-                q_out_ptr,
-                tok * (num_q_heads * HEAD_DIM),
-                cos1,
-                cos2,
-                sin1,
-                sin2,
-                tok,
-                stride_q_t,
-                stride_q_h,
-                num_q_heads,
-                q_eps,
-                HAS_NORM,
-                HEAD_DIM,
-                HALF,
-                BLOCK_HQ,
-                BLOCK_HALF,
-            )
-        else:
-            _norm_rope_heads(
-                k_ptr,
-                k_weight_ptr,
-                k_dst_ptr,
-                k_row,
-                cos1,
-                cos2,
-                sin1,
-                sin2,
-                tok,
-                stride_k_t,
-                stride_k_h,
-                num_kv_heads,
-                k_eps,
-                HAS_NORM,
-                HEAD_DIM,
-                HALF,
-                BLOCK_HK,
-                BLOCK_HALF,
-            )
 
 
 def _check_qk(
@@ -236,21 +244,18 @@ def _launch(
     positions: torch.Tensor,
     cos_cache: torch.Tensor,
     sin_cache: torch.Tensor,
-    q_weight: torch.Tensor | None,
-    k_weight: torch.Tensor | None,
-    q_eps: float,
-    k_eps: float,
+    norm: tuple,  # (q_weight, k_weight, q_eps, k_eps); weights None without the norm
     q_out: torch.Tensor,
     k_out: torch.Tensor | None,
-    v: torch.Tensor | None = None,
-    k_cache: torch.Tensor | None = None,
-    v_cache: torch.Tensor | None = None,
-    slot_mapping: torch.Tensor | None = None,
+    store: tuple | None = None,  # (v, k_cache, v_cache, slot_mapping) for STORE_KV
+    early_loads: bool = False,
 ) -> None:
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_tokens == 0:
         return
+    q_weight, k_weight, q_eps, k_eps = norm
+    v, k_cache, v_cache, slot_mapping = store if store is not None else (None,) * 4
     has_norm = q_weight is not None
     store_kv = k_cache is not None
     half = head_dim // 2
@@ -288,6 +293,7 @@ def _launch(
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_D=triton.next_power_of_2(head_dim),
         PDL=pdl,
+        EARLY_LOADS=early_loads,
         # 16 q heads x 64 pairs = 1024 elements per half: 4 warps keep 8 per thread per load.
         num_warps=4,
         launch_pdl=pdl,
@@ -307,6 +313,7 @@ def qk_norm_rope(
     *,
     q_out: torch.Tensor | None = None,  # [T, num_q_heads, head_dim], contiguous
     k_out: torch.Tensor | None = None,  # [T, num_kv_heads, head_dim], contiguous
+    early_loads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # contiguous [T, num_q_heads, head_dim], [T, kv, hd]
     """rope(q_norm(q)), rope(k_norm(k)); with no weights, rope(q), rope(k).
 
@@ -314,6 +321,10 @@ def qk_norm_rope(
     contiguous). Outputs are contiguous tensors in q's dtype, fresh unless q_out / k_out are given;
     a program reads all the q (or all the k) heads of its token before writing them, so the
     outputs may alias q and k when those are contiguous.
+
+    `early_loads`: launched as a programmatic dependent, each program reads its token's position
+    (and slot) and cos / sin rows before it waits for the kernel before it; only for positions and
+    slots that no kernel of the chain writes (the engine uploads them before the step).
     """
     if q_out is None:
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -321,7 +332,8 @@ def qk_norm_rope(
         k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     _check_qk(q, k, positions, cos_cache, sin_cache, q_weight, k_weight, q_out)
     assert k_out.shape == k.shape and k_out.dtype == k.dtype and k_out.is_contiguous()
-    _launch(q, k, positions, cos_cache, sin_cache, q_weight, k_weight, q_eps, k_eps, q_out, k_out)
+    norm = (q_weight, k_weight, q_eps, k_eps)
+    _launch(q, k, positions, cos_cache, sin_cache, norm, q_out, k_out, early_loads=early_loads)
     return q_out, k_out
 
 
@@ -341,12 +353,14 @@ def qk_norm_rope_store_kv(
     k_eps: float = 1e-6,
     *,
     q_out: torch.Tensor | None = None,  # [T, num_q_heads, head_dim], contiguous
+    early_loads: bool = False,
 ) -> torch.Tensor:  # contiguous [T, num_q_heads, head_dim]
     """`qk_norm_rope`, with rope(k_norm(k)) and v written into cache slot `slot_mapping[t]`
     (block_id * block_size + offset) instead of returned: what `qk_norm_rope` followed by
     `kv_store.store_kvcache` writes, in one launch. Returns rope(q_norm(q)).
 
     q, k and v may be views into the packed qkv projection; q_out may alias q when q is contiguous.
+    `early_loads` as in `qk_norm_rope`.
     """
     if q_out is None:
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -359,21 +373,7 @@ def qk_norm_rope_store_kv(
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert slot_mapping.shape == (q.shape[0],), (slot_mapping.shape, q.shape)
     assert slot_mapping.dtype in (torch.int32, torch.int64), slot_mapping.dtype
-    _launch(
-        q,
-        k,
-        positions,
-        cos_cache,
-        sin_cache,
-        q_weight,
-        k_weight,
-        q_eps,
-        k_eps,
-        q_out,
-        None,
-        v=v,
-        k_cache=k_cache,
-        v_cache=v_cache,
-        slot_mapping=slot_mapping,
-    )
+    norm = (q_weight, k_weight, q_eps, k_eps)
+    store = (v, k_cache, v_cache, slot_mapping)
+    _launch(q, k, positions, cos_cache, sin_cache, norm, q_out, None, store, early_loads)
     return q_out

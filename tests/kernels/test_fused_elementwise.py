@@ -131,6 +131,7 @@ def test_qk_norm_rope(
         k_eps=k_norm.eps if with_norm else 0.0,
         q_out=poison_like(expect_q).to(DEVICE),
         k_out=poison_like(expect_k).to(DEVICE),
+        early_loads=with_norm,  # position and cos / sin before the PDL wait: the same result
     )
     if with_norm:
         tol = _tol(dtype)

@@ -94,7 +94,8 @@ def test_qk_norm_rope_store_kv(dtype, with_norm, num_heads, num_kv_heads, head_d
     store_kvcache(rope_k, v, k_expect, v_expect, slots.to(DEVICE))
     untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
     untouched[slots[slots >= 0]] = False
-    for slot_dtype in (torch.int32, torch.int64):
+    # early_loads (position, slot and cos / sin read before the PDL wait) computes the same.
+    for slot_dtype, early_loads in ((torch.int32, False), (torch.int64, True)):
         k_cache, v_cache = k_old.clone(), v_old.clone()
         got_q = qk_norm_rope_store_kv(
             q,
@@ -108,6 +109,7 @@ def test_qk_norm_rope_store_kv(dtype, with_norm, num_heads, num_kv_heads, head_d
             slots.to(slot_dtype).to(DEVICE),
             **norm_args,
             q_out=torch.full_like(expect_q, float("nan")),
+            early_loads=early_loads,
         )
         assert torch.equal(got_q, expect_q)
         assert torch.equal(k_cache, k_expect)

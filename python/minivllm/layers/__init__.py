@@ -13,6 +13,26 @@ import torch
 _FUSED_KERNELS = os.environ.get("MINIVLLM_FUSED_KERNELS", "1") != "0"
 
 
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off switch from the environment: "1" on, "0" off; unset or empty: `default`."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 1 (on) or 0 (off)")
+    return default if value == "" else value == "1"
+
+
+def env_count(name: str, what: str = "tokens", default: int = 0) -> int:
+    """A count (of tokens, of columns) from the environment (0: off; unset: `default`)."""
+    value = os.environ.get(name, str(default))
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"{name}={value!r}: expected a number of {what} (0 turns it off)")
+    return count
+
+
 def fused_kernels_on(device: torch.device) -> bool:
     """Whether layers on `device` take their fused Triton paths."""
     return _FUSED_KERNELS and device.type == "cuda"

@@ -13,7 +13,6 @@ given. Every other path (torch backend, CPU, MINIVLLM_FUSED_KERNELS=0) gets k ba
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -22,19 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _env_switch(name: str, default: bool) -> bool:
-    """An on/off switch from the environment: "1" on, "0" off; unset or empty: `default`."""
-    value = os.environ.get(name, "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{name}={value!r}: expected 1 (on) or 0 (off)")
-    return default if value == "" else value == "1"
-
+from minivllm.layers import env_switch
 
 # Triton backend, decode-only steps: the decode kernel reads its first key tile before its PDL
 # wait (`early_loads`: 1-3.5% faster at 1, 16 and 32 running, even at 8; benchmarks/README.md).
 # Read when a layer is built, so that MINIVLLM_DECODE_EARLY_LOADS=0 times the engine without it.
-DECODE_EARLY_LOADS = _env_switch("MINIVLLM_DECODE_EARLY_LOADS", True)
+DECODE_EARLY_LOADS = env_switch("MINIVLLM_DECODE_EARLY_LOADS", True)
 
 
 @dataclass

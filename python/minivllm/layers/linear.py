@@ -10,7 +10,6 @@ that copies this rank's slice of a checkpoint tensor into it, so the model code 
 from __future__ import annotations
 
 import importlib
-import os
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -18,24 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed import get_tp_group, get_tp_size
-from minivllm.layers import fused_kernels
+from minivllm.layers import env_count, fused_kernels
 
 if TYPE_CHECKING:
     from minivllm.layers.attention import KVCacheWrite
     from minivllm.layers.rmsnorm import RMSNorm
     from minivllm.layers.rotary import RotaryEmbedding
-
-
-def _env_count(name: str, what: str = "tokens", default: int = 0) -> int:
-    """A count (of tokens, of columns) from the environment (0: off; unset: `default`)."""
-    value = os.environ.get(name, str(default))
-    try:
-        count = int(value)
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise ValueError(f"{name}={value!r}: expected a number of {what} (0 turns it off)")
-    return count
 
 
 # gate/up's GEMM ends in SiLU-and-multiply up to this many tokens: measured faster at 1-16 tokens
@@ -45,13 +32,13 @@ GATED_MAX_TOKENS = 16
 # Opt-in, not measured in the engine yet (0: off): up to this many tokens the qkv GEMM ends in
 # the q/k norm + rotary and the KV-cache store (`QKVParallelLinear.rope_store_kv`). Set through
 # the environment so that one benchmark call can time the engine with and without it.
-ROPE_IN_GEMM_MAX_TOKENS = _env_count("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS")
+ROPE_IN_GEMM_MAX_TOKENS = env_count("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS")
 
 # In steps of up to GEMM_EARLY_MAX_TOKENS tokens each program of the Triton GEMM reads up to
 # GEMM_EARLY_COLUMNS of its first weight columns before its PDL wait (kernels/linear.py
 # `early`): the weights stream in while the kernel before it finishes. Faster at 1-8 running,
 # equal at 16-64 (H100, benchmarks/README.md); MINIVLLM_GEMM_EARLY_COLUMNS=0 turns it off.
-GEMM_EARLY_COLUMNS = _env_count("MINIVLLM_GEMM_EARLY_COLUMNS", "weight columns", default=256)
+GEMM_EARLY_COLUMNS = env_count("MINIVLLM_GEMM_EARLY_COLUMNS", "weight columns", default=256)
 GEMM_EARLY_MAX_TOKENS = 64
 
 

@@ -13,11 +13,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from minivllm.layers import fused_kernels
+from minivllm.layers import env_switch, fused_kernels
 
 if TYPE_CHECKING:
     from minivllm.layers.attention import KVCacheWrite
     from minivllm.layers.rmsnorm import RMSNorm
+
+# The fused kernel reads each token's position, slot and cos / sin rows before its PDL wait
+# (`early_loads`): the engine uploads positions and slots before a step's first kernel.
+# MINIVLLM_ROPE_EARLY_LOADS=0 times the engine without it (read when the layer is built).
+ROPE_EARLY_LOADS = env_switch("MINIVLLM_ROPE_EARLY_LOADS", True)
 
 
 class RotaryEmbedding(nn.Module):
@@ -31,6 +36,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.kernels = fused_kernels("qk_norm_rope", fused)
+        self.early_loads = ROPE_EARLY_LOADS
         inv_freq = 1.0 / (
             base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
         )
@@ -69,6 +75,7 @@ class RotaryEmbedding(nn.Module):
                 "k_weight": k_norm.weight if k_norm is not None else None,
                 "q_eps": q_norm.eps if q_norm is not None else 0.0,
                 "k_eps": k_norm.eps if k_norm is not None else 0.0,
+                "early_loads": self.early_loads,
             }
             if kv_write is not None and kv_write.k_cache.dtype == q.dtype:
                 q = self.kernels.qk_norm_rope_store_kv(
