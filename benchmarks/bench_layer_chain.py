@@ -23,8 +23,6 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
                 sin rows before its PDL wait (`early_loads`; the engine's MINIVLLM_ROPE_EARLY_LOADS)
   ...+wearlyN   each Triton GEMM program reads up to N of its first weight columns before its
                 PDL wait (kernels/linear.py `early`; the engine's MINIVLLM_GEMM_EARLY_COLUMNS)
-  ...+ropegemm  with --context: no rotary kernel; the qkv GEMM ends in q/k norm + rotary and
-                the KV store (kernels/qkv_rope.py), where the Triton GEMM takes qkv
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -56,7 +54,6 @@ from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
 from minivllm.kernels.linear import gemm_config, linear, supports
 from minivllm.kernels.paged_decode import _decode_attention as decode_attention
 from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
-from minivllm.kernels.qkv_rope import num_rope_counters, qkv_rope_store_kv, supports_rope
 from minivllm.layers.linear import GATED_MAX_TOKENS
 
 # Qwen3-0.6B: hidden size, q + k + v, attention output, intermediate size, heads, layers
@@ -104,10 +101,6 @@ class Chain:
             for _ in range(layers)
         ]
         self.norm_w = torch.ones(HIDDEN, device=DEVICE, dtype=dtype)
-        self.ropegemm = "+ropegemm" in mode
-        self.rope_counters = torch.zeros(
-            layers, num_rope_counters(NUM_HEADS, NUM_KV_HEADS), dtype=torch.int32, device=DEVICE
-        )
         self.attn = rnd(m, ATTN, scale=1.0)
         self.res0 = rnd(m, HIDDEN, scale=1.0)
         self.context = context
@@ -139,17 +132,10 @@ class Chain:
 
     def attention(self, h, layer):
         """qkv GEMM, q/k norm + rotary + KV store, then paged decode attention: [m, ATTN]."""
-        k_cache, v_cache = self.caches[layer]
-        w = self.w[layer]["qkv"]
-        if self.ropegemm and supports_rope(h, w, HEAD_DIM):  # one kernel
-            q = qkv_rope_store_kv(
-                h, w, NUM_HEADS, self.positions, self.cos, self.sin, k_cache, v_cache,
-                self.slot_mapping, self.rope_counters[layer], self.qk_norm_w, self.qk_norm_w,
-            )  # fmt: skip
-            return self.decode(q, layer)
         qkv = self.gemm(h, layer, "qkv")
         kv_size = NUM_KV_HEADS * HEAD_DIM
         q, k, v = qkv.split([NUM_HEADS * HEAD_DIM, kv_size, kv_size], -1)
+        k_cache, v_cache = self.caches[layer]
         q = qk_norm_rope_store_kv(
             q.view(self.m, NUM_HEADS, HEAD_DIM),
             k.view(self.m, NUM_KV_HEADS, HEAD_DIM),
@@ -164,11 +150,6 @@ class Chain:
             self.qk_norm_w,
             early_loads="+rearly" in self.mode,
         )
-        return self.decode(q, layer)
-
-    def decode(self, q, layer):
-        """Paged decode attention of q over this layer's cache: [m, ATTN]."""
-        k_cache, v_cache = self.caches[layer]
         out = decode_attention(
             q,
             k_cache,

@@ -12,8 +12,8 @@
 #   workload    profile_workload.py
 #   latency_ab  bench_latency.py once per variant of $LATENCY_AB, each with its own environment
 #               (the engine's switches): "NAME:VAR=VALUE,VAR=VALUE NAME: ..." (default: base,
-#               without the GEMMs' early weight columns, without the early decode loads, and
-#               the rotary in the qkv GEMM);
+#               without the rotary kernel's early loads (norearly: MINIVLLM_ROPE_EARLY_LOADS=0),
+#               without the GEMMs' early weight columns (nowearly));
 #               $LATENCY_AB_ARGS for each run, JSON latency_NAME.json
 #   kernels     all of: prefill_attention decode_attention decode_varlen gemm layer_chain
 #               small_kernels mixed_decode (bench_<name>.py; each can be named alone)
@@ -78,7 +78,6 @@ for step in "${steps[@]}"; do
           $(extra latency) ;;
       latency_ab)
         default="base: norearly:MINIVLLM_ROPE_EARLY_LOADS=0 nowearly:MINIVLLM_GEMM_EARLY_COLUMNS=0"
-        default+=" rope:MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS=128"
         for variant in ${LATENCY_AB:-$default}; do
           name=${variant%%:*}
           IFS=, read -ra envs <<<"${variant#*:}"

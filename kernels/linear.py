@@ -110,31 +110,6 @@ def _gemm_finish(acc, up, out_dtype: tl.constexpr, SWAP: tl.constexpr, GATED: tl
 
 
 @triton.jit
-def _gemm_tile(
-    x_desc,
-    w_desc,
-    N,
-    k0,
-    k_len,
-    off_m,
-    off_n,
-    out_dtype: tl.constexpr,  # GATED: what the gate and up products round to, as in torch
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    SWAP: tl.constexpr,
-    GATED: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-):
-    """The float32 [BM, BN] tile (off_m, off_n) of x @ W^T over K columns k0 .. k0 + k_len, with
-    `_linear_kernel`'s GATED option (the kernels/qkv_rope.py GEMM shares it)."""
-    acc, up = _zero_acc(BM, BN, SWAP, GATED)
-    acc, up = _gemm_acc(x_desc, w_desc, N, k0, k_len, off_m, off_n, acc, up, BK, SWAP, GATED,
-                        NUM_STAGES)  # fmt: skip
-    return _gemm_finish(acc, up, out_dtype, SWAP, GATED)
-
-
-@triton.jit
 def _early_product(w_first, x_ptr, stride_x, M, K, k0, off_m, BM: tl.constexpr,
                    EARLY_K: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
     """w_first (a program's first EARLY_K weight columns, read before the PDL wait) times the

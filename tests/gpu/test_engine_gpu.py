@@ -112,32 +112,31 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
     assert rel < 2e-2, rel
 
 
-def test_the_opt_in_routes_close_to_the_default_in_bf16(gpu_qwen3, monkeypatch):
-    """The rope in the qkv GEMM (layers.linear.ROPE_IN_GEMM_MAX_TOKENS, opt-in: no rotary
-    kernel) with the early weight columns in the GEMMs (GEMM_EARLY_COLUMNS) and the early
-    decode loads (layers.attention.DECODE_EARLY_LOADS), both the default, against all three
-    off, inside the engine, bf16: one step's logits within 1%; greedy generation with CUDA graphs (split decodes) gives the same tokens up to where a sequence's top two
-    logprobs tie within bf16 rounding, where the two routes may part."""
+def test_the_early_loads_close_to_none_in_bf16(gpu_qwen3, monkeypatch):
+    """The early weight columns in the GEMMs (layers.linear.GEMM_EARLY_COLUMNS) and the early
+    decode loads (layers.attention.DECODE_EARLY_LOADS), both the default, against both off,
+    inside the engine, bf16: one step's logits within 1%; greedy generation with CUDA graphs
+    (split decodes) gives the same tokens up to where a sequence's top two logprobs tie within
+    bf16 rounding, where the two routes may part."""
     from minivllm.layers import attention
     from minivllm.layers import linear as linear_layers
 
     prompts = mixed_prompts(8, seed=17, min_len=3, max_len=14)  # one step of <= 112 tokens
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     logits, outputs = {}, {}
-    for max_tokens in (0, 128):
-        monkeypatch.setattr(linear_layers, "ROPE_IN_GEMM_MAX_TOKENS", max_tokens)
-        monkeypatch.setattr(attention, "DECODE_EARLY_LOADS", max_tokens > 0)
-        monkeypatch.setattr(linear_layers, "GEMM_EARLY_COLUMNS", 2 * max_tokens)
+    for early in (False, True):
+        monkeypatch.setattr(attention, "DECODE_EARLY_LOADS", early)
+        monkeypatch.setattr(linear_layers, "GEMM_EARLY_COLUMNS", 256 if early else 0)
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16", enforce_eager=True)
-        logits[max_tokens] = one_step_logits(llm, prompts)
+        logits[early] = one_step_logits(llm, prompts)
         llm.close()
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16")
-        outputs[max_tokens] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        outputs[early] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.num_free_blocks == llm.runtime.num_kv_blocks
         llm.close()
-    a, b = logits[128], logits[0]
+    a, b = logits[True], logits[False]
     assert ((a - b).norm() / b.norm()).item() < 1e-2
-    for got, expect in zip(outputs[128], outputs[0]):
+    for got, expect in zip(outputs[True], outputs[False]):
         for i, (x, y) in enumerate(zip(got.token_ids, expect.token_ids)):
             if x != y:  # parted at a near tie of the default route's top two
                 top = sorted((lp.logprob for lp in expect.logprobs[i].values()), reverse=True)

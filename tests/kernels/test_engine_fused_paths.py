@@ -66,33 +66,26 @@ def test_fused_layers_match_the_plain_ones(tiny_qwen3, monkeypatch) -> None:
     assert tokens == plain_tokens
 
 
-def test_the_rope_in_gemm_and_early_loads_match_the_plain_decode(gpu_qwen3, monkeypatch):
-    """The opt-in rope in the qkv GEMM (ROPE_IN_GEMM_MAX_TOKENS: no rotary kernel), and the
-    default early weight columns in the GEMMs (GEMM_EARLY_COLUMNS) and early decode loads
-    (DECODE_EARLY_LOADS), on a head_dim 64 model so the qkv GEMM's tiles hold whole heads,
-    against all three off: the same greedy tokens, prompt logprobs within float16 rounding, and
-    each route taken."""
-    from minivllm.kernels import paged_decode, qkv_rope
+def test_the_early_loads_match_the_plain_decode(gpu_qwen3, monkeypatch):
+    """The default early weight columns in the GEMMs (GEMM_EARLY_COLUMNS) and early decode loads
+    (DECODE_EARLY_LOADS), on tests/gpu's head_dim 64 model, against both off: the same greedy
+    tokens, prompt logprobs within float16 rounding, and each route taken."""
+    from minivllm.kernels import paged_decode
 
-    calls = {"rope": 0, "early": 0}
-    original_rope, original_decode = qkv_rope.qkv_rope_store_kv, paged_decode.decode_attention
-
-    def rope(*args, **kwargs):
-        calls["rope"] += 1
-        return original_rope(*args, **kwargs)
+    calls = {"early": 0}
+    original_decode = paged_decode.decode_attention
 
     def decode(*args, **kwargs):
         calls["early"] += bool(kwargs.get("early_loads"))
         return original_decode(*args, **kwargs)
 
-    off = {"ROPE_IN_GEMM_MAX_TOKENS": 0, "DECODE_EARLY_LOADS": False, "GEMM_EARLY_COLUMNS": 0}
+    off = {"DECODE_EARLY_LOADS": False, "GEMM_EARLY_COLUMNS": 0}
     # Contexts past 256 tokens: the decode runs two splits.
     expect_tokens, expect_logprobs, _, _ = _run(gpu_qwen3, monkeypatch, True, off, max_len=300)
-    monkeypatch.setattr(qkv_rope, "qkv_rope_store_kv", rope)
     monkeypatch.setattr(paged_decode, "decode_attention", decode)
-    on = {"ROPE_IN_GEMM_MAX_TOKENS": 64, "DECODE_EARLY_LOADS": True, "GEMM_EARLY_COLUMNS": 128}
+    on = {"DECODE_EARLY_LOADS": True, "GEMM_EARLY_COLUMNS": 128}
     tokens, logprobs, _, early = _run(gpu_qwen3, monkeypatch, True, on, max_len=300)
-    assert calls["rope"] and calls["early"] and early, (calls, early)
+    assert calls["early"] and early, (calls, early)
     for got, expect in zip(logprobs, expect_logprobs, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), atol=3e-2, rtol=3e-2)
     assert tokens == expect_tokens

@@ -221,10 +221,9 @@ def test_gated_mlp_on_the_interpreter_matches_torch() -> None:
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS", "yes", "expected a number of tokens"),
-        ("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS", "-4", "expected a number of tokens"),
         ("MINIVLLM_DECODE_EARLY_LOADS", "true", "expected 1 (on) or 0 (off)"),
         ("MINIVLLM_GEMM_EARLY_COLUMNS", "256k", "expected a number of weight columns"),
+        ("MINIVLLM_GEMM_EARLY_COLUMNS", "-4", "expected a number of weight columns"),
     ],
 )
 def test_a_bad_experiment_switch_is_named(name: str, value: str, message: str) -> None:

@@ -58,7 +58,7 @@ class KVCacheWrite:
     """One layer's K/V cache write, handed to the fused q/k-norm + rotary kernel to do instead of
     the attention layer's store (same slots and layout as `store_kvcache`)."""
 
-    value: torch.Tensor | None  # [T, num_kv_heads, head_dim]; None for the qkv GEMM's epilogue
+    value: torch.Tensor  # [T, num_kv_heads, head_dim]
     k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor  # [T] cache slot of each new token, < 0 for none
@@ -121,9 +121,9 @@ class Attention(nn.Module):
         if backend.name == "triton" and DECODE_EARLY_LOADS:
             self.decode_options["early_loads"] = True
 
-    def kv_write(self, v: torch.Tensor | None, meta: AttentionMetadata) -> KVCacheWrite | None:
-        """This step's cache write for the rotary kernel (or the qkv GEMM, v None) to fuse, or
-        None when the backend keeps its own store. v: [T, num_kv_heads, head_dim]."""
+    def kv_write(self, v: torch.Tensor, meta: AttentionMetadata) -> KVCacheWrite | None:
+        """This step's cache write for the rotary kernel to fuse, or None when the backend keeps
+        its own store. v: [T, num_kv_heads, head_dim]."""
         if not self.backend.can_fuse_kv_store:
             return None
         return KVCacheWrite(v, self.k_cache, self.v_cache, meta.slot_mapping)
@@ -132,7 +132,7 @@ class Attention(nn.Module):
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
         k: torch.Tensor | None,  # [T, num_kv_heads, head_dim]; None: k and v already stored
-        v: torch.Tensor | None,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Store this step's k and v (unless the rotary kernel did: k is None), then attend. The

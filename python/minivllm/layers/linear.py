@@ -9,8 +9,7 @@ that copies this rank's slice of a checkpoint tensor into it, so the model code 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,20 +18,9 @@ from torch import nn
 from minivllm.distributed import get_tp_group, get_tp_size
 from minivllm.layers import env_count, fused_kernels
 
-if TYPE_CHECKING:
-    from minivllm.layers.attention import KVCacheWrite
-    from minivllm.layers.rmsnorm import RMSNorm
-    from minivllm.layers.rotary import RotaryEmbedding
-
-
 # gate/up's GEMM ends in SiLU-and-multiply up to this many tokens: measured faster at 1-16 tokens
 # and slower from 64 on (benchmarks/README.md, bench_layer_chain.py).
 GATED_MAX_TOKENS = 16
-
-# Opt-in, not measured in the engine yet (0: off): up to this many tokens the qkv GEMM ends in
-# the q/k norm + rotary and the KV-cache store (`QKVParallelLinear.rope_store_kv`). Set through
-# the environment so that one benchmark call can time the engine with and without it.
-ROPE_IN_GEMM_MAX_TOKENS = env_count("MINIVLLM_ROPE_IN_GEMM_MAX_TOKENS")
 
 # In steps of up to GEMM_EARLY_MAX_TOKENS tokens each program of the Triton GEMM reads up to
 # GEMM_EARLY_COLUMNS of its first weight columns before its PDL wait (kernels/linear.py
@@ -193,53 +181,6 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_kv_heads = _divide(num_kv_heads, tp_size, "num_key_value_heads")
         output_size = (num_heads + 2 * num_kv_heads) * head_dim
         super().__init__(hidden_size, output_size, bias)
-        self.rope_kernels = None  # kernels/qkv_rope.py and its counters, when in use
-        self.rope_counters = None  # zero between calls
-        if self.gemm is not None and ROPE_IN_GEMM_MAX_TOKENS > 0:
-            self.rope_kernels = importlib.import_module("minivllm.kernels.qkv_rope")
-            size = self.rope_kernels.num_rope_counters(self.num_heads, self.num_kv_heads)
-            self.rope_counters = torch.zeros(size, dtype=torch.int32)
-
-    def rope_store_kv(
-        self,
-        x: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [T]
-        rotary: RotaryEmbedding,
-        q_norm: RMSNorm | None,
-        k_norm: RMSNorm | None,
-        kv_write: KVCacheWrite | None,  # its value None: this GEMM writes v
-    ) -> torch.Tensor | None:  # [T, num_heads, head_dim]
-        """rope(q_norm(q)) with rope(k_norm(k)) and v written into the KV cache, all in the
-        GEMM's epilogue (kernels/qkv_rope.py) up to ROPE_IN_GEMM_MAX_TOKENS rows; None where
-        that does not apply: the caller then runs this layer, the rotary layer and the store."""
-        dtype = x.dtype
-        if (
-            self.rope_kernels is None
-            or kv_write is None
-            or len(x) > ROPE_IN_GEMM_MAX_TOKENS
-            or kv_write.k_cache.dtype != dtype
-            or rotary.cos_cache.dtype != dtype
-            or (q_norm is not None and not q_norm.weight.dtype == k_norm.weight.dtype == dtype)
-            or not self.rope_kernels.supports_rope(x, self.weight, self.head_dim)
-        ):
-            return None
-        norm_args = {}
-        if q_norm is not None:
-            norm_args = {"q_weight": q_norm.weight, "k_weight": k_norm.weight}
-            norm_args.update(q_eps=q_norm.eps, k_eps=k_norm.eps)
-        return self.rope_kernels.qkv_rope_store_kv(
-            x,
-            self.weight,
-            self.num_heads,
-            positions,
-            rotary.cos_cache,
-            rotary.sin_cache,
-            kv_write.k_cache,
-            kv_write.v_cache,
-            kv_write.slot_mapping,
-            self.rope_counters,
-            **norm_args,
-        )
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None

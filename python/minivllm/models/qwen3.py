@@ -61,18 +61,6 @@ class Qwen3Attention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor | SplitKPartials:
-        # Opt-in (layers.linear.ROPE_IN_GEMM_MAX_TOKENS): the qkv GEMM also does the q/k norm,
-        # the rotary and the KV store.
-        q = self.qkv_proj.rope_store_kv(
-            hidden_states,
-            positions,
-            self.rotary_emb,
-            self.q_norm,
-            self.k_norm,
-            self.attn.kv_write(None, meta),
-        )
-        if q is not None:  # one kernel: k and v are in the cache
-            return self.o_proj(self.attn(q, None, None, meta).flatten(1), partials=True)
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
