@@ -334,8 +334,8 @@ def test_cli_bench(capsys):
 )
 def test_start_up_warm_up_steps(tiny_qwen3, monkeypatch, kwargs):
     """The CUDA start-up warm-up (a short prefill, then decodes beside prefill rows filling the
-    token budget), run here on the CPU: it plans valid steps for any limits and leaves the real
-    scheduler untouched."""
+    token budget; the LM head at every sampled-row count), run here on the CPU: it plans valid
+    steps for any limits and leaves the real scheduler untouched."""
 
     llm = make_llm(tiny_qwen3, **kwargs)
     runner = llm.model_runner
@@ -351,6 +351,15 @@ def test_start_up_warm_up_steps(tiny_qwen3, monkeypatch, kwargs):
         if "num_kv_blocks" not in kwargs:
             assert mixed.num_tokens == kwargs["max_num_batched_tokens"]
     assert_all_blocks_free(llm)
+    # The LM head once at every sampled-row count a step can have.
+    rows = []
+    real_logits = runner.model.compute_logits
+    monkeypatch.setattr(
+        runner.model, "compute_logits", lambda h: (rows.append(h.shape[0]), real_logits(h))[1]
+    )
+    warmup.warm_up_lm_head(runner)
+    assert rows == list(range(1, kwargs["max_num_seqs"] + 1))
+    monkeypatch.undo()
     out = llm.generate(
         [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False
     )

@@ -3,7 +3,8 @@
 Two uses at start-up on a GPU: the largest step the engine can take (max_num_batched_tokens of
 prompt over up to max_num_seqs sequences, every sampling filter on) measures the activation memory
 the KV pool must leave free; then a short prefill step and a full mixed step (decodes beside long
-prefill chunks) compile the kernel variants the first requests would otherwise wait for. Every
+prefill chunks) compile the kernel variants the first requests would otherwise wait for, and the
+LM head runs once at every sampled-row count (`warm_up_lm_head`). Every
 tensor-parallel rank plans and runs the same steps itself, so the collectives line up. The steps
 go through the same staging buffer as real ones and write K/V only into blocks the real scheduler
 has not handed out yet.
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from minivllm.config import EngineConfig
 from minivllm.engine import new_scheduler
@@ -77,3 +79,18 @@ def warm_up_step_kinds(runner: ModelRunner) -> None:
     # The mixed step runs eagerly even where the mixed CUDA graph would: smaller steps with
     # prefill run eagerly, and their kernel variants compile here.
     run_steps(runner, sched, max_steps=1)
+
+
+def warm_up_lm_head(runner: ModelRunner) -> None:
+    """The LM head once at every sampled-row count a step can have (1 .. max_num_seqs). cuBLAS
+    picks a kernel per shape, and under CUDA's lazy module loading a kernel's first launch
+    waits for the whole device: in a step it would block the host until the GPU has run the
+    step, when it should be planning the next one (steps with prefill sample an ever new
+    number of rows)."""
+    hidden_size = runner.config.model_config.hidden_size
+    hidden = torch.zeros(
+        runner.config.max_num_seqs, hidden_size, dtype=runner.dtype, device=runner.device
+    )
+    with torch.inference_mode():
+        for rows in range(1, hidden.shape[0] + 1):
+            runner.model.compute_logits(hidden[:rows])
