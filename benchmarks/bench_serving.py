@@ -28,9 +28,6 @@ latency against request rate (if matplotlib is installed); prints a table last.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import concurrent.futures
-import multiprocessing
 import json
 import math
 import os
@@ -38,243 +35,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
+from serve_process import SERVED_NAME, cpu_seconds, free_port, serve_command, wait_healthy
+from serving_client import TEMPERATURE, run_load, stats_ms, summarize
 from workload import NUM_SEQS, nano_vllm_workload
 
-TEMPERATURE = 0.6
-SERVED_NAME = "bench"
 # --smoke: the first requests of the workload, short, on the tiny checkpoint on the CPU.
 SMOKE_NUM_SEQS, SMOKE_PROMPT_LEN, SMOKE_OUTPUT_LEN = 8, 32, 16
 
 
-@dataclass
-class Result:
-    """One request as the client saw it."""
-
-    ok: bool
-    prompt_len: int
-    output_len: int = 0
-    ttft: float = 0.0
-    latency: float = 0.0
-    itls: list[float] = field(default_factory=list)
-    error: str = ""
-
-
-async def send(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], prompt_len: int
-) -> Result:
-    """One streamed completion: the time of each read that brought tokens, the usage."""
-    start = time.perf_counter()
-    res = Result(ok=False, prompt_len=prompt_len)
-    last = start
-    usage = None
-    num_events = 0
-    try:
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                return res
-            pending = b""
-            async for raw in r.aiter_raw():
-                now = time.perf_counter()
-                *events, pending = (pending + raw).split(b"\n\n")
-                tokens = False
-                for ev in events:
-                    data = ev.removeprefix(b"data: ")
-                    if data == b"[DONE]":
-                        continue
-                    if b'"usage":{' in data:
-                        usage = json.loads(data)["usage"]
-                        continue
-                    if b'"error"' in data[:16]:
-                        res.error = data.decode(errors="replace")[:200]
-                        return res
-                    num_events += 1
-                    tokens = True
-                if not tokens:
-                    continue
-                if num_events and res.ttft == 0.0:
-                    res.ttft = now - start
-                else:
-                    res.itls.append(now - last)
-                last = now
-    except (httpx.HTTPError, OSError) as e:
-        res.error = f"{type(e).__name__}: {e}"
-        return res
-    res.latency = time.perf_counter() - start
-    res.output_len = usage["completion_tokens"] if usage else num_events
-    res.ok = res.ttft > 0.0
-    return res
-
-
-def request_body(model: str, prompt: list[int], max_tokens: int, seed: int) -> dict[str, Any]:
-    return {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": TEMPERATURE,
-        "ignore_eos": True,
-        "seed": seed,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-
-
-async def _send_all(
-    url: str,
-    model: str,
-    jobs: list[tuple[int, list[int], int, float]],  # (request index, prompt, max_tokens, arrival)
-    start: float,
-    concurrency: int | None,
-) -> list[tuple[int, Result]]:
-    """One client's requests, each sent at start + its arrival (at most `concurrency` at once)."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    gate = asyncio.Semaphore(concurrency) if concurrency else None
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-
-        async def one(i: int, prompt: list[int], max_tokens: int, arrival: float) -> Result:
-            delay = start + arrival - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            body = request_body(model, prompt, max_tokens, seed=i)
-            if gate is None:
-                return await send(client, url, body, len(prompt))
-            async with gate:
-                return await send(client, url, body, len(prompt))
-
-        results = await asyncio.gather(*(one(*job) for job in jobs))
-    return [(job[0], r) for job, r in zip(jobs, results)]
-
-
-def _client_main(
-    url: str, model: str, jobs: list[Any], start: float, concurrency: int | None
-) -> tuple[list[tuple[int, Result]], float, float]:
-    """A client process: its results, when it finished, the CPU seconds it used."""
-    cpu = time.process_time()
-    results = asyncio.run(_send_all(url, model, jobs, start, concurrency))
-    return results, time.perf_counter(), time.process_time() - cpu
-
-
-def run_load(
-    url: str,
-    model: str,
-    prompts: list[list[int]],
-    max_tokens: list[int],
-    rate: float = math.inf,
-    concurrency: int | None = None,
-    clients: int = 1,
-) -> tuple[list[Result], float, float]:
-    """Every request, Poisson arrivals at `rate` (seeded) or at most `concurrency` at once,
-    sent by `clients` processes (request i by process i % clients: one Python client parsing
-    hundreds of streams can be slower than the server it measures). Returns the results, the
-    duration and the clients' CPU seconds."""
-    gaps = (
-        np.random.default_rng(0).exponential(1.0 / rate, len(prompts))
-        if rate < math.inf
-        else (np.zeros(len(prompts)))
-    )
-    arrivals = np.cumsum(gaps) - gaps[0]
-    jobs = [(i, prompts[i], max_tokens[i], float(arrivals[i])) for i in range(len(prompts))]
-    clients = max(1, min(clients, len(jobs)))
-    per_client = None if concurrency is None else -(-concurrency // clients)
-    if clients == 1:
-        start = time.perf_counter()
-        results, end, cpu = _client_main(url, model, jobs, start, per_client)
-        return [r for _, r in sorted(results, key=lambda x: x[0])], end - start, cpu
-    # perf_counter is the system-wide monotonic clock on Linux: one start time for all.
-    ctx = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(clients, mp_context=ctx) as pool:
-        start = time.perf_counter() + 0.5  # time for the processes to start
-        futures = [
-            pool.submit(_client_main, url, model, jobs[k::clients], start, per_client)
-            for k in range(clients)
-        ]
-        parts = [f.result() for f in futures]
-    results = sorted((x for part, _, _ in parts for x in part), key=lambda x: x[0])
-    end = max(end for _, end, _ in parts)
-    return [r for _, r in results], end - start, sum(cpu for _, _, cpu in parts)
-
-
-def _stats_ms(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": math.nan, "p50": math.nan, "p90": math.nan, "p99": math.nan}
-    a = np.asarray(values) * 1000.0
-    return {
-        "mean": float(a.mean()),
-        "p50": float(np.percentile(a, 50)),
-        "p90": float(np.percentile(a, 90)),
-        "p99": float(np.percentile(a, 99)),
-    }
-
-
-def summarize(results: list[Result], duration: float) -> dict[str, Any]:
-    ok = [r for r in results if r.ok]
-    num_out = sum(r.output_len for r in ok)
-    num_in = sum(r.prompt_len for r in ok)
-    tpots = [(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
-    errors = sorted({r.error for r in results if not r.ok})
-    return {
-        "completed": len(ok),
-        "failed": len(results) - len(ok),
-        "errors": errors[:5],
-        "duration_s": duration,
-        "request_throughput": len(ok) / duration,
-        "output_tok_s": num_out / duration,
-        "total_tok_s": (num_in + num_out) / duration,
-        "output_tokens": num_out,
-        "ttft_ms": _stats_ms([r.ttft for r in ok]),
-        "tpot_ms": _stats_ms(tpots),
-        "itl_ms": _stats_ms([x for r in ok for x in r.itls]),
-        "e2el_ms": _stats_ms([r.latency for r in ok]),
-    }
-
-
-# ---- the server and the offline reference ------------------------------------------------------
+# ---- the engine's arguments and the offline reference ------------------------------------------
 
 
 def engine_args(smoke: bool, load_format: str) -> dict[str, Any]:
     if smoke:
         return {"device": "cpu", "max_model_len": 512, "seed": 0}
     return {"dtype": "bfloat16", "load_format": load_format, "max_model_len": 4096, "seed": 0}
-
-
-def serve_command(model: str, port: int, args: dict[str, Any]) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-P",
-        "-m",
-        "minivllm.cli",
-        "serve",
-        model,
-        "--port",
-        str(port),
-        "--served-model-name",
-        SERVED_NAME,
-        "--log-level",
-        "warning",
-    ]
-    for name, value in args.items():
-        cmd += [f"--{name.replace('_', '-')}", str(value)]
-    return cmd
-
-
-def wait_healthy(base_url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server did not start in {timeout_s} s:\n{log.read_text()[-4000:]}")
 
 
 def offline_reference(
@@ -308,7 +86,7 @@ def offline_reference(
         "output_tok_s": num_out / elapsed,
         "duration_s": elapsed,
         "output_tokens": num_out,
-        "per_token_ms": _stats_ms(per_token),
+        "per_token_ms": stats_ms(per_token),
     }
 
 
@@ -428,7 +206,7 @@ def main() -> int:
     base_url = args.url.rstrip("/") if args.url else None
     name = args.model_name if args.url else SERVED_NAME
     if base_url is None:
-        port = _free_port()
+        port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         log = Path(tmp.name) / "server.log"
         with log.open("w") as f:
@@ -459,11 +237,11 @@ def main() -> int:
             ("concurrency", math.inf, c) for c in concurrency
         ]
         for mode, rate, conc in plan:
-            cpu_before = _cpu_seconds(server)
+            cpu_before = cpu_seconds(server)
             results, duration, client_cpu = run_load(
                 url, name, prompts, max_tokens, rate, conc, args.clients
             )
-            cpu = {k: v - cpu_before.get(k, 0.0) for k, v in _cpu_seconds(server).items()}
+            cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(server).items()}
             cpu["client"] = client_cpu
             label = f"rate {rate:g}/s" if mode == "rate" else f"concurrency {conc}"
             report["runs"].append(
@@ -516,34 +294,6 @@ def main() -> int:
     return 0
 
 
-def _cpu_seconds(server: subprocess.Popen | None) -> dict[str, float]:
-    """User + system CPU seconds so far of this client, the server's process and its children
-    (the engine process), from /proc where there is one."""
-    out: dict[str, float] = {}
-    if server is None or not Path("/proc").is_dir():
-        return out
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def stat(pid: int) -> list[str] | None:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-
-    fields = stat(server.pid)
-    if fields is None:
-        return out
-    out["server"] = (int(fields[11]) + int(fields[12])) / tick
-    children = 0.0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            f = stat(int(entry.name))
-            if f is not None and int(f[1]) == server.pid:
-                children += (int(f[11]) + int(f[12])) / tick
-    out["engine"] = children
-    return out
-
-
 def _clean(x: Any) -> Any:
     """NaN (a percentile of nothing) as JSON null."""
     if isinstance(x, float) and math.isnan(x):
@@ -553,14 +303,6 @@ def _clean(x: Any) -> Any:
     if isinstance(x, list):
         return [_clean(v) for v in x]
     return x
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gpu_name() -> str | None:

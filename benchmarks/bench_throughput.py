@@ -29,7 +29,6 @@ decode probe at 8 and 256 running, where the probe also sums the profiled NCCL k
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib
 import json
@@ -42,9 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 from bench_common import allocator_counters, device_info
+from decode_probe import one_request_ms_per_token, probe_decode_steps, sync
 from minivllm import LLM, SamplingParams
 from roofline import Ceilings, ModelCost, workload_seconds
-from steps import StepLoop, StepRecord, StepRecorder
+from step_breakdown import step_breakdown
+from steps import StepRecorder
+from throughput_report import print_summary
 from workload import (
     MODEL_SHAPES,
     NUM_SEQS,
@@ -53,14 +55,6 @@ from workload import (
     nano_vllm_workload,
     smoke_workload,
 )
-
-DECODE_KINDS = ((16, "decode 1-16"), (64, "decode 17-64"), (160, "decode 65-160"))
-
-
-def step_kind(num_tokens: int, num_decodes: int) -> str:
-    if num_tokens != num_decodes:
-        return "prefill / mixed"
-    return next((kind for most, kind in DECODE_KINDS if num_decodes <= most), "decode 161-256")
 
 
 def compiled_triton_kernels() -> dict[str, int]:
@@ -80,62 +74,6 @@ def compiled_triton_kernels() -> dict[str, int]:
             except (TypeError, IndexError):
                 pass
     return counts
-
-
-def step_breakdown(
-    records: list[StepRecord], start: float, end: float, cost: ModelCost, ceilings: Ceilings
-) -> dict[str, Any]:
-    """Where the timed run went, by kind of step against each step's roofline. A step's time
-    runs from when the GPU could start it (its launch, or the previous step's ids read back, if
-    later) to its own ids read back; steps without sampled rows are folded into the next one's.
-    With async scheduling the launches run ahead, so this is GPU-side time plus any wait for the
-    host; what is left of the wall time went to steps that never waited for the GPU."""
-    groups: dict[str, list[float]] = {}
-    prev_end, covered, pending_roof = start, 0.0, 0.0
-    timed = []
-    for index, r in enumerate(records):
-        roof = cost.step_seconds(
-            r.num_tokens, r.num_decodes, r.num_samples, r.context_tokens, r.pairs, ceilings
-        )
-        g = groups.setdefault(step_kind(r.num_tokens, r.num_decodes), [0, 0.0, 0.0])
-        g[0] += 1
-        g[2] += roof
-        if r.read is None:  # no sampled rows: its time shows up in the next step's
-            pending_roof += roof
-            continue
-        seconds = r.read - max(prev_end, r.launched)
-        g[1] += seconds
-        covered += seconds
-        timed.append(
-            {
-                "ms": seconds * 1e3,
-                "step": index,
-                "offset_s": r.launched - start,
-                "tokens": r.num_tokens,
-                "decodes": r.num_decodes,
-                "roofline_ms": (roof + pending_roof) * 1e3,
-                # the host's part: its launch call, and how long after the previous step's ids
-                # came back it started (negative: launched ahead, as async scheduling does)
-                "host_ms": r.host_s * 1e3,
-                "launched_after_prev_ms": (r.launched - prev_end) * 1e3,
-            }
-        )
-        prev_end, pending_roof = r.read, 0.0
-    return {
-        "slowest_steps": sorted(timed, key=lambda st: -st["ms"])[:6],
-        "num_steps": len(records),
-        "seconds_in_steps": covered,
-        "seconds_outside": (end - start) - covered,
-        "by_kind": {
-            k: {"steps": g[0], "seconds": g[1], "roofline_s": g[2]}
-            for k, g in sorted(groups.items())
-        },
-    }
-
-
-def sync(llm: LLM) -> None:
-    if llm.config.torch_device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_minivllm(
@@ -204,99 +142,6 @@ def run_minivllm(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
-
-
-def one_request_ms_per_token(llm: LLM, prompt: list[int], new_tokens: int = 128) -> float:
-    """One request alone: (wall of generate at 1 + new_tokens tokens - wall at 1) / new_tokens,
-    the median of three, each on a prompt of its own (no prefix-cache hit)."""
-    prompt, vocab = (prompt * 2)[:512], min(llm.config.model_config.vocab_size, 10000)
-    times = []
-    for k in range(1, 4):
-        walls = []
-        for n in (1, 1 + new_tokens):
-            ids = [(t + 1000 * k + n) % vocab for t in prompt]
-            params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n)
-            sync(llm)
-            t0 = time.perf_counter()
-            llm.generate([ids], params, use_tqdm=False)
-            sync(llm)
-            walls.append(time.perf_counter() - t0)
-        times.append((walls[1] - walls[0]) / new_tokens)
-    return float(np.median(times)) * 1e3
-
-
-def probe_decode_steps(
-    llm: LLM, prompts: list[list[int]], num_running: int, num_steps: int = 24
-) -> dict[str, float | None]:
-    """The engine's loop with `num_running` sequences of 256-token prompts decoding: per step the
-    wall time, the GPU kernel time (profiler, union of kernel intervals; CUDA only), the GPU busy
-    fraction, the NCCL kernels' time (the all-reduces of tensor parallelism, rank 0's GPU), and
-    the host time in schedule + update."""
-    from torch.profiler import ProfilerActivity, profile
-
-    loop, cuda = StepLoop(llm), llm.config.torch_device.type == "cuda"
-    base = 10**9 + num_running * 1000
-    for i in range(num_running):
-        loop.scheduler.add_request(
-            base + i, prompts[i % len(prompts)][:256], 10**3, ignore_eos=True, temperature=0.6,
-            seed=i,
-        )  # fmt: skip
-    loop.step_until_decoding()
-    for _ in range(5):  # settle
-        loop.step()
-    host = []
-    profiler = profile(activities=[ProfilerActivity.CUDA]) if cuda else contextlib.nullcontext()
-    with profiler as prof:
-        sync(llm)
-        w0 = time.perf_counter()
-        for _ in range(num_steps):
-            host.append(loop.step()[1])
-        sync(llm)
-        window = time.perf_counter() - w0
-    loop.drain()
-    for i in range(num_running):
-        loop.scheduler.abort(base + i)
-    wall_step = window / num_steps
-    gpu_step = busy_seconds(prof) / num_steps if cuda else None
-    nccl_step = nccl_seconds(prof) / num_steps if cuda else None
-    return {
-        "running": num_running,
-        "wall_us_per_step": wall_step * 1e6,
-        "gpu_us_per_step": None if gpu_step is None else gpu_step * 1e6,
-        "gpu_busy": None if gpu_step is None else gpu_step / wall_step,
-        "idle_us_per_step": None if gpu_step is None else (wall_step - gpu_step) * 1e6,
-        "nccl_us_per_step": None if nccl_step is None else nccl_step * 1e6,
-        "schedule_update_us_median": float(np.median(host)) * 1e6,
-    }
-
-
-def nccl_seconds(prof: Any) -> float:
-    """The summed time of the profiled NCCL kernels (all-reduces, all-gathers)."""
-    return 1e-6 * sum(
-        e.time_range.end - e.time_range.start
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and "nccl" in e.name.lower()
-    )
-
-
-def busy_seconds(prof: Any) -> float:
-    """The union of the profiled GPU kernels' intervals."""
-    intervals = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    )
-    busy_us, cur_s, cur_e = 0.0, None, None
-    for s, e in intervals:
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                busy_us += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        busy_us += cur_e - cur_s
-    return busy_us * 1e-6
 
 
 def run_peer(model_dir: str, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, Any]:
@@ -432,104 +277,6 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print_summary(results)
-
-
-def print_tp_summary(results: dict[str, Any]) -> None:
-    """One row per tensor_parallel_size: throughput against N = 1 (or the first N run), one
-    request's time per token, and the decode probe's step time and all-reduce time."""
-    runs = results["tp"]
-    base = runs.get("1") or next(iter(runs.values()))
-    print(f"\n{results['device']}, {results['model_shape']}, tensor parallelism")
-    keys = list(base["decode_probe"])  # running counts probed: 256 and 8 (smoke: 4 and 2)
-    probe_head = "".join(f"{'@' + k + ' us':>9}{'NCCL':>7}" for k in keys)
-    print(
-        f"{'N':>3}{'seconds':>9}{'out tok/s':>11}{'x base':>8}{'ms/token, 1 req':>17}{probe_head}"
-    )
-    for n, r in runs.items():
-        cells = ""
-        for k in keys:
-            d = r["decode_probe"][k]
-            nccl = "-" if d["nccl_us_per_step"] is None else f"{d['nccl_us_per_step']:.0f}"
-            cells += f"{d['wall_us_per_step']:>9.0f}{nccl:>7}"
-        print(
-            f"{n:>3}{r['seconds']:>9.2f}{r['output_tok_s']:>11,.0f}"
-            f"{r['output_tok_s'] / base['output_tok_s']:>8.2f}"
-            f"{r['one_request_ms_per_token']:>17.3f}{cells}"
-        )
-
-
-def print_summary(results: dict[str, Any]) -> None:
-    if "tp" in results:
-        print_tp_summary(results)
-        return
-    c, roof = results["ceilings"], results["roofline"]
-    roof_tok_s = results["workload"]["output_tokens"] / roof["total_s"]
-    copy_tok_s = results["workload"]["output_tokens"] / results["roofline_at_copy_rate"]["total_s"]
-    print(
-        f"\n{results['device']}, {results['model_shape']}: copy {c['copy_gbs']:,.0f} GB/s, "
-        f"read-only {c['read_gbs']:,.0f} GB/s, bf16 matmul {c['matmul_tflops']:,.0f} TFLOP/s; "
-        f"roofline {roof['total_s']:.2f} s (decode {roof['decode_s']:.2f} s, prefill "
-        f"{roof['prefill_s']:.2f} s) = {roof_tok_s:,.0f} output tok/s "
-        f"({copy_tok_s:,.0f} at the copy rate)"
-    )
-    print(f"{'run':<28}{'seconds':>9}{'out tok/s':>12}{'total tok/s':>13}{'of roofline':>13}"
-          f"{'at copy rate':>14}")  # fmt: skip
-    for key, label in (
-        ("cpp", "minivllm (cpp scheduler)"),
-        ("python", "minivllm (python sched.)"),
-        ("peer", "transformers generate_batch"),
-    ):
-        r = results.get(key)
-        if r is None:
-            continue
-        if "error" in r:
-            print(f"{label:<28} failed: {r['error'][:120]}")
-            continue
-        note = (
-            f"  ({r['requests']} requests, {r['max_new_tokens']} new each)" if key == "peer" else ""
-        )
-        print(
-            f"{label:<28}{r['seconds']:>9.2f}{r['output_tok_s']:>12,.0f}{r['total_tok_s']:>13,.0f}"
-            f"{r['output_tok_s'] / roof_tok_s:>13.1%}{r['output_tok_s'] / copy_tok_s:>14.1%}{note}"
-        )
-    steps = results["cpp"].get("steps")
-    if steps:
-        print(
-            f"\ncpp run: {steps['num_steps']} steps, {steps['seconds_in_steps']:.2f} s from GPU "
-            f"start to ids read back, {steps['seconds_outside']:.2f} s outside"
-        )
-        print(f"{'step kind':<20}{'steps':>7}{'seconds':>9}{'roofline s':>12}{'of roofline':>13}")
-        for kind, g in steps["by_kind"].items():
-            frac = g["roofline_s"] / g["seconds"] if g["seconds"] > 0 else float("nan")
-            print(
-                f"{kind:<20}{g['steps']:>7}{g['seconds']:>9.2f}{g['roofline_s']:>12.2f}"
-                f"{frac:>13.1%}"
-            )
-        print("slowest steps:", ", ".join(
-            f"{st['ms']:.1f} ms, step {st['step']} at {st['offset_s']:.2f} s ({st['tokens']} "
-            f"tokens, {st['decodes']} decodes, roofline {st['roofline_ms']:.1f} ms; host "
-            f"{st['host_ms']:.1f} ms in launch, launched {st['launched_after_prev_ms']:+.1f} ms "
-            "after the previous ids)" for st in steps["slowest_steps"]
-        ))  # fmt: skip
-        compiles = results["cpp"]["triton_compiles_during_run"]
-        print("Triton compiles during the timed run:", compiles or "none")
-        alloc = results["cpp"]["allocator_during_run"]
-        print(
-            f"CUDA allocator during the timed run: {alloc['cuda_mallocs']} cudaMalloc, "
-            f"{alloc['alloc_retries']} retries, held {alloc['reserved_gib'][0]:.2f} -> "
-            f"{alloc['reserved_gib'][1]:.2f} GiB"
-        )
-    print(f"\n{'decode probe':<28}{'wall us':>9}{'gpu us':>9}{'busy':>7}{'idle us':>9}"
-          f"{'sched+upd us':>14}")  # fmt: skip
-    for key in ("cpp", "python"):
-        for n, d in results.get(key, {}).get("decode_probe", {}).items():
-            gpu = "-" if d["gpu_busy"] is None else f"{d['gpu_us_per_step']:.0f}"
-            busy = "-" if d["gpu_busy"] is None else f"{d['gpu_busy']:.1%}"
-            idle = "-" if d["gpu_busy"] is None else f"{d['idle_us_per_step']:.0f}"
-            print(
-                f"{key + ' @ ' + n + ' running':<28}{d['wall_us_per_step']:>9.0f}{gpu:>9}"
-                f"{busy:>7}{idle:>9}{d['schedule_update_us_median']:>14.1f}"
-            )
 
 
 if __name__ == "__main__":

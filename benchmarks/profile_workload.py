@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 from bench_common import device_info
-from bench_throughput import step_kind
 from minivllm import LLM, SamplingParams
+from step_breakdown import step_kind
 from steps import StepRecord, StepRecorder
 from workload import (
     MODEL_SHAPES,
