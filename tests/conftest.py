@@ -33,6 +33,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# The scheduler tests' shared helpers assert too: rewrite them for pytest's detailed messages.
+pytest.register_assert_rewrite("scheduler_testing")
+
 # Engine test fixtures (tiny random Qwen3 checkpoints, a shared engine); see engine_fixtures.py.
 # run-batch's (a 200-line batch file, its answers through one engine); see batch_testing.py.
 from batch_testing import batch_file, one_engine_output  # noqa: E402, F401
