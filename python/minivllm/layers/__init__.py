@@ -21,8 +21,8 @@ def env_switch(name: str, default: bool) -> bool:
     return default if value == "" else value == "1"
 
 
-def env_count(name: str, what: str = "tokens", default: int = 0) -> int:
-    """A count (of tokens, of columns) from the environment (0: off; unset: `default`)."""
+def env_count(name: str, what: str, default: int) -> int:
+    """A count of `what` from the environment (0: off; unset: `default`)."""
     value = os.environ.get(name, str(default))
     try:
         count = int(value)
