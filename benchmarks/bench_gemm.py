@@ -10,7 +10,7 @@ add + RMSNorm that follows adds up (not timed here). PDL is off here: a chain of
 epilogue (`gated`), against cuBLAS and the plain Triton GEMM each followed by the activation
 kernel.
 
-    python benchmarks/bench_gemm.py --m 16 64 128 256
+    python benchmarks/bench_gemm.py --m 16 64 128 256 [--model-shape 8b]
 """
 
 from __future__ import annotations
@@ -25,18 +25,37 @@ from bench_common import DEVICE, graph_calls_us
 from minivllm.kernels import pdl
 from minivllm.kernels.activation import silu_and_mul
 from minivllm.kernels.linear import GemmConfig, gemm_config, linear, supports
+from workload import MODEL_SHAPES
 
-SHAPES = {  # Qwen3-0.6B: name -> (N, K, partials) of y = x @ W^T
-    "qkv": (4096, 1024, False),
-    "o": (1024, 2048, True),
-    "gate_up": (6144, 1024, False),
-    "down": (1024, 3072, True),
-    "gate_up+silu": (6144, 1024, False),
-    # the column-parallel ones as split-K partial sums (a consumer would have to add them up)
-    "qkv/p": (4096, 1024, True),
-    "gate_up/p": (6144, 1024, True),
-    "lm_head": (151936, 1024, False),  # the tied embedding (311 MB): once per step, not per layer
+
+def model_shapes(model_shape: str = "0.6b") -> dict[str, tuple[int, int, bool]]:
+    """name -> (N, K, partials) of y = x @ W^T for a Qwen3 shape of workload.MODEL_SHAPES."""
+    cfg = {**QWEN3_06B, **MODEL_SHAPES[model_shape]}
+    hidden, inter, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    return {
+        "qkv": (q + 2 * kv, hidden, False),
+        "o": (hidden, q, True),
+        "gate_up": (2 * inter, hidden, False),
+        "down": (hidden, inter, True),
+        "gate_up+silu": (2 * inter, hidden, False),
+        # the column-parallel ones as split-K partial sums (a consumer would have to add them up)
+        "qkv/p": (q + 2 * kv, hidden, True),
+        "gate_up/p": (2 * inter, hidden, True),
+        "lm_head": (cfg["vocab_size"], hidden, False),  # once per step, not per layer
+    }
+
+
+# Qwen3-0.6B's config (what workload.MODEL_SHAPES changes for the larger shapes).
+QWEN3_06B = {
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
 }
+SHAPES = model_shapes()
 COPIES = 8  # weight copies cycled through, so every call reads its weight from HBM
 
 
@@ -86,6 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", type=int, nargs="+", default=[16, 64, 128, 192, 256])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--model-shape", default="0.6b", choices=list(MODEL_SHAPES), help="whose GEMMs")
     ap.add_argument("--no-sweep", action="store_true", help="cuBLAS and the engine's config only")
     ap.add_argument("--top", type=int, default=3, help="best sweep configs printed per case")
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4, 5], help="swept depths")
@@ -101,9 +121,14 @@ def main() -> None:
         f"{'layer':<8}{'M':>5}{'cublas':>8}{'engine':>8}{'best':>8}  best sweep configs "
         "(splits, BM, BN, BK, warps, stages, swap): us"
     )
+    shapes = model_shapes(args.model_shape)
+    print(
+        f"Qwen3-{args.model_shape} shapes: "
+        + ", ".join(f"{s} {v[0]}x{v[1]}" for s, v in shapes.items())
+    )
     for m in args.m:
         for name in args.shapes:
-            n, k, partials = SHAPES[name]
+            n, k, partials = shapes[name]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ws = [
                 torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)

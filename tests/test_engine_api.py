@@ -271,7 +271,7 @@ def test_graph_padding_path_on_cpu(tiny_qwen3):
 
 
 def test_mixed_graph_path_on_cpu(tiny_qwen3):
-    """The mixed-graph path without CUDA: steps with prefill of 24..48 tokens are padded to 48
+    """The mixed-graph path without CUDA: steps with prefill of up to 48 tokens are padded to 48
     and run on the fixed views with every row a prefill row (decodes are one-token queries),
     padding tokens writing nowhere, and a tile table naming every query tile once; greedy
     outputs match transformers, with a shared prefix (cache hits) and chunked prompts."""
@@ -286,7 +286,7 @@ def test_mixed_graph_path_on_cpu(tiny_qwen3):
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == hf_greedy(tiny_qwen3, p, params.max_tokens)
     assert len(replay.replayed_mixed) >= 2, replay.replayed_mixed
-    assert all(24 <= n <= 48 for n in replay.replayed_mixed)
+    assert all(1 <= n <= 48 for n in replay.replayed_mixed)
     assert any(n < 48 for n in replay.replayed_mixed)  # padded
     assert_all_blocks_free(llm)
 
@@ -294,18 +294,19 @@ def test_mixed_graph_path_on_cpu(tiny_qwen3):
 def test_mixed_graph_buckets_on_cpu(tiny_qwen3):
     """Steps with prefill replay the smallest mixed graph that holds them (token counts 128, 256,
     512 here: padded at most twofold), so a lone short prompt is not padded to a full step; fewer
-    than 64 tokens run eagerly. Greedy outputs match transformers through every bucket."""
+    than 128 tokens replay the 128-token graph (eagerly, a short step's launches cost the host
+    more than the padded GPU work). Greedy outputs match transformers through every bucket."""
     llm = make_llm(tiny_qwen3, block_size=16, max_num_seqs=8, max_num_batched_tokens=512)
     runner = llm.model_runner
     runner.graph_runner = replay = EagerGraphRunner(runner, mixed_tokens=512)
     assert replay.mixed_sizes == [128, 256, 512]
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    for n in (70, 200, 300, 500, 20):  # one prompt at a time: a lone prefill
+    for n in (70, 200, 300, 500, 20, 1):  # one prompt at a time: a lone prefill
         prompt = mixed_prompts(1, seed=n, min_len=n, max_len=n)[0]
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == hf_greedy(tiny_qwen3, prompt, params.max_tokens)
-    assert replay.replayed_buckets == [128, 256, 512, 512]
-    assert replay.replayed_mixed == [70, 200, 300, 500]
+    assert replay.replayed_buckets == [128, 256, 512, 512, 128, 128]
+    assert replay.replayed_mixed == [70, 200, 300, 500, 20, 1]
     assert_all_blocks_free(llm)
 
 
@@ -360,6 +361,14 @@ def test_start_up_warm_up_steps(tiny_qwen3, monkeypatch, kwargs):
     warmup.warm_up_lm_head(runner)
     assert rows == list(range(1, kwargs["max_num_seqs"] + 1))
     monkeypatch.undo()
+    # Two lone prompts through launch: the smallest mixed graph, then the one-row decode graph.
+    graphs = EagerGraphRunner(runner, mixed_tokens=kwargs["max_num_batched_tokens"])
+    runner.graph_runner = graphs
+    warmup.warm_up_graph_steps(runner)
+    assert graphs.replayed_mixed == [3, 3]
+    assert graphs.replayed_buckets == [graphs.mixed_sizes[0]] * 2
+    assert graphs.replayed == [(1, 1), (1, 1)]
+    assert_all_blocks_free(llm)
     out = llm.generate(
         [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False
     )

@@ -68,8 +68,8 @@ def test_cuda_graphs_match_eager(gpu_qwen3):
 
 
 def test_mixed_step_graph_matches_eager(gpu_qwen3):
-    """Steps with prefill of 64..128 tokens replay the mixed CUDA graph (decodes and chunked
-    prefills as rows of one tile table, padded to 128 tokens); greedy outputs equal eager ones,
+    """Steps with prefill replay the mixed CUDA graph (decodes and chunked prefills as rows of
+    one tile table, padded to 128 tokens); greedy outputs equal eager ones,
     with prefix-cache hits (shared prefixes) and long prompts split into chunks."""
     shared = mixed_prompts(1, seed=30, min_len=40, max_len=40)[0]
     prompts = [shared + p for p in mixed_prompts(6, seed=31, min_len=1, max_len=200)]
@@ -83,7 +83,7 @@ def test_mixed_step_graph_matches_eager(gpu_qwen3):
     runner.replay_mixed = lambda n: (replays.append(n), real(n))[1]
     graphs = greedy_ids(llm, prompts, params)
     del runner.replay_mixed
-    assert len(replays) >= 3 and min(replays) >= 64, replays
+    assert len(replays) >= 3 and min(replays) >= 1, replays
     eager = greedy_ids(
         gpu_llm(gpu_qwen3, max_num_batched_tokens=128, enforce_eager=True), prompts, params
     )

@@ -142,6 +142,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             warmup.warm_up_step_kinds(self)
             warmup.warm_up_lm_head(self)
+            warmup.warm_up_graph_steps(self)
             torch.cuda.synchronize(self.device)
         # Start-up is over: from here a collective waiting on a peer means a step is stuck.
         self.tp.timeout = datetime.timedelta(seconds=config.tp_step_timeout_s)

@@ -3,8 +3,9 @@
 Two uses at start-up on a GPU: the largest step the engine can take (max_num_batched_tokens of
 prompt over up to max_num_seqs sequences, every sampling filter on) measures the activation memory
 the KV pool must leave free; then a short prefill step and a full mixed step (decodes beside long
-prefill chunks) compile the kernel variants the first requests would otherwise wait for, and the
-LM head runs once at every sampled-row count (`warm_up_lm_head`). Every
+prefill chunks) compile the kernel variants the first requests would otherwise wait for, the
+LM head runs once at every sampled-row count (`warm_up_lm_head`), and two short prompts take the
+CUDA-graph path of a request's steps (`warm_up_graph_steps`). Every
 tensor-parallel rank plans and runs the same steps itself, so the collectives line up. The steps
 go through the same staging buffer as real ones and write K/V only into blocks the real scheduler
 has not handed out yet.
@@ -76,8 +77,9 @@ def warm_up_step_kinds(runner: ModelRunner) -> None:
         if i == num_short:  # the short ones prefill, then decode beside the long ones
             run_steps(runner, sched, max_steps=1)
         sched.add_request(i, [0] * n, 2, temperature=0.7 if i % 2 else 0.0, seed=i)
-    # The mixed step runs eagerly even where the mixed CUDA graph would: smaller steps with
-    # prefill run eagerly, and their kernel variants compile here.
+    # Eagerly, even where a mixed CUDA graph would run it: the engine launches steps with
+    # prefill eagerly past its largest graph (and every step without graphs), and their kernel
+    # variants compile here.
     run_steps(runner, sched, max_steps=1)
 
 
@@ -94,3 +96,20 @@ def warm_up_lm_head(runner: ModelRunner) -> None:
     with torch.inference_mode():
         for rows in range(1, hidden.shape[0] + 1):
             runner.model.compute_logits(hidden[:rows])
+
+
+def warm_up_graph_steps(runner: ModelRunner) -> None:
+    """Two lone three-token prompts, one greedy and one sampled, each through `launch` as a
+    request's steps go: the smallest mixed graph with its one sampled row gathered, the LM
+    head, the sampler and the read-back, then the one-row decode graph. Without it the engine's
+    first request paid ~15 ms more than the next one (H100; not with CUDA's lazy module loading
+    off): a kernel of this path that the eager warm-up steps do not launch."""
+    if runner.graph_runner is None:
+        return
+    config = runner.config
+    pool = min(_blocks(5, config.block_size), runner.kv_cache_info.num_blocks)
+    sched = new_scheduler(config, pool, enable_prefix_caching=False, async_scheduling=False)
+    for i, temperature in enumerate((0.0, 0.7)):
+        sched.add_request(i, [0] * 3, 2, temperature=temperature, seed=i)
+        while sched.has_unfinished():
+            sched.update(runner.launch(schedule_into(sched, runner.staging)).result())
