@@ -18,13 +18,15 @@ cannot overlap the kernel before it. This kernel:
 
 `benchmarks/bench_layer_chain.py` measures what this buys a decoder layer against cuBLAS (its
 norms, four GEMMs and SiLU over 28 layers of cold weights in one CUDA graph). Past 128 tokens
-cuBLAS keeps qkv and gate/up (MAX_COLUMN_TOKENS). `gemm_config` holds the tile shapes
+cuBLAS keeps qkv and gate/up (MAX_COLUMN_TOKENS), and the split-K GEMMs of larger models
+(K >= 4096) past 32 tokens (`max_tokens`). `gemm_config` holds the tile shapes
 `benchmarks/bench_gemm.py` found (cold weights, one GEMM at a time).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -47,6 +49,29 @@ MAX_TOKENS = 256
 # cuBLAS, even with the launch overlap lost (bench_layer_chain.py); the split-K row-parallel ones
 # stay here up to MAX_TOKENS.
 MAX_COLUMN_TOKENS = 128
+# Split-K GEMMs of K >= LARGE_K (o and down of Qwen3-8B and 14B, N = hidden = 4096 or 5120) are
+# faster under cuBLAS past 32 tokens: their float32 partial sums grow with N, and the splits were
+# tuned for N = 1024 (`bench_gemm.py --model-shape 8b` / `14b`, H100: 8B's o at 64 tokens 16.4
+# us against 22.0, down at 128 40.4 against 52.3). The column-parallel ones are within a few
+# percent of cuBLAS up to MAX_COLUMN_TOKENS there. MINIVLLM_GEMM_LARGE_K=0: no such limit.
+LARGE_K_MAX_TOKENS = 32
+
+
+def _large_k() -> int:
+    value = os.environ.get("MINIVLLM_GEMM_LARGE_K", "4096")
+    if not value.isdigit():
+        raise ValueError(f"MINIVLLM_GEMM_LARGE_K={value!r}: expected a K (0: no limit)")
+    return int(value)
+
+
+LARGE_K = _large_k()
+
+
+def max_tokens(k: int, partials: bool) -> int:
+    """The most tokens (M) this kernel takes for a GEMM of inner size k; cuBLAS past them."""
+    if not partials:
+        return MAX_COLUMN_TOKENS
+    return LARGE_K_MAX_TOKENS if LARGE_K and k >= LARGE_K else MAX_TOKENS
 
 
 @triton.jit
@@ -223,11 +248,11 @@ _SMEM_BYTES = 200_000
 def gemm_config(
     m: int, n: int, k: int, partials: bool, num_sms: int = 132, gated: bool = False
 ) -> GemmConfig | None:
-    """The configuration for an [m, k] x [n, k]^T GEMM, or None where cuBLAS is faster (above
-    MAX_TOKENS; above MAX_COLUMN_TOKENS without partials). Tuned on an H200 for Qwen3-0.6B's
-    shapes (bench_gemm.py with cold weights, then bench_layer_chain.py). `gated`: n outputs of
-    SiLU-and-multiply over 2n weight rows, two weight tiles per stage."""
-    if m < 1 or m > (MAX_TOKENS if partials else MAX_COLUMN_TOKENS):
+    """The configuration for an [m, k] x [n, k]^T GEMM, or None where cuBLAS is faster (past
+    `max_tokens`). Tuned on an H200 for Qwen3-0.6B's shapes (bench_gemm.py with cold weights,
+    then bench_layer_chain.py). `gated`: n outputs of SiLU-and-multiply over 2n weight rows, two
+    weight tiles per stage."""
+    if m < 1 or m > max_tokens(k, partials):
         return None
     if gated:
         assert not partials
@@ -265,7 +290,7 @@ def supports(
         x.dim() == 2
         and x.dtype in (torch.float16, torch.bfloat16)
         and weight.dtype == x.dtype
-        and 1 <= x.shape[0] <= (MAX_TOKENS if partials else MAX_COLUMN_TOKENS)
+        and 1 <= x.shape[0] <= max_tokens(x.shape[1], partials)
         and x.stride(1) == 1
         and weight.is_contiguous()
         and weight.shape[1] == x.shape[1]

@@ -5,6 +5,7 @@ float16; bf16 in tests/gpu)."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -152,6 +153,44 @@ def test_gemm_config_and_supports_decline_what_they_do_not_fit() -> None:
     assert not supports(x, w.t().contiguous().t())  # weight not contiguous
     assert not supports(torch.randn(16, 66).half()[:, 1:65], w)  # rows not 16-byte aligned
     assert not supports(x[:, :60], w[:, :60].contiguous())  # K * 2 bytes not a multiple of 16
+
+
+def test_large_k_gemms_go_to_cublas_past_fewer_tokens() -> None:
+    """Split-K GEMMs of K >= 4096 (Qwen3-8B / 14B's o and down) up to 32 tokens; smaller K keeps
+    256, and the column-parallel ones 128 at any K."""
+    from minivllm.kernels.linear import LARGE_K, gemm_config, max_tokens, supports
+
+    assert LARGE_K == 4096
+    assert (max_tokens(4096, True), max_tokens(12288, True)) == (32, 32)
+    assert (max_tokens(3072, True), max_tokens(4095, True)) == (256, 256)  # Qwen3-0.6B's
+    assert max_tokens(1024, False) == max_tokens(4096, False) == 128
+    assert gemm_config(32, 4096, 4096, partials=True) is not None
+    assert gemm_config(33, 4096, 4096, partials=True) is None
+    assert gemm_config(128, 6144, 4096, partials=False) is not None
+    w = torch.zeros(64, 4096, dtype=torch.float16)
+    assert supports(torch.zeros(32, 4096, dtype=torch.float16), w, partials=True)
+    assert not supports(torch.zeros(33, 4096, dtype=torch.float16), w, partials=True)
+    assert supports(torch.zeros(128, 4096, dtype=torch.float16), w)
+
+
+def test_large_k_limit_from_the_environment() -> None:
+    """MINIVLLM_GEMM_LARGE_K=0 lifts the limit; a value that is not a count is named."""
+    import subprocess
+    import sys
+
+    code = (
+        "from minivllm.kernels import linear; print(linear.LARGE_K, linear.max_tokens(4096, True))"
+    )
+
+    def run(value: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "MINIVLLM_GEMM_LARGE_K": value}
+        cmd = [sys.executable, "-c", code]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+
+    out = run("0")
+    assert out.returncode == 0 and out.stdout.split() == ["0", "256"], out.stderr
+    out = run("big")
+    assert out.returncode != 0 and "MINIVLLM_GEMM_LARGE_K='big'" in out.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
