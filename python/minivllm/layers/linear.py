@@ -25,9 +25,10 @@ GATED_MAX_TOKENS = 16
 # In steps of up to GEMM_EARLY_MAX_TOKENS tokens each program of the Triton GEMM reads up to
 # GEMM_EARLY_COLUMNS of its first weight columns before its PDL wait (kernels/linear.py
 # `early`): the weights stream in while the kernel before it finishes. Faster at 1-8 running,
-# equal at 16-64 (H100, benchmarks/README.md); MINIVLLM_GEMM_EARLY_COLUMNS=0 turns it off.
+# slower by 0.5-1.7% at 16-64 (H100, two sessions' engine runs, benchmarks/README.md);
+# MINIVLLM_GEMM_EARLY_COLUMNS=0 turns it off.
 GEMM_EARLY_COLUMNS = env_count("MINIVLLM_GEMM_EARLY_COLUMNS", "weight columns", default=256)
-GEMM_EARLY_MAX_TOKENS = 64
+GEMM_EARLY_MAX_TOKENS = 8
 
 
 def _early(x: torch.Tensor) -> int:
