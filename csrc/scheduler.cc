@@ -1,34 +1,16 @@
 #include "minivllm/scheduler.h"
 
 #include "minivllm/hash.h"
+#include "internal.h"
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
-#include <sstream>
 #include <string>
 
 namespace minivllm {
+
+using namespace internal;  // cat, ceil_div, contains, the constants
+
 namespace {
-
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-// The smallest double that rounds to float32 infinity: halfway between FLT_MAX and 2^128.
-constexpr double kFloat32Overflow = 0x1.ffffffp+127;
-constexpr int32_t kPlaceholder = -1;  // a token scheduled to be sampled, not delivered yet
-
-template <typename... Parts>
-std::string cat(const Parts&... parts) {
-  std::ostringstream os;
-  (os << ... << parts);
-  return os.str();
-}
-
-// For a >= 0 and b >= 1; never overflows.
-int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
-
-bool contains(const std::vector<int64_t>& ids, int64_t id) {
-  return std::find(ids.begin(), ids.end(), id) != ids.end();
-}
 
 const SchedulerConfig& validated(const SchedulerConfig& c) {
   if (c.num_blocks < 1) throw InvalidArgument(cat("num_blocks must be >= 1, got ", c.num_blocks));
@@ -64,100 +46,6 @@ Scheduler::Scheduler(const SchedulerConfig& config)
       static_cast<size_t>(std::min(config_.max_num_seqs, config_.num_blocks));
   running_.reserve(max_running);
   rows_.reserve(max_running);
-}
-
-// --------------------------------------------------------------------------------------------
-// Requests
-// --------------------------------------------------------------------------------------------
-void Scheduler::add_request(const Request& r) {
-  if (seqs_.count(r.seq_id)) {
-    throw InvalidArgument(cat("seq_id ", r.seq_id, " is already in use by an unfinished request"));
-  }
-  if (r.max_tokens < 1) throw InvalidArgument(cat("max_tokens must be >= 1, got ", r.max_tokens));
-  // The Batch carries float32: a temperature that rounds to infinity or a top_p that rounds to
-  // 0 is refused, and the casts below stay in range.
-  if (!(r.temperature >= 0.0 && r.temperature < kFloat32Overflow)) {
-    throw InvalidArgument(
-        cat("temperature must be finite and >= 0 (as float32), got ", r.temperature));
-  }
-  if (!(r.top_p > 0.0 && r.top_p <= 1.0 && static_cast<float>(r.top_p) > 0.0f)) {
-    throw InvalidArgument(cat("top_p must be in (0, 1] (and > 0 as float32), got ", r.top_p));
-  }
-  if (!(r.top_k >= 0 && r.top_k <= kInt32Max)) {
-    throw InvalidArgument(cat("top_k must be in [0, 2**31 - 1] (0 = off), got ", r.top_k));
-  }
-  if (!(r.min_p >= 0.0 && r.min_p <= 1.0)) {
-    throw InvalidArgument(cat("min_p must be in [0, 1], got ", r.min_p));
-  }
-  if (r.vocab_size && *r.vocab_size < 1) {
-    throw InvalidArgument(cat("vocab_size must be >= 1, got ", *r.vocab_size));
-  }
-  const auto& prompt = r.prompt_token_ids;
-  if (prompt.empty()) throw InvalidArgument("prompt_token_ids is empty");
-  const int64_t limit = r.vocab_size ? *r.vocab_size - 1 : kInt32Max;
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    if (prompt[i] < 0 || prompt[i] > limit) {
-      throw InvalidArgument(cat("prompt token id ", prompt[i], " at index ", i,
-                                " is out of range [0, ",
-                                r.vocab_size ? cat("vocab_size ", *r.vocab_size) : "2**31 - 1",
-                                ")"));
-    }
-  }
-  const auto num_prompt = static_cast<int64_t>(prompt.size());
-  if (num_prompt >= config_.max_model_len) {
-    throw InvalidArgument(
-        cat("prompt length ", num_prompt, " >= max_model_len ", config_.max_model_len));
-  }
-  const int64_t max_total = r.max_tokens >= config_.max_model_len - num_prompt
-                                ? config_.max_model_len
-                                : num_prompt + r.max_tokens;
-  // The last token is never fed back, so max_total - 1 tokens ever need a KV slot.
-  const int64_t max_blocks = ceil_div(max_total - 1, config_.block_size);
-  if (max_blocks > config_.num_blocks) {
-    throw InvalidArgument(cat("request ", r.seq_id, " can grow to ", max_total, " tokens = ",
-                              max_blocks, " KV blocks, more than the pool's num_blocks ",
-                              config_.num_blocks));
-  }
-
-  auto seq = std::make_unique<Sequence>();
-  seq->seq_id = r.seq_id;
-  seq->token_ids.reserve(static_cast<size_t>(max_total));
-  seq->token_ids.assign(prompt.begin(), prompt.end());
-  seq->num_prompt_tokens = num_prompt;
-  seq->max_tokens = r.max_tokens;
-  seq->ignore_eos = r.ignore_eos;
-  seq->skip_prefix_cache = r.skip_prefix_cache;
-  seq->vocab_size = r.vocab_size;
-  seq->eos_token_ids = r.eos_token_ids;
-  seq->stop_token_ids = r.stop_token_ids;
-  SamplingParams& sp = seq->sampling;
-  sp.temperature = static_cast<float>(r.temperature);
-  sp.top_p = static_cast<float>(r.top_p);
-  sp.top_k = static_cast<int32_t>(r.top_k);
-  sp.min_p = static_cast<float>(r.min_p);
-  sp.seed_hash = splitmix64(r.seed);
-  sp.is_greedy = sp.temperature == 0.0f || sp.top_k == 1;
-  const bool cuts_vocab = sp.top_k > 0 && (!r.vocab_size || sp.top_k < *r.vocab_size);
-  sp.uses_top_k_or_p = !sp.is_greedy && (cuts_vocab || sp.top_p < 1.0f);
-  sp.uses_min_p = !sp.is_greedy && sp.min_p > 0.0f;
-  seq->block_table.reserve(static_cast<size_t>(max_blocks));
-  waiting_.push_back(seq.get());
-  seqs_.emplace(r.seq_id, std::move(seq));
-}
-
-void Scheduler::abort(int64_t seq_id) {
-  const auto it = seqs_.find(seq_id);
-  if (it == seqs_.end()) throw InvalidArgument(cat("abort: unknown seq_id ", seq_id));
-  Sequence* seq = it->second.get();
-  const auto r = std::find(running_.begin(), running_.end(), seq);
-  if (r != running_.end()) {
-    running_.erase(r);
-    free_blocks(seq);
-  } else {
-    waiting_.erase(std::find(waiting_.begin(), waiting_.end(), seq));
-  }
-  forget_pending(seq);
-  seqs_.erase(it);
 }
 
 // --------------------------------------------------------------------------------------------
@@ -422,132 +310,6 @@ void Scheduler::write_batch(const BatchShape& shape, const BatchBuffers& out) co
       ++s;
     }
   }
-}
-
-// --------------------------------------------------------------------------------------------
-// update()
-// --------------------------------------------------------------------------------------------
-std::vector<FinishedSequence> Scheduler::update(const int64_t* sampled_token_ids,
-                                                int64_t num_sampled) {
-  if (num_sampled == 0 && empty_batch_outstanding_) {
-    // Right after a Batch without sampled rows: that Batch's (optional) update. With async
-    // scheduling an older Batch may await its tokens, but never zero of them.
-    empty_batch_outstanding_ = false;
-    return {};
-  }
-  if (pending_.empty()) {
-    if (!empty_batch_outstanding_) throw ProtocolError("update() called without a scheduled Batch");
-    throw InvalidArgument(cat("sampled_token_ids has shape (", num_sampled,
-                              ",), expected (0,), one per Batch.sample_seq_ids row"));
-  }
-  const std::vector<Sequence*>& batch = pending_.front();
-  if (num_sampled != static_cast<int64_t>(batch.size())) {
-    throw InvalidArgument(cat("sampled_token_ids has shape (", num_sampled, ",), expected (",
-                              batch.size(), ",), one per Batch.sample_seq_ids row"));
-  }
-  for (int64_t i = 0; i < num_sampled; ++i) {
-    const int64_t token = sampled_token_ids[i];
-    if (token < 0 || token > kInt32Max) {
-      throw InvalidArgument(cat("sampled token id ", token, " is out of range [0, 2**31 - 1]"));
-    }
-    const Sequence* seq = batch[static_cast<size_t>(i)];
-    if (seq != nullptr && seq->vocab_size && token >= *seq->vocab_size) {
-      throw InvalidArgument(cat("sampled token id ", token, " of seq_id ", seq->seq_id,
-                                " is out of range [0, vocab_size ", *seq->vocab_size, ")"));
-    }
-  }
-  const std::vector<Sequence*> seqs = std::move(pending_.front());
-  pending_.pop_front();
-  if (pending_.empty()) empty_batch_outstanding_ = false;
-
-  std::vector<FinishedSequence> finished;
-  for (int64_t i = 0; i < num_sampled; ++i) {
-    Sequence* seq = seqs[static_cast<size_t>(i)];
-    if (seq == nullptr) continue;  // aborted or finished after schedule()
-    const int64_t token = sampled_token_ids[i];
-    // The oldest placeholder gets the token; the stop checks see the sequence up to it.
-    const int64_t pos = seq->num_known_tokens();
-    seq->token_ids[static_cast<size_t>(pos)] = static_cast<int32_t>(token);
-    seq->num_unknown -= 1;
-    if (const auto reason = stop_reason(*seq, token)) {
-      finished.push_back(FinishedSequence{
-          seq->seq_id, *reason,
-          std::vector<int32_t>(seq->token_ids.begin() + seq->num_prompt_tokens,
-                               seq->token_ids.begin() + pos + 1)});
-      free_blocks(seq);
-      seq->is_finished = true;
-      forget_pending(seq);  // a row in a later Batch is now wasted: its token is ignored
-    } else if (config_.enable_prefix_caching && !seq->block_table.empty()) {
-      register_full_blocks(seq);  // blocks whose last token just became known
-    }
-  }
-  if (!finished.empty()) {
-    const auto done = [](const Sequence* seq) { return seq->is_finished; };
-    running_.erase(std::remove_if(running_.begin(), running_.end(), done), running_.end());
-    waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), done), waiting_.end());
-    for (const FinishedSequence& f : finished) seqs_.erase(f.seq_id);
-  }
-  return finished;
-}
-
-bool Scheduler::sure_to_stop(const Sequence& seq) const {
-  // Placeholders count as outputs: once they land, length alone ends the sequence.
-  return seq.num_unknown > 0 &&
-         (seq.num_output_tokens() >= seq.max_tokens || seq.num_tokens() >= config_.max_model_len);
-}
-
-void Scheduler::forget_pending(Sequence* seq) {
-  for (auto& batch : pending_) {
-    std::replace(batch.begin(), batch.end(), seq, static_cast<Sequence*>(nullptr));
-  }
-}
-
-std::optional<FinishReason> Scheduler::stop_reason(const Sequence& seq, int64_t token) const {
-  // Counted up to the token just delivered (later placeholders are not outputs yet).
-  const int64_t num_tokens = seq.num_known_tokens();
-  if (!seq.ignore_eos && contains(seq.eos_token_ids, token)) return FinishReason::kStop;
-  if (contains(seq.stop_token_ids, token)) return FinishReason::kStop;
-  if (num_tokens - seq.num_prompt_tokens >= seq.max_tokens) return FinishReason::kLength;
-  if (num_tokens >= config_.max_model_len) return FinishReason::kLength;
-  return std::nullopt;
-}
-
-// --------------------------------------------------------------------------------------------
-// Blocks
-// --------------------------------------------------------------------------------------------
-void Scheduler::free_blocks(Sequence* seq) {
-  blocks_.release(seq->block_table);
-  seq->block_table.clear();
-  seq->num_computed_tokens = 0;
-  seq->num_prefill_tokens = 0;
-  seq->num_registered_blocks = 0;
-}
-
-void Scheduler::preempt(Sequence* seq) {
-  free_blocks(seq);
-  waiting_.push_front(seq);
-  stats_.num_preemptions += 1;
-}
-
-DebugState Scheduler::debug_state() const {
-  DebugState st;
-  const int32_t n = blocks_.num_blocks();
-  st.ref_counts.reserve(static_cast<size_t>(n));
-  st.block_hashes.reserve(static_cast<size_t>(n));
-  for (int32_t b = 0; b < n; ++b) {
-    st.ref_counts.push_back(blocks_.ref_count(b));
-    st.block_hashes.push_back(blocks_.block_hash(b));
-  }
-  st.free_block_ids = blocks_.free_block_ids();
-  st.cached_block_ids = blocks_.cached_block_ids();
-  st.hash_to_block = blocks_.hash_to_block();
-  for (const Sequence* seq : waiting_) st.waiting.push_back(seq->seq_id);
-  for (const Sequence* seq : running_) st.running.push_back(seq->seq_id);
-  for (const auto& [seq_id, seq] : seqs_) {
-    st.block_tables[seq_id] = seq->block_table;
-    st.num_computed_tokens[seq_id] = seq->num_computed_tokens;
-  }
-  return st;
 }
 
 }  // namespace minivllm

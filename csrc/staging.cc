@@ -2,21 +2,15 @@
 #include "minivllm/staging.h"
 
 #include <algorithm>
-#include <sstream>
 #include <string>
 
+#include "internal.h"
 #include "minivllm/errors.h"
 
 namespace minivllm {
 namespace {
 
-template <typename... Parts>
-std::string cat(const Parts&... parts) {
-  std::ostringstream os;
-  (os << ... << parts);
-  return os.str();
-}
-
+using internal::cat;
 using D = StagingDtype;
 using E = StagingExtent;
 using W = StagingWriter;
