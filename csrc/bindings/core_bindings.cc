@@ -10,16 +10,20 @@
 #include <utility>
 #include <vector>
 
+#include "bindings.h"
 #include "minivllm/hash.h"
 #include "minivllm/scheduler.h"
 #include "minivllm/staging.h"
 
 namespace py = pybind11;
+using minivllm::bindings::checked_host;
+using minivllm::bindings::describe;
+using minivllm::bindings::float_arg;
+using minivllm::bindings::int64_arg;
+using minivllm::bindings::to_int_vector;
 using minivllm::BatchBuffers;
 using minivllm::BatchShape;
-using minivllm::kStagingFields;
 using minivllm::Scheduler;
-using minivllm::StagingField;
 using minivllm::StagingLayout;
 using minivllm::UnstagedBuffers;
 
@@ -52,70 +56,6 @@ struct StagedBatch {
   py::array_t<int64_t> seq_ids, sample_seq_ids;
   py::array_t<int32_t> query_start_loc;
 };
-
-std::string describe(const py::handle& obj) {
-  if (py::isinstance<py::array>(obj)) return py::str(obj.attr("dtype"));
-  return py::str(py::type::handle_of(obj).attr("__name__"));
-}
-
-// `obj` as an int64: TypeError unless operator.index accepts it, ValueError naming `name` and
-// the value when it does not fit.
-int64_t int64_arg(const py::handle& obj, const std::string& name) {
-  PyObject* index = PyNumber_Index(obj.ptr());
-  if (index == nullptr) {
-    PyErr_Clear();
-    throw py::type_error(name + " must be an int, got " + std::string(py::repr(obj)));
-  }
-  const auto value = py::reinterpret_steal<py::int_>(index);
-  int overflow = 0;
-  const long long v = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
-  if (overflow != 0) {
-    throw py::value_error(name + " " + std::string(py::str(value)) + " does not fit int64");
-  }
-  return v;
-}
-
-// `obj` as a double, as float() takes a number: TypeError for anything else (strings too),
-// ValueError naming `name` for an int too large for a double.
-double float_arg(const py::handle& obj, const std::string& name) {
-  const double v = PyFloat_AsDouble(obj.ptr());
-  if (v == -1.0 && PyErr_Occurred()) {
-    const bool overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
-    PyErr_Clear();
-    if (overflow) {
-      throw py::value_error(name + " " + std::string(py::str(obj)) + " does not fit a float");
-    }
-    throw py::type_error(name + " must be a float, got " + std::string(py::repr(obj)));
-  }
-  return v;
-}
-
-// A 1-D integer array or an iterable of ints, as int64 values; `item` names one element.
-std::vector<int64_t> to_int_vector(const py::handle& obj, const char* name, const char* item) {
-  if (py::isinstance<py::array>(obj)) {
-    const auto arr = py::reinterpret_borrow<py::array>(obj);
-    const char kind = arr.dtype().kind();
-    if ((kind != 'i' && kind != 'u') || arr.ndim() != 1) {
-      throw py::value_error(std::string(name) + " must be a 1-D integer array, got " +
-                            std::string(py::str(arr.dtype())) + " of shape " +
-                            std::string(py::str(obj.attr("shape"))));
-    }
-    if (kind == 'u' && arr.itemsize() == 8) {  // the one integer dtype int64 cannot hold
-      const auto u = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
-      for (py::ssize_t i = 0; i < u.size(); ++i) {
-        if (u.data()[i] > static_cast<uint64_t>(INT64_MAX)) {
-          throw py::value_error(std::string(item) + " " + std::to_string(u.data()[i]) +
-                                " does not fit int64");
-        }
-      }
-    }
-    const auto ints = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
-    return std::vector<int64_t>(ints.data(), ints.data() + ints.size());
-  }
-  std::vector<int64_t> out;
-  for (const py::handle element : py::iter(obj)) out.push_back(int64_arg(element, item));
-  return out;
-}
 
 // Allocates the numpy arrays of a Batch of shape `s` and points the core at them.
 BatchBuffers new_batch_buffers(PyBatch& batch, const BatchShape& s) {
@@ -152,64 +92,6 @@ py::object schedule(Scheduler& sched) {
       sched.schedule([&batch](const BatchShape& s) { return new_batch_buffers(batch, s); });
   if (!shape) return py::none();
   return py::cast(std::move(batch));
-}
-
-// ---- the staging layout ----------------------------------------------------------------------
-
-StagingField field_arg(const std::string& name) {
-  const auto field = minivllm::find_staging_field(name);
-  if (!field) throw py::value_error("unknown staging field '" + name + "'");
-  return *field;
-}
-
-StagingLayout make_layout(const py::object& max_tokens, const py::object& max_seqs,
-                          const py::object& max_blocks, const py::object& max_tiles,
-                          const py::object& offsets) {
-  const int64_t tokens = int64_arg(max_tokens, "max_tokens");
-  const int64_t seqs = int64_arg(max_seqs, "max_seqs");
-  const int64_t blocks = int64_arg(max_blocks, "max_blocks");
-  const int64_t tiles = int64_arg(max_tiles, "max_tiles");
-  if (offsets.is_none()) return StagingLayout(tokens, seqs, blocks, tiles);
-  if (!py::isinstance<py::dict>(offsets)) {
-    throw py::type_error("offsets must be a dict of field name -> int, got " + describe(offsets));
-  }
-  StagingLayout::Offsets at{};
-  std::array<bool, minivllm::kNumStagingFields> given{};
-  for (const auto& [key, value] : py::reinterpret_borrow<py::dict>(offsets)) {
-    if (!py::isinstance<py::str>(key)) {
-      throw py::type_error("offsets keys must be field names, got " + std::string(py::repr(key)));
-    }
-    const auto name = key.cast<std::string>();
-    const StagingField field = field_arg(name);
-    at[field] = int64_arg(value, "offset of " + name);
-    given[field] = true;
-  }
-  std::string missing;
-  for (int f = 0; f < minivllm::kNumStagingFields; ++f) {
-    if (!given[f]) missing += std::string(missing.empty() ? "" : ", ") + kStagingFields[f].name;
-  }
-  if (!missing.empty()) throw py::value_error("offsets is missing field(s) " + missing);
-  return StagingLayout(tokens, seqs, blocks, tiles, at);
-}
-
-// The one validation of a staging buffer: `host` as the int32 array the layout can write.
-py::array_t<int32_t> checked_host(const StagingLayout& layout, const py::object& host) {
-  const std::string expected =
-      "host must be a numpy int32 array (1-D, C-contiguous, writeable, aligned), got ";
-  if (!py::isinstance<py::array_t<int32_t>>(host)) {
-    throw py::value_error(expected + describe(host));
-  }
-  auto arr = py::reinterpret_borrow<py::array_t<int32_t>>(host);
-  if (arr.ndim() != 1) {
-    throw py::value_error(expected + "shape " + std::string(py::str(host.attr("shape"))));
-  }
-  if (!(arr.flags() & py::array::c_style)) throw py::value_error(expected + "a non-contiguous array");
-  if (!arr.writeable()) throw py::value_error(expected + "a read-only array");
-  if (!(arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
-    throw py::value_error(expected + "a misaligned array");
-  }
-  layout.check_size(arr.shape(0));
-  return arr;
 }
 
 // schedule() with the big arrays written straight into `host` at `layout`. Everything is
@@ -408,64 +290,7 @@ PYBIND11_MODULE(_core, m) {
                ", num_tokens=" + std::to_string(b.num_tokens) + ")";
       });
 
-  py::tuple fields(static_cast<size_t>(minivllm::kNumStagingFields));
-  for (int f = 0; f < minivllm::kNumStagingFields; ++f) {
-    const auto& info = kStagingFields[f];
-    fields[f] = py::make_tuple(info.name, minivllm::staging_dtype_name(info.dtype),
-                               minivllm::staging_extent_name(info.extent));
-  }
-  m.attr("STAGING_FIELDS") = fields;
-
-  py::class_<StagingLayout>(m, "StagingLayout")
-      .def(py::init(&make_layout), py::arg("max_tokens"), py::arg("max_seqs"),
-           py::arg("max_blocks"), py::arg("max_tiles") = 1, py::arg("offsets") = py::none())
-      .def_property_readonly("fields",
-                             [](const StagingLayout&) {
-                               py::tuple names(static_cast<size_t>(minivllm::kNumStagingFields));
-                               for (int f = 0; f < minivllm::kNumStagingFields; ++f) {
-                                 names[f] = kStagingFields[f].name;
-                               }
-                               return names;
-                             })
-      .def(
-          "dtype",
-          [](const StagingLayout&, const std::string& name) {
-            return minivllm::staging_dtype_name(kStagingFields[field_arg(name)].dtype);
-          },
-          py::arg("name"))
-      .def(
-          "extent",
-          [](const StagingLayout&, const std::string& name) {
-            return minivllm::staging_extent_name(kStagingFields[field_arg(name)].extent);
-          },
-          py::arg("name"))
-      .def(
-          "offset",
-          [](const StagingLayout& l, const std::string& name) { return l.offset(field_arg(name)); },
-          py::arg("name"))
-      .def(
-          "size",
-          [](const StagingLayout& l, const std::string& name) { return l.size(field_arg(name)); },
-          py::arg("name"))
-      .def_property_readonly("total", &StagingLayout::total)
-      .def_property_readonly("max_tokens", &StagingLayout::max_tokens)
-      .def_property_readonly("max_seqs", &StagingLayout::max_seqs)
-      .def_property_readonly("max_blocks", &StagingLayout::max_blocks)
-      .def_property_readonly("max_tiles", &StagingLayout::max_tiles)
-      .def(
-          "check", [](const StagingLayout& l, const py::object& host) { checked_host(l, host); },
-          py::arg("host"))
-      .def("__repr__", [](const StagingLayout& l) {
-        std::string out = "StagingLayout(max_tokens=" + std::to_string(l.max_tokens()) +
-                          ", max_seqs=" + std::to_string(l.max_seqs()) +
-                          ", max_blocks=" + std::to_string(l.max_blocks()) +
-                          ", max_tiles=" + std::to_string(l.max_tiles()) + ", offsets={";
-        for (int f = 0; f < minivllm::kNumStagingFields; ++f) {
-          out += std::string(f ? ", '" : "'") + kStagingFields[f].name +
-                 "': " + std::to_string(l.offset(static_cast<StagingField>(f)));
-        }
-        return out + "})";
-      });
+  minivllm::bindings::define_staging_layout(m);
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init(&make_scheduler), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_num_seqs"),
