@@ -35,6 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 # The scheduler tests' shared helpers assert too: rewrite them for pytest's detailed messages.
 pytest.register_assert_rewrite("scheduler_testing")
+pytest.register_assert_rewrite("core_traces")
 
 # Engine test fixtures (tiny random Qwen3 checkpoints, a shared engine); see engine_fixtures.py.
 # run-batch's (a 200-line batch file, its answers through one engine); see batch_testing.py.

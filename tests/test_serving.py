@@ -2,15 +2,13 @@
 the official `openai` client (sync and async). What the server returns must equal what
 LLM.generate returns for the same prompts (greedy), streamed or not, alone or 32 at once; stop
 strings and multi-byte characters that straddle chunks come out whole; bad requests get a 4xx
-and leave the server serving; a server with `-tp 2 --async-scheduling` serves the same and leaves
-no process behind. (Killed clients, the API key and a full queue: test_serving_limits.py.)"""
+and leave the server serving. (Killed clients, the API key and a full queue:
+test_serving_limits.py; a tensor-parallel server: test_serving_tp.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import time
 
 import httpx
 import openai
@@ -377,54 +375,3 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, tiny_
     resp = client.completions.create(model=MODEL_NAME, prompt="Still there?", **GREEDY)
     assert resp.choices[0].text == want.text
     server.wait_all_blocks_free()
-
-
-def _descendants(pid: int) -> set[int]:
-    """The processes below pid, from /proc (Linux)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
-def test_tensor_parallel_server_with_async_scheduling(tiny_qwen3, tiny_llm):
-    """`serve -tp 2 --async-scheduling` (gloo): the engine process starts its worker, streams
-    equal LLM.generate, and stopping the server leaves no process behind."""
-    s = RemoteServer(tiny_qwen3, *engine_cli_args(), "-tp", "2", "--async-scheduling")
-    try:
-        below = _descendants(s.proc.pid)
-        assert len(below) >= 2  # the engine process and its tensor-parallel worker
-        prompts = mixed_prompts(6, seed=13, min_len=1, max_len=30)
-        want = [o.text for o in offline(tiny_llm, prompts)]
-        with openai.OpenAI(**s.openai_kwargs()) as c:
-            got = [
-                c.completions.create(model=MODEL_NAME, prompt=p, **GREEDY).choices[0].text
-                for p in prompts
-            ]
-        assert got == want
-        s.wait_all_blocks_free()
-    finally:
-        s.stop()
-    deadline = time.monotonic() + 30
-    while [p for p in below if _running(p)] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in below if _running(p)]
-
-
-def _running(pid: int) -> bool:
-    """Whether pid is a live process (not gone, not a zombie waiting to be reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
