@@ -140,9 +140,7 @@ class CudaGraphRunner:
         """The captured batch size a step of num_decodes decodes replays."""
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_decodes)]
 
-    def plan(
-        self, batch: BatchLike, staging: StagingBuffers, allow_mixed: bool = True
-    ) -> tuple[int, int]:
+    def plan(self, batch: BatchLike, staging: StagingBuffers) -> tuple[int, int]:
         """(decode bucket, mixed token count) of the graph that runs this step, 0 for none; what
         that graph reads besides the scheduler's arrays is written into `staging` here."""
         num_tokens, nd, num_rows = batch.num_tokens, batch.num_decodes, batch.num_seqs
@@ -158,7 +156,7 @@ class CudaGraphRunner:
             staging.host_view("decode_order")[:bs] = np.argsort(-seq_lens[:bs], kind="stable")
             return bs, 0
         # A step with prefill replays the smallest mixed graph that holds it.
-        mixed = self.mixed_bucket(num_tokens) if allow_mixed and num_tokens > nd else 0
+        mixed = self.mixed_bucket(num_tokens) if num_tokens > nd else 0
         if not mixed:
             return 0, 0
         # Every row is a "prefill" row (a decode is a one-token query) named by the tile table;

@@ -44,14 +44,17 @@ def largest_step_scheduler(config: EngineConfig) -> tuple[Any, int]:
     return sched, num_blocks
 
 
-def run_steps(runner: ModelRunner, scheduler: Any, max_steps: int | None = None) -> None:
-    """Run the scheduler's steps eagerly on this rank until it is done (or max_steps)."""
+def run_steps(
+    runner: ModelRunner, scheduler: Any, max_steps: int | None = None, graphs: bool = False
+) -> None:
+    """Run the scheduler's steps on this rank until it is done (or max_steps): eagerly, or with
+    `graphs` through `launch` as a request's steps go (one GPU)."""
     steps = 0
     while scheduler.has_unfinished() and (max_steps is None or steps < max_steps):
         batch = schedule_into(scheduler, runner.staging)
         if batch is None:
             raise RuntimeError("a warm-up scheduler has requests but scheduled none")
-        tokens = runner.run_eagerly(batch)
+        tokens = runner.launch(batch).result() if graphs else runner.run_eagerly(batch)
         if runner.tp.rank != 0:  # rank 0 holds the ids (workers sample with async scheduling only)
             tokens = np.zeros(batch.num_samples, dtype=np.int64)
         scheduler.update(tokens)
@@ -111,5 +114,4 @@ def warm_up_graph_steps(runner: ModelRunner) -> None:
     sched = new_scheduler(config, pool, enable_prefix_caching=False, async_scheduling=False)
     for i, temperature in enumerate((0.0, 0.7)):
         sched.add_request(i, [0] * 3, 2, temperature=temperature, seed=i)
-        while sched.has_unfinished():
-            sched.update(runner.launch(schedule_into(sched, runner.staging)).result())
+        run_steps(runner, sched, graphs=True)
