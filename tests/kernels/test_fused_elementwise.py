@@ -233,6 +233,21 @@ def test_rotary_layer_stores_kv_for_attention(dtype: torch.dtype, with_norm: boo
     assert not torch.equal(outs[1][2], k_cache)  # the new tokens were written
 
 
+def test_the_shared_rotary_table_follows_the_fused_choice(monkeypatch) -> None:
+    """get_rotary_embedding shares one instance per shape and fused-kernel choice: a model built
+    for the fused layers after one built without them (same shape) gets the fused kernel."""
+    import minivllm.layers
+    from minivllm.layers.rotary import get_rotary_embedding
+
+    args = (32, 64, 10000.0, torch.float32, torch.device("cpu"))
+    monkeypatch.setattr(minivllm.layers, "fused_kernels_on", lambda device: False)
+    plain = get_rotary_embedding(*args)
+    monkeypatch.setattr(minivllm.layers, "fused_kernels_on", lambda device: True)
+    fused = get_rotary_embedding(*args)
+    assert plain.kernels is None and fused.kernels is not None
+    assert get_rotary_embedding(*args) is fused
+
+
 def test_kv_write_ignored_off_the_fused_path() -> None:
     """CPU tensors (and MINIVLLM_FUSED_KERNELS=0) take the torch path: kv_write is ignored, k comes
     back for the attention layer's own store; the torch backend never hands out a kv_write."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from minivllm import layers
 from minivllm.layers import env_switch, fused_kernels
 
 if TYPE_CHECKING:
@@ -102,12 +103,26 @@ class RotaryEmbedding(nn.Module):
         return _apply(q, cos, sin), _apply(k, cos, sin)
 
 
-@functools.lru_cache(maxsize=8)
 def get_rotary_embedding(
     head_dim: int, max_position: int, base: float, dtype: torch.dtype, device: torch.device
 ) -> RotaryEmbedding:
-    """One shared table per shape: every layer of a model uses the same instance."""
-    return RotaryEmbedding(head_dim, max_position, base)
+    """One shared table per shape: every layer of a model uses the same instance (one per
+    fused-kernel choice too: a model built with the fused layers never gets an unfused one)."""
+    return _shared_rotary(
+        head_dim, max_position, base, dtype, device, layers.fused_kernels_on(device)
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_rotary(
+    head_dim: int,
+    max_position: int,
+    base: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    fused: bool,
+) -> RotaryEmbedding:
+    return RotaryEmbedding(head_dim, max_position, base, fused)
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
