@@ -23,6 +23,8 @@ gate/up GEMM -> SiLU-and-mul -> down GEMM, the next layer's norm adding the resi
                 sin rows before its PDL wait (`early_loads`; the engine's MINIVLLM_ROPE_EARLY_LOADS)
   ...+wearlyN   each Triton GEMM program reads up to N of its first weight columns before its
                 PDL wait (kernels/linear.py `early`; the engine's MINIVLLM_GEMM_EARLY_COLUMNS)
+  ...+qkvsplitN the qkv GEMM as N split-K partial sums, which the rotary kernel adds up (with
+                --context; the engine's MINIVLLM_QKV_SPLITS, up to 64 tokens)
 All captured in one CUDA graph; us per layer. Each variant's final residual is checked against
 the first one's.
 
@@ -54,7 +56,7 @@ from minivllm.kernels.fused_norm import fused_add_rmsnorm, rmsnorm
 from minivllm.kernels.linear import gemm_config, linear, supports
 from minivllm.kernels.paged_decode import _decode_attention as decode_attention
 from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
-from minivllm.layers.linear import GATED_MAX_TOKENS
+from minivllm.layers.linear import GATED_MAX_TOKENS, QKV_PARTIALS_MAX_TOKENS
 
 # Qwen3-0.6B: hidden size, q + k + v, attention output, intermediate size, heads, layers
 HIDDEN, QKV, ATTN, INTER, LAYERS = 1024, 4096, 2048, 3072, 28
@@ -77,6 +79,8 @@ class Chain:
         mode = base
         wearly = re.search(r"\+wearly(\d+)", mode)  # +wearlyN: early weight columns
         self.w_early = int(wearly.group(1)) if wearly else 0
+        qkv_splits = re.search(r"\+qkvsplit(\d+)", mode)  # +qkvsplitN: qkv as partial sums
+        self.qkv_splits = int(qkv_splits.group(1)) if qkv_splits else 0
         # +gridN: the decode grid capped at N split programs per SM (None: the default split's)
         grid = re.search(r"\+grid(\d+)", mode)
         sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 4
@@ -132,7 +136,15 @@ class Chain:
 
     def attention(self, h, layer):
         """qkv GEMM, q/k norm + rotary + KV store, then paged decode attention: [m, ATTN]."""
-        qkv = self.gemm(h, layer, "qkv")
+        w, parts = self.w[layer]["qkv"], {}
+        if self.qkv_splits and self.m <= QKV_PARTIALS_MAX_TOKENS and supports(h, w, True):
+            config = self.config(h, w, partials=True, splits=self.qkv_splits)
+            qkv = linear(h, w, partials=True, config=config, early=self.w_early,
+                         splits=0 if config else self.qkv_splits)  # fmt: skip
+            parts = {"num_parts": qkv.shape[0], "split_stride": qkv.stride(0)}
+            qkv = qkv[0]  # q, k, v: views into the first partial sum
+        else:
+            qkv = self.gemm(h, layer, "qkv")
         kv_size = NUM_KV_HEADS * HEAD_DIM
         q, k, v = qkv.split([NUM_HEADS * HEAD_DIM, kv_size, kv_size], -1)
         k_cache, v_cache = self.caches[layer]
@@ -149,6 +161,7 @@ class Chain:
             self.qk_norm_w,
             self.qk_norm_w,
             early_loads="+rearly" in self.mode,
+            **parts,
         )
         out = decode_attention(
             q,
@@ -175,12 +188,12 @@ class Chain:
         config = self.config(x, w, partials)
         return linear(x, w, partials=partials, config=config, early=self.w_early)
 
-    def config(self, x, w, partials=False, gated=False):
+    def config(self, x, w, partials=False, gated=False, splits=0):
         """The engine's GEMM configuration, its stages capped at max_stages; None: as is."""
         if self.max_stages is None:
             return None
         n = w.shape[0] // 2 if gated else w.shape[0]
-        cfg = gemm_config(x.shape[0], n, x.shape[1], partials, gated=gated)
+        cfg = gemm_config(x.shape[0], n, x.shape[1], partials, gated=gated, splits=splits)
         return cfg._replace(num_stages=min(cfg.num_stages, self.max_stages))
 
     def add_norm(self, x, res, layer, name):

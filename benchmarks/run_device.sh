@@ -12,7 +12,7 @@
 #   workload    profile_workload.py
 #   latency_ab  bench_latency.py once per variant of $LATENCY_AB, each with its own environment
 #               (the engine's switches): "NAME:VAR=VALUE,VAR=VALUE NAME: ..." (default: base,
-#               without the rotary kernel's early loads (norearly: MINIVLLM_ROPE_EARLY_LOADS=0),
+#               the qkv GEMM as 2 or 4 split-K partial sums (qkv2, qkv4: MINIVLLM_QKV_SPLITS),
 #               without the GEMMs' early weight columns (nowearly));
 #               $LATENCY_AB_ARGS for each run, JSON latency_NAME.json
 #   kernels     all of: prefill_attention decode_attention decode_varlen gemm layer_chain
@@ -77,7 +77,8 @@ for step in "${steps[@]}"; do
         run latency 200 python3 benchmarks/bench_latency.py --out "$OUT/latency.json" \
           $(extra latency) ;;
       latency_ab)
-        default="base: norearly:MINIVLLM_ROPE_EARLY_LOADS=0 nowearly:MINIVLLM_GEMM_EARLY_COLUMNS=0"
+        default="base: qkv2:MINIVLLM_QKV_SPLITS=2 qkv4:MINIVLLM_QKV_SPLITS=4"
+        default="$default nowearly:MINIVLLM_GEMM_EARLY_COLUMNS=0"
         for variant in ${LATENCY_AB:-$default}; do
           name=${variant%%:*}
           IFS=, read -ra envs <<<"${variant#*:}"

@@ -246,12 +246,19 @@ _SMEM_BYTES = 200_000
 
 
 def gemm_config(
-    m: int, n: int, k: int, partials: bool, num_sms: int = 132, gated: bool = False
+    m: int,
+    n: int,
+    k: int,
+    partials: bool,
+    num_sms: int = 132,
+    gated: bool = False,
+    splits: int = 0,
 ) -> GemmConfig | None:
     """The configuration for an [m, k] x [n, k]^T GEMM, or None where cuBLAS is faster (past
     `max_tokens`). Tuned on an H200 for Qwen3-0.6B's shapes (bench_gemm.py with cold weights,
     then bench_layer_chain.py). `gated`: n outputs of SiLU-and-multiply over 2n weight rows, two
-    weight tiles per stage."""
+    weight tiles per stage. `splits` > 0 (partials): that many K slices instead of the table's,
+    fewer where K is short (the qkv GEMM's partial sums, `layers.linear.QKV_SPLITS`)."""
     if m < 1 or m > max_tokens(k, partials):
         return None
     if gated:
@@ -261,7 +268,7 @@ def gemm_config(
         return config._replace(num_stages=min(config.num_stages, _SMEM_BYTES // stage_bytes))
     if partials:
         config = next(c for bound, c in _PARTIALS_TABLE if m <= bound)
-        splits = config.splits
+        splits = splits or config.splits
         while splits > 1 and k < splits * config.block_k:  # short K: fewer splits
             splits //= 2
         return config._replace(splits=splits)
@@ -309,17 +316,20 @@ def linear(
     gated: bool = False,
     config: tuple | None = None,  # a GemmConfig or its fields
     early: int = 0,
+    splits: int = 0,
 ) -> torch.Tensor:  # [M, N] x.dtype; with partials [S, M, N] float32 summing to x @ weight^T
-    """x @ weight^T; with `partials`, its float32 partial sums over S slices of K (S may be 1);
-    with `gated`, silu(x @ gate^T) * (x @ up^T) for weight = [gate; up] ([M, N / 2]).
+    """x @ weight^T; with `partials`, its float32 partial sums over S slices of K (S may be 1;
+    `splits` > 0: S as `gemm_config` gives it for that many); with `gated`,
+    silu(x @ gate^T) * (x @ up^T) for weight = [gate; up] ([M, N / 2]).
     `early` > 0: each program reads up to that many of its first weight columns before its PDL
     wait (see `early_columns`)."""
     assert supports(x, weight, partials, gated), (x.shape, x.stride(), x.dtype, weight.shape)
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
+    assert partials or not splits, "splits: for partial sums only"
     if config is None:
         num_sms = _num_sms(device_index(x) if x.is_cuda else None)
-        config = gemm_config(m, n, k, partials, num_sms, gated)
+        config = gemm_config(m, n, k, partials, num_sms, gated, splits)
     else:
         config = GemmConfig(*config)
     assert config is not None, (m, n, k, partials)

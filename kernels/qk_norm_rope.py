@@ -9,6 +9,11 @@ norm (Qwen2) only the rotary part runs. q, k and v may be strided views into the
 `qk_norm_rope_store_kv` writes rope(k_norm(k)) and v straight into their cache slots, exactly what
 `qk_norm_rope` followed by `kv_store.store_kvcache` writes, one kernel launch instead of two per
 layer (the attention kernels read K/V from the cache only, so k itself is not returned).
+
+`qk_norm_rope_store_kv` also takes q, k and v as float32 split-K partial sums of the qkv
+projection (`num_parts` > 0, `kernels/linear.py` `partials`): views into the first of `num_parts`
+sums `split_stride` elements apart, added up in split order and rounded to the activation dtype
+(the cache's) as they are read, which is what the GEMM's own output would have held.
 """
 
 from __future__ import annotations
@@ -46,8 +51,20 @@ def _norm_rope(x1, x2, weight_ptr, cos1, cos2, sin1, sin2, eps, HAS_NORM: tl.con
 
 
 @triton.jit
+def _load_heads(src, mask, split_stride, NUM_PARTS: tl.constexpr, dtype: tl.constexpr):
+    """The tile at `src`: as stored, or (NUM_PARTS > 0) the float32 sum of the NUM_PARTS partial
+    sums `split_stride` elements apart, in split order, rounded to `dtype`."""
+    x = tl.load(src, mask=mask, other=0.0)
+    if NUM_PARTS > 0:
+        for s in tl.static_range(1, NUM_PARTS):
+            x += tl.load(src + s * split_stride, mask=mask, other=0.0)
+        x = x.to(dtype)
+    return x
+
+
+@triton.jit
 def _norm_rope_heads(
-    x_ptr,  # [T, H, D] strided
+    x_ptr,  # [T, H, D] strided; or the first of NUM_PARTS float32 partial sums
     weight_ptr,  # [D]
     out_ptr,  # rows of H * D contiguous elements: [T, H, D] or a KV cache [.., H, D]
     out_row,  # int64 element offset of this token's row in out_ptr; < 0 (slot -1): no write
@@ -60,11 +77,13 @@ def _norm_rope_heads(
     stride_h,
     num_heads,
     eps,
+    split_stride,
     HAS_NORM: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    NUM_PARTS: tl.constexpr,
 ):
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
@@ -72,8 +91,9 @@ def _norm_rope_heads(
     # into the head bound: the interpreter cannot AND a scalar condition into a tensor mask.)
     mask = (offs_h < tl.where(out_row >= 0, num_heads, 0)) & (offs_d < HALF)
     src = x_ptr + tok * stride_t + offs_h * stride_h + offs_d
-    x1 = tl.load(src, mask=mask, other=0.0)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    dtype = out_ptr.dtype.element_ty
+    x1 = _load_heads(src, mask, split_stride, NUM_PARTS, dtype)
+    x2 = _load_heads(src + HALF, mask, split_stride, NUM_PARTS, dtype)
     o1, o2 = _norm_rope(
         x1,
         x2,
@@ -93,7 +113,7 @@ def _norm_rope_heads(
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    q_ptr,  # [T, num_q_heads, head_dim], head_dim contiguous
+    q_ptr,  # [T, num_q_heads, head_dim], head_dim contiguous (NUM_PARTS: the first sum's)
     k_ptr,  # [T, num_kv_heads, head_dim], head_dim contiguous
     v_ptr,  # [T, num_kv_heads, head_dim], head_dim contiguous; read only when STORE_KV
     q_weight_ptr,  # [head_dim], read only when HAS_NORM
@@ -116,6 +136,7 @@ def _qk_norm_rope_kernel(
     num_kv_heads,
     q_eps,
     k_eps,
+    split_stride,  # elements from one partial sum of q, k and v to the next (NUM_PARTS only)
     HAS_NORM: tl.constexpr,
     STORE_KV: tl.constexpr,  # rope(k) and v go to their cache slots instead of k_out
     HEAD_DIM: tl.constexpr,
@@ -126,6 +147,7 @@ def _qk_norm_rope_kernel(
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
     PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
     EARLY_LOADS: tl.constexpr,  # the token's position, slot and cos / sin rows read before the wait
+    NUM_PARTS: tl.constexpr,  # 0: q, k, v as stored; else float32 partial sums to add up
 ):
     if EARLY_LOADS:
         pdl_launch_dependents(PDL)
@@ -160,52 +182,19 @@ def _qk_norm_rope_kernel(
     if EARLY_LOADS:
         pdl_wait(PDL)
     if part == 0:
-        _norm_rope_heads(
-            q_ptr,
-            q_weight_ptr,
-            q_out_ptr,
-            tok * (num_q_heads * HEAD_DIM),
-            cos1,
-            cos2,
-            sin1,
-            sin2,
-            tok,
-            stride_q_t,
-            stride_q_h,
-            num_q_heads,
-            q_eps,
-            HAS_NORM,
-            HEAD_DIM,
-            HALF,
-            BLOCK_HQ,
-            BLOCK_HALF,
-        )
+        _norm_rope_heads(q_ptr, q_weight_ptr, q_out_ptr, tok * (num_q_heads * HEAD_DIM), cos1, cos2,
+                         sin1, sin2, tok, stride_q_t, stride_q_h, num_q_heads, q_eps, split_stride,
+                         HAS_NORM, HEAD_DIM, HALF, BLOCK_HQ, BLOCK_HALF, NUM_PARTS)  # fmt: skip
     elif part == 1:
-        _norm_rope_heads(
-            k_ptr,
-            k_weight_ptr,
-            k_dst_ptr,
-            k_row,
-            cos1,
-            cos2,
-            sin1,
-            sin2,
-            tok,
-            stride_k_t,
-            stride_k_h,
-            num_kv_heads,
-            k_eps,
-            HAS_NORM,
-            HEAD_DIM,
-            HALF,
-            BLOCK_HK,
-            BLOCK_HALF,
-        )
+        _norm_rope_heads(k_ptr, k_weight_ptr, k_dst_ptr, k_row, cos1, cos2, sin1, sin2, tok,
+                         stride_k_t, stride_k_h, num_kv_heads, k_eps, split_stride, HAS_NORM,
+                         HEAD_DIM, HALF, BLOCK_HK, BLOCK_HALF, NUM_PARTS)  # fmt: skip
     else:
         offs_h = tl.arange(0, BLOCK_HK)[:, None]
         offs_vd = tl.arange(0, BLOCK_D)[None, :]
         mask = (offs_h < tl.where(k_row >= 0, num_kv_heads, 0)) & (offs_vd < HEAD_DIM)
-        v = tl.load(v_ptr + tok * stride_v_t + offs_h * stride_v_h + offs_vd, mask=mask)
+        v_src = v_ptr + tok * stride_v_t + offs_h * stride_v_h + offs_vd
+        v = _load_heads(v_src, mask, split_stride, NUM_PARTS, v_cache_ptr.dtype.element_ty)
         tl.store(v_cache_ptr + k_row + offs_h * HEAD_DIM + offs_vd, v, mask=mask)
 
 
@@ -218,24 +207,28 @@ def _check_qk(
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
     q_out: torch.Tensor,
+    partials: bool = False,  # q and k are float32 partial sums of q_out's dtype
 ) -> None:
     num_tokens, _, head_dim = q.shape
     assert k.dim() == 3 and k.shape[0] == num_tokens and k.shape[2] == head_dim, (q.shape, k.shape)
-    assert q.dtype == k.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    assert q.dtype == k.dtype, (q.dtype, k.dtype)
     assert q.stride(2) == 1 and k.stride(2) == 1, "head_dim must be contiguous"
+    assert not partials or q.dtype == torch.float32, q.dtype
+    dtype = q_out.dtype if partials else q.dtype  # the activation dtype
+    assert dtype in (torch.float32, torch.float16, torch.bfloat16), dtype
     assert head_dim % 2 == 0, head_dim
     assert cos_cache.shape == sin_cache.shape and cos_cache.shape[1] == head_dim, cos_cache.shape
     assert cos_cache.is_contiguous() and sin_cache.is_contiguous()
     # Same dtypes everywhere, so no torch type promotion to mirror.
-    assert cos_cache.dtype == sin_cache.dtype == q.dtype, (cos_cache.dtype, q.dtype)
+    assert cos_cache.dtype == sin_cache.dtype == dtype, (cos_cache.dtype, dtype)
     assert positions.shape == (num_tokens,), (positions.shape, num_tokens)
     assert positions.dtype in (torch.int32, torch.int64), positions.dtype
     assert (k_weight is not None) == (q_weight is not None), "q and k are normalised together"
     if q_weight is not None:
         assert q_weight.shape == (head_dim,) and k_weight.shape == (head_dim,)
         assert q_weight.is_contiguous() and k_weight.is_contiguous()
-        assert q_weight.dtype == k_weight.dtype == q.dtype, (q_weight.dtype, q.dtype)
-    assert q_out.shape == q.shape and q_out.dtype == q.dtype and q_out.is_contiguous()
+        assert q_weight.dtype == k_weight.dtype == dtype, (q_weight.dtype, dtype)
+    assert q_out.shape == q.shape and q_out.dtype == dtype and q_out.is_contiguous()
 
 
 def _launch(
@@ -249,6 +242,7 @@ def _launch(
     k_out: torch.Tensor | None,
     store: tuple | None = None,  # (v, k_cache, v_cache, slot_mapping) for STORE_KV
     early_loads: bool = False,
+    parts: tuple[int, int] = (0, 0),  # (num_parts, split_stride): q, k, v as partial sums
 ) -> None:
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -284,6 +278,7 @@ def _launch(
         num_kv_heads=num_kv_heads,
         q_eps=q_eps,
         k_eps=k_eps,
+        split_stride=parts[1],
         HAS_NORM=has_norm,
         STORE_KV=store_kv,
         HEAD_DIM=head_dim,
@@ -294,6 +289,7 @@ def _launch(
         BLOCK_D=triton.next_power_of_2(head_dim),
         PDL=pdl,
         EARLY_LOADS=early_loads,
+        NUM_PARTS=parts[0],
         # 16 q heads x 64 pairs = 1024 elements per half: 4 warps keep 8 per thread per load.
         num_warps=4,
         launch_pdl=pdl,
@@ -354,6 +350,8 @@ def qk_norm_rope_store_kv(
     *,
     q_out: torch.Tensor | None = None,  # [T, num_q_heads, head_dim], contiguous
     early_loads: bool = False,
+    num_parts: int = 0,
+    split_stride: int = 0,
 ) -> torch.Tensor:  # contiguous [T, num_q_heads, head_dim]
     """`qk_norm_rope`, with rope(k_norm(k)) and v written into cache slot `slot_mapping[t]`
     (block_id * block_size + offset) instead of returned: what `qk_norm_rope` followed by
@@ -361,19 +359,28 @@ def qk_norm_rope_store_kv(
 
     q, k and v may be views into the packed qkv projection; q_out may alias q when q is contiguous.
     `early_loads` as in `qk_norm_rope`.
+
+    `num_parts` > 0: q, k and v are float32 views into the first of that many split-K partial
+    sums of the qkv projection, `split_stride` elements apart (`parts[0]` of a [S, T, N] tensor:
+    T * N); each is their sum in split order rounded to the caches' dtype, which q_out also has.
     """
+    act_dtype = k_cache.dtype if num_parts else q.dtype
     if q_out is None:
-        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _check_qk(q, k, positions, cos_cache, sin_cache, q_weight, k_weight, q_out)
+        q_out = torch.empty(q.shape, dtype=act_dtype, device=q.device)
+    _check_qk(q, k, positions, cos_cache, sin_cache, q_weight, k_weight, q_out, num_parts > 0)
     assert v.shape == k.shape and v.dtype == k.dtype and v.stride(2) == 1, (v.shape, k.shape)
     num_kv_heads, head_dim = k.shape[1:]
     assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim)
     # Stored as computed: a cache in another dtype would need a cast the kernel does not do.
-    assert k_cache.dtype == v_cache.dtype == q.dtype, (k_cache.dtype, q.dtype)
+    assert k_cache.dtype == v_cache.dtype == act_dtype, (k_cache.dtype, act_dtype)
+    if num_parts:
+        # Every partial sum of every element within int32 offsets of q's first one.
+        assert num_parts > 0 and split_stride > 0 and num_parts * split_stride < 2**31
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert slot_mapping.shape == (q.shape[0],), (slot_mapping.shape, q.shape)
     assert slot_mapping.dtype in (torch.int32, torch.int64), slot_mapping.dtype
     norm = (q_weight, k_weight, q_eps, k_eps)
     store = (v, k_cache, v_cache, slot_mapping)
-    _launch(q, k, positions, cos_cache, sin_cache, norm, q_out, None, store, early_loads)
+    parts = (num_parts, split_stride)
+    _launch(q, k, positions, cos_cache, sin_cache, norm, q_out, None, store, early_loads, parts)
     return q_out

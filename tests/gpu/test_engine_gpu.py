@@ -112,33 +112,47 @@ def test_triton_logits_close_to_torch_in_bf16(gpu_qwen3):
     assert rel < 2e-2, rel
 
 
-def test_the_early_loads_close_to_none_in_bf16(gpu_qwen3, monkeypatch):
-    """The early weight columns in the GEMMs (layers.linear.GEMM_EARLY_COLUMNS) and the early
-    decode loads (layers.attention.DECODE_EARLY_LOADS), both the default, against both off,
-    inside the engine, bf16: one step's logits within 1%; greedy generation with CUDA graphs
-    (split decodes) gives the same tokens up to where a sequence's top two logprobs tie within
-    bf16 rounding, where the two routes may part."""
+# Switches of layers.attention / layers.linear: the route named, on and off.
+ROUTES = {
+    # The default (early weight columns in the GEMMs, early decode loads) against neither.
+    "early_loads": (
+        {"DECODE_EARLY_LOADS": True, "GEMM_EARLY_COLUMNS": 256},
+        {"DECODE_EARLY_LOADS": False, "GEMM_EARLY_COLUMNS": 0},
+    ),
+    # The qkv GEMM as split-K partial sums added up by the rotary kernel, against the default.
+    "qkv_partials": ({"QKV_SPLITS": 4}, {"QKV_SPLITS": 0}),
+}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_a_decode_route_close_to_the_other_in_bf16(gpu_qwen3, monkeypatch, route: str):
+    """A route of the decode-size kernels (ROUTES) against its alternative, inside the engine,
+    bf16: one step's logits within 1%; greedy generation with CUDA graphs (split decodes) gives
+    the same tokens up to where a sequence's top two logprobs tie within bf16 rounding, where
+    the two routes may part."""
     from minivllm.layers import attention
     from minivllm.layers import linear as linear_layers
 
-    prompts = mixed_prompts(8, seed=17, min_len=3, max_len=14)  # one step of <= 112 tokens
+    # One step of <= 56 tokens: within layers.linear.QKV_PARTIALS_MAX_TOKENS.
+    prompts = mixed_prompts(8, seed=17, min_len=3, max_len=7)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     logits, outputs = {}, {}
-    for early in (False, True):
-        monkeypatch.setattr(attention, "DECODE_EARLY_LOADS", early)
-        monkeypatch.setattr(linear_layers, "GEMM_EARLY_COLUMNS", 256 if early else 0)
+    for on, switches in zip((True, False), ROUTES[route]):
+        for name, value in switches.items():
+            module = linear_layers if hasattr(linear_layers, name) else attention
+            monkeypatch.setattr(module, name, value)
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16", enforce_eager=True)
-        logits[early] = one_step_logits(llm, prompts)
+        logits[on] = one_step_logits(llm, prompts)
         llm.close()
         llm = gpu_llm(gpu_qwen3, dtype="bfloat16")
-        outputs[early] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        outputs[on] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.num_free_blocks == llm.runtime.num_kv_blocks
         llm.close()
     a, b = logits[True], logits[False]
     assert ((a - b).norm() / b.norm()).item() < 1e-2
     for got, expect in zip(outputs[True], outputs[False]):
         for i, (x, y) in enumerate(zip(got.token_ids, expect.token_ids)):
-            if x != y:  # parted at a near tie of the default route's top two
+            if x != y:  # parted at a near tie of the alternative's top two
                 top = sorted((lp.logprob for lp in expect.logprobs[i].values()), reverse=True)
                 assert top[0] - top[1] < 0.05, (i, top)
                 break

@@ -6,16 +6,25 @@ SiLU-and-multiply in its epilogue. tests/gpu runs the same paths in bf16 with CU
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from engine_fixtures import assert_all_blocks_free, make_llm, mixed_prompts
 from minivllm import SamplingParams
 
 
-def _run(path, monkeypatch, fused: bool, switches: dict | None = None, max_len: int = 30):
-    """Greedy tokens, prompt logprobs, gate/up's gated GEMM sizes and the number of Triton GEMMs
-    reading weight columns before their PDL wait (`early`) of a small run; `switches`
-    sets layers.linear's / layers.attention's switches of that name for the run."""
+class _Run(NamedTuple):
+    tokens: list[list[int]]  # greedy tokens per prompt
+    logprobs: list[list[float]]  # prompt logprobs per prompt
+    gated_rows: list[int]  # gate/up's gated GEMM sizes
+    early: int  # Triton GEMMs reading weight columns before their PDL wait (`early`)
+    qkv_partials: int  # qkv GEMMs giving split-K partial sums (`splits`)
+
+
+def _run(path, monkeypatch, fused: bool, switches: dict | None = None, max_len: int = 30) -> _Run:
+    """A small greedy run; `switches` sets layers.linear's / layers.attention's switches of that
+    name for the run."""
     import minivllm.layers
     from minivllm.kernels import linear
     from minivllm.layers import attention
@@ -27,12 +36,14 @@ def _run(path, monkeypatch, fused: bool, switches: dict | None = None, max_len: 
             mp.setattr(linear_layers if hasattr(linear_layers, name) else attention, name, value)
         gated_rows: list[int] = []
         early = [0]
+        qkv_partials = [0]
         original = linear.linear
 
         def spy(x, weight, *args, **kwargs):
             if kwargs.get("gated"):
                 gated_rows.append(x.shape[0])
             early[0] += kwargs.get("early", 0) > 0
+            qkv_partials[0] += kwargs.get("splits", 0) > 0
             return original(x, weight, *args, **kwargs)
 
         mp.setattr(linear, "linear", spy)
@@ -50,14 +61,16 @@ def _run(path, monkeypatch, fused: bool, switches: dict | None = None, max_len: 
         assert_all_blocks_free(llm)
         llm.close()
     logprobs = [[next(iter(p.values())).logprob for p in out.prompt_logprobs[1:]] for out in outs]
-    return [out.outputs[0].token_ids for out in outs], logprobs, gated_rows, early[0]
+    tokens = [out.outputs[0].token_ids for out in outs]
+    return _Run(tokens, logprobs, gated_rows, early[0], qkv_partials[0])
 
 
 def test_fused_layers_match_the_plain_ones(tiny_qwen3, monkeypatch) -> None:
     from minivllm.layers.linear import GATED_MAX_TOKENS
 
-    plain_tokens, plain_logprobs, plain_gated, _ = _run(tiny_qwen3, monkeypatch, fused=False)
-    tokens, logprobs, gated, early = _run(tiny_qwen3, monkeypatch, fused=True)
+    plain_tokens, plain_logprobs, plain_gated, _, _ = _run(tiny_qwen3, monkeypatch, fused=False)
+    tokens, logprobs, gated, early, qkv_partials = _run(tiny_qwen3, monkeypatch, fused=True)
+    assert qkv_partials == 0  # MINIVLLM_QKV_SPLITS is off by default
     assert early  # decode steps: GEMM_EARLY_COLUMNS by default
     assert plain_gated == []
     assert gated and max(gated) <= GATED_MAX_TOKENS  # decode steps only
@@ -81,14 +94,27 @@ def test_the_early_loads_match_the_plain_decode(gpu_qwen3, monkeypatch):
 
     off = {"DECODE_EARLY_LOADS": False, "GEMM_EARLY_COLUMNS": 0}
     # Contexts past 256 tokens: the decode runs two splits.
-    expect_tokens, expect_logprobs, _, _ = _run(gpu_qwen3, monkeypatch, True, off, max_len=300)
+    expect_tokens, expect_logprobs, *_ = _run(gpu_qwen3, monkeypatch, True, off, max_len=300)
     monkeypatch.setattr(paged_decode, "decode_attention", decode)
     on = {"DECODE_EARLY_LOADS": True, "GEMM_EARLY_COLUMNS": 128}
-    tokens, logprobs, _, early = _run(gpu_qwen3, monkeypatch, True, on, max_len=300)
+    tokens, logprobs, _, early, _ = _run(gpu_qwen3, monkeypatch, True, on, max_len=300)
     assert calls["early"] and early, (calls, early)
     for got, expect in zip(logprobs, expect_logprobs, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), atol=3e-2, rtol=3e-2)
     assert tokens == expect_tokens
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_qkv_partials_match_the_plain_qkv(tiny_qwen3, monkeypatch, splits: int) -> None:
+    """MINIVLLM_QKV_SPLITS: the decode steps' qkv GEMM gives split-K partial sums, which the
+    rotary kernel adds up as it stores k and v; the same greedy tokens as the plain qkv GEMM,
+    prompt logprobs within float16 rounding."""
+    expect = _run(tiny_qwen3, monkeypatch, True)
+    got = _run(tiny_qwen3, monkeypatch, True, {"QKV_SPLITS": splits})
+    assert got.qkv_partials > 0 and expect.qkv_partials == 0
+    for have, want in zip(got.logprobs, expect.logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(have), torch.tensor(want), atol=3e-2, rtol=3e-2)
+    assert got.tokens == expect.tokens
 
 
 @pytest.fixture(autouse=True)

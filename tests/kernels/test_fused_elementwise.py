@@ -233,6 +233,56 @@ def test_rotary_layer_stores_kv_for_attention(dtype: torch.dtype, with_norm: boo
     assert not torch.equal(outs[1][2], k_cache)  # the new tokens were written
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_parts", [1, 2, 3])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_store_kv_adds_up_split_k_partials(dtype: torch.dtype, num_parts: int, with_norm: bool):
+    """q, k and v as float32 split-K partial sums of the packed qkv ([S, T, N], views into the
+    first): the kernel writes exactly what it writes for their float32 sum in split order rounded
+    to the activation dtype, the GEMM's own output; the padding row (slot -1) writes nothing."""
+    from minivllm.kernels.qk_norm_rope import qk_norm_rope_store_kv
+
+    num_heads, num_kv_heads, head_dim = 8, 2, 64
+    _, _, _, positions, k_cache, v_cache, meta = _decode_step(
+        num_heads, num_kv_heads, head_dim, dtype, seed=6
+    )
+    num_tokens = positions.shape[0]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    parts = torch.randn(num_parts, num_tokens, q_size + 2 * kv_size, generator=_gen(num_parts))
+    total = parts[0].clone()
+    for s in range(1, num_parts):
+        total += parts[s]
+    rope = RotaryEmbedding(head_dim, 64, base=10000.0).to(dtype)
+    norms = {}
+    if with_norm:
+        weights = (torch.rand(2, head_dim, generator=_gen(7)) + 0.5).to(dtype).to(DEVICE)
+        norms = {"q_weight": weights[0], "k_weight": weights[1], "q_eps": 1e-6, "k_eps": 1e-6}
+    out = []
+    for qkv, extra in (
+        (total.to(dtype).to(DEVICE), {}),
+        (parts.to(DEVICE)[0], {"num_parts": num_parts, "split_stride": parts.stride(0)}),
+    ):
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        caches = (k_cache.clone(), v_cache.clone())
+        q_out = qk_norm_rope_store_kv(
+            q.view(num_tokens, num_heads, head_dim),
+            k.view(num_tokens, num_kv_heads, head_dim),
+            v.view(num_tokens, num_kv_heads, head_dim),
+            positions,
+            rope.cos_cache.to(DEVICE),
+            rope.sin_cache.to(DEVICE),
+            *caches,
+            meta.slot_mapping,
+            **norms,
+            **extra,
+        )
+        assert q_out.dtype == dtype
+        out.append((q_out[meta.decode_seq_lens > 0], *caches))
+    for got, expect in zip(out[1], out[0], strict=True):
+        assert torch.equal(got, expect)
+    assert not torch.equal(out[1][1], k_cache) and not torch.equal(out[1][2], v_cache)
+
+
 def test_the_shared_rotary_table_follows_the_fused_choice(monkeypatch) -> None:
     """get_rotary_embedding shares one instance per shape and fused-kernel choice: a model built
     for the fused layers after one built without them (same shape) gets the fused kernel."""

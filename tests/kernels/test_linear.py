@@ -130,6 +130,8 @@ def test_gemm_config_and_supports_decline_what_they_do_not_fit() -> None:
     assert gemm_config(MAX_COLUMN_TOKENS + 1, 4096, 1024, partials=False) is None  # cuBLAS
     assert gemm_config(8, 1024, 3072, partials=True).splits == 8
     assert gemm_config(8, 1024, 256, partials=True).splits == 2  # fewer splits when K is short
+    assert gemm_config(8, 4096, 1024, partials=True, splits=2).splits == 2  # qkv's own count
+    assert gemm_config(8, 4096, 128, partials=True, splits=4).splits == 1  # K short for more
     for m in (1, 64, 128):  # two weight tiles per stage: fewer stages where they would not fit
         cfg = gemm_config(m, 3072, 1024, partials=False, gated=True)
         assert (2 * cfg.block_n + cfg.block_m) * cfg.block_k * 2 * cfg.num_stages <= 200_000

@@ -121,6 +121,11 @@ class Attention(nn.Module):
         if backend.name == "triton" and DECODE_EARLY_LOADS:
             self.decode_options["early_loads"] = True
 
+    def fuses_kv_store(self, dtype: torch.dtype) -> bool:
+        """Whether `kv_write` hands the rotary kernel a write it can do for k and v of `dtype`
+        (the backend allows it and the cache has that dtype)."""
+        return self.backend.can_fuse_kv_store and self.k_cache.dtype == dtype
+
     def kv_write(self, v: torch.Tensor, meta: AttentionMetadata) -> KVCacheWrite | None:
         """This step's cache write for the rotary kernel to fuse, or None when the backend keeps
         its own store. v: [T, num_kv_heads, head_dim]."""

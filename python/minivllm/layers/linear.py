@@ -31,6 +31,15 @@ GEMM_EARLY_COLUMNS = env_count("MINIVLLM_GEMM_EARLY_COLUMNS", "weight columns", 
 GEMM_EARLY_MAX_TOKENS = 8
 
 
+# The qkv GEMM as MINIVLLM_QKV_SPLITS float32 split-K partial sums in steps of up to
+# QKV_PARTIALS_MAX_TOKENS tokens, which the q/k-norm + rotary + KV-store kernel adds up as it
+# reads them (`QKVParallelLinear.forward`): at decode sizes qkv has 64 (Qwen3-0.6B) or 96 (8B)
+# output tiles of 64 weight rows, too few to keep every SM reading. Off (0) by default: not yet
+# timed in the engine (bench_gemm.py, H200: 4 splits 4.80 us against 5.71 at 16 tokens).
+QKV_SPLITS = env_count("MINIVLLM_QKV_SPLITS", "K slices", default=0)
+QKV_PARTIALS_MAX_TOKENS = 64
+
+
 def _early(x: torch.Tensor) -> int:
     """The early weight columns of a Triton GEMM of x (0: none)."""
     return GEMM_EARLY_COLUMNS if x.shape[0] <= GEMM_EARLY_MAX_TOKENS else 0
@@ -201,11 +210,29 @@ class QKVParallelLinear(ColumnParallelLinear):
         _check_shape(loaded, (size * self.tp_size, *param.shape[1:]))
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
 
+    def forward(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor | SplitKPartials:
+        """[T, q + k + v] of this rank's heads. With `partials=True` (the caller's rotary kernel
+        adds partial sums up, see `Qwen3Attention`), MINIVLLM_QKV_SPLITS set and up to
+        QKV_PARTIALS_MAX_TOKENS tokens on the Triton GEMM, the product comes back as split-K
+        partial sums instead."""
+        if (
+            partials
+            and QKV_SPLITS
+            and x.shape[0] <= QKV_PARTIALS_MAX_TOKENS
+            and self._triton_linear(x, partials=True)
+        ):
+            parts = self.gemm.linear(
+                x, self.weight, partials=True, splits=QKV_SPLITS, early=_early(x)
+            )
+            return SplitKPartials(parts, x.dtype)
+        return super().forward(x)
+
 
 class SplitKPartials(NamedTuple):
-    """A row-parallel projection's output left as float32 partial sums over slices of K,
-    [S, T, N]: y = parts.sum(0) rounded to `dtype`. The fused add + RMSNorm that follows adds
-    them up as it reads them (kernels/fused_norm.py), so the split costs no reduce launch."""
+    """A projection's output left as float32 partial sums over slices of K, [S, T, N]: y =
+    parts.sum(0) rounded to `dtype`. Its consumer adds them up as it reads them, so the split
+    costs no reduce launch: the fused add + RMSNorm after a row-parallel projection
+    (kernels/fused_norm.py), the rotary kernel after qkv (kernels/qk_norm_rope.py)."""
 
     parts: torch.Tensor  # [S, T, N] float32
     dtype: torch.dtype  # the activation dtype y stands in

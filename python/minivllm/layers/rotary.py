@@ -2,7 +2,8 @@
 
 On CUDA one Triton kernel (`kernels/qk_norm_rope.py`) applies the optional per-head q/k RMSNorm and
 the rotation to q and k together, and, handed the attention layer's `KVCacheWrite`, also writes
-rope(k) and v into the KV cache; the torch code below is the CPU path and the kernel's oracle.
+rope(k) and v into the KV cache (and then may take the qkv projection as split-K partial sums);
+the torch code below is the CPU path and the kernel's oracle.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from minivllm.layers import env_switch, fused_kernels
 
 if TYPE_CHECKING:
     from minivllm.layers.attention import KVCacheWrite
+    from minivllm.layers.linear import SplitKPartials
     from minivllm.layers.rmsnorm import RMSNorm
 
 # The fused kernel reads each token's position, slot and cos / sin rows before its PDL wait
@@ -48,6 +50,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin_cache", emb.sin().to(dtype), persistent=False)
 
+    def fuses(self, dtype: torch.dtype, q_norm: RMSNorm | None, k_norm: RMSNorm | None) -> bool:
+        """Whether `forward` takes the fused kernel for q and k of activation dtype `dtype`."""
+        return (
+            self.kernels is not None
+            and dtype == self.cos_cache.dtype
+            and (q_norm is None or q_norm.weight.dtype == k_norm.weight.dtype == dtype)
+        )
+
     def forward(
         self,
         positions: torch.Tensor,  # [T]
@@ -56,6 +66,7 @@ class RotaryEmbedding(nn.Module):
         q_norm: RMSNorm | None = None,
         k_norm: RMSNorm | None = None,
         kv_write: KVCacheWrite | None = None,
+        partials: SplitKPartials | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """rope(q), rope(k); with q_norm / k_norm (Qwen3), rope(q_norm(q)), rope(k_norm(k)).
 
@@ -64,43 +75,50 @@ class RotaryEmbedding(nn.Module):
         nothing is left for the attention layer to store. Off the fused path (CPU,
         MINIVLLM_FUSED_KERNELS=0, a dtype the kernel does not take) kv_write is ignored and k is
         returned for the attention layer's own store.
+
+        `partials`: the qkv projection's split-K partial sums, of which q, k and kv_write.value
+        are views into the first (`partials.parts[0]`); only for the fused kernel with the KV
+        store (`fuses`, and a kv_write of the cache in `partials.dtype`).
         """
         assert (q_norm is None) == (k_norm is None)
-        if (
-            self.kernels is not None
-            and q.dtype == self.cos_cache.dtype
-            and (q_norm is None or q_norm.weight.dtype == k_norm.weight.dtype == q.dtype)
-        ):
-            norm_args = {
-                "q_weight": q_norm.weight if q_norm is not None else None,
-                "k_weight": k_norm.weight if k_norm is not None else None,
-                "q_eps": q_norm.eps if q_norm is not None else 0.0,
-                "k_eps": k_norm.eps if k_norm is not None else 0.0,
-                "early_loads": self.early_loads,
-            }
-            if kv_write is not None and kv_write.k_cache.dtype == q.dtype:
-                q = self.kernels.qk_norm_rope_store_kv(
-                    q,
-                    k,
-                    kv_write.value,
-                    positions,
-                    self.cos_cache,
-                    self.sin_cache,
-                    kv_write.k_cache,
-                    kv_write.v_cache,
-                    kv_write.slot_mapping,
-                    **norm_args,
-                )
-                return q, None
+        dtype = q.dtype if partials is None else partials.dtype
+        fused = self.fuses(dtype, q_norm, k_norm)
+        stores_kv = fused and kv_write is not None and kv_write.k_cache.dtype == dtype
+        assert partials is None or stores_kv, "split-K partial sums need the fused KV store"
+        if not fused:
+            if q_norm is not None:
+                q = q_norm(q)
+                k = k_norm(k)
+            cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, head_dim]
+            sin = self.sin_cache[positions].unsqueeze(1)
+            return _apply(q, cos, sin), _apply(k, cos, sin)
+        norm_args = {
+            "q_weight": q_norm.weight if q_norm is not None else None,
+            "k_weight": k_norm.weight if k_norm is not None else None,
+            "q_eps": q_norm.eps if q_norm is not None else 0.0,
+            "k_eps": k_norm.eps if k_norm is not None else 0.0,
+            "early_loads": self.early_loads,
+        }
+        if not stores_kv:
             return self.kernels.qk_norm_rope(
                 q, k, positions, self.cos_cache, self.sin_cache, **norm_args
             )
-        if q_norm is not None:
-            q = q_norm(q)
-            k = k_norm(k)
-        cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, head_dim]
-        sin = self.sin_cache[positions].unsqueeze(1)
-        return _apply(q, cos, sin), _apply(k, cos, sin)
+        if partials is not None:
+            norm_args["num_parts"] = partials.parts.shape[0]
+            norm_args["split_stride"] = partials.parts.stride(0)
+        q = self.kernels.qk_norm_rope_store_kv(
+            q,
+            k,
+            kv_write.value,
+            positions,
+            self.cos_cache,
+            self.sin_cache,
+            kv_write.k_cache,
+            kv_write.v_cache,
+            kv_write.slot_mapping,
+            **norm_args,
+        )
+        return q, None
 
 
 def get_rotary_embedding(

@@ -61,16 +61,25 @@ class Qwen3Attention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor | SplitKPartials:
-        qkv = self.qkv_proj(hidden_states)
+        # q/k norm (Qwen3 only) and rotary: one fused kernel on CUDA. Handed this layer's cache
+        # write (triton backend), that kernel also stores k and v, and returns k = None: nothing
+        # left for the attention layer to store. Then it may also take the qkv projection as
+        # split-K partial sums (layers.linear.QKV_SPLITS), which it adds up as it reads them.
+        dtype = hidden_states.dtype
+        stores_kv = self.attn.fuses_kv_store(dtype) and self.rotary_emb.fuses(
+            dtype, self.q_norm, self.k_norm
+        )
+        qkv = self.qkv_proj(hidden_states, partials=stores_kv)
+        partials = qkv if isinstance(qkv, SplitKPartials) else None
+        if partials is not None:
+            qkv = partials.parts[0]  # q, k, v: views into the first partial sum
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        # q/k norm (Qwen3 only) and rotary: one fused kernel on CUDA. Handed this layer's cache
-        # write (triton backend), that kernel also stores k and v, and returns k = None: nothing
-        # left for the attention layer to store.
+        kv_write = self.attn.kv_write(v, meta)
         q, k = self.rotary_emb(
-            positions, q, k, self.q_norm, self.k_norm, kv_write=self.attn.kv_write(v, meta)
+            positions, q, k, self.q_norm, self.k_norm, kv_write=kv_write, partials=partials
         )
         o = self.attn(q, k, v, meta)
         # The post-attention RMSNorm takes split-K partial sums (decode batch sizes, one GPU).
