@@ -227,6 +227,7 @@ def main() -> None:
         copy_roof = workload_seconds(
             cost, prompts, max_tokens, Ceilings(ceilings.copy_gbs, 0.0, ceilings.matmul_tflops)
         )
+        flop_roof = workload_seconds(cost, prompts, max_tokens, ceilings, flop_aware=True)
         llm_args: dict[str, Any] = {**engine_args(args.smoke), "enforce_eager": args.enforce_eager}
         if args.block_size is not None:
             llm_args["block_size"] = args.block_size
@@ -244,6 +245,7 @@ def main() -> None:
             "ceilings": ceilings.as_dict(),
             "roofline": roof,
             "roofline_at_copy_rate": copy_roof,
+            "roofline_flop_aware": flop_roof,
             "engine_args": llm_args,
         }
         if args.tp:

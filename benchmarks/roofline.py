@@ -7,6 +7,12 @@ its matmul and causal-attention FLOPs: at the measured matmul rate, and never fa
 weight read, that is its shortest. The bandwidth is the higher of two measurements, a copy
 (bytes read + written) and a kernel that only reads: each is the best of several runs, and a
 decode step mostly reads.
+
+That roofline (issue 16's) charges a decode step for bytes only. Past ~F / B rows (the matmul
+rate over the bandwidth: ~160 on an H200) the layers' GEMMs take longer to compute than their
+weights take to read, which matters for the larger models' busiest steps. `flop_aware=True`
+charges a decode step's GEMMs (decoder layers and LM head) the slower of the two, and the KV read
+after them: a tighter bound, reported beside the first, never in its place.
 """
 
 from __future__ import annotations
@@ -75,9 +81,15 @@ class ModelCost:
             attn_flops_per_pair=4 * layers * heads * head_dim,
         )
 
-    def decode_seconds(self, context_tokens: float, ceilings: Ceilings) -> float:
-        """A decode-only step over running sequences holding `context_tokens` tokens in all."""
-        return (self.weight_bytes + self.kv_bytes_per_token * context_tokens) / ceilings.bandwidth
+    def decode_seconds(self, context_tokens: float, ceilings: Ceilings, rows: int = 0) -> float:
+        """A decode-only step over running sequences holding `context_tokens` tokens in all.
+        `rows` > 0 (flop-aware): its GEMMs over that many rows take the slower of the weight
+        read and their FLOPs."""
+        weights = self.weight_bytes / ceilings.bandwidth
+        if rows:
+            flops = (self.layer_flops_per_token + self.lm_head_flops_per_row) * rows
+            weights = max(weights, flops / ceilings.flops)
+        return weights + self.kv_bytes_per_token * context_tokens / ceilings.bandwidth
 
     def step_seconds(
         self,
@@ -87,11 +99,12 @@ class ModelCost:
         context_tokens: int,
         pairs: int,
         ceilings: Ceilings,
+        flop_aware: bool = False,
     ) -> float:
-        """Any step: decode-only steps are bound by memory, the others by FLOPs (`pairs`: the
-        causal (query, key) pairs of its attention)."""
+        """Any step: decode-only steps are bound by memory (`flop_aware`: see decode_seconds),
+        the others by FLOPs (`pairs`: the causal (query, key) pairs of its attention)."""
         if num_tokens == num_decodes:
-            return self.decode_seconds(context_tokens, ceilings)
+            return self.decode_seconds(context_tokens, ceilings, num_decodes if flop_aware else 0)
         flops = (
             self.layer_flops_per_token * num_tokens
             + self.lm_head_flops_per_row * num_samples
@@ -110,21 +123,22 @@ def workload_seconds(
     prompts: Sequence[Sequence[int]],
     max_tokens: Sequence[int],
     ceilings: Ceilings,
+    flop_aware: bool = False,
 ) -> dict[str, float]:
     """The whole offline workload: every prompt prefilled (FLOP-bound), then decode step t >= 1
     (token 0 comes from the prefill) reads the weights once and the KV of every request still
-    running, each at context prompt + t."""
+    running, each at context prompt + t (`flop_aware`: see ModelCost.decode_seconds)."""
     p = np.array([len(x) for x in prompts], dtype=np.float64)
     m = np.array(max_tokens, dtype=np.float64)
-    decode_bytes = 0.0
+    decode_s = 0.0
     for t in range(1, int(m.max())):
         running = m > t
-        decode_bytes += cost.weight_bytes + cost.kv_bytes_per_token * float((p[running] + t).sum())
+        rows = int(running.sum()) if flop_aware else 0
+        decode_s += cost.decode_seconds(float((p[running] + t).sum()), ceilings, rows)
     prefill_flops = (
         cost.layer_flops_per_token * p.sum()
         + cost.lm_head_flops_per_row * len(p)
         + cost.attn_flops_per_pair * float((p * (p + 1) / 2).sum())
     )
-    decode_s = decode_bytes / ceilings.bandwidth
     prefill_s = prefill_flops / ceilings.flops
     return {"decode_s": decode_s, "prefill_s": prefill_s, "total_s": decode_s + prefill_s}

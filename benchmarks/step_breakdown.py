@@ -1,5 +1,6 @@
 """Where a recorded run's time went, by kind of step (prefill / mixed, or decode by how many rows)
-against each step's roofline: the step kinds bench_throughput.py and profile_workload.py report."""
+against each step's roofline (and its flop-aware bound, roofline.py): the step kinds
+bench_throughput.py and profile_workload.py report."""
 
 from __future__ import annotations
 
@@ -29,12 +30,12 @@ def step_breakdown(
     prev_end, covered, pending_roof = start, 0.0, 0.0
     timed = []
     for index, r in enumerate(records):
-        roof = cost.step_seconds(
-            r.num_tokens, r.num_decodes, r.num_samples, r.context_tokens, r.pairs, ceilings
-        )
-        g = groups.setdefault(step_kind(r.num_tokens, r.num_decodes), [0, 0.0, 0.0])
+        shape = (r.num_tokens, r.num_decodes, r.num_samples, r.context_tokens, r.pairs)
+        roof = cost.step_seconds(*shape, ceilings)
+        g = groups.setdefault(step_kind(r.num_tokens, r.num_decodes), [0, 0.0, 0.0, 0.0])
         g[0] += 1
         g[2] += roof
+        g[3] += cost.step_seconds(*shape, ceilings, flop_aware=True)
         if r.read is None:  # no sampled rows: its time shows up in the next step's
             pending_roof += roof
             continue
@@ -62,7 +63,7 @@ def step_breakdown(
         "seconds_in_steps": covered,
         "seconds_outside": (end - start) - covered,
         "by_kind": {
-            k: {"steps": g[0], "seconds": g[1], "roofline_s": g[2]}
+            k: {"steps": g[0], "seconds": g[1], "roofline_s": g[2], "flop_aware_roofline_s": g[3]}
             for k, g in sorted(groups.items())
         },
     }

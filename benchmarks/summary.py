@@ -27,6 +27,7 @@ def throughput(r: dict[str, Any]) -> None:
     tokens = r["workload"]["output_tokens"]
     roof_tok_s = tokens / roof["total_s"]
     copy_tok_s = tokens / r["roofline_at_copy_rate"]["total_s"]
+    flop_tok_s = tokens / r.get("roofline_flop_aware", roof)["total_s"]
     print(f"\nthroughput, {r['model_shape']} (copy {c['copy_gbs']:,.0f} GB/s, read "
           f"{c['read_gbs']:,.0f} GB/s, matmul {c['matmul_tflops']:,.0f} TFLOP/s; roofline "
           f"{roof['total_s']:.2f} s)")  # fmt: skip
@@ -39,10 +40,13 @@ def throughput(r: dict[str, Any]) -> None:
             continue
         print(f"  {key:<7}{run['seconds']:>7.2f} s {run['output_tok_s']:>9,.0f} out tok/s "
               f"{run['output_tok_s'] / roof_tok_s:>7.1%} of roofline "
-              f"({run['output_tok_s'] / copy_tok_s:.1%} at the copy rate)")  # fmt: skip
+              f"({run['output_tok_s'] / copy_tok_s:.1%} at the copy rate, "
+              f"{run['output_tok_s'] / flop_tok_s:.1%} flop-aware)")  # fmt: skip
     for kind, g in r["cpp"].get("steps", {}).get("by_kind", {}).items():
-        frac = g["roofline_s"] / g["seconds"] if g["seconds"] > 0 else float("nan")
-        print(f"    {kind:<18}{g['steps']:>5} steps {g['seconds']:>6.2f} s {frac:>7.1%}")
+        seconds = g["seconds"] if g["seconds"] > 0 else float("nan")
+        flop_s = g.get("flop_aware_roofline_s", g["roofline_s"])
+        print(f"    {kind:<18}{g['steps']:>5} steps {g['seconds']:>6.2f} s "
+              f"{g['roofline_s'] / seconds:>7.1%} ({flop_s / seconds:.1%} flop-aware)")  # fmt: skip
     for n, d in r["cpp"].get("decode_probe", {}).items():
         busy = "-" if d["gpu_busy"] is None else f"{d['gpu_busy']:.1%}"
         print(f"    decode @ {n:>3} running: {d['wall_us_per_step']:,.0f} us per step, GPU busy "

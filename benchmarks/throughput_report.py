@@ -38,15 +38,18 @@ def print_summary(results: dict[str, Any]) -> None:
     c, roof = results["ceilings"], results["roofline"]
     roof_tok_s = results["workload"]["output_tokens"] / roof["total_s"]
     copy_tok_s = results["workload"]["output_tokens"] / results["roofline_at_copy_rate"]["total_s"]
+    flop = results.get("roofline_flop_aware", roof)
+    flop_tok_s = results["workload"]["output_tokens"] / flop["total_s"]
     print(
         f"\n{results['device']}, {results['model_shape']}: copy {c['copy_gbs']:,.0f} GB/s, "
         f"read-only {c['read_gbs']:,.0f} GB/s, bf16 matmul {c['matmul_tflops']:,.0f} TFLOP/s; "
         f"roofline {roof['total_s']:.2f} s (decode {roof['decode_s']:.2f} s, prefill "
         f"{roof['prefill_s']:.2f} s) = {roof_tok_s:,.0f} output tok/s "
-        f"({copy_tok_s:,.0f} at the copy rate)"
+        f"({copy_tok_s:,.0f} at the copy rate; flop-aware {flop['total_s']:.2f} s, decode "
+        f"{flop['decode_s']:.2f} s)"
     )
     print(f"{'run':<28}{'seconds':>9}{'out tok/s':>12}{'total tok/s':>13}{'of roofline':>13}"
-          f"{'at copy rate':>14}")  # fmt: skip
+          f"{'at copy rate':>14}{'flop-aware':>12}")  # fmt: skip
     for key, label in (
         ("cpp", "minivllm (cpp scheduler)"),
         ("python", "minivllm (python sched.)"),
@@ -63,7 +66,8 @@ def print_summary(results: dict[str, Any]) -> None:
         )
         print(
             f"{label:<28}{r['seconds']:>9.2f}{r['output_tok_s']:>12,.0f}{r['total_tok_s']:>13,.0f}"
-            f"{r['output_tok_s'] / roof_tok_s:>13.1%}{r['output_tok_s'] / copy_tok_s:>14.1%}{note}"
+            f"{r['output_tok_s'] / roof_tok_s:>13.1%}{r['output_tok_s'] / copy_tok_s:>14.1%}"
+            f"{r['output_tok_s'] / flop_tok_s:>12.1%}{note}"
         )
     steps = results["cpp"].get("steps")
     if steps:
@@ -71,12 +75,14 @@ def print_summary(results: dict[str, Any]) -> None:
             f"\ncpp run: {steps['num_steps']} steps, {steps['seconds_in_steps']:.2f} s from GPU "
             f"start to ids read back, {steps['seconds_outside']:.2f} s outside"
         )
-        print(f"{'step kind':<20}{'steps':>7}{'seconds':>9}{'roofline s':>12}{'of roofline':>13}")
+        print(f"{'step kind':<20}{'steps':>7}{'seconds':>9}{'roofline s':>12}{'of roofline':>13}"
+              f"{'flop-aware':>12}")  # fmt: skip
         for kind, g in steps["by_kind"].items():
-            frac = g["roofline_s"] / g["seconds"] if g["seconds"] > 0 else float("nan")
+            seconds = g["seconds"] if g["seconds"] > 0 else float("nan")
+            flop_s = g.get("flop_aware_roofline_s", g["roofline_s"])
             print(
                 f"{kind:<20}{g['steps']:>7}{g['seconds']:>9.2f}{g['roofline_s']:>12.2f}"
-                f"{frac:>13.1%}"
+                f"{g['roofline_s'] / seconds:>13.1%}{flop_s / seconds:>12.1%}"
             )
         print("slowest steps:", ", ".join(
             f"{st['ms']:.1f} ms, step {st['step']} at {st['offset_s']:.2f} s ({st['tokens']} "
