@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import httpx
 import openai
@@ -143,3 +145,82 @@ def test_killed_clients_free_their_blocks(server):
     # Neither ran to its end: no finished request was counted, both were logged as aborted.
     assert after["minivllm:generation_tokens_total"] == before["minivllm:generation_tokens_total"]
     assert server.log().count("aborted (") - log_before == 2
+
+
+def test_a_request_with_more_prompts_than_the_engine_takes(server):
+    """Room for two requests (max_num_seqs=2, none waiting): a call with two prompts runs both,
+    one with three is a 400 at once, streamed or not (never a stream that fails after its 200;
+    it could never fit, so not a 503 to retry); nothing is left behind."""
+    server.wait_all_blocks_free()
+    with httpx.Client(timeout=60.0, headers=AUTH) as http:
+        url = server.url("/v1/completions")
+        body = {"model": MODEL_NAME, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        r = http.post(url, json={**body, "prompt": ["a", "b"]})
+        assert r.status_code == 200, r.text
+        assert sorted(c["index"] for c in r.json()["choices"]) == [0, 1]
+        for stream in (False, True):
+            r = http.post(url, json={**body, "prompt": ["a", "b", "c"], "stream": stream})
+            assert r.status_code == 400, r.text
+            assert r.headers["content-type"].startswith("application/json")
+            error = r.json()["error"]
+            assert "3 prompts in one request" in error["message"], error
+            assert error["param"] == "prompt"
+    server.wait_all_blocks_free()
+
+
+# Values the request schema lets through but SamplingParams refuses (beyond int32 / int64, a
+# top_p that is 0 as a float32), and a bad prompt among several: a 400 naming the field.
+# fmt: off
+REFUSED = [
+    ("/v1/completions", {"prompt": "a", "top_k": 2**31}, "top_k must be in", "top_k"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 2**70}, "max_tokens must be", "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "stop_token_ids": [2**31]}, "stop_token_ids must be",
+     "stop_token_ids"),
+    ("/v1/completions", {"prompt": "a", "top_p": 1e-50, "stream": True}, "nonzero as a float32",
+     "top_p"),
+    ("/v1/completions", {"prompt": "a", "stop_token_ids": [600]}, "outside the vocabulary",
+     "stop_token_ids"),
+    ("/v1/completions", {"prompt": ["ok", ""]}, "prompt 1 is empty", "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+     "max_completion_tokens": 2**70}, "max_tokens must be", "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_k": 2**31,
+     "stream": True}, "top_k must be in", "top_k"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("path, body, fragment, param", REFUSED)
+def test_values_sampling_params_refuses_are_400_naming_the_field(
+    server, path, body, fragment, param
+):
+    with httpx.Client(timeout=30.0, headers=AUTH) as http:
+        r = http.post(server.url(path), json={"model": MODEL_NAME, **body})
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["param"] == param, error
+
+
+def test_a_huge_prompt_does_not_stall_the_server(server):
+    """A 4.8 MB prompt takes seconds to tokenize (then a 400: far past max_model_len); that runs
+    off the event loop, so /health keeps answering within a second meanwhile (it waited for the
+    whole tokenization, ~3 s, when the server tokenized on the loop)."""
+    body = {"model": MODEL_NAME, "prompt": "hello world " * 400_000, "max_tokens": 1}
+    result = {}
+
+    def send() -> None:
+        r = httpx.post(server.url("/v1/completions"), json=body, headers=AUTH, timeout=120.0)
+        result["status"], result["error"] = r.status_code, r.json()["error"]["message"]
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    worst = 0.0
+    with httpx.Client(timeout=60.0) as http:
+        while sender.is_alive():
+            t0 = time.perf_counter()
+            assert http.get(server.url("/health")).status_code == 200
+            worst = max(worst, time.perf_counter() - t0)
+            time.sleep(0.05)
+    sender.join()
+    assert result["status"] == 400 and "max_model_len" in result["error"], result
+    assert worst < 1.0, worst

@@ -56,7 +56,7 @@ from minivllm.entrypoints.responses import (
     error_body,
     validation_message,
 )
-from minivllm.entrypoints.serving import APIError, OpenAIServer, engine_error
+from minivllm.entrypoints.serving import APIError, OpenAIServer, engine_error, request_error
 from minivllm.outputs import CompletionOutput
 
 logger = logging.getLogger(__name__)
@@ -276,9 +276,12 @@ def build_app(
     async def completions(http: HTTPRequest) -> Response:
         req: CompletionRequest = await _parse(http, CompletionRequest)
         server.check_model(req.model)
-        prompts, params = completion_inputs(req, server.sampling_defaults)
+        try:
+            prompts, params = completion_inputs(req, server.sampling_defaults)
+        except ValueError as e:  # a value the schema lets through, SamplingParams does not
+            raise request_error(e, req) from None
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        requests = server.make_requests(req, prompts, params, request_id, "prompt")
+        requests = await server.make_requests(req, prompts, params, request_id, "prompt")
         created = int(time.time())
         if req.stream:
             return StreamingResponse(
@@ -298,10 +301,13 @@ def build_app(
     async def chat_completions(http: HTTPRequest) -> Response:
         req: ChatCompletionRequest = await _parse(http, ChatCompletionRequest)
         server.check_model(req.model)
-        conversation, params = chat_inputs(req, server.max_model_len, server.sampling_defaults)
-        prompt = _chat_prompt(engine, conversation)
+        try:
+            conversation, params = chat_inputs(req, server.max_model_len, server.sampling_defaults)
+        except ValueError as e:
+            raise request_error(e, req) from None
+        prompt = await server.off_loop(_chat_prompt, engine, conversation)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        (request,) = server.make_requests(req, [prompt], params, request_id, "messages")
+        (request,) = await server.make_requests(req, [prompt], params, request_id, "messages")
         created = int(time.time())
         if req.stream:
             return StreamingResponse(

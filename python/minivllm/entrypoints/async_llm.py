@@ -79,9 +79,11 @@ class AsyncLLM:
         prompt: PromptType,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
+        name: str = "prompt",
     ) -> Request:
-        """Validate and tokenize (ValueError naming the problem) without starting anything:
-        what a server does before it opens a stream."""
+        """Validate and tokenize (ValueError naming the problem, the prompt as `name`) without
+        starting anything: what a server does before it opens a stream (then
+        `check_capacity`)."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params is {type(params).__name__}, not SamplingParams")
@@ -89,7 +91,7 @@ class AsyncLLM:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._streams or request_id in self.processor:
             raise ValueError(f"request id {request_id!r} is already in use")
-        return self.inputs.request(request_id, prompt, params)
+        return self.inputs.request(request_id, prompt, params, name=name)
 
     def chat_prompt(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
         """A conversation through the chat template: a prompt dict for `make_request`."""
@@ -103,11 +105,16 @@ class AsyncLLM:
         *,
         stream: bool = True,
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as the engine produces them (see the module docstring)."""
+        """Outputs of one request as the engine produces them (see the module docstring). A
+        Request from `make_request` was checked against the queue by its maker (a server checks
+        all of a call's prompts at once, before it opens a stream): only a dead engine refuses
+        it here."""
         request = prompt if isinstance(prompt, Request) else None
         if request is None:
             request = self.make_request(prompt, sampling_params, request_id)
-        self.check_capacity()
+            self.check_capacity()
+        elif self.dead is not None:
+            raise EngineDeadError(self.dead)
         self._bind_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         rid = request.request_id
@@ -144,13 +151,22 @@ class AsyncLLM:
             except OSError:  # the engine is gone; nothing holds its blocks any more
                 pass
 
-    def check_capacity(self) -> None:
-        """EngineOverloadedError when the waiting queue is full (EngineDeadError when the engine
-        is gone): what a server checks before it opens a stream."""
+    def check_capacity(self, incoming: int = 1) -> None:
+        """EngineOverloadedError when `incoming` more requests would overfill the waiting queue
+        (EngineDeadError when the engine is gone; ValueError when they would overfill even an
+        idle engine): what a server checks before it opens a stream."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         limit = self.max_waiting_requests
-        if limit is not None and len(self._streams) >= self.config.max_num_seqs + limit:
+        if limit is None:
+            return
+        room = self.config.max_num_seqs + limit
+        if incoming > room:
+            raise ValueError(
+                f"{incoming} prompts in one request, more than the engine takes at once "
+                f"(max_num_seqs={self.config.max_num_seqs} running + {limit} waiting)"
+            )
+        if len(self._streams) + incoming > room:
             raise EngineOverloadedError(
                 f"{len(self._streams)} requests are in the engine (max_num_seqs="
                 f"{self.config.max_num_seqs} running + {limit} waiting); try again later"

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request as HTTPRequest
 
@@ -32,6 +34,7 @@ from minivllm.entrypoints.responses import error_body, token_decoder
 from minivllm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class APIError(Exception):
@@ -47,6 +50,15 @@ class APIError(Exception):
     ):
         super().__init__(message)
         self.status, self.body = status, error_body(message, type, param, code)
+
+
+def request_error(
+    e: ValueError, req: CompletionRequest | ChatCompletionRequest, param: str | None = None
+) -> APIError:
+    """A 400 for a request's bad value: `param` is the request field the message starts with
+    (SamplingParams names its fields as the request does), else the given one."""
+    first = re.match(r"\w*", str(e)).group()
+    return APIError(400, str(e), param=first if first in type(req).model_fields else param)
 
 
 def engine_error(e: Exception) -> APIError:
@@ -115,6 +127,7 @@ class OpenAIServer:
         if self.sampling_defaults:
             logger.info("sampling defaults from generation_config.json: %s", self.sampling_defaults)
         self.decode_token = token_decoder(engine.tokenizer)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="minivllm-requests")
 
     # ---- request intake -------------------------------------------------------------------
 
@@ -124,7 +137,13 @@ class OpenAIServer:
             message = f"the model {name!r} does not exist; this server serves {served}"
             raise APIError(404, message, param="model", code="model_not_found")
 
-    def make_requests(
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the server's one worker thread: tokenizing a long prompt or rendering a
+        chat template must not stall every other client's stream. One thread, so the
+        tokenizer and the engine's seed source are never used by two at once."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def make_requests(
         self,
         req: CompletionRequest | ChatCompletionRequest,
         prompts: Sequence[Any],
@@ -132,19 +151,22 @@ class OpenAIServer:
         request_id: str,
         param: str,
     ) -> list[Request]:
-        """Tokenize and check every prompt (`param`: where a bad one came from), then the queue;
-        nothing is started yet."""
+        """Tokenize and check every prompt (`param`: where a bad one came from, numbered when
+        there are several), then the queue for all of them; nothing is started yet."""
+        return await self.off_loop(self._make_requests, req, prompts, params, request_id, param)
+
+    def _make_requests(self, req, prompts, params, request_id: str, param: str) -> list[Request]:
         out = []
         try:
             for i, prompt in enumerate(prompts):
-                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                r = self.engine.make_request(prompt, params, rid)
+                one = len(prompts) == 1
+                rid, name = (request_id, param) if one else (f"{request_id}-{i}", f"{param} {i}")
+                r = self.engine.make_request(prompt, params, rid, name=name)
                 check_context_length(req, len(r.prompt_token_ids), self.max_model_len)
                 out.append(r)
+            self.engine.check_capacity(len(out))
         except ValueError as e:
-            raise APIError(400, str(e), param=param) from None
-        try:
-            self.engine.check_capacity()
+            raise request_error(e, req, param) from None
         except (EngineOverloadedError, EngineDeadError) as e:
             raise engine_error(e) from None
         return out
