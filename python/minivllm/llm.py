@@ -227,12 +227,13 @@ class LLM:
         if loop.runner.is_closed:
             raise RuntimeError("this engine was closed")
         processor = OutputProcessor(self.tokenizer)
-        for r in requests:
-            for er in processor.add(r):
-                loop.add(er)
         num_left = len(requests)
-        progress = Progress(len(requests), enabled=use_tqdm)
-        try:
+        progress = None
+        try:  # from the first add: an interrupt anywhere leaves no request behind
+            for r in requests:
+                for er in processor.add(r):
+                    loop.add(er)
+            progress = Progress(len(requests), enabled=use_tqdm)
             while num_left:
                 out, done = processor.run_step(loop)
                 num_left -= len(done.finished)
@@ -246,5 +247,6 @@ class LLM:
             loop.recover()
             raise
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
         return [processor.output(r.request_id) for r in requests]

@@ -179,9 +179,10 @@ class OutputProcessor:
         updated: dict[int, _RequestState] = {}
         for seq_id, why in out.rejected:
             c = self._seqs.get(seq_id)
-            if c is not None:
-                self.fail(c.request.request_id, why)
-                res.finished.append(c.request.request_id)
+            if c is not None:  # (fail() forgets the request's other sequences)
+                request_id = c.request.request.request_id
+                self.fail(request_id, why)
+                res.finished.append(request_id)
         for seq_id in out.launched_prefill_seq_ids.tolist():
             c = self._seqs.get(seq_id)
             if c is not None and c.request.first_scheduled_time is None:
