@@ -82,6 +82,26 @@ def test_deltas_join_to_the_offline_output(engine, tiny_llm):
     assert engine.stats["num_free_blocks"] == engine.runtime.num_kv_blocks
 
 
+def test_a_streamed_stop_token_adds_no_text(engine, tiny_llm):
+    """A stop token id ends a stream as it ends LLM.generate: its id in the last delta, its
+    text nowhere (and, asked for, in the text)."""
+    prompt = mixed_prompts(1, seed=5)[0]
+    full = tiny_llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    stop_id = full.token_ids[3]
+    for keep in (False, True):
+        sp = SamplingParams(
+            temperature=0.0, max_tokens=GREEDY.max_tokens, ignore_eos=GREEDY.ignore_eos,
+            stop_token_ids=[stop_id],
+            include_stop_str_in_output=keep,
+        )  # fmt: skip
+        want = tiny_llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+        deltas = run(collect(engine, prompt, sp))
+        assert joined(deltas) == (want.token_ids, want.text)
+        assert want.token_ids[-1] == stop_id and deltas[-1].outputs[0].stop_reason == stop_id
+        decoded = tiny_llm.tokenizer.decode(want.token_ids if keep else want.token_ids[:-1])
+        assert want.text == decoded
+
+
 def test_stop_string_text_is_held_back(engine, tiny_llm):
     """A stop string that spans two tokens: no delta shows its first half before the second
     decides, and the final text equals LLM.generate's."""

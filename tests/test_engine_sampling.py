@@ -133,6 +133,17 @@ def test_stop_token_ids(tiny_llm):
     out = _greedy(tiny_llm, prompt, stop_token_ids=[stop_id])
     assert out.token_ids == full.token_ids[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    # The stop token's text is not in the text (vLLM's rule) unless asked for; the same when
+    # the completion is followed step by step (a stop string that never appears).
+    decode = tiny_llm.tokenizer.decode
+    assert out.text == decode(out.token_ids[:-1]) and out.text != decode(out.token_ids)
+    followed = _greedy(tiny_llm, prompt, stop_token_ids=[stop_id], stop="\x00never")
+    assert followed.text == out.text and followed.token_ids == out.token_ids
+    for kw in ({}, {"stop": "\x00never"}):
+        kept = _greedy(
+            tiny_llm, prompt, stop_token_ids=[stop_id], include_stop_str_in_output=True, **kw
+        )
+        assert kept.text == decode(out.token_ids) and kept.token_ids == out.token_ids
     assert_all_blocks_free(tiny_llm)
 
 
@@ -165,6 +176,8 @@ def test_stop_strings(tiny_llm):
     out = _greedy(tiny_llm, prompt, stop=[stop, "never-appears"])
     assert out.text == text[:cut]
     assert out.finish_reason == "stop" and out.stop_reason == stop
+    kept = _greedy(tiny_llm, prompt, stop=[stop], include_stop_str_in_output=True)
+    assert kept.text == text[: cut + len(stop)] and kept.token_ids == out.token_ids
     assert out.token_ids == full.token_ids[: len(out.token_ids)]
     assert len(out.token_ids) < len(full.token_ids)
     assert_all_blocks_free(tiny_llm)

@@ -56,6 +56,7 @@ def test_completion_fields_reach_sampling_params():
             "top_p": 0.5, "n": 3, "stop": "\n", "seed": 11, "logprobs": 2, "top_k": -1,
             "min_p": 0.1, "ignore_eos": True, "stop_token_ids": [5, 6], "stream": True,
             "stream_options": {"include_usage": True}, "best_of": 3, "user": "me",
+            "include_stop_str_in_output": True,
         }
     )  # fmt: skip
     prompts, sp = completion_inputs(req)
@@ -63,7 +64,7 @@ def test_completion_fields_reach_sampling_params():
     assert sp.max_tokens == 7 and sp.temperature == 0.0 and sp.top_p == 0.5 and sp.n == 3
     assert sp.stop == "\n" and sp.seed == 11 and sp.logprobs == 2 and sp.top_k == 0
     assert sp.min_p == 0.1 and sp.ignore_eos and sp.stop_token_ids == [5, 6]
-    assert req.include_usage
+    assert sp.include_stop_str_in_output and req.include_usage
 
 
 @pytest.mark.parametrize(

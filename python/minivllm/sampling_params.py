@@ -27,7 +27,9 @@ class SamplingParams:
     rounds to 0 is refused. top_k: 0 (or -1, vLLM's spelling, stored as 0) means off. seed: the
     draws depend only on the seed and the request's own tokens, not on the rest of the batch (on
     a GPU the logits' rounding still depends on the batch size, so a draw on a token boundary can
-    move). stop: strings that end the completion (not included in the text). max_model_length:
+    move). stop: strings that end the completion; neither they nor the text of a stop token id
+    or EOS that ended it are in the completion's text (its token ids keep the token), unless
+    include_stop_str_in_output (vLLM's rule). max_model_length:
     MinivLLM's per-request cap on prompt + completion tokens. n: completions of the prompt
     (completion i draws with seed + i). logprobs: the sampled token's log-probability and the
     `logprobs` most likely tokens' per generated token; prompt_logprobs: the same for each prompt
@@ -53,6 +55,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -111,7 +114,7 @@ class SamplingParams:
                         f"{name} must be None or in [0, 2**31 - 1], got {getattr(self, name)!r}"
                     )
             counts[name] = value
-        for name in ("ignore_eos", "skip_special_tokens"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         stops = [self.stop] if isinstance(self.stop, str) else _as_list("stop", self.stop)

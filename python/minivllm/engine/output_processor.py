@@ -40,6 +40,7 @@ class _Completion:
     text: str | None = None  # the final text, once finished
     num_sent_tokens: int = 0  # what a stream has emitted
     num_sent_chars: int = 0
+    chars_before_last: int = 0  # the incremental text's length before the last token
     logprobs: list[dict[int, Logprob]] | None = None  # one per token, when asked for
 
     @property
@@ -236,13 +237,14 @@ class OutputProcessor:
             stops = c.request.request.params.stop_strings
             if d is None:
                 continue
-            before = len(d.text)
+            before = c.chars_before_last = len(d.text)
             d.push(token)
             if stops and len(d.text) > before:
                 hit = find_stop(d.text, stops, before)
                 if hit is not None:
                     pos, stop = hit
-                    c.text = d.text[:pos]
+                    keep = c.request.request.params.include_stop_str_in_output
+                    c.text = d.text[: pos + len(stop) if keep else pos]
                     self._finish(c, "stop", stop, now, res)
                     res.to_abort.append(seq_id)
 
@@ -293,18 +295,27 @@ class OutputProcessor:
             res.finished.append(st.request.request_id)
 
     def _final_text(self, c: _Completion) -> str:
-        """The completion's text; a stop string found in it ends it there."""
+        """The completion's text; a stop string found in it ends it there. A stop token id or
+        EOS that ended it stays in its token ids but adds no text (vLLM's rule), unless
+        include_stop_str_in_output."""
         sp = c.request.request.params
-        text = self.decode(c.token_ids, sp.skip_special_tokens)
+        keep = sp.include_stop_str_in_output
+        drop_last = c.finish_reason == "stop" and not isinstance(c.stop_reason, str) and not keep
+        ids = c.token_ids[:-1] if drop_last else c.token_ids
+        text = self.decode(ids, sp.skip_special_tokens)
         # The incremental text lacks the bytes of a character the completion ended halfway
         # through (the full decode shows them as U+FFFD, as LLM.generate does). What a stream
         # already sent must stay a prefix of the final text.
-        if c.detokenizer is not None and not text.startswith(c.detokenizer.text):
-            text = c.detokenizer.text
+        if c.detokenizer is not None:
+            incremental = c.detokenizer.text
+            if drop_last and c.token_ids:  # the last token was pushed (followed step by step)
+                incremental = incremental[: c.chars_before_last]
+            if not text.startswith(incremental):
+                text = incremental
         if sp.stop_strings:
             hit = find_stop(text, sp.stop_strings, 0)
             if hit is not None:
-                c.stop_reason, text = hit[1], text[: hit[0]]
+                c.stop_reason, text = hit[1], text[: hit[0] + len(hit[1]) if keep else hit[0]]
                 c.finish_reason = "stop"
         return text
 

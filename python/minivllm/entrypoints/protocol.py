@@ -83,6 +83,7 @@ class _SamplingRequest(_Strict):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    include_stop_str_in_output: bool = False
 
     @field_validator("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
                      mode="before")  # fmt: skip
@@ -129,6 +130,7 @@ class _SamplingRequest(_Strict):
             min_p=pick("min_p", 0.0),
             max_tokens=max_tokens,
             ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
             seed=seed,
