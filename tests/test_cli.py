@@ -82,6 +82,13 @@ def test_bench_low_length_above_high_length(capsys):
     assert "--min-output=9 is greater than --max-output=8" in _error_line(capsys)
 
 
+@pytest.mark.parametrize("port", ["99999", "-5"])
+def test_serve_port_out_of_range(port, capsys):
+    """Refused before the engine starts (uvicorn bound a random port for 99999)."""
+    assert main(["serve", "somewhere", "--port", port]) == 2
+    assert f"--port must be in [0, 65535], got {port}" in _error_line(capsys)
+
+
 def test_bench_fixed_lengths(capsys):
     """Equal low and high lengths are a fixed length, not an error."""
     argv = ["bench", "--device", "cpu", "--num-prompts", "3", "--no-progress", "--min-input",

@@ -187,11 +187,24 @@ def test_text_prompt_without_tokenizer(tmp_path):
         ([{"role": "user", "content": "hi"}, {"content": "x"}], "message 1 needs a 'role'"),
         ([{"role": "user", "content": 5}], "needs a 'content' string, got int"),
         ([{"role": "user", "content": [{"type": "image"}]}], "content parts"),
+        ({"role": "user", "content": "hi"}, "got one dict"),
+        # The template's own failures: syntax, an undefined name, its raise_exception.
+        ([{"role": "user", "content": "hi"}], "chat template failed: TemplateSyntaxError"),
+        ([{"role": "user", "content": "hi"}], "chat template failed: UndefinedError"),
+        ([{"role": "user", "content": "hi"}], "chat template failed: TemplateError: no users"),
     ],
 )
 def test_bad_chat_messages(tiny_llm, messages, match):
+    templates = {
+        "TemplateSyntaxError": "{% for m in messages %}",
+        "UndefinedError": "{{ messages[0].content.nope() }}",
+        "no users": "{{ raise_exception('no users') }}",
+    }
+    template = next((t for key, t in templates.items() if key in match), None)
     with pytest.raises(ValueError, match=match):
-        tiny_llm.chat(messages, SamplingParams(max_tokens=2), use_tqdm=False)
+        tiny_llm.chat(
+            messages, SamplingParams(max_tokens=2), use_tqdm=False, chat_template=template
+        )
     assert_all_blocks_free(tiny_llm)
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"text": "lo"}]}]
     joined = [{"role": "user", "content": "Hello"}]

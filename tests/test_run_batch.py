@@ -171,7 +171,9 @@ def test_pending_lines_skip_done_and_answer_keyless_lines():
     "case, message",
     [
         ("no input", "the input file"),
+        ("input is a folder", "is not a file"),
         ("no output folder", "the output file's folder"),
+        ("output is a folder", "is a folder"),
         ("no model", "does not exist"),
         ("bad engine argument", "max_num_seqs"),
     ],
@@ -184,8 +186,13 @@ def test_bad_command_lines_fail_before_any_output(case, message, tiny_qwen3, tmp
     extra = []
     if case == "no input":
         inp = tmp_path / "missing.jsonl"
+    elif case == "input is a folder":
+        inp = tmp_path
     elif case == "no output folder":
         out = tmp_path / "missing" / "out.jsonl"
+    elif case == "output is a folder":
+        out = tmp_path / "out"
+        out.mkdir()
     elif case == "no model":
         model = str(tmp_path / "no-such-model")
     else:
@@ -194,7 +201,7 @@ def test_bad_command_lines_fail_before_any_output(case, message, tiny_qwen3, tmp
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
+    assert not out.is_file()
 
 
 def test_data_parallel_without_ray_installed_says_how(monkeypatch, tiny_qwen3, tmp_path, capsys):

@@ -149,6 +149,11 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation or a list of them, then
         generate. Each conversation is a list of {"role": ..., "content": ...} dicts."""
+        if isinstance(messages, dict):
+            raise ValueError(  # noqa: TRY004 - user input, as everywhere in the API
+                "messages must be a list of message dicts (one conversation) or a list of such "
+                f"lists, got one dict: {messages!r:.80}"
+            )
         if not messages:
             raise ValueError("chat needs at least one message")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)

@@ -124,18 +124,26 @@ class InputProcessor:
         add_generation_prompt: bool = True,
         **chat_template_kwargs: Any,
     ) -> dict[str, Any]:
-        """One conversation through the tokenizer's chat template: {"prompt", "prompt_token_ids"}."""
+        """One conversation through the tokenizer's chat template: {"prompt", "prompt_token_ids"}.
+        A template that fails (syntax, an undefined name, its own raise_exception) is a
+        ValueError, as the messages' own problems are."""
+        from jinja2 import TemplateError
+
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer, and this model folder has none")
         if not messages or not all(isinstance(m, dict) for m in messages):
             raise ValueError("each conversation must be a non-empty list of message dicts")
-        text = self.tokenizer.apply_chat_template(
-            [_check_message(i, m) for i, m in enumerate(messages)],
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            chat_template=chat_template,
-            **chat_template_kwargs,
-        )
+        checked = [_check_message(i, m) for i, m in enumerate(messages)]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                checked,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+                **chat_template_kwargs,
+            )
+        except (TypeError, KeyError, TemplateError) as e:
+            raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
         # The template already wrote any special tokens: do not add them twice.
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return {"prompt": text, "prompt_token_ids": ids}

@@ -76,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
         raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     logging.getLogger("minivllm").setLevel(args.log_level.upper())
     api_key = args.api_key or os.environ.get("MINIVLLM_API_KEY") or None
     names = args.served_model_name or [args.model]

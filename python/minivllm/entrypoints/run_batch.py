@@ -131,7 +131,10 @@ def run_batch(
         except ImportError:
             raise ValueError(RAY_MISSING) from None
     if not Path(input_path).is_file():
-        raise ValueError(f"the input file {input_path!r} does not exist")
+        what = "is not a file" if Path(input_path).exists() else "does not exist"
+        raise ValueError(f"the input file {input_path!r} {what}")
+    if Path(output_path).is_dir():
+        raise ValueError(f"the output file {output_path!r} is a folder")
     if not Path(output_path).resolve().parent.is_dir():
         raise ValueError(
             f"the output file's folder {str(Path(output_path).parent)!r} does not exist"
