@@ -50,6 +50,11 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_qwen3, sched
     # A different seed gives a different completion (24 tokens over ~500 choices).
     other_seed = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, seed=99, ignore_eos=True)
     assert llm.generate([target], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+    # Seeds are 64-bit: 1234 + 2**63 is another seed (it sampled as 1234 when they were cut to
+    # 63 bits), and the largest one works.
+    for seed in (1234 + 2**63, 2**64 - 1):
+        high = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, seed=seed, ignore_eos=True)
+        assert llm.generate([target], high, use_tqdm=False)[0].outputs[0].token_ids != alone
     assert_all_blocks_free(llm)
 
 

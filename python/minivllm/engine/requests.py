@@ -18,7 +18,7 @@ from minivllm.config import EngineConfig
 from minivllm.sampling_params import SamplingParams
 
 PromptType = str | Sequence[int] | dict
-_SEED_LIMIT = 2**63
+_RANDOM_SEED_LIMIT = 2**63  # where requests without a seed draw theirs
 
 
 @dataclass
@@ -97,14 +97,14 @@ class InputProcessor:
         if params.seed is not None:
             seed = params.seed
         else:
-            seed = int(self._seed_rng.integers(0, _SEED_LIMIT))
+            seed = int(self._seed_rng.integers(0, _RANDOM_SEED_LIMIT))
         return Request(
             request_id=request_id,
             prompt=text,
             prompt_token_ids=arr.astype(np.int64).tolist(),
             params=params,
             max_tokens=max_tokens,
-            seed=seed % _SEED_LIMIT,
+            seed=seed,  # SamplingParams keeps it in [0, 2**64), the core's range
             arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
         )
 
