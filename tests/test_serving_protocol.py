@@ -40,13 +40,16 @@ def refusal(cls, body: dict) -> tuple[str, str | None]:
 
 def test_completion_defaults_are_openai_s():
     req = CompletionRequest.model_validate({"model": "m", "prompt": "Hello"})
-    prompts, sp = completion_inputs(req)
+    prompts, sp = completion_inputs(req, 100)
     assert prompts == ["Hello"]
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.n) == (
         16, 1.0, 1.0, 0, 0.0, 1
     )  # fmt: skip
     assert sp.logprobs is None and sp.seed is None and sp.stop is None
     assert not req.stream and not req.include_usage
+    # max_tokens: null (vLLM's meaning): up to the end of the context.
+    null = CompletionRequest.model_validate({"model": "m", "prompt": "Hello", "max_tokens": None})
+    assert completion_inputs(null, 100)[1].max_tokens == 100 and null.max_output_tokens is None
 
 
 def test_completion_fields_reach_sampling_params():
@@ -59,7 +62,7 @@ def test_completion_fields_reach_sampling_params():
             "include_stop_str_in_output": True,
         }
     )  # fmt: skip
-    prompts, sp = completion_inputs(req)
+    prompts, sp = completion_inputs(req, 100)
     assert prompts == [[1, 2], [3]]
     assert sp.max_tokens == 7 and sp.temperature == 0.0 and sp.top_p == 0.5 and sp.n == 3
     assert sp.stop == "\n" and sp.seed == 11 and sp.logprobs == 2 and sp.top_k == 0
@@ -83,7 +86,7 @@ def test_generation_config_defaults_fill_unset_fields(tmp_path):
     defaults = generation_config_defaults(tmp_path)
     assert defaults == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
     req = CompletionRequest.model_validate({"model": "m", "prompt": "a", "top_p": 0.5})
-    _, sp = completion_inputs(req, defaults)
+    _, sp = completion_inputs(req, 100, defaults)
     assert (sp.temperature, sp.top_p, sp.top_k) == (0.6, 0.5, 20)
     assert generation_config_defaults(tmp_path / "missing") == {}
 

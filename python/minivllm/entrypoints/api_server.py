@@ -277,7 +277,7 @@ def build_app(
         req: CompletionRequest = await _parse(http, CompletionRequest)
         server.check_model(req.model)
         try:
-            prompts, params = completion_inputs(req, server.sampling_defaults)
+            prompts, params = completion_inputs(req, server.max_model_len, server.sampling_defaults)
         except ValueError as e:  # a value the schema lets through, SamplingParams does not
             raise request_error(e, req) from None
         request_id = f"cmpl-{uuid.uuid4().hex}"

@@ -184,7 +184,7 @@ class BatchRunner:
         """The line's engine requests, validated and tokenized (ValueError, as the server's
         400); nothing starts yet."""
         if isinstance(req, CompletionRequest):
-            prompts, params = completion_inputs(req, self.sampling_defaults)
+            prompts, params = completion_inputs(req, self.max_model_len, self.sampling_defaults)
             names = (
                 ["prompt"] if len(prompts) == 1 else [f"prompt {i}" for i in range(len(prompts))]
             )

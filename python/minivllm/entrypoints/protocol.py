@@ -193,9 +193,10 @@ class CompletionRequest(_SamplingRequest):
         return list(p)  # type: ignore[arg-type]
 
     @property
-    def max_output_tokens(self) -> int:
-        """The completion budget the prompt must leave room for."""
-        return self.max_tokens if self.max_tokens is not None else 16
+    def max_output_tokens(self) -> int | None:
+        """The completion budget the prompt must leave room for (16 when unset, OpenAI's
+        default); None (`max_tokens: null`, as in vLLM): up to the end of the context."""
+        return self.max_tokens
 
 
 def _content_text(content: str | list[dict[str, Any]] | None, role: str) -> str | None:
@@ -348,12 +349,17 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 def completion_inputs(
-    req: CompletionRequest, defaults: Mapping[str, Any] | None = None
+    req: CompletionRequest, max_model_len: int, defaults: Mapping[str, Any] | None = None
 ) -> tuple[list[str | list[int]], SamplingParams]:
     """The prompts of a completion request and the SamplingParams every one of them gets.
     `defaults`: sampling values for fields the request leaves unset (the model's
-    generation_config; OpenAI's defaults otherwise)."""
-    return req.prompts, req._sampling_params(req.max_output_tokens, req.logprobs, defaults or {})
+    generation_config; OpenAI's defaults otherwise). With `max_tokens: null` the completion may
+    run to the end of the context."""
+    max_tokens = req.max_output_tokens
+    params = req._sampling_params(
+        max_tokens if max_tokens is not None else max_model_len, req.logprobs, defaults or {}
+    )
+    return req.prompts, params
 
 
 def chat_inputs(
