@@ -176,6 +176,7 @@ def test_pending_lines_skip_done_and_answer_keyless_lines():
         ("output is a folder", "is a folder"),
         ("no model", "does not exist"),
         ("bad engine argument", "max_num_seqs"),
+        ("bad ray batch size", "--ray-batch-size) must be >= 1, got 0"),
     ],
 )
 def test_bad_command_lines_fail_before_any_output(case, message, tiny_qwen3, tmp_path, capsys):
@@ -195,6 +196,8 @@ def test_bad_command_lines_fail_before_any_output(case, message, tiny_qwen3, tmp
         out.mkdir()
     elif case == "no model":
         model = str(tmp_path / "no-such-model")
+    elif case == "bad ray batch size":
+        extra = ["--ray-batch-size", "0"]
     else:
         extra = ["--max-num-seqs", "0"]
     argv = ["run-batch", "-i", str(inp), "-o", str(out), "--model", model, *extra]

@@ -119,6 +119,8 @@ def run_batch(
     instead of building one (one engine in this process only; it stays open)."""
     if data_parallel_size < 1:
         raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
+    if ray_batch_size is not None and ray_batch_size < 1:
+        raise ValueError(f"ray_batch_size (--ray-batch-size) must be >= 1, got {ray_batch_size}")
     if llm is not None and (data_parallel_size > 1 or not use_ray or engine_args):
         raise ValueError(
             "llm= runs one engine in this process: no data parallelism, no engine_args"
