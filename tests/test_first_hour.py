@@ -29,9 +29,10 @@ def test_triton_backend_on_the_cpu_names_the_fix(tiny_qwen3, monkeypatch):
         LLM(str(tiny_qwen3), device="cpu", attention_backend="triton")
 
 
-def test_tokenizer_folder_that_does_not_exist(tiny_qwen3):
-    with pytest.raises(ValueError, match=r"tokenizer='/nonexistent' is not a folder"):
-        LLM(str(tiny_qwen3), device="cpu", tokenizer="/nonexistent")
+def test_tokenizer_folder_that_does_not_exist(tiny_qwen3, tmp_path):
+    missing = str(tmp_path / "no-such-folder")  # not a fixed path some machine may hold
+    with pytest.raises(ValueError, match=f"tokenizer='{missing}' is not a folder"):
+        LLM(str(tiny_qwen3), device="cpu", tokenizer=missing)
 
 
 def test_tokenizer_folder_is_used(tiny_qwen3, tmp_path):

@@ -52,7 +52,7 @@ checks that each table lists every case it runs.
 | engine arguments | `seed=2**64` | ValueError: seed must be at most 18446744073709551615 |
 | engine arguments | `seed=1.5` | ValueError: seed must be an integer |
 | engine arguments | `tokenizer=5` | ValueError: tokenizer must be a folder path, got 5 |
-| engine arguments | `tokenizer='/nonexistent'` | ValueError: does not exist |
+| engine arguments | `tokenizer='/nonexistent-minivllm'` | ValueError: does not exist |
 | config.json | `a JSON list` | ValueError: expected a JSON object, got list |
 | config.json | `a JSON number` | ValueError: expected a JSON object, got int |
 | config.json | `truncated JSON` | ValueError: is not valid JSON |
@@ -160,7 +160,7 @@ ENGINE_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("seed=2**64", {"seed": 2**64}, "seed must be at most 18446744073709551615"),
     ("seed=1.5", {"seed": 1.5}, "seed must be an integer"),
     ("tokenizer=5", {"tokenizer": 5}, "tokenizer must be a folder path, got 5"),
-    ("tokenizer='/nonexistent'", {"tokenizer": "/nonexistent"}, "does not exist"),
+    ("tokenizer='/nonexistent-minivllm'", {"tokenizer": "/nonexistent-minivllm"}, "does not exist"),
 ]
 
 
