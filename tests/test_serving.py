@@ -140,6 +140,29 @@ def test_chat_streamed_and_not_async(server, tiny_llm):
     assert usage == resp.usage
 
 
+def test_chat_template_options_as_llm_chat(server, client, tiny_llm):
+    """vLLM's chat template fields: the prompt LLM.chat renders with the same arguments."""
+    user = [{"role": "user", "content": "Hi"}]
+    started = [*user, {"role": "assistant", "content": "Hello the"}]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    no_prompt = {"add_generation_prompt": False}
+    cont = {**no_prompt, "continue_final_message": True}
+    thinking = {"enable_thinking": False}
+    # (messages, the request's fields, LLM.chat's arguments)
+    cases = [(user, no_prompt, no_prompt), (started, cont, cont),
+             (user, {"chat_template_kwargs": thinking}, thinking)]  # fmt: skip
+    default = tiny_llm.chat(user, params, use_tqdm=False)[0].prompt_token_ids
+    for i, (messages, fields, kwargs) in enumerate(cases):
+        want = tiny_llm.chat(messages, params, use_tqdm=False, **kwargs)[0]
+        assert (want.prompt_token_ids != default) == (i < 2)  # the options changed the prompt
+        resp = client.chat.completions.create(
+            model=MODEL_NAME, messages=messages, temperature=0, max_completion_tokens=4,
+            extra_body={"ignore_eos": True, **fields},
+        )  # fmt: skip
+        assert resp.usage.prompt_tokens == len(want.prompt_token_ids), fields
+        assert resp.choices[0].message.content == want.outputs[0].text
+
+
 def test_32_concurrent_greedy_streams_equal_offline(server, tiny_llm):
     prompts = mixed_prompts(32, seed=11, min_len=1, max_len=40)
     lengths = [4 + (7 * i) % 21 for i in range(32)]

@@ -305,7 +305,7 @@ def build_app(
             conversation, params = chat_inputs(req, server.max_model_len, server.sampling_defaults)
         except ValueError as e:
             raise request_error(e, req) from None
-        prompt = await server.off_loop(_chat_prompt, engine, conversation)
+        prompt = await server.off_loop(_chat_prompt, engine, conversation, req.template_options())
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         (request,) = await server.make_requests(req, [prompt], params, request_id, "messages")
         created = int(time.time())
@@ -325,11 +325,13 @@ def build_app(
     return app
 
 
-def _chat_prompt(engine: AsyncLLM, conversation: list[dict[str, str]]) -> dict[str, Any]:
-    """The conversation through the checkpoint's chat template (a template error is the
-    request's: 400)."""
+def _chat_prompt(
+    engine: AsyncLLM, conversation: list[dict[str, str]], options: dict[str, Any]
+) -> dict[str, Any]:
+    """The conversation through the checkpoint's chat template, with the request's template
+    options (a template error is the request's: 400)."""
     try:
-        return engine.chat_prompt(conversation)
+        return engine.chat_prompt(conversation, **options)
     except ValueError as e:  # the template's own errors too
         raise APIError(400, f"the chat template failed: {e}", param="messages") from None
 

@@ -190,7 +190,7 @@ class BatchRunner:
             )
         else:
             conversation, params = chat_inputs(req, self.max_model_len, self.sampling_defaults)
-            prompts, names = [self._chat_prompt(conversation)], ["messages"]
+            prompts, names = [self._chat_prompt(conversation, req.template_options())], ["messages"]
         requests = []
         for prompt, name in zip(prompts, names):
             r = rs.request(prompt, params, name=name)
@@ -198,9 +198,11 @@ class BatchRunner:
             requests.append(r)
         return requests
 
-    def _chat_prompt(self, conversation: list[dict[str, str]]) -> dict[str, Any]:
+    def _chat_prompt(
+        self, conversation: list[dict[str, str]], options: dict[str, Any]
+    ) -> dict[str, Any]:
         try:
-            return self.llm.inputs.chat_prompt(conversation)
+            return self.llm.inputs.chat_prompt(conversation, **options)
         except ValueError as e:  # the template's own errors too
             raise ValueError(f"the chat template failed: {e}") from None
 

@@ -281,6 +281,13 @@ ChatMessage = Annotated[
     Field(discriminator="role"),
 ]
 
+# apply_chat_template's own arguments: not variables a request's chat_template_kwargs may set.
+_TEMPLATE_ARGUMENTS = frozenset(
+    ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+     "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+)  # fmt: skip
+
 # Chat fields OpenAI has that minivllm accepts only unset (or at their neutral value).
 _CHAT_UNSUPPORTED = ("tools", "functions", "audio", "prediction", "web_search_options")
 
@@ -307,6 +314,11 @@ class ChatCompletionRequest(_SamplingRequest):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+    # vLLM's extra chat fields: how the chat template renders the conversation
+    # (chat_template_kwargs={"enable_thinking": False} for Qwen3's template, say).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -323,9 +335,33 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("modalities other than ['text'] are not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        if self.messages[-1].role == "assistant":
-            raise ValueError("the last message must not be the assistant's (nothing to answer)")
+        reserved = sorted(_TEMPLATE_ARGUMENTS & set(self.chat_template_kwargs or {}))
+        if reserved:
+            raise ValueError(
+                f"chat_template_kwargs may not set {', '.join(reserved)} (the template's "
+                "variables only)"
+            )
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError(
+                "continue_final_message and add_generation_prompt cannot both be true (set "
+                "add_generation_prompt to false to continue the last message)"
+            )
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        if self.messages[-1].role == "assistant" and self.add_generation_prompt:
+            raise ValueError(
+                "the last message must not be the assistant's (nothing to answer); to continue "
+                "it, set continue_final_message to true and add_generation_prompt to false"
+            )
         return self
+
+    def template_options(self) -> dict[str, Any]:
+        """The chat template's arguments beyond the messages (InputProcessor.chat_prompt's)."""
+        return {
+            **(self.chat_template_kwargs or {}),
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+        }
 
     @property
     def max_output_tokens(self) -> int | None:
