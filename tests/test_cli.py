@@ -89,12 +89,25 @@ def test_serve_port_out_of_range(port, capsys):
     assert f"--port must be in [0, 65535], got {port}" in _error_line(capsys)
 
 
-def test_bench_fixed_lengths(capsys):
-    """Equal low and high lengths are a fixed length, not an error."""
+def test_bench_fixed_lengths(capsys, monkeypatch):
+    """Equal low and high lengths are a fixed length, not an error; the warm-up prompt is none
+    of the timed ones (one of those would be a prefix-cache hit)."""
+    from minivllm import LLM
+
+    calls = []
+    real = LLM.generate
+
+    def spy(self, prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        return real(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "generate", spy)
     argv = ["bench", "--device", "cpu", "--num-prompts", "3", "--no-progress", "--min-input",
-            "8", "--max-input", "8", "--min-output", "4", "--max-output", "4"]  # fmt: skip
+            "16", "--max-input", "16", "--min-output", "4", "--max-output", "4"]  # fmt: skip
     assert main(argv) == 0
-    assert "3 requests, 24 prompt + 12 output tokens" in capsys.readouterr().out
+    assert "3 requests, 48 prompt + 12 output tokens" in capsys.readouterr().out
+    (warmup,), timed = calls
+    assert len(timed) == 3 and all(p[:16] != warmup[:16] for p in timed)
 
 
 def test_demo_keep_says_how_to_load_the_checkpoint(tmp_path, capsys):

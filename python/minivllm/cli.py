@@ -172,7 +172,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
             for _ in range(args.num_prompts)
         ]
-        llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        # Warm-up on a prompt of its own: one of the timed prompts would be a prefix-cache hit.
+        warmup = rng.integers(0, vocab, args.min_input).tolist()
+        llm.generate([warmup], SamplingParams(max_tokens=4), use_tqdm=False)
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
         _report(outputs, time.perf_counter() - start)
