@@ -3,8 +3,9 @@ conversion to the engine's terms.
 
 Request models mirror OpenAI's schema field for field, with OpenAI's limits where vLLM is looser
 (`top_logprobs` at most 20, a completion's `logprobs` at most 5, at most 4 stop strings, a user
-message needs `content`), plus vLLM's extra body fields `top_k`, `min_p`, `ignore_eos` and
-`stop_token_ids`. A field OpenAI has and minivllm cannot honour (penalties, logit_bias, tools,
+message needs `content`), plus vLLM's extra body fields `top_k`, `min_p`, `ignore_eos`,
+`stop_token_ids`, `include_stop_str_in_output` and, for chat, the chat template's options. The
+messages of a chat body are in chat_messages.py. A field OpenAI has and minivllm cannot honour (penalties, logit_bias, tools,
 echo, ...) is accepted only at its neutral value; anything else, an unknown field too, is refused
 with the message a client sees in a 400. `completion_inputs` / `chat_inputs` turn a request into
 prompts (or messages) and a `SamplingParams`; responses.py has the other direction. The HTTP
@@ -16,17 +17,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     StrictStr,
     field_validator,
     model_validator,
 )
 
+from minivllm.entrypoints.chat_messages import ChatMessage, StrictModel
 from minivllm.sampling_params import SamplingParams
 
 # OpenAI's limits.
@@ -43,14 +43,7 @@ GENERATION_CONFIG_DEFAULTS = ("temperature", "top_p", "top_k", "min_p")
 # ---- requests --------------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    """Requests: an unknown field is an error (OpenAI answers 400 "Unrecognized request
-    argument"), as is a value of the wrong JSON type."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool | None = None
     include_obfuscation: bool | None = None  # OpenAI's; minivllm's chunks carry no padding
 
@@ -63,7 +56,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
-class _SamplingRequest(_Strict):
+class _SamplingRequest(StrictModel):
     """The fields both endpoints share."""
 
     model: StrictStr
@@ -198,88 +191,6 @@ class CompletionRequest(_SamplingRequest):
         default); None (`max_tokens: null`, as in vLLM): up to the end of the context."""
         return self.max_tokens
 
-
-def _content_text(content: str | list[dict[str, Any]] | None, role: str) -> str | None:
-    """A message's content as one string: text parts joined by newlines (as vLLM does)."""
-    if content is None or isinstance(content, str):
-        return content
-    texts = []
-    for part in content:
-        kind = part.get("type")
-        if kind not in ("text", "input_text"):
-            raise ValueError(
-                f"{role} message: content part type {kind!r} is not supported (text only)"
-            )
-        text = part.get("text")
-        if isinstance(text, str):
-            texts.append(text)
-        else:
-            why = f"{role} message: a text content part needs a string 'text'"
-            raise ValueError(why)  # noqa: TRY004 - pydantic reports ValueErrors only
-    return "\n".join(texts)
-
-
-Content = StrictStr | list[dict[str, Any]]
-
-
-class _Message(_Strict):
-    name: str | None = None
-
-    @property
-    def text(self) -> str | None:
-        return _content_text(getattr(self, "content", None), getattr(self, "role", ""))
-
-    @model_validator(mode="after")
-    def _check_parts(self) -> _Message:
-        _ = self.text  # a non-text part is refused while validating, with the others
-        return self
-
-
-class SystemMessage(_Message):
-    role: Literal["system"]
-    content: Content
-
-
-class DeveloperMessage(_Message):
-    role: Literal["developer"]
-    content: Content
-
-
-class UserMessage(_Message):
-    role: Literal["user"]
-    content: Content
-
-
-class AssistantMessage(_Message):
-    role: Literal["assistant"]
-    content: Content | None = None
-    refusal: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    function_call: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _check_assistant(self) -> AssistantMessage:
-        if self.tool_calls or self.function_call:
-            raise ValueError("tool calls are not supported by minivllm")
-        if self.content is None:
-            raise ValueError("an assistant message needs content")
-        return self
-
-
-class ToolMessage(_Message):
-    role: Literal["tool", "function"]
-    content: Content | None = None
-    tool_call_id: str | None = None
-
-    @model_validator(mode="after")
-    def _refuse(self) -> ToolMessage:
-        raise ValueError(f"{self.role} messages are not supported by minivllm (no tool calling)")
-
-
-ChatMessage = Annotated[
-    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage,
-    Field(discriminator="role"),
-]
 
 # apply_chat_template's own arguments: not variables a request's chat_template_kwargs may set.
 _TEMPLATE_ARGUMENTS = frozenset(
