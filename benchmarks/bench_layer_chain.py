@@ -140,7 +140,7 @@ class Chain:
         if self.qkv_splits and self.m <= QKV_PARTIALS_MAX_TOKENS and supports(h, w, True):
             config = self.config(h, w, partials=True, splits=self.qkv_splits)
             qkv = linear(h, w, partials=True, config=config, early=self.w_early,
-                         splits=0 if config else self.qkv_splits)  # fmt: skip
+                         splits=self.qkv_splits)  # fmt: skip
             parts = {"num_parts": qkv.shape[0], "split_stride": qkv.stride(0)}
             qkv = qkv[0]  # q, k, v: views into the first partial sum
         else:

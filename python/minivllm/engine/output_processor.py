@@ -25,6 +25,7 @@ from minivllm.engine.logprobs import StepLogprobs, TokenLogprobs
 from minivllm.engine.loop import EngineLoop, EngineRequest, StepOutput
 from minivllm.engine.requests import Request
 from minivllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from minivllm.sampling_params import SamplingParams
 
 
 @dataclass(eq=False)
@@ -243,8 +244,7 @@ class OutputProcessor:
                 hit = find_stop(d.text, stops, before)
                 if hit is not None:
                     pos, stop = hit
-                    keep = c.request.request.params.include_stop_str_in_output
-                    c.text = d.text[: pos + len(stop) if keep else pos]
+                    c.text = d.text[: _stop_end(pos, stop, c.request.request.params)]
                     self._finish(c, "stop", stop, now, res)
                     res.to_abort.append(seq_id)
 
@@ -299,8 +299,11 @@ class OutputProcessor:
         EOS that ended it stays in its token ids but adds no text (vLLM's rule), unless
         include_stop_str_in_output."""
         sp = c.request.request.params
-        keep = sp.include_stop_str_in_output
-        drop_last = c.finish_reason == "stop" and not isinstance(c.stop_reason, str) and not keep
+        drop_last = (
+            c.finish_reason == "stop"
+            and not isinstance(c.stop_reason, str)
+            and not sp.include_stop_str_in_output
+        )
         ids = c.token_ids[:-1] if drop_last else c.token_ids
         text = self.decode(ids, sp.skip_special_tokens)
         # The incremental text lacks the bytes of a character the completion ended halfway
@@ -308,14 +311,14 @@ class OutputProcessor:
         # already sent must stay a prefix of the final text.
         if c.detokenizer is not None:
             incremental = c.detokenizer.text
-            if drop_last and c.token_ids:  # the last token was pushed (followed step by step)
+            if drop_last:  # the last token was pushed too (followed step by step)
                 incremental = incremental[: c.chars_before_last]
             if not text.startswith(incremental):
                 text = incremental
         if sp.stop_strings:
             hit = find_stop(text, sp.stop_strings, 0)
             if hit is not None:
-                c.stop_reason, text = hit[1], text[: hit[0] + len(hit[1]) if keep else hit[0]]
+                c.stop_reason, text = hit[1], text[: _stop_end(*hit, sp)]
                 c.finish_reason = "stop"
         return text
 
@@ -385,3 +388,9 @@ class OutputProcessor:
             metrics=metrics,
             prompt_logprobs=st.prompt_logprobs,
         )
+
+
+def _stop_end(pos: int, stop: str, params: SamplingParams) -> int:
+    """Where a completion's text ends at a stop string found at `pos`: before it, or after it
+    with include_stop_str_in_output."""
+    return pos + len(stop) if params.include_stop_str_in_output else pos

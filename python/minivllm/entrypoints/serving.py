@@ -155,7 +155,14 @@ class OpenAIServer:
         there are several), then the queue for all of them; nothing is started yet."""
         return await self.off_loop(self._make_requests, req, prompts, params, request_id, param)
 
-    def _make_requests(self, req, prompts, params, request_id: str, param: str) -> list[Request]:
+    def _make_requests(
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        prompts: Sequence[Any],
+        params: Any,
+        request_id: str,
+        param: str,
+    ) -> list[Request]:
         out = []
         try:
             for i, prompt in enumerate(prompts):

@@ -112,6 +112,11 @@ class LinearBase(nn.Module):
         `supports`). Larger GEMMs stay on cuBLAS."""
         return self.gemm is not None and self.gemm.supports(x, self.weight, partials)
 
+    def _partial_sums(self, x: torch.Tensor, splits: int = 0) -> SplitKPartials:
+        """x @ W^T as the Triton GEMM's split-K partial sums (`splits`: 0, its table's count)."""
+        parts = self.gemm.linear(x, self.weight, partials=True, splits=splits, early=_early(x))
+        return SplitKPartials(parts, x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._triton_linear(x):
             return self.gemm.linear(x, self.weight, early=_early(x))
@@ -221,10 +226,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             and x.shape[0] <= QKV_PARTIALS_MAX_TOKENS
             and self._triton_linear(x, partials=True)
         ):
-            parts = self.gemm.linear(
-                x, self.weight, partials=True, splits=QKV_SPLITS, early=_early(x)
-            )
-            return SplitKPartials(parts, x.dtype)
+            return self._partial_sums(x, QKV_SPLITS)
         return super().forward(x)
 
 
@@ -256,10 +258,7 @@ class RowParallelLinear(LinearBase):
         partials = partials and self.tp_size == 1
         if self._triton_linear(x, partials):
             if partials:
-                return SplitKPartials(
-                    self.gemm.linear(x, self.weight, partials=True, early=_early(x)),
-                    x.dtype,
-                )
+                return self._partial_sums(x)
             return self.tp_group.all_reduce(self.gemm.linear(x, self.weight, early=_early(x)))
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return self.tp_group.all_reduce(y)
