@@ -153,30 +153,24 @@ class OpenAIServer:
     ) -> list[Request]:
         """Tokenize and check every prompt (`param`: where a bad one came from, numbered when
         there are several), then the queue for all of them; nothing is started yet."""
-        return await self.off_loop(self._make_requests, req, prompts, params, request_id, param)
 
-    def _make_requests(
-        self,
-        req: CompletionRequest | ChatCompletionRequest,
-        prompts: Sequence[Any],
-        params: Any,
-        request_id: str,
-        param: str,
-    ) -> list[Request]:
-        out = []
-        try:
+        def make() -> list[Request]:  # on the worker thread
+            out = []
+            one = len(prompts) == 1
             for i, prompt in enumerate(prompts):
-                one = len(prompts) == 1
                 rid, name = (request_id, param) if one else (f"{request_id}-{i}", f"{param} {i}")
                 r = self.engine.make_request(prompt, params, rid, name=name)
                 check_context_length(req, len(r.prompt_token_ids), self.max_model_len)
                 out.append(r)
             self.engine.check_capacity(len(out))
+            return out
+
+        try:
+            return await self.off_loop(make)
         except ValueError as e:
             raise request_error(e, req, param) from None
         except (EngineOverloadedError, EngineDeadError) as e:
             raise engine_error(e) from None
-        return out
 
     # ---- generation -----------------------------------------------------------------------
 
